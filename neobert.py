@@ -1,0 +1,547 @@
+"""NeoBERT: a modern BERT-style encoder, weight-for-weight the released chandar-lab/NeoBERT.
+
+Read top to bottom: config -> norms, rotary, attention, feed-forward -> block -> encoder -> heads -> loading ->
+FLOPs/MFU and optimizer groups. Paper: https://arxiv.org/abs/2502.19587
+
+Conventions used everywhere below:
+- attention_mask: 1/True = a real token to attend to, 0/False = padding.
+- packed batches: input_ids [B, S] whose rows hold several documents back to back. cu_seqlens (int32, [N+1]) gives the
+  segment offsets in the row-major flattened B*S tokens (every row start is a segment start) and position_ids restart
+  at 0 in each segment. No token attends across a segment boundary.
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+try:  # the flash-attn package (CUDA only, optional)
+    from flash_attn import flash_attn_varlen_func
+except Exception:  # not installed, or built for another torch
+    flash_attn_varlen_func = None
+try:  # PyTorch's own varlen flash kernel (CUDA only)
+    from torch.nn.attention.varlen import varlen_attn
+except Exception:
+    varlen_attn = None
+
+ATTN_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
+HIDDEN_ACTS = ("swiglu", "gelu")
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class NeoBERTConfig:
+    """Defaults are the released 250M NeoBERT. This dataclass is also the `model:` section of a training config."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072  # SwiGLU uses 2/3 of it (rounded up to a multiple of 8): 2048
+    max_position_embeddings: int = 4096  # the released config.json calls this max_length
+    norm_eps: float = 1e-5
+    pad_token_id: int = 0
+    rope: bool = True  # False: learned absolute positions
+    rms_norm: bool = True  # False: LayerNorm (with bias)
+    hidden_act: str = "swiglu"  # swiglu | gelu (a 2-layer GELU MLP)
+    dropout: float = 0.0
+    attn_backend: str = "auto"  # auto | flash_attn | torch_varlen | sdpa
+    init_range: float = 0.02  # uniform(-r, r) for every linear and embedding weight, as released
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type in (int, "int") and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"model.{f.name} must be an integer, got {v!r}")
+            if f.type in (float, "float"):
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise ValueError(f"model.{f.name} must be a number, got {v!r}")
+                setattr(self, f.name, float(v))
+            if f.type in (bool, "bool") and not isinstance(v, bool):
+                raise ValueError(f"model.{f.name} must be true or false, got {v!r}")
+            if f.type in (str, "str") and not isinstance(v, str):
+                raise ValueError(f"model.{f.name} must be a string, got {v!r}")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by "
+                             f"model.num_attention_heads={self.num_attention_heads}")
+        if self.rope and self.head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head dim; hidden_size/num_attention_heads = {self.head_dim}")
+        self.hidden_act = self.hidden_act.lower()
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f"model.hidden_act={self.hidden_act!r} is unknown; choose one of {', '.join(HIDDEN_ACTS)}")
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"model.attn_backend={self.attn_backend!r} is unknown; choose one of {', '.join(ATTN_BACKENDS)}")
+        if self.attn_backend == "flash_attn" and flash_attn_varlen_func is None:
+            raise ValueError("model.attn_backend=flash_attn but the flash-attn package is not installed; "
+                             "install it (CUDA only) or use attn_backend: auto")
+        if self.attn_backend == "torch_varlen" and varlen_attn is None:
+            raise ValueError("model.attn_backend=torch_varlen needs torch.nn.attention.varlen (PyTorch >= 2.9); use auto")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.norm_eps <= 0 or self.init_range <= 0:
+            raise ValueError("model.norm_eps and model.init_range must be positive")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"model.pad_token_id={self.pad_token_id} is outside the vocabulary (size {self.vocab_size})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        if self.hidden_act == "swiglu":  # 2/3 keeps params and FLOPs equal to a GELU MLP (arXiv:2002.05202)
+            return 8 * ((int(2 * self.intermediate_size / 3) + 7) // 8)
+        return self.intermediate_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, **overrides) -> "NeoBERTConfig":
+        """Reads a released (chandar-lab/NeoBERT) or exported config.json; fields this model has no use for are ignored."""
+        d = dict(d)
+        if "max_length" in d and "max_position_embeddings" not in d:
+            d["max_position_embeddings"] = d.pop("max_length")
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs.update(overrides)
+        cfg = cls(**kwargs)
+        if "dim_head" in d and d["dim_head"] != cfg.head_dim:
+            raise ValueError(f"config.json says dim_head={d['dim_head']} but hidden_size/num_attention_heads = {cfg.head_dim}")
+        return cfg
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()  # normalise in fp32 even under bf16 autocast
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def make_norm(config: NeoBERTConfig) -> nn.Module:
+    if config.rms_norm:
+        return RMSNorm(config.hidden_size, config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float = 10000.0):
+    """cos, sin of shape (max_positions, head_dim/2) for rotating dims (2i, 2i+1) by pos * theta^(-2i/head_dim)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, S, nh, hd); cos/sin: (B, S, hd/2). Adjacent pairs as complex numbers times e^(i*angle), as released."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, nh, hd/2) each
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+def segment_ids(cu_seqlens, shape):
+    """The segment index of every token of a packed batch, shaped like input_ids."""
+    n = shape[0] * shape[1]
+    idx = torch.arange(n, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), idx, right=True).view(shape)
+
+
+def packed_position_ids(cu_seqlens, shape):
+    seg = segment_ids(cu_seqlens, shape).flatten()
+    idx = torch.arange(seg.numel(), device=seg.device)
+    return (idx - cu_seqlens.long()[seg]).view(shape)
+
+
+def pick_backend(config: NeoBERTConfig, q: torch.Tensor) -> str:
+    """The attention backend for a packed batch on this device and dtype."""
+    if config.attn_backend != "auto":
+        if config.attn_backend != "sdpa" and not q.is_cuda:
+            raise ValueError(f"attn_backend={config.attn_backend} runs on CUDA only; use auto or sdpa on {q.device}")
+        return config.attn_backend
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if q.is_cuda and half and flash_attn_varlen_func is not None:
+        return "flash_attn"
+    if q.is_cuda and half and varlen_attn is not None:
+        return "torch_varlen"
+    return "sdpa"
+
+
+def attention(q, k, v, config, attention_mask=None, cu_seqlens=None, max_seqlen=None, dropout_p=0.0):
+    """q, k, v: (B, S, nh, hd) -> (B, S, nh, hd). Scale 1/sqrt(hd); bidirectional."""
+    B, S, nh, hd = q.shape
+    if cu_seqlens is not None:
+        backend = pick_backend(config, q)
+        if backend in ("flash_attn", "torch_varlen"):
+            max_seqlen = int(max_seqlen) if max_seqlen is not None else S
+            dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16  # kernels need half
+            qf, kf, vf = (t.reshape(B * S, nh, hd).to(dtype) for t in (q, k, v))
+            cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+            if backend == "flash_attn":
+                out = flash_attn_varlen_func(qf, kf, vf, cu, cu, max_seqlen, max_seqlen, dropout_p=dropout_p)
+            else:  # no dropout in torch's varlen kernel: assert rather than silently skip it
+                assert dropout_p == 0.0, "attn_backend=torch_varlen does not support attention dropout"
+                out = varlen_attn(qf, kf, vf, cu, cu, max_seqlen, max_seqlen)
+            return out.view(B, S, nh, hd).to(q.dtype)
+        # exact path: a block-diagonal mask per row (segments never cross rows)
+        seg = segment_ids(cu_seqlens, (B, S))
+        mask = (seg[:, :, None] == seg[:, None, :]).unsqueeze(1)  # (B, 1, S, S)
+    elif attention_mask is not None:
+        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S): keys only
+    else:
+        mask = None
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, dropout_p=dropout_p)
+    return out.transpose(1, 2)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: NeoBERTConfig):
+        super().__init__()
+        self.w12 = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=False)  # [gate; up]
+        self.w3 = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * up)
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, config: NeoBERTConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.gelu(self.w1(x)))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, config: NeoBERTConfig):
+        super().__init__()
+        self.config = config
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.wo = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.ffn = SwiGLU(config) if config.hidden_act == "swiglu" else GeluMLP(config)
+        self.attention_norm = make_norm(config)
+        self.ffn_norm = make_norm(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, attention_mask=None, cu_seqlens=None, max_seqlen=None):
+        B, S, H = x.shape
+        nh, hd = self.config.num_attention_heads, self.config.head_dim
+        # rows are grouped per head: (B, S, nh, 3*hd) -> q, k, v each (B, S, nh, hd)
+        q, k, v = self.qkv(self.attention_norm(x)).view(B, S, nh, 3 * hd).chunk(3, dim=-1)
+        if self.config.rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        p = self.config.dropout if self.training else 0.0
+        a = attention(q, k, v, self.config, attention_mask, cu_seqlens, max_seqlen, dropout_p=p)
+        x = x + self.dropout(self.wo(a.reshape(B, S, H)))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+# -----------------------------------------------------------------------------
+# the encoder
+
+
+def init_weights(module: nn.Module, init_range: float):
+    """The released initialisation, in one place: every nn.Linear and nn.Embedding weight ~ uniform(-r, r), every
+    bias 0, every norm weight 1 (LayerNorm bias 0). The classification head overrides its own two layers."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.uniform_(m.weight, -init_range, init_range)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (RMSNorm, nn.LayerNorm)):
+            nn.init.ones_(m.weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+class NeoBERT(nn.Module):
+    """(input_ids, attention_mask | cu_seqlens) -> final-normed hidden states (B, S, H)."""
+
+    def __init__(self, config: NeoBERTConfig):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False  # the trainer flips this; keys and numerics do not change
+        self.encoder = nn.Embedding(config.vocab_size, config.hidden_size)
+        if not config.rope:
+            self.positional_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.transformer_encoder = nn.ModuleList(EncoderBlock(config) for _ in range(config.num_hidden_layers))
+        self.layer_norm = make_norm(config)
+        cos, sin = rope_tables(config.head_dim, config.max_position_embeddings)
+        self.register_buffer("rope_cos", cos, persistent=False)  # not in the state_dict: derived, not learned
+        self.register_buffer("rope_sin", sin, persistent=False)
+        init_weights(self, config.init_range)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, max_seqlen=None):
+        if input_ids.dim() == 1:  # one flat packed sequence
+            input_ids = input_ids.unsqueeze(0)
+            position_ids = position_ids.unsqueeze(0) if position_ids is not None else None
+        B, S = input_ids.shape
+        if cu_seqlens is not None:
+            attention_mask = None  # packing says everything the mask would
+            if position_ids is None:
+                position_ids = packed_position_ids(cu_seqlens, (B, S))
+        elif position_ids is None:  # right padding: real tokens sit at 0..len-1
+            position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
+        if S > self.config.max_position_embeddings or (cu_seqlens is not None and max_seqlen is not None
+                                                       and max_seqlen > self.config.max_position_embeddings):
+            raise ValueError(f"sequence length {S} exceeds max_position_embeddings={self.config.max_position_embeddings}")
+        x = self.encoder(input_ids)
+        if not self.config.rope:
+            x = x + self.positional_embedding(position_ids)
+        cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]  # (B, S, hd/2)
+        for block in self.transformer_encoder:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, attention_mask, cu_seqlens, max_seqlen, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, attention_mask, cu_seqlens, max_seqlen)
+        return self.layer_norm(x)
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, revision: Optional[str] = None, **config_overrides):
+        return _from_pretrained(cls, path_or_id, revision, config_overrides)
+
+
+# -----------------------------------------------------------------------------
+# heads
+
+
+class MaskedLMOutput(NamedTuple):
+    logits: Optional[torch.Tensor]  # (B, S, V) when called without labels
+    loss: Optional[torch.Tensor] = None  # mean CE over predicted positions
+    loss_sum: Optional[torch.Tensor] = None  # fp32 sum of CE: normalise by the global count yourself
+    num_masked: Optional[torch.Tensor] = None  # int64 count of positions with labels != -100
+
+
+class NeoBERTLMHead(nn.Module):
+    """The encoder plus an untied decoder H -> V with bias (keys model.*, decoder.*)."""
+
+    def __init__(self, config: NeoBERTConfig):
+        super().__init__()
+        self.config = config
+        self.model = NeoBERT(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        init_weights(self.decoder, config.init_range)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, cu_seqlens=None,
+                max_seqlen=None) -> MaskedLMOutput:
+        h = self.model(input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen)
+        if labels is None:
+            return MaskedLMOutput(logits=self.decoder(h))
+        # sparse prediction (cramming): run the decoder only where there is something to predict
+        labels = labels.reshape(-1)
+        keep = labels != -100
+        logits = self.decoder(h.reshape(-1, h.size(-1))[keep])
+        loss_sum = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+        num_masked = keep.sum()
+        return MaskedLMOutput(logits=None, loss=loss_sum / num_masked.clamp(min=1), loss_sum=loss_sum,
+                              num_masked=num_masked)
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, revision: Optional[str] = None, **config_overrides):
+        return _from_pretrained(cls, path_or_id, revision, config_overrides)
+
+
+class ClassifierOutput(NamedTuple):
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+
+
+class NeoBERTForSequenceClassification(nn.Module):
+    """The GLUE head as released: CLS -> dropout -> dense (H->H) -> tanh -> dropout -> classifier (H -> num_labels).
+    num_labels == 1 is regression (MSE)."""
+
+    def __init__(self, config: NeoBERTConfig, num_labels: int = 2, classifier_dropout: float = 0.1,
+                 classifier_init_range: float = 0.02):
+        super().__init__()
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be at least 1, got {num_labels}")
+        self.config, self.num_labels = config, num_labels
+        self.model = NeoBERT(config)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(classifier_dropout)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        for layer in (self.dense, self.classifier):  # released: normal(0, 0.02) for the head
+            nn.init.normal_(layer.weight, std=classifier_init_range)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None) -> ClassifierOutput:
+        h = self.model(input_ids, attention_mask, position_ids)
+        x = self.dropout(h[:, 0])
+        x = self.dropout(torch.tanh(self.dense(x)))
+        logits = self.classifier(x)
+        loss = None
+        if labels is not None:
+            if self.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = F.cross_entropy(logits.float(), labels.long())
+        return ClassifierOutput(logits=logits, loss=loss)
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, num_labels: int = 2, revision: Optional[str] = None, **config_overrides):
+        return _from_pretrained(cls, path_or_id, revision, config_overrides, num_labels=num_labels)
+
+
+def pool(hidden, attention_mask=None, mode: str = "mean"):
+    """Sentence embedding (B, H) from hidden states (B, S, H): masked mean over real tokens, or the [CLS] vector."""
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode != "mean":
+        raise ValueError(f"pooling mode {mode!r} is unknown; choose mean or cls")
+    if attention_mask is None:
+        return hidden.mean(dim=1)
+    m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+
+
+# -----------------------------------------------------------------------------
+# loading weights (released chandar-lab/NeoBERT folders, exported folders, training checkpoints)
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: dict):
+    """load_state_dict(strict=True), but the error names the first offending tensor and what was expected."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing:
+        raise ValueError(f"checkpoint has no tensor {missing[0]!r} ({len(missing)} missing); is it from another model?")
+    if unexpected:
+        raise ValueError(f"checkpoint tensor {unexpected[0]!r} is not in this model ({len(unexpected)} unexpected)")
+    for k, v in state_dict.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"checkpoint tensor {k!r} has shape {list(v.shape)} but the model expects "
+                             f"{list(own[k].shape)}: the checkpoint is from a different model shape")
+    module.load_state_dict(state_dict, strict=True)
+
+
+def resolve_model_dir(path_or_id: str, revision: Optional[str] = None) -> str:
+    """A local folder as is; otherwise a hub repo id fetched (config, weights, tokenizer) with huggingface_hub."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    if os.path.exists(path_or_id) or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1:
+        raise FileNotFoundError(f"{path_or_id} is not a model folder (it needs config.json and model.safetensors)")
+    from huggingface_hub import snapshot_download
+    return snapshot_download(path_or_id, revision=revision,
+                             allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*",
+                                             "special_tokens_map.json"])
+
+
+def read_safetensors(folder: str) -> dict:
+    from safetensors.torch import load_file
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.exists(single):
+        return load_file(single)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):  # sharded
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        sd = {}
+        for shard in shards:
+            sd.update(load_file(os.path.join(folder, shard)))
+        return sd
+    raise FileNotFoundError(f"no model.safetensors in {folder}")
+
+
+def _from_pretrained(cls, path_or_id, revision, config_overrides, **head_kwargs):
+    folder = resolve_model_dir(path_or_id, revision)
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"no config.json in {folder}")
+    with open(cfg_path) as f:
+        config = NeoBERTConfig.from_hf_dict(json.load(f), **config_overrides)
+    sd = read_safetensors(folder)
+    if not any(k.startswith("model.") for k in sd):  # a bare encoder file
+        sd = {"model." + k: v for k, v in sd.items()}
+    model = cls(config, **head_kwargs)
+    if cls is NeoBERT:
+        load_state_dict_strict(model, {k[6:]: v for k, v in sd.items() if k.startswith("model.")})
+    elif cls is NeoBERTLMHead:
+        load_state_dict_strict(model, sd)
+    else:  # a classifier from an MLM checkpoint: the encoder strictly, the head if the checkpoint has one
+        load_state_dict_strict(model.model, {k[6:]: v for k, v in sd.items() if k.startswith("model.")})
+        head = {k: v for k, v in sd.items() if k.split(".")[0] in ("dense", "classifier")}
+        if head:
+            model.load_state_dict(head, strict=False)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# accounting: parameters, FLOPs, MFU, optimizer groups
+
+
+def num_params(model: nn.Module, non_embedding: bool = False) -> int:
+    n = sum(p.numel() for p in model.parameters())
+    if non_embedding:
+        n -= sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
+    return n
+
+
+def flops_per_token(config: NeoBERTConfig, seq_len: int, predicted_fraction: float = 1.0) -> float:
+    """Training FLOPs (forward + backward = 3x forward) per input token: 6 per matmul weight per token, plus
+    attention (QK^T and AV: 2 * 2 * seq_len * H per token per layer, x3), plus the decoder on predicted tokens only.
+    seq_len is the number of keys each query attends to (the document length for packed batches)."""
+    H, L = config.hidden_size, config.num_hidden_layers
+    ffn = (3 if config.hidden_act == "swiglu" else 2) * H * config.ffn_hidden_size
+    matmul = L * (4 * H * H + ffn)
+    attn = L * 2 * 2 * seq_len * H
+    decoder = 2 * H * config.vocab_size * predicted_fraction
+    return 3.0 * (2 * matmul + attn + decoder)
+
+
+# peak dense bf16 tensor-core FLOP/s by device name; more specific names first
+PEAK_BF16_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("B100", 1750e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12),
+    ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("A6000", 155e12), ("RTX 4090", 165e12),
+]
+
+
+def peak_flops(device=None) -> Optional[float]:
+    """Peak dense bf16 FLOP/s of a CUDA device, or None (CPU, or a GPU not in the table: no MFU beats a wrong one)."""
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS:
+        if key in name:
+            return value
+    return None
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list:
+    """AdamW groups: matmul weights decay; norms, biases and embeddings don't. Every parameter in exactly one group."""
+    decay, no_decay, seen = [], [], set()
+    for m in model.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (decay if isinstance(m, nn.Linear) and name == "weight" else no_decay).append(p)
+    assert len(seen) == len({id(p) for p in model.parameters() if p.requires_grad})
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -525,3 +525,13 @@ def test_gpu_varlen_backends_match_per_document(backend):
             alone = model(d[None].cuda())[0].float()
             assert (packed[s:s + len(d)] - alone).abs().max() <= 3e-2 * alone.abs().max()
         model.config.attn_backend = backend
+
+
+def test_no_graph_breaks_in_the_encoder():
+    cfg = small_config()
+    enc = nb.NeoBERT(cfg).train()
+    enc.gradient_checkpointing = True
+    ids, cu = packed_batch([torch.randint(1, 97, (n,)) for n in (5, 6, 4)], rows=1, seq_len=16)
+    for kwargs in (dict(cu_seqlens=cu, max_seqlen=16), dict(attention_mask=torch.ones_like(ids))):
+        explained = torch._dynamo.explain(enc)(ids, **kwargs)
+        assert explained.graph_break_count == 0, explained.break_reasons

@@ -1,0 +1,442 @@
+"""train.py: config, schedule, checkpoints, exact resume, DDP (gloo) and accumulation equivalence, bad input.
+
+Every run uses a tiny model (hidden 32, 2 layers, seq 64) on the smoke config's offline corpus, prepared once per
+session. Runs go through train.main (in this process) or `python train.py` / torchrun (subprocesses).
+"""
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+import neobert  # noqa: E402
+import train  # noqa: E402
+
+SMOKE = ROOT / "configs" / "smoke.yaml"
+TINY = {
+    "model.hidden_size": 32, "model.num_hidden_layers": 2, "model.num_attention_heads": 2,
+    "model.intermediate_size": 64, "model.max_position_embeddings": 64, "dataset.max_seq_length": 64,
+    "trainer.per_device_train_batch_size": 4, "trainer.gradient_accumulation_steps": 1, "trainer.logging_steps": 1,
+    "trainer.eval_steps": 0, "trainer.save_steps": 0, "trainer.mixed_precision": "no", "trainer.torch_compile": False,
+    "trainer.disable_tqdm": True, "trainer.resume_from_checkpoint": False, "optimizer.lr": 3e-3,
+    "scheduler.warmup_steps": 2, "wandb.mode": "disabled",
+}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """The smoke corpus, tokenized once for the whole session."""
+    path = tmp_path_factory.mktemp("data") / "smoke"
+    cfg = train.load_config(SMOKE, [f"dataset.path={path}"])
+    data.prepare(cfg.dataset, cfg.tokenizer)
+    return path
+
+
+def args(data_dir, out, **overrides) -> list[str]:
+    merged = {**TINY, "dataset.path": data_dir, "trainer.output_dir": out, **overrides}
+    return [str(SMOKE)] + [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in merged.items()]
+
+
+def run(data_dir, out, **overrides) -> list[dict]:
+    """train.main in this process; returns metrics.jsonl."""
+    assert train.main(args(data_dir, out, **overrides)) == 0
+    return metrics(out)
+
+
+def run_cli(data_dir, out, nproc=1, env=None, **overrides) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = (launcher if nproc > 1 else [sys.executable]) + ["train.py"] + args(data_dir, out, **overrides)
+    return subprocess.run(cmd, cwd=ROOT, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=300)
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out) -> list[float]:
+    return [m["loss"] for m in metrics(out)]
+
+
+def weights(out, step) -> dict:
+    return load_file(str(Path(out) / "model_checkpoints" / str(step) / "model.safetensors"))
+
+
+def expect_error(capsys, argv, *fragments):
+    """main() exits 2 with `error: ...` naming every fragment, and no traceback."""
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") or "\nerror: " in err, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    return err
+
+
+# -----------------------------------------------------------------------------
+# config
+
+
+def test_config_overrides_types_and_round_trip(tmp_path):
+    cfg = train.load_config(SMOKE, ["--trainer.max_steps", "50", "optimizer.lr=2e-4", "--trainer.torch_compile=yes",
+                                    "--trainer.gradient_clipping", "null", "--optimizer.betas", "0.9,0.98",
+                                    "--scheduler.decay_steps", "1e3", "--trainer.resume_from_checkpoint", "auto"])
+    assert cfg.trainer.max_steps == 50 and cfg.optimizer.lr == 2e-4 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.trainer.torch_compile is True and cfg.trainer.gradient_clipping is None
+    assert cfg.optimizer.betas == (0.9, 0.98) and cfg.scheduler.decay_steps == 1000
+    assert cfg.trainer.resume_from_checkpoint == "auto"
+    assert train.load_config(SMOKE, ["trainer.resume_from_checkpoint=true"]).trainer.resume_from_checkpoint is True
+    assert train.load_config(SMOKE, ["--optimizer.betas", "[0.8, 0.9]"]).optimizer.betas == (0.8, 0.9)
+    # the resolved config saved with checkpoints reads back to the same config
+    (tmp_path / "c.yaml").write_text(train.config_to_yaml(cfg))
+    assert train.load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--trainer.max_stepz", "5"], ["trainer.max_stepz", "max_steps", "per_device_train_batch_size"]),
+    (["--trainr.max_steps", "5"], ["trainr.max_steps", "trainer", "optimizer"]),
+    (["--trainer.max_steps", "five"], ["trainer.max_steps", "five", "int"]),
+    (["optimizer.lr=fast"], ["optimizer.lr", "fast", "float"]),
+    (["--trainer.torch_compile", "maybe"], ["trainer.torch_compile", "maybe", "bool"]),
+    (["--trainer.mixed_precision", "fp16"], ["trainer.mixed_precision", "fp16", "bf16"]),
+    (["--scheduler.name", "step"], ["scheduler.name", "cosine", "linear", "constant"]),
+    (["--model.num_attention_heads", "3"], ["model.hidden_size", "num_attention_heads"]),
+    (["--optimizer.betas", "0.9"], ["optimizer.betas", "list of 2"]),
+    (["--trainer.max_steps"], ["--trainer.max_steps needs a value"]),
+    (["stray"], ["stray"]),
+])
+def test_config_errors_exit_2_without_traceback(capsys, argv, fragments):
+    expect_error(capsys, [str(SMOKE)] + argv, *fragments)
+
+
+def test_config_file_errors(capsys, tmp_path):
+    expect_error(capsys, [str(tmp_path / "missing.yaml")], "missing.yaml", "not found")
+    (tmp_path / "bad.yaml").write_text("trainer:\n  max_steps: 5\nfoo:\n  bar: 1\n")
+    expect_error(capsys, [str(tmp_path / "bad.yaml")], "foo", "trainer")
+    (tmp_path / "typo.yaml").write_text("trainer:\n  max_stepz: 5\n")
+    expect_error(capsys, [str(tmp_path / "typo.yaml")], "trainer.max_stepz", "max_steps")
+    (tmp_path / "broken.yaml").write_text("trainer: [\n")
+    expect_error(capsys, [str(tmp_path / "broken.yaml")], "broken.yaml")
+
+
+# -----------------------------------------------------------------------------
+# schedule
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant"])
+def test_schedule_values(name):
+    sched = train.SchedulerConfig(name=name, warmup_steps=10, final_lr_ratio=0.1)
+    lr, max_steps = 1e-3, 110
+    for step in range(0, 130):
+        got = train.get_lr(step, lr, sched, max_steps)
+        if step < 10:
+            want = lr * (step + 1) / 10
+        elif name == "constant":
+            want = lr
+        else:
+            p = min(1.0, (step - 10) / 100)
+            shape = 0.5 * (1 + math.cos(math.pi * p)) if name == "cosine" else 1 - p
+            want = lr * (0.1 + 0.9 * shape)
+        assert got == pytest.approx(want, rel=1e-12), step
+    assert train.get_lr(9, lr, sched, max_steps) == pytest.approx(lr)
+    if name != "constant":
+        assert train.get_lr(110, lr, sched, max_steps) == pytest.approx(1e-4)  # reaches final_lr_ratio
+        assert train.get_lr(500, lr, sched, max_steps) == pytest.approx(1e-4)  # and stays there
+    # decay_steps ends the decay early
+    early = train.SchedulerConfig(name=name, warmup_steps=0, decay_steps=50, final_lr_ratio=0.0)
+    assert train.get_lr(60, lr, early, 1000) == (lr if name == "constant" else 0.0)
+
+
+# -----------------------------------------------------------------------------
+# training, checkpoints, resume
+
+
+def test_smoke_loss_falls_and_checkpoint_layout(data_dir, tmp_path):
+    out = tmp_path / "run"
+    log = run(data_dir, out, **{"trainer.max_steps": 30, "trainer.save_steps": 10, "trainer.save_total_limit": 2,
+                                "trainer.eval_steps": 15, "trainer.eval_max_batches": 2})
+    assert [m["step"] for m in log] == list(range(1, 31))
+    first, last = sum(m["loss"] for m in log[:3]) / 3, sum(m["loss"] for m in log[-3:]) / 3
+    assert last < first - 0.5, (first, last)
+    for m in log:
+        assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "elapsed"} <= m.keys()
+        assert m["mfu"] is None  # CPU: no peak known, so no (wrong) MFU
+    evals = [m for m in log if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [15, 30] and all(0 <= m["eval_accuracy"] <= 1 for m in evals)
+    # retention keeps the newest two; latest names the last; keys are plain; config and tokenizer ride along
+    assert train.list_checkpoints(out) == [20, 30]
+    assert (out / "model_checkpoints" / "latest").read_text().strip() == "30"
+    ck = out / "model_checkpoints" / "30"
+    assert sorted(p.name for p in ck.iterdir()) == ["config.yaml", "model.safetensors", "tokenizer.json"]
+    assert all(not k.startswith(("_orig_mod.", "module.")) for k in weights(out, 30))
+    assert "decoder.weight" in weights(out, 30)
+    assert train.load_config(ck / "config.yaml").model.hidden_size == 32
+    state = json.loads((out / "checkpoints" / "30" / "train_state.json").read_text())
+    assert state["step"] == 30 and state["tokens"] == log[-1]["tokens"] and len(state["loader_states"]) == 1
+    assert "wandb" not in sys.modules  # wandb.mode disabled: never imported
+
+
+def test_exact_resume_after_kill_9(data_dir, tmp_path):
+    """A run killed with SIGKILL right after its step-4 checkpoint, then resumed, logs bitwise the same losses."""
+    kw = {"trainer.max_steps": 8, "trainer.save_steps": 4, "trainer.resume_from_checkpoint": "auto"}
+    full = run_cli(data_dir, tmp_path / "full", **kw)
+    assert full.returncode == 0, full.stderr
+    killed = run_cli(data_dir, tmp_path / "resumed", env={"NEOBERT_TEST_KILL": "after_save:4"}, **kw)
+    assert killed.returncode == -signal.SIGKILL
+    assert train.list_checkpoints(tmp_path / "resumed") == [4]
+    resumed = run_cli(data_dir, tmp_path / "resumed", **kw)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    a, b = metrics(tmp_path / "full"), metrics(tmp_path / "resumed")
+    assert [m["step"] for m in b] == list(range(1, 9))
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]  # bitwise: CPU, fp32, compile off
+    assert [m["grad_norm"] for m in a] == [m["grad_norm"] for m in b]
+    assert a[-1]["tokens"] == b[-1]["tokens"]
+    wa, wb = weights(tmp_path / "full", 8), weights(tmp_path / "resumed", 8)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_external_kill_9_at_any_moment_then_resume(data_dir, tmp_path):
+    """The real thing: SIGKILL from outside as soon as a checkpoint exists (maybe mid-save), then resume."""
+    out = tmp_path / "run"
+    kw = {"trainer.max_steps": 2000, "trainer.save_steps": 3, "trainer.save_total_limit": None,
+          "trainer.resume_from_checkpoint": "auto", "scheduler.decay_steps": 2000}  # lr independent of max_steps
+    proc = subprocess.Popen([sys.executable, "train.py"] + args(data_dir, out, **kw), cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not train.list_checkpoints(out):
+        time.sleep(0.05)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    s = train.list_checkpoints(out)[-1]
+    more = {**kw, "trainer.max_steps": s + 3}
+    assert run_cli(data_dir, out, **more).returncode == 0
+    assert run_cli(data_dir, tmp_path / "full", **more).returncode == 0
+    assert [m["step"] for m in metrics(out)] == list(range(1, s + 4))
+    assert losses(out) == losses(tmp_path / "full")
+
+
+def test_save_interrupted_mid_write_is_ignored(data_dir, tmp_path):
+    """kill -9 inside the step-4 save: the half-written dir is never picked; resume continues from step 2."""
+    out = tmp_path / "run"
+    kw = {"trainer.max_steps": 6, "trainer.save_steps": 2, "trainer.resume_from_checkpoint": "auto"}
+    killed = run_cli(data_dir, out, env={"NEOBERT_TEST_KILL": "mid_save:4"}, **kw)
+    assert killed.returncode == -signal.SIGKILL
+    assert list((out / "model_checkpoints").glob("4.tmp-*")), "the interrupted save should have left a temp dir"
+    assert train.list_checkpoints(out) == [2]
+    assert (out / "model_checkpoints" / "latest").read_text().strip() == "2"
+    resumed = run_cli(data_dir, out, **kw)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {out / 'checkpoints' / '2'}" in resumed.stdout
+    assert not list(out.glob("*/*.tmp-*"))  # stale temp dirs are cleaned up
+    assert run_cli(data_dir, tmp_path / "full", **kw).returncode == 0
+    assert losses(out) == losses(tmp_path / "full")
+
+
+def test_resume_with_bf16_and_signal_stop(data_dir, tmp_path):
+    """SIGTERM saves at the next step boundary and exits 0; resuming (bf16 autocast on CPU) continues the curve."""
+    out = tmp_path / "run"
+    kw = {"trainer.max_steps": 400, "trainer.mixed_precision": "bf16", "trainer.resume_from_checkpoint": "auto",
+          "trainer.save_steps": 0, "scheduler.decay_steps": 400}  # the lr schedule must not depend on max_steps
+    launcher = [sys.executable, "train.py"] + args(data_dir, out, **kw)
+    proc = subprocess.Popen(launcher, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(metrics(out)) >= 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "stopped by signal" in stdout
+    stopped = train.list_checkpoints(out)
+    assert len(stopped) == 1 and stopped[0] == metrics(out)[-1]["step"] < 400
+    s = stopped[0]
+    more = {**kw, "trainer.max_steps": s + 3}
+    assert run_cli(data_dir, out, **more).returncode == 0
+    assert run_cli(data_dir, tmp_path / "full", **more).returncode == 0
+    assert [m["step"] for m in metrics(out)] == list(range(1, s + 4))
+    # bf16 autocast on CPU is deterministic too (same thread count), so the resumed curve matches exactly
+    assert losses(out) == losses(tmp_path / "full")
+
+
+def test_gradient_accumulation_equivalence(data_dir, tmp_path):
+    """The same global batch of 8 rows as 1x8, 4x2 and 8x1 micro-batches gives the same update.
+    eps=1 and lr=1 make AdamW's first update ~ -g/(|g|+1), which is smooth in g (with eps 1e-8 it is ~ -sign(g)
+    and tiny gradients would flip on float noise), so the parameters after one step compare tightly."""
+    kw = {"trainer.max_steps": 1, "optimizer.lr": 1.0, "optimizer.eps": 1.0, "optimizer.weight_decay": 0.0,
+          "trainer.gradient_clipping": None, "scheduler.warmup_steps": 0}
+    base = {}
+    for micro, accum in [(8, 1), (2, 4), (1, 8)]:
+        out = tmp_path / f"{micro}x{accum}"
+        log = run(data_dir, out, **kw, **{"trainer.per_device_train_batch_size": micro,
+                                          "trainer.gradient_accumulation_steps": accum})
+        w = weights(out, 1)
+        if not base:
+            base, loss = w, log[0]["loss"]
+            continue
+        assert log[0]["loss"] == pytest.approx(loss, rel=1e-6)
+        for k in base:
+            torch.testing.assert_close(w[k], base[k], rtol=0, atol=2e-6, msg=k)
+
+
+def test_ddp_gloo_matches_one_process_and_accumulation(data_dir, tmp_path):
+    """torchrun --nproc_per_node 2 (2 rows each) == one process with 4 rows == one process with 4x1 accumulation."""
+    kw = {"trainer.max_steps": 4, "trainer.save_steps": 2, "trainer.eval_steps": 4, "trainer.eval_max_batches": 2}
+    ddp = run_cli(data_dir, tmp_path / "ddp", nproc=2, **kw, **{"trainer.per_device_train_batch_size": 2,
+                                                                 "trainer.per_device_eval_batch_size": 2})
+    assert ddp.returncode == 0, ddp.stderr
+    one = run(data_dir, tmp_path / "one", **kw, **{"trainer.per_device_eval_batch_size": 4})
+    acc = run(data_dir, tmp_path / "acc", **kw, **{"trainer.per_device_train_batch_size": 1,
+                                                   "trainer.gradient_accumulation_steps": 4,
+                                                   "trainer.per_device_eval_batch_size": 4})
+    ref = torch.tensor([m["loss"] for m in one])
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "ddp")), ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor([m["loss"] for m in acc]), ref, rtol=1e-5, atol=0)
+    # evaluation: both ranks take part and their sums are all-reduced -> the same numbers as one process
+    d, o = metrics(tmp_path / "ddp")[-1], one[-1]
+    assert d["eval_loss"] == pytest.approx(o["eval_loss"], rel=1e-5)
+    assert d["eval_accuracy"] == pytest.approx(o["eval_accuracy"], abs=1e-9)
+    state = json.loads((tmp_path / "ddp" / "checkpoints" / "4" / "train_state.json").read_text())
+    assert state["world_size"] == 2 and len(state["loader_states"]) == 2
+    # resume the 2-process run's step-2 checkpoint with ONE process (2x2 accumulation): the same data stream
+    resumed = tmp_path / "resumed"
+    for sub in ("checkpoints", "model_checkpoints"):
+        shutil.copytree(tmp_path / "ddp" / sub / "2", resumed / sub / "2")
+    log = run(data_dir, resumed, **kw, **{"trainer.resume_from_checkpoint": "latest",
+                                          "trainer.per_device_train_batch_size": 2,
+                                          "trainer.gradient_accumulation_steps": 2})
+    assert [m["step"] for m in log] == [3, 4]
+    torch.testing.assert_close(torch.tensor([m["loss"] for m in log]), ref[2:], rtol=1e-5, atol=0)
+
+
+def test_init_from_checkpoint_run_dir_and_hf_folder(data_dir, tmp_path, capsys):
+    src = tmp_path / "src"
+    run(data_dir, src, **{"trainer.max_steps": 2})
+    trained = weights(src, 2)
+    # a run dir (-> its latest) and a model_checkpoints/<step> dir; max_steps 0 just loads and saves
+    for i, source in enumerate([src, src / "model_checkpoints" / "2"]):
+        out = tmp_path / f"init{i}"
+        run(data_dir, out, **{"trainer.max_steps": 0, "trainer.init_from": source})
+        assert train.list_checkpoints(out) == [0]
+        assert all(torch.equal(weights(out, 0)[k], trained[k]) for k in trained)
+    # new optimizer, step 0: a normal run from those weights starts at step 1 with a lower loss than from scratch
+    log = run(data_dir, tmp_path / "cont", **{"trainer.max_steps": 1, "trainer.init_from": src})
+    scratch = run(data_dir, tmp_path / "scratch", **{"trainer.max_steps": 1})
+    assert log[0]["step"] == 1 and log[0]["lr"] == scratch[0]["lr"] and log[0]["loss"] < scratch[0]["loss"]
+    # an exported / released folder (config.json + model.safetensors), as NeoBERTLMHead.from_pretrained reads it
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    cfg = train.load_config(src / "model_checkpoints" / "2" / "config.yaml")
+    (hf / "config.json").write_text(json.dumps(cfg.model.to_dict()))
+    save_file(trained, str(hf / "model.safetensors"))
+    run(data_dir, tmp_path / "init_hf", **{"trainer.max_steps": 0, "trainer.init_from": hf})
+    assert all(torch.equal(weights(tmp_path / "init_hf", 0)[k], trained[k]) for k in trained)
+    # a different model shape names the tensor
+    wide = args(data_dir, tmp_path / "wide", **{"trainer.max_steps": 1, "trainer.init_from": src,
+                                                "model.hidden_size": 64})
+    expect_error(capsys, wide, "weight' has shape [", "different model shape")
+    expect_error(capsys, args(data_dir, tmp_path / "nowhere", **{"trainer.init_from": tmp_path / "nope"}), "nope")
+
+
+# -----------------------------------------------------------------------------
+# bad input: a clear error, exit 2, no traceback
+
+
+def test_bad_input(data_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a directory")
+    expect_error(capsys, args(data_dir, tmp_path / "file" / "run"), "trainer.output_dir", "cannot be written")
+    expect_error(capsys, args(data_dir, tmp_path / "empty", **{"trainer.resume_from_checkpoint": "latest"}),
+                 "no complete checkpoint")
+    expect_error(capsys, args(data_dir, tmp_path / "empty", **{"trainer.resume_from_checkpoint": True}),
+                 "no complete checkpoint")
+    expect_error(capsys, args(data_dir, tmp_path / "empty", **{"trainer.resume_from_checkpoint": tmp_path / "x"}),
+                 "not a run directory")
+    expect_error(capsys, args(data_dir, tmp_path / "pad", **{"model.pad_token_id": 3}), "model.pad_token_id", "[PAD]")
+    expect_error(capsys, args(data_dir, tmp_path / "vocab", **{"model.vocab_size": 1000}), "model.vocab_size")
+    out = tmp_path / "run"
+    run(data_dir, out, **{"trainer.max_steps": 1})
+    expect_error(capsys, args(data_dir, out, **{"trainer.max_steps": 2}), "already holds checkpoints", "auto")
+    expect_error(capsys, args(data_dir, out, **{"trainer.max_steps": 2, "trainer.resume_from_checkpoint": "auto",
+                                                "model.intermediate_size": 128}), "ffn.w12.weight' has shape")
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    err = expect_error(capsys, args(data_dir, out, **{"trainer.max_steps": 6, "trainer.save_steps": 1,
+                                                       "optimizer.lr": 1e30, "scheduler.warmup_steps": 0,
+                                                       "trainer.gradient_clipping": None}), "non-finite")
+    steps = train.list_checkpoints(out)
+    assert steps and f"checkpoints/{steps[-1]}" in err
+    w = weights(out, steps[-1])
+    assert all(torch.isfinite(v).all() for v in w.values())  # the last good checkpoint is untouched
+    assert len(metrics(out)) == steps[-1]  # nothing logged or saved for the failing step
+
+
+def test_damaged_shard_names_the_file(data_dir, tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(data_dir, damaged)
+    shard = sorted((damaged / "train").glob("*.bin"))[0]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    expect_error(capsys, args(damaged, tmp_path / "run", **{"trainer.max_steps": 1}), shard.name)
+
+
+def test_torch_compile_saves_plain_keys(data_dir, tmp_path):
+    """Compiled training saves the raw module's keys (no _orig_mod.), matches eager, and resumes without compile."""
+    out = tmp_path / "compiled"
+    log = run(data_dir, out, **{"trainer.max_steps": 2, "trainer.torch_compile": True})
+    assert all(not k.startswith(("_orig_mod.", "module.")) for k in weights(out, 2))
+    eager = run(data_dir, tmp_path / "eager", **{"trainer.max_steps": 2})
+    torch.testing.assert_close(torch.tensor([m["loss"] for m in log]), torch.tensor([m["loss"] for m in eager]),
+                               rtol=1e-4, atol=0)
+    resumed = run(data_dir, out, **{"trainer.max_steps": 3, "trainer.resume_from_checkpoint": "auto"})
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+
+
+def test_wandb_is_optional(data_dir, tmp_path, capsys):
+    """wandb.mode disabled never imports it (checked in the smoke test); online/offline without the package is a
+    clear error rather than an ImportError traceback."""
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    expect_error(capsys, args(data_dir, tmp_path / "run", **{"wandb.mode": "offline"}), "pip install wandb")
+
+
+def test_bench_prints_the_table(data_dir, capsys):
+    import bench
+    argv = args(data_dir, "unused", **{"bench.steps": 1, "bench.loader_steps": 2,
+                                       "bench.variants": "packing,sparse,checkpointing"})
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    for row in ("| baseline |", "| packing off (padded rows) |", "| sparse prediction off (full logits) |",
+                "| gradient checkpointing on |", "data loader alone:"):
+        assert row in out, out
+    assert bench.main(argv + ["bench.variants=fast"]) == 2
+
+
+def test_mfu_uses_step_flops_and_the_device_peak(data_dir, tmp_path, monkeypatch):
+    cfg = train.load_config(SMOKE)
+    labels = torch.full((1, 128), -100)
+    labels[0, :32] = 5
+    packed = {"input_ids": torch.zeros(1, 128, dtype=torch.long), "labels": labels,
+              "cu_seqlens": torch.tensor([0, 64, 128], dtype=torch.int32)}
+    want = 128 * neobert.flops_per_token(cfg.model, 64, 0.25)  # each query attends to its 64-token document
+    assert train.step_flops(cfg.model, [packed]) == pytest.approx(want)
+    padded = {"input_ids": torch.zeros(2, 96, dtype=torch.long), "labels": torch.zeros(2, 96, dtype=torch.long),
+              "attention_mask": torch.ones(2, 96, dtype=torch.long)}
+    assert train.step_flops(cfg.model, [padded], sparse=False) == pytest.approx(
+        192 * neobert.flops_per_token(cfg.model, 96, 1.0))
+    # with a known peak (as on a GPU in neobert's table), metrics carry an MFU
+    monkeypatch.setattr(neobert, "peak_flops", lambda device: 1e12)
+    log = run(data_dir, tmp_path / "run", **{"trainer.max_steps": 2})
+    assert all(0 < m["mfu"] < 1 for m in log)

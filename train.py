@@ -1,0 +1,787 @@
+"""Pretrain a NeoBERT encoder with masked language modelling. One code path from a laptop CPU to torchrun on 8 GPUs.
+
+    python train.py configs/smoke.yaml                                   # one process: CPU or one GPU
+    python train.py configs/smoke.yaml --trainer.max_steps 50 optimizer.lr=2e-4
+    torchrun --nproc_per_node 8 train.py configs/pretrain.yaml           # data-parallel (DDP), same code
+
+The config is one YAML file with the sections model, tokenizer, dataset, datacollator, trainer, optimizer, scheduler,
+wandb; every key can be overridden on the command line as `--section.key value` or `section.key=value`.
+Read top to bottom: config -> schedule -> checkpoints -> evaluation -> the loop -> main.
+"""
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import types
+import typing
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+
+import data
+import neobert
+from data import UserError
+
+# -----------------------------------------------------------------------------
+# config: one dataclass per section, strict keys, typed command-line overrides
+
+
+@dataclass
+class TrainerConfig:
+    output_dir: str = "runs/neobert"
+    per_device_train_batch_size: int = 16  # rows per micro-batch per process
+    per_device_eval_batch_size: int = 32
+    gradient_accumulation_steps: int = 1  # global batch = per_device_train_batch_size * this * world size
+    max_steps: int = 1000  # optimizer steps
+    mixed_precision: str = "bf16"  # bf16 | no   (bf16 autocast on CUDA and CPU; weights and optimizer stay fp32)
+    torch_compile: bool = False
+    gradient_checkpointing: bool = False
+    gradient_clipping: Optional[float] = 1.0  # max global grad norm; null = no clipping (the norm is still logged)
+    logging_steps: int = 10  # a metrics.jsonl line every this many steps (and at the last one)
+    eval_steps: int = 1000  # evaluate on the val split every this many steps and at the end; 0 = never
+    eval_max_batches: int = 20  # micro-batches per process in one evaluation
+    save_steps: int = 1000  # checkpoint every this many steps; a final one is always written; 0 = only the final
+    save_total_limit: Optional[int] = 3  # keep the newest N checkpoints; null = keep all
+    resume_from_checkpoint: Union[bool, str, None] = False  # false | true | latest | auto | <path>
+    init_from: Optional[str] = None  # model weights only (new optimizer, step 0): checkpoint dir, run dir or hub id
+    seed: int = 0
+    disable_tqdm: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # adamw (fused on CUDA); norms, biases and embeddings get no weight decay
+    lr: float = 6e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine"  # cosine | linear | constant (after a linear warmup)
+    warmup_steps: int = 0
+    decay_steps: Optional[int] = None  # the step where the decay reaches final_lr_ratio; null = trainer.max_steps
+    final_lr_ratio: float = 0.1
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # disabled (wandb is not even imported) | online | offline
+    project: str = "neobert"
+    name: Optional[str] = None
+
+
+@dataclass
+class Config:
+    model: neobert.NeoBERTConfig = field(default_factory=neobert.NeoBERTConfig)
+    tokenizer: data.TokenizerConfig = field(default_factory=data.TokenizerConfig)
+    dataset: data.DatasetConfig = field(default_factory=data.DatasetConfig)
+    datacollator: data.DataCollatorConfig = field(default_factory=data.DataCollatorConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    tasks: dict = field(default_factory=dict)  # extra sections a caller asked for (load_config's extra_sections)
+
+
+CHOICES = {  # string keys with a fixed set of values, checked before any work
+    ("trainer", "mixed_precision"): ("bf16", "no"),
+    ("optimizer", "name"): ("adamw",),
+    ("scheduler", "name"): ("cosine", "linear", "constant"),
+    ("wandb", "mode"): ("disabled", "online", "offline"),
+}
+NONE_WORDS = ("null", "none", "~")
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _type_name(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, tuple):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} {_type_name(args[0])}"
+        return f"a list of {_type_name(args[0]) if args else 'values'}"
+    if origin is Literal:
+        return " | ".join(map(str, args))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value, tp):
+    """YAML value or command-line string -> the annotated type; raises _Mismatch. No eval of any kind."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in NONE_WORDS)):
+            return None
+        for a in args:
+            if a is not type(None):
+                try:
+                    return _convert(value, a)
+                except _Mismatch:
+                    pass
+        raise _Mismatch
+    if origin is Literal:
+        for a in args:
+            try:
+                if _convert(value, type(a)) == a:
+                    return a
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if origin in (list, tuple) or tp in (list, tuple):
+        if isinstance(value, str):  # "0.9,0.95" or "[0.9, 0.95]"
+            s = value.strip().removeprefix("[").removesuffix("]").strip()
+            value = [v.strip() for v in s.split(",")] if s else []
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise _Mismatch
+            return tuple(_convert(v, a) for v, a in zip(value, args))
+        item = args[0] if args else typing.Any
+        out = [_convert(v, item) for v in value]
+        return tuple(out) if (origin or tp) is tuple else out
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():  # 1e6 in YAML
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                try:
+                    f = float(value)
+                except ValueError:
+                    raise _Mismatch from None
+                if f.is_integer():
+                    return int(f)
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 2e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise _Mismatch
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, str):
+            try:
+                return tp(value)
+            except Exception:
+                raise _Mismatch from None
+    raise _Mismatch
+
+
+def _build_section(name: str, cls, raw) -> object:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config section {name!r} must be a mapping of key: value, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {name}.{close[0]}?)" if close else ""
+            raise UserError(f"unknown config key {name}.{key}{hint}; valid keys in {name}: {', '.join(valid)}")
+        try:
+            kwargs[key] = _convert(value, hints[key])
+        except _Mismatch:
+            raise UserError(f"{name}.{key}: expected {_type_name(hints[key])}, got {value!r}") from None
+        choices = CHOICES.get((name, key))
+        if choices and kwargs[key] not in choices:
+            raise UserError(f"{name}.{key}: {kwargs[key]!r} is not one of {', '.join(choices)}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:  # the section's own checks (e.g. NeoBERTConfig.__post_init__)
+        msg = str(e)
+        raise UserError(msg if msg.startswith(f"{name}.") else f"{name}: {msg}") from None
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """['--trainer.max_steps', '50', 'optimizer.lr=2e-4', '--wandb.mode=offline'] -> [(dotted key, string value)]."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            arg = arg[2:]
+            if "=" in arg:
+                key, value = arg.split("=", 1)
+            elif i + 1 < len(args):
+                key, value = arg, args[i + 1]
+                i += 1
+            else:
+                raise UserError(f"--{arg} needs a value: --{arg} VALUE")
+        elif "=" in arg:
+            key, value = arg.split("=", 1)
+        else:
+            raise UserError(f"unexpected argument {arg!r}; overrides look like --section.key value or "
+                            "section.key=value")
+        out.append((key, value))
+        i += 1
+    return out
+
+
+def load_config(path, overrides: Optional[list[str]] = None, extra_sections: Optional[dict] = None) -> Config:
+    """YAML file (or None) + overrides -> Config. Unknown sections/keys and wrong types raise UserError before any work.
+    extra_sections {name: dataclass} adds task sections (e.g. glue) that land in cfg.tasks[name]."""
+    raw = {}
+    if path is not None:  # None: the defaults plus the overrides
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must be a mapping of sections (model:, trainer:, ...)")
+    schema = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config) if f.name != "tasks"}
+    schema.update(extra_sections or {})
+    for dotted, value in parse_overrides(list(overrides or [])):
+        parts = dotted.split(".")
+        if len(parts) != 2 or parts[0] not in schema:
+            raise UserError(f"unknown override {dotted!r}; use section.key with a section in {', '.join(schema)}")
+        section = raw.get(parts[0])
+        if section is None:
+            section = raw[parts[0]] = {}
+        if not isinstance(section, dict):
+            raise UserError(f"config section {parts[0]!r} in {path} must be a mapping")
+        section[parts[1]] = value
+    for name in raw:
+        if name not in schema:
+            raise UserError(f"unknown config section {name!r} in {path}; valid sections: {', '.join(schema)}")
+    built = {name: _build_section(name, cls, raw.get(name)) for name, cls in schema.items()}
+    tasks = {name: built.pop(name) for name in list(built) if name in (extra_sections or {})}
+    cfg = Config(**built, tasks=tasks)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: Config):
+    t, s = cfg.trainer, cfg.scheduler
+    positive = dict(per_device_train_batch_size=t.per_device_train_batch_size,
+                    per_device_eval_batch_size=t.per_device_eval_batch_size,
+                    gradient_accumulation_steps=t.gradient_accumulation_steps, logging_steps=t.logging_steps)
+    for key, value in positive.items():
+        if value < 1:
+            raise UserError(f"trainer.{key} must be at least 1, got {value}")
+    for key in ("max_steps", "save_steps", "eval_steps", "eval_max_batches"):
+        if getattr(t, key) < 0:
+            raise UserError(f"trainer.{key} must be >= 0, got {getattr(t, key)}")
+    if t.save_total_limit is not None and t.save_total_limit < 1:
+        raise UserError(f"trainer.save_total_limit must be at least 1 (or null to keep all), got {t.save_total_limit}")
+    if isinstance(t.resume_from_checkpoint, str) and not t.resume_from_checkpoint:
+        raise UserError("trainer.resume_from_checkpoint is empty; use false, true, latest, auto or a path")
+    if s.warmup_steps < 0 or (s.decay_steps is not None and s.decay_steps < 0):
+        raise UserError("scheduler.warmup_steps and scheduler.decay_steps must be >= 0")
+    if not 0.0 <= s.final_lr_ratio <= 1.0:
+        raise UserError(f"scheduler.final_lr_ratio must be in [0, 1], got {s.final_lr_ratio}")
+    if cfg.optimizer.lr < 0 or cfg.optimizer.weight_decay < 0 or cfg.optimizer.eps <= 0:
+        raise UserError("optimizer.lr and optimizer.weight_decay must be >= 0 and optimizer.eps > 0")
+    if cfg.dataset.max_seq_length > cfg.model.max_position_embeddings:
+        raise UserError(f"dataset.max_seq_length={cfg.dataset.max_seq_length} exceeds "
+                        f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
+
+
+def _plain(x):
+    if dataclasses.is_dataclass(x):
+        return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain dict (YAML/JSON-safe) with the same sections as the file; load_config reads it back to an equal Config."""
+    d = _plain(cfg)
+    d.update(d.pop("tasks"))
+    return d
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+# -----------------------------------------------------------------------------
+# learning-rate schedule: a pure function of the step, so resuming needs nothing saved
+
+
+def get_lr(step: int, lr: float, sched: SchedulerConfig, max_steps: int) -> float:
+    """LR for optimizer step `step` (0-based): linear warmup to lr over warmup_steps, then cosine or linear decay
+    to lr * final_lr_ratio at decay_steps (default max_steps), flat after; constant stays at lr after warmup."""
+    if step < sched.warmup_steps:
+        return lr * (step + 1) / sched.warmup_steps
+    if sched.name == "constant":
+        return lr
+    end = sched.decay_steps if sched.decay_steps is not None else max_steps
+    progress = min(1.0, (step - sched.warmup_steps) / max(1, end - sched.warmup_steps))
+    if sched.name == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        decay = 1.0 - progress
+    return lr * (sched.final_lr_ratio + (1.0 - sched.final_lr_ratio) * decay)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+#   model_checkpoints/<step>/  model.safetensors (plain keys), config.yaml, tokenizer.json   <- export, init_from
+#   model_checkpoints/latest   the newest complete step
+#   checkpoints/<step>/        optimizer.pt, train_state.json (step, tokens, every rank's loader state, config)
+# Each directory is written as <name>.tmp-<pid> and renamed when complete; a step counts only when both exist.
+
+
+def _steps_in(d: Path) -> set:
+    return {int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()} if d.is_dir() else set()
+
+
+def list_checkpoints(run_dir) -> list[int]:
+    """Steps with a complete resume checkpoint, oldest first."""
+    run_dir = Path(run_dir)
+    return sorted(_steps_in(run_dir / "checkpoints") & _steps_in(run_dir / "model_checkpoints"))
+
+
+def _write_dir(final: Path, write) -> None:
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    old = final.with_name(f"{final.name}.old-{os.getpid()}")
+    if final.exists():  # the same step written again (a resumed run passing it): swap, never leave a gap
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _kill_point(where: str, step: int) -> None:
+    # test hook: NEOBERT_TEST_KILL=<where>:<step> SIGKILLs this process there (where: mid_save | after_save)
+    if os.environ.get("NEOBERT_TEST_KILL") == f"{where}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, cfg: Config, tokenizer, train_state: dict) -> None:
+    """Called on rank 0 only, with the raw (uncompiled, unwrapped) model."""
+    from safetensors.torch import save_file
+
+    def write_model(d: Path):
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+        (d / "config.yaml").write_text(config_to_yaml(cfg))
+        tokenizer.save(str(d / "tokenizer.json"))
+        _kill_point("mid_save", step)
+
+    def write_state(d: Path):
+        torch.save(optimizer.state_dict(), d / "optimizer.pt")
+        (d / "train_state.json").write_text(json.dumps(train_state))
+
+    _write_dir(run_dir / "model_checkpoints" / str(step), write_model)
+    _write_dir(run_dir / "checkpoints" / str(step), write_state)
+    latest = run_dir / "model_checkpoints" / "latest"
+    tmp = latest.with_name(f"latest.tmp-{os.getpid()}")
+    tmp.write_text(f"{step}\n")
+    os.replace(tmp, latest)
+    limit = cfg.trainer.save_total_limit
+    if limit:
+        for old in list_checkpoints(run_dir)[:-limit]:
+            shutil.rmtree(run_dir / "checkpoints" / str(old), ignore_errors=True)
+            shutil.rmtree(run_dir / "model_checkpoints" / str(old), ignore_errors=True)
+
+
+def find_resume_checkpoint(t: TrainerConfig) -> Optional[Path]:
+    """The checkpoints/<step> dir to resume from, or None for a fresh run."""
+    r, run_dir = t.resume_from_checkpoint, Path(t.output_dir)
+    if r is None or r is False:
+        if list_checkpoints(run_dir):
+            raise UserError(f"{run_dir} already holds checkpoints; set trainer.resume_from_checkpoint auto to continue "
+                            "that run, or choose a new trainer.output_dir")
+        return None
+    if r is True or r in ("latest", "auto"):
+        steps = list_checkpoints(run_dir)
+        if steps:
+            return run_dir / "checkpoints" / str(steps[-1])
+        if r == "auto":
+            return None
+        raise UserError(f"trainer.resume_from_checkpoint={str(r).lower()} but {run_dir} holds no complete checkpoint "
+                        "to resume; use auto to start fresh when there is none")
+    p = Path(r)
+    if p.parent.name == "model_checkpoints":  # given the model dir of a step: its resume state sits beside it
+        p = p.parent.parent / "checkpoints" / p.name
+    if not (p / "train_state.json").is_file() and list_checkpoints(p):  # a run dir: its newest step
+        p = p / "checkpoints" / str(list_checkpoints(p)[-1])
+    if not (p / "train_state.json").is_file() or not (p.parent.parent / "model_checkpoints" / p.name).is_dir():
+        raise UserError(f"trainer.resume_from_checkpoint={r}: not a run directory or a complete checkpoints/<step> "
+                        "directory")
+    return p
+
+
+def load_weights(model, path) -> None:
+    """model.safetensors into the model, strictly; a different shape is a UserError naming the tensor."""
+    from safetensors.torch import load_file
+    try:
+        neobert.load_state_dict_strict(model, load_file(str(path)))
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
+    except Exception as e:  # unreadable / truncated file
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def init_weights_from(model, source: str) -> None:
+    """trainer.init_from: a model_checkpoints/<step> dir, a run dir (its latest), an exported/released folder with
+    config.json, or a hub id."""
+    p = Path(source)
+    if (p / "model_checkpoints" / "latest").is_file():
+        p = p / "model_checkpoints" / (p / "model_checkpoints" / "latest").read_text().strip()
+    if (p / "model.safetensors").is_file() and not (p / "config.json").is_file():
+        return load_weights(model, p / "model.safetensors")
+    try:
+        pretrained = neobert.NeoBERTLMHead.from_pretrained(source)
+    except Exception as e:  # not found, no network, not a NeoBERT folder
+        raise UserError(f"trainer.init_from={source}: cannot load it ({e})") from None
+    try:
+        neobert.load_state_dict_strict(model, pretrained.state_dict())
+    except ValueError as e:
+        raise UserError(f"trainer.init_from={source}: {e}") from None
+
+
+# -----------------------------------------------------------------------------
+# evaluation: MLM loss and masked-token accuracy on the val split; every rank takes part
+
+
+@torch.no_grad()
+def evaluate(model, loader, num_batches: int, device, amp) -> tuple[float, float]:
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, predicted
+    for _ in range(num_batches):
+        for batch in loader.next_step():
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            labels = batch.pop("labels").reshape(-1)
+            keep = labels != -100
+            with amp:
+                hidden = model.model(**batch)  # (B, S, H)
+                logits = model.decoder(hidden.reshape(-1, hidden.size(-1))[keep]).float()
+            totals[0] += F.cross_entropy(logits, labels[keep], reduction="sum")
+            totals[1] += (logits.argmax(-1) == labels[keep]).sum()
+            totals[2] += keep.sum()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    model.train()
+    n = max(totals[2].item(), 1.0)
+    return totals[0].item() / n, totals[1].item() / n
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+def forward_backward(model, micro_batches: list[dict], device, amp, world_size: int = 1):
+    """Forward and backward of one optimizer step's micro-batches; returns (this rank's loss sum, the global count of
+    predicted tokens). The loss is normalised by the predicted tokens of the whole step on every rank, so the
+    gradient does not depend on how the global batch is split into micro-batches and processes."""
+    num_masked = torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in micro_batches)), device=device)
+    if world_size > 1:
+        dist.all_reduce(num_masked)
+    scale = world_size / num_masked.clamp(min=1.0)  # x world_size: DDP averages gradients over ranks
+    loss_sum = torch.zeros((), device=device)
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        sync = i == len(micro_batches) - 1 or world_size == 1
+        with nullcontext() if sync else model.no_sync():  # the forward too: DDP prepares its hooks there
+            with amp:
+                out = model(**batch)
+            (out.loss_sum * scale).backward()
+        loss_sum += out.loss_sum.detach()
+    return loss_sum, num_masked
+
+
+def step_flops(model_cfg, micro_batches: list[dict], sparse: bool = True) -> float:
+    """Training FLOPs of these micro-batches. Attention counts the keys each query really attends to (its document's
+    length in packed rows, the padded width otherwise); the decoder runs on the predicted tokens (sparse) or all."""
+    total = 0.0
+    for b in micro_batches:
+        n = b["input_ids"].numel()
+        if "cu_seqlens" in b:
+            seg = b["cu_seqlens"].diff().double()
+            keys = float((seg * seg).sum() / seg.sum())
+        else:
+            keys = b["input_ids"].shape[-1]
+        predicted = int((b["labels"] != -100).sum()) / n if sparse else 1.0
+        total += n * neobert.flops_per_token(model_cfg, keys, predicted)
+    return total
+
+
+class StopRequest:
+    """SIGTERM/SIGINT (preemption, Ctrl-C) -> save at the next step boundary and exit; a second signal kills."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        self.restore()
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: Config) -> dict:
+    """Runs the training described by cfg; returns the last metrics record."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    ddp, master = world_size > 1, rank == 0
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    print0 = print if master else (lambda *a, **k: None)
+    try:
+        return _train(cfg, rank, world_size, device, master, print0)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, rank: int, world_size: int, device, master: bool, print0) -> dict:
+    t, ddp = cfg.trainer, world_size > 1
+    run_dir = Path(t.output_dir)
+    if master:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"trainer.output_dir {run_dir} cannot be written ({e.strerror or e}); choose another "
+                            "directory") from None
+        for stale in [*run_dir.glob("*checkpoints/*.tmp-*"), *run_dir.glob("*checkpoints/*.old-*")]:
+            # what a save killed half-way left behind: never picked by resume, now removed
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+    print0(f"# resolved config ({world_size} process{'es' if ddp else ''}, {device})\n{config_to_yaml(cfg)}", end="")
+    ckpt = find_resume_checkpoint(t)  # before any work: "nothing to resume" should not wait for the data
+
+    # data: rank 0 prepares the shards (or, streaming, the tokenizer) when missing; the others wait, then read them
+    data_dir = data.dataset_dir(cfg.dataset)
+    if master and (cfg.dataset.pre_tokenize or cfg.dataset.streaming):
+        data_dir = data.prepare(cfg.dataset, cfg.tokenizer)
+    if ddp:
+        dist.barrier()
+    tokenizer = data.load_tokenizer(cfg.tokenizer, data_dir)
+    data.check_vocab(tokenizer, cfg.model.vocab_size)
+    pad_id = data.special_token_ids(tokenizer)["pad"]
+    if pad_id != cfg.model.pad_token_id:
+        raise UserError(f"model.pad_token_id={cfg.model.pad_token_id} but the tokenizer's [PAD] is {pad_id}; "
+                        f"set model.pad_token_id: {pad_id}")
+
+    def make_loader(split, micro_batch_size, grad_accum_steps, prefetch=2):
+        return data.build_loader(cfg.dataset, cfg.tokenizer, cfg.datacollator, split, micro_batch_size=micro_batch_size,
+                                 grad_accum_steps=grad_accum_steps, rank=rank, world_size=world_size, seed=t.seed,
+                                 prefetch=prefetch)
+
+    # model: the same init on every rank (DDP would broadcast rank 0's anyway), then weights from a checkpoint
+    torch.manual_seed(t.seed)
+    model = neobert.NeoBERTLMHead(cfg.model)
+    model.model.gradient_checkpointing = t.gradient_checkpointing
+    state = dict(step=0, tokens=0, elapsed=0.0)
+    if ckpt is not None:
+        print0(f"resuming from {ckpt}")
+        load_weights(model, ckpt.parent.parent / "model_checkpoints" / ckpt.name / "model.safetensors")
+    elif t.init_from:
+        print0(f"initialising weights from {t.init_from}")
+        init_weights_from(model, t.init_from)
+    model.to(device)
+    print0(f"model: {neobert.num_params(model) / 1e6:.2f}M parameters")
+
+    o = cfg.optimizer
+    optimizer = torch.optim.AdamW(neobert.param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
+                                  fused=device.type == "cuda")
+    loader = make_loader("train", t.per_device_train_batch_size, t.gradient_accumulation_steps)
+    if ckpt is not None:
+        saved = json.loads((ckpt / "train_state.json").read_text())
+        try:
+            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise UserError(f"{ckpt / 'optimizer.pt'} does not fit this model/optimizer: {e}") from None
+        # a loader state is a position in the global stream, so any rank's works for any world size
+        loader_states = saved["loader_states"]
+        loader.load_state_dict(loader_states[rank] if len(loader_states) == world_size else loader_states[0])
+        state = {k: saved[k] for k in state}
+
+    # compile after loading weights and before DDP; `model` stays the raw module for saving and evaluation
+    train_model = torch.compile(model) if t.torch_compile else model
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if t.mixed_precision == "bf16" else nullcontext()
+
+    # logging: metrics.jsonl, tqdm, wandb, all on rank 0
+    wandb_run = None
+    if master and cfg.wandb.mode != "disabled":
+        try:
+            import wandb
+        except ImportError:
+            raise UserError(f"wandb.mode={cfg.wandb.mode} needs the wandb package: pip install wandb") from None
+        wandb_run = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, mode=cfg.wandb.mode,
+                               dir=str(run_dir), config=config_to_dict(cfg))
+    metrics_path = run_dir / "metrics.jsonl"
+    if master and metrics_path.exists():  # drop what a killed run logged after the checkpoint we resume from
+        lines = [ln for ln in metrics_path.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in lines if json.loads(ln)["step"] <= state["step"]]
+        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    metrics_file = open(metrics_path, "a") if master else None
+    from tqdm import tqdm
+    bar = tqdm(total=t.max_steps, initial=state["step"], disable=not master or t.disable_tqdm, dynamic_ncols=True)
+    peak = neobert.peak_flops(device)  # None on CPU or an unknown GPU: no MFU rather than a wrong one
+
+    def save(step):
+        loader_states = [None] * world_size
+        if ddp:
+            dist.all_gather_object(loader_states, loader.state_dict())
+        else:
+            loader_states = [loader.state_dict()]
+        if master:
+            train_state = dict(step=step, tokens=state["tokens"], elapsed=state["elapsed"], world_size=world_size,
+                               loader_states=loader_states, config=config_to_dict(cfg))
+            save_checkpoint(run_dir, step, model, optimizer, cfg, tokenizer, train_state)
+        if ddp:
+            dist.barrier()
+        _kill_point("after_save", step)
+
+    step, record, last_saved = state["step"], {}, state["step"] if ckpt is not None else None
+    t_start = time.perf_counter() - state["elapsed"]  # elapsed carries over a resume
+    t_log, tokens_log, flops_log = time.perf_counter(), state["tokens"], 0.0  # since the last metrics line
+    stop = StopRequest().install()
+    try:
+        while step < t.max_steps:
+            lr = get_lr(step, o.lr, cfg.scheduler, t.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed((t.seed * 1_000_003 + step) * 1_009 + rank)  # dropout RNG from (seed, step, rank)
+            micro_batches = loader.next_step()
+            loss_sum, num_masked = forward_backward(train_model, micro_batches, device, amp, world_size)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.gradient_clipping or float("inf"))
+            stats = torch.stack([loss_sum.float(), torch.tensor(float(stop.requested), device=device)])
+            if ddp:
+                dist.all_reduce(stats)  # after DDP's all-reduce, grad_norm is already the same on every rank
+            loss, grad_norm = stats[0].item() / max(num_masked.item(), 1.0), grad_norm.item()
+            stopping = bool(stats[1] > 0)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                where = f"{run_dir}/checkpoints/{last_saved}" if last_saved is not None else "none was written"
+                raise UserError(f"non-finite loss ({loss}) or grad norm ({grad_norm}) at step {step + 1}; stopped "
+                                f"without saving (last good checkpoint: {where}). Lower optimizer.lr, raise "
+                                "scheduler.warmup_steps or set trainer.gradient_clipping")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            state["step"] = step
+            state["tokens"] += sum(b["input_ids"].numel() for b in micro_batches) * world_size
+            state["elapsed"] = time.perf_counter() - t_start
+            flops_log += step_flops(cfg.model, micro_batches) * world_size if peak else 0.0
+
+            last_step = step == t.max_steps or stopping
+            do_eval = t.eval_steps > 0 and t.eval_max_batches > 0 and (step % t.eval_steps == 0 or last_step)
+            if step % t.logging_steps == 0 or last_step or do_eval:
+                now = time.perf_counter()
+                tokens_per_s = (state["tokens"] - tokens_log) / max(now - t_log, 1e-9)
+                mfu = flops_log / max(now - t_log, 1e-9) / (peak * world_size) if peak else None
+                record = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=state["tokens"],
+                              tokens_per_s=tokens_per_s, mfu=mfu, elapsed=state["elapsed"])
+                if do_eval:
+                    val = make_loader("val", t.per_device_eval_batch_size, 1, prefetch=0)
+                    try:
+                        record["eval_loss"], record["eval_accuracy"] = evaluate(model, val, t.eval_max_batches, device,
+                                                                                amp)
+                    finally:
+                        val.close()  # a streaming loader holds worker processes
+                if master:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    if wandb_run is not None:
+                        wandb_run.log(record, step=step)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}",
+                                    mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%", refresh=False)
+                t_log, tokens_log, flops_log = time.perf_counter(), state["tokens"], 0.0
+            bar.update(1)
+            if last_step or (t.save_steps > 0 and step % t.save_steps == 0):
+                save(step)
+                last_saved = step
+            if stopping:
+                print0(f"\nstopped by signal at step {step}; checkpoint saved. Resume with "
+                       f"--trainer.resume_from_checkpoint auto")
+                break
+        if last_saved != step:  # max_steps reached before the loop (resumed a finished run), or max_steps == 0
+            save(step)
+    finally:
+        stop.restore()
+        bar.close()
+        loader.close()
+        if metrics_file is not None:
+            metrics_file.close()
+        if wandb_run is not None:
+            wandb_run.finish()
+    print0(f"done: step {step}, {state['tokens']} tokens, checkpoints in {run_dir}")
+    return record
+
+
+def main(argv=None) -> int:
+    return data.run_main(argv, __doc__, lambda args: train(load_config(args[0], args[1:])))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,505 @@
+"""export.py: the Hugging Face folder loads in transformers and sentence-transformers and computes what neobert.py does.
+
+transformers and sentence-transformers are test dependencies only (CI pins them in requirements-dev.txt).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+import export  # noqa: E402
+import neobert  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM,  # noqa: E402
+                          AutoModelForSequenceClassification, AutoTokenizer)
+
+transformers.logging.set_verbosity_error()
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Encoders read the whole sentence in both directions at once.",
+    "Masked language models predict the hidden words from their context.",
+    "NeoBERT is a modern BERT with rotary embeddings and SwiGLU.",
+    "Hello world, this is a short test!",
+    "Padding and attention masks must not change the real tokens.",
+]
+TEXTS = ["hello world", "The lazy dog sleeps; the quick fox does not.", "a",
+         "masked words, rotary embeddings, encoders"]
+
+
+# -----------------------------------------------------------------------------
+# fixtures: a tokenizer, tiny checkpoints in the run-dir layout, their exports
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return data.train_tokenizer(SENTENCES * 4, vocab_size=300, min_frequency=1)
+
+
+def tiny_config(tokenizer, **kw):
+    base = dict(vocab_size=tokenizer.get_vocab_size() + 20, hidden_size=64, num_hidden_layers=2,
+                num_attention_heads=4, intermediate_size=160, max_position_embeddings=128)
+    base.update(kw)
+    return neobert.NeoBERTConfig(**base)
+
+
+def randomize(model, seed=0):
+    """Every tensor away from its init (norms off 1, biases off 0), so a loader that re-initialises shows up."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def write_checkpoint(run_dir: Path, step: int, model, tokenizer, latest=True) -> Path:
+    d = run_dir / "model_checkpoints" / str(step)
+    d.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"),
+              metadata={"format": "pt"})
+    full = {"model": model.config.to_dict(), "tokenizer": {"train": True, "vocab_size": 300},
+            "dataset": {"name": "toy-sentences", "max_seq_length": 64}, "trainer": {"max_steps": step}}
+    (d / "config.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+    tokenizer.save(str(d / "tokenizer.json"))
+    if latest:
+        (run_dir / "model_checkpoints" / "latest").write_text(f"{step}\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tokenizer):
+    """A run dir with two model checkpoints (latest = 20), logged metrics and an evaluation results file."""
+    run_dir = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    old = randomize(neobert.NeoBERTLMHead(tiny_config(tokenizer)), seed=1)
+    model = randomize(neobert.NeoBERTLMHead(tiny_config(tokenizer)), seed=2)
+    write_checkpoint(run_dir, 10, old, tokenizer)
+    write_checkpoint(run_dir, 20, model, tokenizer)
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for step in (10, 20):
+            f.write(json.dumps({"step": step, "loss": 5.0 - step / 10, "tokens": step * 512}) + "\n")
+        f.write(json.dumps({"step": 20, "eval_loss": 4.25, "eval_accuracy": 0.125}) + "\n")
+    (run_dir / "glue_results.json").write_text(json.dumps({"cola": {"matthews_correlation": 0.123}}))
+    return run_dir, model
+
+
+@pytest.fixture(scope="module")
+def folder(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exports") / "hf"
+    export.export(run[0], out)
+    return out
+
+
+def padded_batch(folder):
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any(), "the batch must hold padding"
+    return batch
+
+
+def assert_close(a, b, tol=1e-5):
+    assert a.shape == b.shape
+    assert (a - b).abs().max().item() <= tol, (a - b).abs().max().item()
+
+
+# -----------------------------------------------------------------------------
+# what the folder holds
+
+
+def test_folder_files(folder, run):
+    names = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert names == {"config.json", "model.safetensors", export.MODELING_FILE_NAME, "tokenizer.json",
+                     "tokenizer_config.json", "special_tokens_map.json", "modules.json", "sentence_bert_config.json",
+                     "1_Pooling/config.json", "README.md"}
+    assert [p.name for p in folder.parent.iterdir()] == ["hf"], "a temporary folder was left behind"
+
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["model_type"] == "neobert" and cfg["architectures"] == ["NeoBERTLMHead"]
+    assert set(cfg["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForMaskedLM",
+                                    "AutoModelForSequenceClassification"}
+    assert all(v.startswith("modeling_neobert.") for v in cfg["auto_map"].values())
+    assert "max_length" not in cfg and cfg["max_position_embeddings"] == 128
+    assert neobert.NeoBERTConfig.from_hf_dict(cfg) == run[1].config
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    weights = load_file(str(folder / "model.safetensors"))
+    expected = run[1].state_dict()
+    assert set(weights) == set(expected)
+    assert all(k.startswith(("model.", "decoder.")) for k in weights)
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    assert tc["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert tc["model_input_names"] == ["input_ids", "attention_mask"]
+    assert tc["model_max_length"] == 128
+    assert {tc[k] for k in ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")} == \
+        {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}
+    assert json.loads((folder / "special_tokens_map.json").read_text())["mask_token"] == "[MASK]"
+
+    modules = json.loads((folder / "modules.json").read_text())
+    assert [m["type"] for m in modules] == ["sentence_transformers.models.Transformer",
+                                            "sentence_transformers.models.Pooling"]
+    pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    assert pooling["pooling_mode_mean_tokens"] and not pooling["pooling_mode_cls_token"]
+    assert pooling["word_embedding_dimension"] == 64
+
+
+def test_model_card(folder):
+    card = (folder / "README.md").read_text()
+    assert "## Architecture" in card and "| layers | 2 |" in card and "SwiGLU" in card and "RMSNorm" in card
+    assert "toy-sentences" in card  # the data
+    assert "hidden_size: 64" in card and "max_steps: 20" in card  # the training config
+    assert "eval_loss" in card and "4.25" in card  # the last evaluation in metrics.jsonl
+    assert "glue_results.json" in card and "0.123" in card  # a results file of the run
+
+
+def test_model_card_skips_model_folders_in_the_run(run, tmp_path, tokenizer):
+    run_dir = tmp_path / "run"  # an export inside the run dir, exported again: its JSON files are not results
+    write_checkpoint(run_dir, 1, run[1], tokenizer)
+    (run_dir / "results").mkdir()
+    (run_dir / "results" / "mteb_sts.json").write_text(json.dumps({"spearman": 0.5}))
+    export.export(run_dir, run_dir / "hf")
+    export.export(run_dir, run_dir / "hf", force=True)
+    card = (run_dir / "hf" / "README.md").read_text()
+    assert "results/mteb_sts.json" in card and "hf/" not in card and "modules.json" not in card
+
+
+def test_newest_complete_checkpoint(run, tmp_path, tokenizer):
+    run_dir, model = run
+    assert export.find_checkpoint(run_dir) == run_dir / "model_checkpoints" / "20"  # model_checkpoints/latest
+    assert export.find_checkpoint(run_dir / "model_checkpoints" / "10") == run_dir / "model_checkpoints" / "10"
+
+    other = tmp_path / "run"  # no latest file, an incomplete newer step, a temporary dir of the trainer
+    write_checkpoint(other, 5, model, tokenizer, latest=False)
+    write_checkpoint(other, 7, model, tokenizer, latest=False)
+    (other / "model_checkpoints" / "9").mkdir()
+    (other / "model_checkpoints" / "9" / "model.safetensors").write_bytes(b"")
+    (other / "model_checkpoints" / "11.tmp-123").mkdir()
+    assert export.find_checkpoint(other) == other / "model_checkpoints" / "7"
+    (other / "model_checkpoints" / "latest").write_text("5\n")
+    assert export.find_checkpoint(other) == other / "model_checkpoints" / "5"
+    (other / "model_checkpoints" / "latest").write_text("42\n")  # names a step that is gone: the newest complete
+    assert export.find_checkpoint(other) == other / "model_checkpoints" / "7"
+
+
+# -----------------------------------------------------------------------------
+# transformers and sentence-transformers load it and compute what neobert.py does
+
+
+def test_auto_classes_match_neobert(folder, run):
+    model = run[1]
+    batch = padded_batch(folder)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    assert config.model_type == "neobert" and config.max_position_embeddings == 128
+    encoder = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    mlm = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(encoder).__name__ == "NeoBERT" and type(mlm).__name__ == "NeoBERTLMHead"
+    for k, v in mlm.state_dict().items():  # nothing re-initialised over the loaded weights
+        assert torch.equal(v, model.state_dict()[k]), k
+    labels = torch.full_like(ids, -100)
+    labels[:, 1] = ids[:, 1]
+    with torch.no_grad():
+        want_h = model.model(ids, mask)
+        want = model(ids, mask).logits
+        want_loss = model(ids, mask, labels=labels).loss
+        assert_close(encoder(**batch).last_hidden_state, want_h)
+        out = mlm(**batch, labels=labels)
+        assert_close(out.logits, want)
+        assert abs(out.loss.item() - want_loss.item()) < 1e-5
+        # token_type_ids and unknown keyword arguments are accepted
+        assert_close(encoder(**batch, token_type_ids=torch.zeros_like(ids), foo=1).last_hidden_state, want_h)
+        assert len(encoder(**batch, output_hidden_states=True).hidden_states) == 3
+        assert_close(encoder(ids, mask, return_dict=False)[0], want_h)
+
+
+def test_sequence_classification(folder, run):
+    model = run[1]
+    batch = padded_batch(folder)
+    torch.manual_seed(0)
+    clf = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True, num_labels=3).eval()
+    assert type(clf).__name__ == "NeoBERTForSequenceClassification"
+    sd = clf.state_dict()
+    for k, v in model.model.state_dict().items():
+        assert torch.equal(sd["model." + k], v), k
+    assert 0.01 < clf.classifier.weight.std().item() < 0.03  # a fresh head: normal(0, 0.02)
+    ref = neobert.NeoBERTForSequenceClassification(model.config, num_labels=3).eval()
+    ref.load_state_dict(sd)
+    labels = torch.tensor([0, 2, 1, 1])
+    with torch.no_grad():
+        out, want = clf(**batch, labels=labels), ref(batch["input_ids"], batch["attention_mask"], labels=labels)
+    assert_close(out.logits, want.logits)
+    assert abs(out.loss.item() - want.loss.item()) < 1e-5
+    reg = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True, num_labels=1).eval()
+    ref1 = neobert.NeoBERTForSequenceClassification(model.config, num_labels=1).eval()
+    ref1.load_state_dict(reg.state_dict())
+    target = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    with torch.no_grad():
+        assert abs(reg(**batch, labels=target).loss.item() -
+                   ref1(batch["input_ids"], batch["attention_mask"], labels=target).loss.item()) < 1e-5
+
+
+def test_tokenizer_ids(folder, tokenizer):
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    got = tok(TEXTS + ["Unseen Wörds, ÜBER-long tokens!!", "two\nlines\tand  spaces"])["input_ids"]
+    want = [e.ids for e in tokenizer.encode_batch(TEXTS + ["Unseen Wörds, ÜBER-long tokens!!",
+                                                           "two\nlines\tand  spaces"])]
+    assert got == want
+    ids = data.special_token_ids(tokenizer)
+    assert all(g[0] == ids["cls"] and g[-1] == ids["sep"] for g in got)
+    assert (tok.pad_token_id, tok.mask_token_id, tok.cls_token_id, tok.sep_token_id, tok.unk_token_id) == \
+        (ids["pad"], ids["mask"], ids["cls"], ids["sep"], ids["unk"])
+    assert tok.model_max_length == 128 and "token_type_ids" not in tok("a b")
+
+
+def test_sentence_transformers_mean_pooling(folder, run):
+    st = pytest.importorskip("sentence_transformers")
+    model = st.SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
+    got = model.encode(TEXTS, convert_to_tensor=True, batch_size=len(TEXTS))
+    batch = padded_batch(folder)
+    with torch.no_grad():
+        h = run[1].model(batch["input_ids"], batch["attention_mask"])
+    assert_close(got.cpu(), neobert.pool(h, batch["attention_mask"], "mean"))
+
+
+def test_packed_batches(folder, run):
+    """cu_seqlens (the trainer's packed layout) in the modeling file: SDPA with a block-diagonal mask on CPU."""
+    mlm = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True).eval()
+    ids = torch.randint(5, 200, (2, 12))
+    cu = torch.tensor([0, 5, 12, 20, 24], dtype=torch.int32)
+    with torch.no_grad():
+        want = run[1](ids, cu_seqlens=cu, max_seqlen=8).logits
+        assert_close(mlm(input_ids=ids, cu_seqlens=cu, max_seqlen=8).logits, want)
+
+
+# -----------------------------------------------------------------------------
+# the other direction: neobert.py loads exported and released folders
+
+
+def test_from_pretrained_roundtrip(folder, run, tmp_path):
+    expected = run[1].state_dict()
+    loaded = neobert.NeoBERTLMHead.from_pretrained(str(folder)).state_dict()
+    assert list(loaded) == list(expected) and all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+    # a folder laid out like chandar-lab/NeoBERT: max_length, hidden_act "SwiGLU", dim_head, kwargs, *_init_range
+    released = tmp_path / "released"
+    released.mkdir()
+    c = run[1].config
+    (released / "config.json").write_text(json.dumps({
+        "architectures": ["NeoBERTLMHead"],
+        "auto_map": {"AutoConfig": "modeling_neobert.NeoBERTConfig", "AutoModel": "modeling_neobert.NeoBERT",
+                     "AutoModelForMaskedLM": "modeling_neobert.NeoBERTLMHead"},
+        "classifier_init_range": 0.02, "decoder_init_range": 0.02, "embedding_init_range": 0.02,
+        "dim_head": c.head_dim, "hidden_act": "SwiGLU", "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size, "kwargs": {"trust_remote_code": True}, "max_length": 128,
+        "model_type": "neobert", "norm_eps": 1e-05, "num_attention_heads": c.num_attention_heads,
+        "num_hidden_layers": c.num_hidden_layers, "pad_token_id": 0, "torch_dtype": "float32",
+        "transformers_version": "4.48.2", "vocab_size": c.vocab_size}))
+    for name in ("model.safetensors", export.MODELING_FILE_NAME):
+        (released / name).write_bytes((folder / name).read_bytes())
+    loaded = neobert.NeoBERTLMHead.from_pretrained(str(released))
+    assert loaded.config.max_position_embeddings == 128
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+    # and the exported modeling file reads the released config.json as well
+    mlm = AutoModelForMaskedLM.from_pretrained(released, trust_remote_code=True).eval()
+    assert mlm.config.max_position_embeddings == 128
+    ids = torch.tensor([[2, 10, 11, 12, 3]])
+    with torch.no_grad():
+        assert_close(mlm(input_ids=ids).logits, run[1](ids).logits)
+
+
+# -----------------------------------------------------------------------------
+# variants: learned positions, LayerNorm, GELU MLP, dropout; and the smoke config's own checkpoint
+
+
+def test_variant_learned_positions_layernorm_gelu(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    cfg = tiny_config(tokenizer, rope=False, rms_norm=False, hidden_act="gelu", dropout=0.1)
+    model = randomize(neobert.NeoBERTLMHead(cfg), seed=3)
+    # also: a tokenizer.json without a post-processor gets BERT's [CLS] a [SEP] in the export
+    plain = json.loads(tokenizer.to_str())
+    plain["post_processor"] = None
+    plain = Tokenizer.from_str(json.dumps(plain))
+    write_checkpoint(tmp_path / "run", 3, model, plain)
+    export.export(tmp_path / "run", tmp_path / "hf")
+    ids = data.special_token_ids(tokenizer)
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    assert hf_tok(TEXTS)["input_ids"] == [[ids["cls"]] + e.ids + [ids["sep"]] for e in plain.encode_batch(TEXTS)]
+    mlm = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    batch = padded_batch(tmp_path / "hf")
+    with torch.no_grad():
+        assert_close(mlm(**batch).logits, model(batch["input_ids"], batch["attention_mask"]).logits)
+    assert "LayerNorm" in (tmp_path / "hf" / "README.md").read_text()
+    back = neobert.NeoBERTLMHead.from_pretrained(str(tmp_path / "hf"))
+    assert back.config == cfg
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in back.state_dict().items())
+
+
+def test_export_of_a_smoke_training_run(tmp_path):
+    """configs/smoke.yaml, cut to a few steps of a tiny model, trained by train.main; then exported and loaded."""
+    train = pytest.importorskip("train")
+    run_dir = tmp_path / "run"
+    rc = train.main([str(ROOT / "configs" / "smoke.yaml"),
+                     "--trainer.output_dir", str(run_dir), "--dataset.path", str(tmp_path / "data"),
+                     "--dataset.max_documents", "300", "--dataset.eval_samples", "60",
+                     "--dataset.max_seq_length", "64", "--trainer.per_device_eval_batch_size", "2",
+                     "--tokenizer.vocab_size", "600", "--model.vocab_size", "640", "--model.hidden_size", "32",
+                     "--model.num_hidden_layers", "2", "--model.num_attention_heads", "2",
+                     "--model.intermediate_size", "64", "--model.max_position_embeddings", "64",
+                     "--trainer.per_device_train_batch_size", "4", "--trainer.max_steps", "2",
+                     "--trainer.save_steps", "2", "--trainer.eval_steps", "2", "--trainer.logging_steps", "1"])
+    assert rc in (0, None)
+    assert export.main([str(run_dir), "--out", str(tmp_path / "hf")]) == 0
+    checkpoint = run_dir / "model_checkpoints" / "2"
+    trained = load_file(str(checkpoint / "model.safetensors"))
+    model = neobert.NeoBERTLMHead.from_pretrained(str(tmp_path / "hf")).eval()
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+    mlm = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    batch = padded_batch(tmp_path / "hf")
+    raw = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))  # the tokenizer data.py trained for this run
+    assert [e.ids for e in raw.encode_batch(TEXTS)] == \
+        [row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"])]
+    with torch.no_grad():
+        assert_close(mlm(**batch).logits, model(batch["input_ids"], batch["attention_mask"]).logits)
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "eval_loss" in card and "max_documents: 300" in card
+
+
+# -----------------------------------------------------------------------------
+# bad input: a clear error, exit 2, no traceback, nothing written
+
+
+def run_main(argv, capsys):
+    code = export.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    return code, err
+
+
+def test_no_checkpoint(tmp_path, capsys):
+    code, err = run_main([tmp_path / "nowhere", "--out", tmp_path / "hf"], capsys)
+    assert code == 2 and str(tmp_path / "nowhere") in err
+    (tmp_path / "empty_run" / "model_checkpoints").mkdir(parents=True)
+    code, err = run_main([tmp_path / "empty_run", "--out", tmp_path / "hf"], capsys)
+    assert code == 2 and "no model checkpoint in" in err and str(tmp_path / "empty_run") in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_incomplete_or_mismatched_checkpoint(run, tmp_path, capsys, tokenizer):
+    src = run[0] / "model_checkpoints" / "20"
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    code, err = run_main([half, "--out", tmp_path / "hf"], capsys)
+    assert code == 2 and "config.yaml" in err and "tokenizer.json" in err
+
+    wrong = tmp_path / "wrong"  # weights of another shape than config.yaml says
+    model = neobert.NeoBERTLMHead(tiny_config(tokenizer, hidden_size=32, num_attention_heads=2))
+    d = write_checkpoint(wrong, 1, model, tokenizer)
+    (d / "config.yaml").write_text((src / "config.yaml").read_text())
+    code, err = run_main([wrong, "--out", tmp_path / "hf"], capsys)
+    assert code == 2 and "model.encoder.weight" in err and "shape" in err
+
+    no_mask = json.loads(tokenizer.to_str())  # a tokenizer without [MASK]
+    no_mask["added_tokens"] = [t for t in no_mask["added_tokens"] if t["content"] != "[MASK]"]
+    del no_mask["model"]["vocab"]["[MASK]"]
+    d = write_checkpoint(tmp_path / "nomask", 1, run[1], tokenizer)
+    (d / "tokenizer.json").write_text(json.dumps(no_mask))
+    code, err = run_main([d, "--out", tmp_path / "hf"], capsys)
+    assert code == 2 and "[MASK]" in err and "tokenizer.json" in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_out_exists(run, tmp_path, capsys):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    code, err = run_main([run[0], "--out", out], capsys)
+    assert code == 2 and "--force" in err and str(out) in err
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert export.main([str(run[0]), "--out", str(out), "--force"]) == 0
+    assert (out / "config.json").is_file() and not (out / "mine.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    code, err = run_main([run[0], "--out", run[0], "--force"], capsys)  # never replace the run being exported
+    assert code == 2 and (run[0] / "model_checkpoints" / "20" / "model.safetensors").is_file()
+
+
+def test_unsupported_variant(run, tmp_path, capsys, monkeypatch, tokenizer):
+    # a hidden_act that neobert.py would know but the modeling file does not
+    monkeypatch.setattr(neobert, "HIDDEN_ACTS", neobert.HIDDEN_ACTS + ("relu",))
+    model = neobert.NeoBERTLMHead(tiny_config(tokenizer))
+    d = write_checkpoint(tmp_path / "run", 1, model, tokenizer)
+    full = yaml.safe_load((d / "config.yaml").read_text())
+    full["model"]["hidden_act"] = "relu"
+    (d / "config.yaml").write_text(yaml.safe_dump(full))
+    code, err = run_main([tmp_path / "run", "--out", tmp_path / "hf"], capsys)
+    assert code == 2 and "hidden_act=relu" in err and "not supported" in err
+    # a model option that export.py does not know
+    monkeypatch.setattr(export, "EXPORTED_FIELDS", tuple(f for f in export.EXPORTED_FIELDS if f != "rope"))
+    code, err = run_main([run[0], "--out", tmp_path / "hf"], capsys)
+    assert code == 2 and "model.rope" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_interrupted_write_leaves_nothing(run, tmp_path, capsys, monkeypatch):
+    (tmp_path / "hf").mkdir()  # interrupted while swapping the new folder in: the old one is put back
+    (tmp_path / "hf" / "old.txt").write_text("old export")
+    real_replace = os.replace
+
+    def interrupted_swap(src, dst):
+        if ".hf.tmp-" in str(src):
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(export.os, "replace", interrupted_swap)
+    code, err = run_main([run[0], "--out", tmp_path / "hf", "--force"], capsys)
+    assert code == 130
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["hf", "hf/old.txt"]
+    monkeypatch.setattr(export.os, "replace", real_replace)
+    (tmp_path / "hf" / "old.txt").unlink()
+    (tmp_path / "hf").rmdir()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "save_file", interrupted)
+    code, err = run_main([run[0], "--out", tmp_path / "hf"], capsys)
+    assert code == 130
+    assert list(tmp_path.iterdir()) == []  # neither hf nor its temporary folder
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "save_file", disk_full)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "old.txt").write_text("old export")
+    code, err = run_main([run[0], "--out", tmp_path / "hf", "--force"], capsys)
+    assert code == 2 and "No space left" in err
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["hf", "hf/old.txt"]
+
+
+def test_command_line(run, tmp_path):
+    cmd = [sys.executable, str(ROOT / "export.py"), str(tmp_path / "missing"), "--out", str(tmp_path / "hf")]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr
+    assert "missing" in p.stderr and not (tmp_path / "hf").exists()

@@ -11,7 +11,6 @@ Conventions used everywhere below:
 """
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple, Optional

@@ -305,7 +305,9 @@ class NeoBERT(nn.Module):
             attention_mask = None  # packing says everything the mask would
             if position_ids is None:
                 position_ids = packed_position_ids(cu_seqlens, (B, S))
-        elif position_ids is None:  # right padding: real tokens sit at 0..len-1
+        elif attention_mask is not None and position_ids is None:  # count from the first real token (left padding too)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        elif position_ids is None:
             position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
         if S > self.config.max_position_embeddings or (cu_seqlens is not None and max_seqlen is not None
                                                        and max_seqlen > self.config.max_position_embeddings):
@@ -403,8 +405,12 @@ class NeoBERTForSequenceClassification(nn.Module):
         return ClassifierOutput(logits=logits, loss=loss)
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str, num_labels: int = 2, revision: Optional[str] = None, **config_overrides):
-        return _from_pretrained(cls, path_or_id, revision, config_overrides, num_labels=num_labels)
+    def from_pretrained(cls, path_or_id: str, num_labels: Optional[int] = None, revision: Optional[str] = None,
+                        classifier_dropout: Optional[float] = None, **config_overrides):
+        """From an MLM folder (a new head with num_labels, default 2) or a fine-tuned classifier folder (num_labels
+        read from its classifier weights; a different num_labels is an error)."""
+        return _from_pretrained(cls, path_or_id, revision, config_overrides, num_labels=num_labels,
+                                classifier_dropout=classifier_dropout)
 
 
 def pool(hidden, attention_mask=None, mode: str = "mean"):
@@ -473,10 +479,21 @@ def _from_pretrained(cls, path_or_id, revision, config_overrides, **head_kwargs)
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"no config.json in {folder}")
     with open(cfg_path) as f:
-        config = NeoBERTConfig.from_hf_dict(json.load(f), **config_overrides)
+        hf_config = json.load(f)
+    config = NeoBERTConfig.from_hf_dict(hf_config, **config_overrides)
     sd = read_safetensors(folder)
     if not any(k.startswith("model.") for k in sd):  # a bare encoder file
         sd = {"model." + k: v for k, v in sd.items()}
+    if cls is NeoBERTForSequenceClassification:
+        saved = sd["classifier.weight"].shape[0] if "classifier.weight" in sd else None
+        if head_kwargs["num_labels"] is None:
+            head_kwargs["num_labels"] = saved or 2
+        elif saved is not None and saved != head_kwargs["num_labels"]:
+            raise ValueError(f"{path_or_id} holds a classifier with {saved} labels but num_labels="
+                             f"{head_kwargs['num_labels']} was asked for; leave num_labels out to keep the saved head")
+        if head_kwargs["classifier_dropout"] is None:
+            saved_p = hf_config.get("classifier_dropout")
+            head_kwargs["classifier_dropout"] = 0.1 if saved_p is None else float(saved_p)
     model = cls(config, **head_kwargs)
     if cls is NeoBERT:
         load_state_dict_strict(model, {k[6:]: v for k, v in sd.items() if k.startswith("model.")})

@@ -535,3 +535,28 @@ def test_no_graph_breaks_in_the_encoder():
     for kwargs in (dict(cu_seqlens=cu, max_seqlen=16), dict(attention_mask=torch.ones_like(ids))):
         explained = torch._dynamo.explain(enc)(ids, **kwargs)
         assert explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.parametrize("rope", [True, False])
+def test_left_padding_equals_unpadded(rope):
+    model = randomize(nb.NeoBERT(small_config(rope=rope))).eval()
+    seq = torch.randint(1, 97, (6,))
+    ids = torch.zeros(1, 10, dtype=torch.long)
+    ids[0, 4:] = seq
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        assert torch.allclose(model(ids, attention_mask=mask)[0, 4:], model(seq[None])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_classifier_from_a_fine_tuned_folder(tmp_path):
+    cfg = small_config()
+    clf = randomize(nb.NeoBERTForSequenceClassification(cfg, num_labels=3))
+    os.makedirs(tmp_path / "clf")
+    save_file(clf.state_dict(), str(tmp_path / "clf" / "model.safetensors"))
+    with open(tmp_path / "clf" / "config.json", "w") as f:
+        json.dump({**cfg.to_dict(), "id2label": {"0": "a", "1": "b", "2": "c"}, "classifier_dropout": 0.3}, f)
+    loaded = nb.NeoBERTForSequenceClassification.from_pretrained(str(tmp_path / "clf"))
+    assert loaded.num_labels == 3 and loaded.dropout.p == 0.3
+    assert torch.equal(loaded.classifier.weight, clf.classifier.weight) and torch.equal(loaded.dense.bias, clf.dense.bias)
+    with pytest.raises(ValueError, match="3 labels but num_labels=2"):
+        nb.NeoBERTForSequenceClassification.from_pretrained(str(tmp_path / "clf"), num_labels=2)

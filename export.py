@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -248,6 +249,11 @@ class NeoBERTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["EncoderBlock"]
+    # attention is always PyTorch SDPA, so attn_implementation="sdpa" (or "eager") is accepted; it changes nothing
+    _supports_sdpa = True
+    # transformers' Trainer passes num_items_in_batch to a forward with **kwargs and then leaves the loss unscaled for
+    # gradient accumulation; only the MLM head uses it (below), so the others say no and the Trainer divides itself
+    accepts_loss_kwargs = False
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -277,8 +283,21 @@ class NeoBERTPreTrainedModel(PreTrainedModel):
                 module.bias.zero_()
 
 
+# the MLM decoder of an exported folder is not a weight of the encoder or the classifier: no "unexpected keys" report
+IGNORE_DECODER = [r"(^|\.)decoder\.(weight|bias)$"]
+
+
+def use_return_dict(config, return_dict):
+    """return_dict if given, else the config's (return_dict=False in the config gives tuples, as in transformers)."""
+    if return_dict is not None:
+        return return_dict
+    return getattr(config, "return_dict", True) and not getattr(config, "torchscript", False)
+
+
 class NeoBERT(NeoBERTPreTrainedModel):
     """The encoder: (input_ids, attention_mask) -> last_hidden_state (B, S, H), after the final norm."""
+
+    _keys_to_ignore_on_load_unexpected = IGNORE_DECODER
 
     def __init__(self, config):
         super().__init__(config)
@@ -320,15 +339,21 @@ class NeoBERT(NeoBERTPreTrainedModel):
                 seg = segment_ids(cu_seqlens.to(x.device), (B, S)).flatten()
                 idx = torch.arange(B * S, device=x.device)
                 position_ids = (idx - cu_seqlens.to(x.device).long()[seg]).view(B, S)
-        if position_ids is None:  # right padding: real tokens sit at 0..len-1
+        max_positions = self.config.max_position_embeddings
+        if S > max_positions or (cu_seqlens is not None and max_seqlen is not None and max_seqlen > max_positions):
+            # as neobert.py: the model was not trained on longer sequences (and learned positions have no row for them)
+            raise ValueError(f"sequence length {S if S > max_positions else max_seqlen} exceeds "
+                             f"max_position_embeddings={max_positions}; truncate the input (e.g. tokenizer(..., "
+                             f"truncation=True))")
+        if position_ids is None:
             position_ids = torch.arange(S, device=x.device).expand(B, S)
+            if attention_mask is not None:  # left padding: real tokens still sit at 0..len-1 (right padding: shift 0)
+                first = attention_mask.to(x.device).long().argmax(dim=-1, keepdim=True)
+                position_ids = (position_ids - first).clamp(min=0)
         cos = sin = None
         if self.config.rope:
             cos, sin = rope_cos_sin(position_ids, self.config.hidden_size // self.config.num_attention_heads)
         else:
-            if S > self.config.max_position_embeddings:
-                raise ValueError(f"sequence length {S} exceeds max_position_embeddings="
-                                 f"{self.config.max_position_embeddings} (learned positions)")
             x = x + self.positional_embedding(position_ids)
         want_hidden = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         hidden_states = (x,) if want_hidden else None
@@ -342,11 +367,13 @@ class NeoBERT(NeoBERTPreTrainedModel):
                 hidden_states = hidden_states + (x,)
         x = self.layer_norm(x)
         out = BaseModelOutput(last_hidden_state=x, hidden_states=hidden_states)
-        return out if return_dict is not False else out.to_tuple()
+        return out if use_return_dict(self.config, return_dict) else out.to_tuple()
 
 
 class NeoBERTLMHead(NeoBERTPreTrainedModel):
     """The encoder plus an untied decoder H -> vocab (with bias). Keys model.*, decoder.*."""
+
+    accepts_loss_kwargs = True  # the loss divides by num_items_in_batch when the Trainer gives it
 
     def __init__(self, config):
         super().__init__(config)
@@ -360,25 +387,37 @@ class NeoBERTLMHead(NeoBERTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.model.encoder = value
 
+    def get_output_embeddings(self):  # so resize_token_embeddings resizes the decoder too (it is never tied)
+        return self.decoder
+
+    def set_output_embeddings(self, value):
+        self.decoder = value
+
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, cu_seqlens=None,
                 max_seqlen=None, inputs_embeds=None, labels=None, output_hidden_states=None, output_attentions=None,
-                return_dict=None, **kwargs):
+                return_dict=None, num_items_in_batch=None, **kwargs):
         h = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, inputs_embeds=inputs_embeds,
                        output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.decoder(h.last_hidden_state)
         loss = None
         if labels is not None:  # mean cross-entropy over positions whose label is not -100
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), labels.view(-1).to(logits.device),
-                                   ignore_index=-100)
+            flat_logits, flat_labels = logits.view(-1, logits.size(-1)).float(), labels.view(-1).to(logits.device)
+            if num_items_in_batch is None:
+                loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
+            else:  # the Trainer's count of predicted tokens over all accumulated micro-batches (and devices)
+                loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
+                loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device, dtype=loss.dtype)
         out = MaskedLMOutput(loss=loss, logits=logits, hidden_states=h.hidden_states)
-        return out if return_dict is not False else out.to_tuple()
+        return out if use_return_dict(self.config, return_dict) else out.to_tuple()
 
 
 class NeoBERTForSequenceClassification(NeoBERTPreTrainedModel):
     """As released: [CLS] -> dropout -> dense (H -> H) -> tanh -> dropout -> classifier (H -> num_labels).
     Loss by config.problem_type: regression (MSE; the default when num_labels == 1), single-label (cross-entropy;
     the default for integer labels) or multi-label (BCE with logits)."""
+
+    _keys_to_ignore_on_load_unexpected = IGNORE_DECODER
 
     def __init__(self, config):
         super().__init__(config)
@@ -422,7 +461,7 @@ class NeoBERTForSequenceClassification(NeoBERTPreTrainedModel):
             else:
                 loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
         out = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=h.hidden_states)
-        return out if return_dict is not False else out.to_tuple()
+        return out if use_return_dict(self.config, return_dict) else out.to_tuple()
 '''
 
 
@@ -468,7 +507,7 @@ def read_training_config(checkpoint: Path):
     try:
         full = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ExportError(f"{path} is not valid YAML: {e}") from None
+        raise ExportError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(full, dict) or not isinstance(full.get("model"), dict):
         raise ExportError(f"{path} has no `model:` section")
     try:
@@ -527,7 +566,10 @@ def hf_config(config: neobert.NeoBERTConfig, dtype: torch.dtype) -> dict:
     d.update({k: v for k, v in config.to_dict().items() if k in EXPORTED_FIELDS})
     # the context length is max_position_embeddings: transformers 5 refuses to save a config with `max_length`
     d.update(classifier_dropout=0.1, classifier_init_range=0.02, tie_word_embeddings=False,
-             torch_dtype=str(dtype).replace("torch.", ""))
+             torch_dtype=str(dtype).replace("torch.", ""),
+             # pipeline("fill-mask") of transformers 4.50 loads a tokenizer for a custom model_type only when
+             # config.json names its class (4.57 and 5.x read tokenizer_config.json)
+             tokenizer_class="PreTrainedTokenizerFast")
     return d
 
 
@@ -566,7 +608,8 @@ def tokenizer_files(checkpoint: Path, config: neobert.NeoBERTConfig) -> dict:
 
 
 def sentence_transformers_files(config: neobert.NeoBERTConfig) -> dict:
-    """modules.json (Transformer -> mean Pooling), sentence_bert_config.json, 1_Pooling/config.json."""
+    """modules.json (Transformer -> mean Pooling), sentence_bert_config.json, config_sentence_transformers.json,
+    1_Pooling/config.json."""
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -581,8 +624,13 @@ def sentence_transformers_files(config: neobert.NeoBERTConfig) -> dict:
         "pooling_mode_lasttoken": False,
         "include_prompt": True,
     }
+    # the model type and the similarity (cosine, what mean-pooled embeddings are compared with) said explicitly, for
+    # sentence-transformers and for MTEB, which reads this file to pick its loader
+    st_config = {"model_type": "SentenceTransformer", "prompts": {}, "default_prompt_name": None,
+                 "similarity_fn_name": "cosine"}
     return {"modules.json": modules,
             "sentence_bert_config.json": {"max_seq_length": config.max_position_embeddings, "do_lower_case": False},
+            "config_sentence_transformers.json": st_config,
             "1_Pooling/config.json": pooling}
 
 
@@ -607,7 +655,8 @@ def read_metrics(run_dir: Path):
 
 
 NOT_RESULTS = {"config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "modules.json",
-               "sentence_bert_config.json", "manifest.json", "tokenizer_spec.json", "train_state.json"}
+               "sentence_bert_config.json", "config_sentence_transformers.json", "manifest.json", "tokenizer_spec.json",
+               "train_state.json"}
 
 
 def evaluation_results(run_dir: Path, limit: int = 50) -> list:
@@ -659,8 +708,8 @@ def model_card(config: neobert.NeoBERTConfig, full_config: dict, checkpoint: Pat
         "",
         "# NeoBERT (exported)",
         "",
-        f"A NeoBERT encoder trained with the neobert project, exported by `export.py` from `{checkpoint}` "
-        f"(training step {checkpoint.name}).",
+        f"A NeoBERT encoder trained with the neobert project, exported by `export.py` from `{checkpoint}`"
+        + (f" (training step {checkpoint.name})." if checkpoint.name.isdigit() else "."),
         "The tensor names and layout are those of the released "
         "[chandar-lab/NeoBERT](https://huggingface.co/chandar-lab/NeoBERT) "
         "([paper](https://arxiv.org/abs/2502.19587)); the modeling file `modeling_neobert.py` is self-contained.",
@@ -682,10 +731,15 @@ def model_card(config: neobert.NeoBERTConfig, full_config: dict, checkpoint: Pat
         "## Use",
         "",
         "```python",
-        "from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer",
+        "path = \"path/to/this/folder\"  # or its hub id once uploaded",
+        "from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, pipeline",
         "tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)  # transformers 5 reads config.json",
         "model = AutoModel.from_pretrained(path, trust_remote_code=True)",
-        "out = model(**tokenizer([\"a sentence\"], return_tensors=\"pt\"))  # out.last_hidden_state: (B, S, H)",
+        f"batch = tokenizer([\"a sentence\"], truncation=True, return_tensors=\"pt\")  # at most "
+        f"{config.max_position_embeddings} tokens",
+        "out = model(**batch)  # out.last_hidden_state: (B, S, H)",
+        "fill = pipeline(\"fill-mask\", model=path, trust_remote_code=True)",
+        "print(fill(\"Paris is the [MASK] of France.\"))",
         "",
         "from sentence_transformers import SentenceTransformer  # mean pooling",
         "embeddings = SentenceTransformer(path, trust_remote_code=True).encode([\"a sentence\"])",
@@ -723,6 +777,8 @@ def model_card(config: neobert.NeoBERTConfig, full_config: dict, checkpoint: Pat
 
 
 def check_out(out: Path, force: bool, checkpoint: Path):
+    if out.parent == out:
+        raise ExportError(f"--out {out} is a filesystem root; name a folder to create")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -735,6 +791,7 @@ def check_out(out: Path, force: bool, checkpoint: Path):
 def export(src: Path, out: Path, force: bool = False) -> Path:
     """Writes the Hugging Face folder for the checkpoint at (or newest under) src to out; returns the checkpoint."""
     checkpoint = find_checkpoint(src)
+    out = Path(os.path.abspath(out))  # normalised: `--out .` and `--out ..` have a parent to write next to
     check_out(out, force, checkpoint)
     full_config, config = read_training_config(checkpoint)
     check_supported(config)
@@ -784,6 +841,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="the Hugging Face folder to write")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     args = parser.parse_args(argv)
+
+    def interrupt(signum, frame):  # SIGTERM (a scheduler, `kill`) cleans up as Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         checkpoint = export(Path(args.src), Path(args.out), force=args.force)
     except (ExportError, OSError) as e:  # OSError: disk full, permissions, ...
@@ -792,6 +854,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"error: interrupted; {args.out} was not written", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"exported {checkpoint} -> {args.out}")
     return 0
 

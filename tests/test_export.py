@@ -5,6 +5,7 @@ transformers and sentence-transformers are test dependencies only (CI pins them 
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -129,7 +130,7 @@ def test_folder_files(folder, run):
     names = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     assert names == {"config.json", "model.safetensors", export.MODELING_FILE_NAME, "tokenizer.json",
                      "tokenizer_config.json", "special_tokens_map.json", "modules.json", "sentence_bert_config.json",
-                     "1_Pooling/config.json", "README.md"}
+                     "config_sentence_transformers.json", "1_Pooling/config.json", "README.md"}
     assert [p.name for p in folder.parent.iterdir()] == ["hf"], "a temporary folder was left behind"
 
     cfg = json.loads((folder / "config.json").read_text())
@@ -138,6 +139,7 @@ def test_folder_files(folder, run):
                                     "AutoModelForSequenceClassification"}
     assert all(v.startswith("modeling_neobert.") for v in cfg["auto_map"].values())
     assert "max_length" not in cfg and cfg["max_position_embeddings"] == 128
+    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast"  # transformers 4.50's pipelines need it
     assert neobert.NeoBERTConfig.from_hf_dict(cfg) == run[1].config
 
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
@@ -159,6 +161,8 @@ def test_folder_files(folder, run):
     modules = json.loads((folder / "modules.json").read_text())
     assert [m["type"] for m in modules] == ["sentence_transformers.models.Transformer",
                                             "sentence_transformers.models.Pooling"]
+    st_config = json.loads((folder / "config_sentence_transformers.json").read_text())
+    assert st_config["model_type"] == "SentenceTransformer" and st_config["similarity_fn_name"] == "cosine"
     pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
     assert pooling["pooling_mode_mean_tokens"] and not pooling["pooling_mode_cls_token"]
     assert pooling["word_embedding_dimension"] == 64
@@ -171,6 +175,17 @@ def test_model_card(folder):
     assert "hidden_size: 64" in card and "max_steps: 20" in card  # the training config
     assert "eval_loss" in card and "4.25" in card  # the last evaluation in metrics.jsonl
     assert "glue_results.json" in card and "0.123" in card  # a results file of the run
+
+
+def test_model_card_step(folder, run, tmp_path):
+    assert "(training step 20)" in (folder / "README.md").read_text()
+    best = tmp_path / "best"  # a checkpoint folder copied out of its run: its name is not a step
+    best.mkdir()
+    for name in export.CHECKPOINT_FILES:
+        (best / name).write_bytes((run[0] / "model_checkpoints" / "20" / name).read_bytes())
+    export.export(best, tmp_path / "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "training step" not in card and "No evaluation results" in card
 
 
 def test_model_card_skips_model_folders_in_the_run(run, tmp_path, tokenizer):
@@ -292,6 +307,74 @@ def test_packed_batches(folder, run):
         assert_close(mlm(input_ids=ids, cu_seqlens=cu, max_seqlen=8).logits, want)
 
 
+def test_inputs_longer_than_the_context_are_a_clear_error(folder, run):
+    """As neobert.py: more than max_position_embeddings tokens is a ValueError naming it, not a silent extrapolation."""
+    encoder = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    ids = torch.randint(5, 200, (1, 129))
+    with torch.no_grad():
+        assert encoder(input_ids=ids[:, :128]).last_hidden_state.shape == (1, 128, 64)  # the full context is fine
+        with pytest.raises(ValueError, match="max_position_embeddings=128"):
+            encoder(input_ids=ids)
+        with pytest.raises(ValueError, match="max_position_embeddings=128"):
+            run[1].model(ids)
+
+
+def test_transformers_model_api(folder, run):
+    """What transformers' own code calls: loading reports, resize_token_embeddings, config.return_dict, fill-mask."""
+    _, info = AutoModel.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # the MLM decoder is not reported to users
+    _, info = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True,
+                                                                 output_loading_info=True)
+    assert not info["unexpected_keys"] and set(info["missing_keys"]) == {"dense.weight", "dense.bias",
+                                                                          "classifier.weight", "classifier.bias"}
+
+    mlm = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True).eval()
+    V = mlm.config.vocab_size
+    old = mlm.decoder.weight.detach().clone()
+    mlm.resize_token_embeddings(V + 8)  # new tokens need decoder rows as well: the decoder is untied, not skipped
+    assert mlm.model.encoder.weight.shape[0] == V + 8 and mlm.decoder.weight.shape[0] == V + 8
+    assert mlm.decoder.bias.shape[0] == V + 8 and torch.equal(mlm.decoder.weight[:V], old)
+    assert mlm.decoder.weight.data_ptr() != mlm.model.encoder.weight.data_ptr()
+    ids = torch.tensor([[2, V + 3, 10, 3]])
+    with torch.no_grad():
+        assert mlm(input_ids=ids, labels=ids).logits.shape == (1, 4, V + 8)
+
+    encoder = AutoModel.from_pretrained(folder, trust_remote_code=True, return_dict=False).eval()
+    ids = torch.tensor([[2, 10, 11, 3]])
+    with torch.no_grad():
+        out, want = encoder(input_ids=ids), run[1].model(ids)
+    assert isinstance(out, tuple)
+    assert_close(out[0], want)
+    # attn_implementation="sdpa", as embedding libraries pass it, is accepted (the modeling file always uses SDPA)
+    sdpa = AutoModel.from_pretrained(folder, trust_remote_code=True, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        assert_close(sdpa(input_ids=ids).last_hidden_state, want)
+
+    fill = transformers.pipeline("fill-mask", model=str(folder), trust_remote_code=True)
+    tok = fill.tokenizer
+    result = fill(f"the quick brown {tok.mask_token} jumps", top_k=3)
+    assert len(result) == 3 and all(r["token"] != tok.mask_token_id for r in result)
+
+
+def test_trainer_gradient_accumulation_loss_scale(folder):
+    """transformers' Trainer passes num_items_in_batch to a forward that takes **kwargs and then does not divide the
+    loss by the accumulation steps: the MLM loss must divide its sum by that count, the other heads must opt out
+    (accepts_loss_kwargs False), or every accumulated step's gradient is gradient_accumulation_steps times too big."""
+    mlm = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True).eval()
+    clf = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True, num_labels=2).eval()
+    assert mlm.accepts_loss_kwargs is True and clf.accepts_loss_kwargs is False
+    assert AutoModel.from_pretrained(folder, trust_remote_code=True).accepts_loss_kwargs is False
+    batch = padded_batch(folder)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    labels = torch.where(mask.bool() & (torch.arange(ids.shape[1]) % 2 == 1), ids, -100)
+    n = int((labels != -100).sum())
+    with torch.no_grad():
+        full = mlm(**batch, labels=labels).loss  # the mean over the whole batch's predicted tokens
+        halves = sum(mlm(input_ids=ids[i:i + 2], attention_mask=mask[i:i + 2], labels=labels[i:i + 2],
+                         num_items_in_batch=torch.tensor(n)).loss for i in (0, 2))
+    assert abs(full.item() - halves.item()) < 1e-5
+
+
 # -----------------------------------------------------------------------------
 # the other direction: neobert.py loads exported and released folders
 
@@ -348,7 +431,16 @@ def test_variant_learned_positions_layernorm_gelu(tmp_path, tokenizer):
     mlm = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
     batch = padded_batch(tmp_path / "hf")
     with torch.no_grad():
-        assert_close(mlm(**batch).logits, model(batch["input_ids"], batch["attention_mask"]).logits)
+        want = model(batch["input_ids"], batch["attention_mask"]).logits
+        assert_close(mlm(**batch).logits, want)
+        # a left-padded batch (padding_side="left") puts the real tokens at positions 0..len-1 too: with learned
+        # positions, counting positions from the row start would give other logits
+        left = AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True, padding_side="left")
+        lb = left(TEXTS, padding=True, return_tensors="pt")
+        assert (lb["attention_mask"][:, 0] == 0).any()
+        got = mlm(**lb).logits
+    for i in range(len(TEXTS)):
+        assert_close(got[i][lb["attention_mask"][i].bool()], want[i][batch["attention_mask"][i].bool()])
     assert "LayerNorm" in (tmp_path / "hf" / "README.md").read_text()
     back = neobert.NeoBERTLMHead.from_pretrained(str(tmp_path / "hf"))
     assert back.config == cfg
@@ -444,6 +536,23 @@ def test_out_exists(run, tmp_path, capsys):
     assert code == 2 and (run[0] / "model_checkpoints" / "20" / "model.safetensors").is_file()
 
 
+def test_out_is_the_current_folder(run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "old.txt").write_text("old export")
+    monkeypatch.chdir(out)
+    assert export.main([str(run[0]), "--out", ".", "--force"]) == 0
+    assert (out / "config.json").is_file() and not (out / "old.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary folder left, inside or beside
+
+
+def test_bad_yaml_is_one_line(run, tmp_path, capsys, tokenizer):
+    d = write_checkpoint(tmp_path / "run", 1, run[1], tokenizer)
+    (d / "config.yaml").write_text("model: [\n")
+    code, err = run_main([d, "--out", tmp_path / "hf"], capsys)
+    assert code == 2 and "config.yaml is not valid YAML" in err and err.count("\n") == 1
+
+
 def test_unsupported_variant(run, tmp_path, capsys, monkeypatch, tokenizer):
     # a hidden_act that neobert.py would know but the modeling file does not
     monkeypatch.setattr(neobert, "HIDDEN_ACTS", neobert.HIDDEN_ACTS + ("relu",))
@@ -486,6 +595,14 @@ def test_interrupted_write_leaves_nothing(run, tmp_path, capsys, monkeypatch):
     code, err = run_main([run[0], "--out", tmp_path / "hf"], capsys)
     assert code == 130
     assert list(tmp_path.iterdir()) == []  # neither hf nor its temporary folder
+
+    def terminated(*args, **kwargs):  # `kill` (SIGTERM) half-way through: cleaned up as an interrupt
+        assert callable(signal.getsignal(signal.SIGTERM)), "export.main does not handle SIGTERM"  # else pytest dies
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(export, "save_file", terminated)
+    code, err = run_main([run[0], "--out", tmp_path / "hf"], capsys)
+    assert code == 130 and list(tmp_path.iterdir()) == []
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")

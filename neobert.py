@@ -305,10 +305,11 @@ class NeoBERT(nn.Module):
             attention_mask = None  # packing says everything the mask would
             if position_ids is None:
                 position_ids = packed_position_ids(cu_seqlens, (B, S))
-        elif attention_mask is not None and position_ids is None:  # count from the first real token (left padding too)
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         elif position_ids is None:
             position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
+            if attention_mask is not None:  # left padding: real tokens still sit at 0..len-1 (right padding: shift 0)
+                first = attention_mask.long().argmax(dim=-1, keepdim=True)
+                position_ids = (position_ids - first).clamp(min=0)
         if S > self.config.max_position_embeddings or (cu_seqlens is not None and max_seqlen is not None
                                                        and max_seqlen > self.config.max_position_embeddings):
             raise ValueError(f"sequence length {S} exceeds max_position_embeddings={self.config.max_position_embeddings}")

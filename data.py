@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import queue
 import shutil
+import signal
 import struct
 import sys
 import sysconfig
@@ -332,6 +333,14 @@ def _py_docstrings(path):
     return tuple(docs)
 
 
+JSONL_PROBE = 1000      # .jsonl: this many leading records without dataset.text_column make it an error
+
+
+def _no_text_column(sf, ds, columns, lacking):
+    raise UserError(f"{sf.name}: no column {ds.text_column!r} in any of its first {lacking} records; their "
+                    f"columns: {sorted(columns)} (set dataset.text_column)")
+
+
 def _read_rows(sf, ds, stats, skip=0):
     """(row index, text) of one file from row `skip` on. .txt: documents are separated by blank lines."""
     if sf.kind == "py":
@@ -354,6 +363,9 @@ def _read_rows(sf, ds, stats, skip=0):
         if lines and row >= skip:
             yield row, "".join(lines).strip()
     elif sf.kind == "jsonl":
+        # a record without the column is skipped and counted (real corpora have a few); a file in which none of
+        # the first JSONL_PROBE records has it (a wrong dataset.text_column) is an error listing the columns
+        seen, lacking, columns = False, 0, set()
         with open(sf.fetch(), "rb") as f:
             for row, raw in enumerate(f):
                 if row < skip or not raw.strip():
@@ -367,23 +379,36 @@ def _read_rows(sf, ds, stats, skip=0):
                     stats.bad_records += 1
                     continue
                 if ds.text_column not in rec:
-                    raise UserError(f"{sf.name} line {row + 1} has no column {ds.text_column!r}; its columns: "
-                                    f"{sorted(rec)} (set dataset.text_column)")
+                    lacking += 1
+                    columns.update(rec)
+                    if not seen and lacking >= JSONL_PROBE:
+                        _no_text_column(sf, ds, columns, lacking)
+                    stats.bad_records += 1
+                    continue
+                seen = True
                 text = rec[ds.text_column]
                 if text is not None and not isinstance(text, str):
                     stats.bad_records += 1
                     continue
                 yield row, text or ""
+        if lacking and not seen:
+            _no_text_column(sf, ds, columns, lacking)
     elif sf.kind == "parquet":
         import pyarrow.parquet as pq
         try:
             pf = pq.ParquetFile(sf.fetch())
         except Exception as e:
             raise UserError(f"{sf.name} is not a readable parquet file ({e})") from None
+        import pyarrow as pa
         names = pf.schema_arrow.names
         if ds.text_column not in names:
             raise UserError(f"{sf.name} has no column {ds.text_column!r}; its columns: {names} "
                             f"(set dataset.text_column)")
+        textual = [f.name for f in pf.schema_arrow if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+                   or pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) or pa.types.is_null(f.type)]
+        if ds.text_column not in textual:
+            raise UserError(f"{sf.name}: column {ds.text_column!r} holds {pf.schema_arrow.field(ds.text_column).type}, "
+                            f"not text; its text columns: {textual} (set dataset.text_column)")
         row = 0
         for batch in pf.iter_batches(batch_size=1024, columns=[ds.text_column]):
             n = batch.num_rows
@@ -396,6 +421,16 @@ def _read_rows(sf, ds, stats, skip=0):
                         v = _decode(v, stats)
                     yield row + i, v or ""
             row += n
+
+
+def check_sources(files, ds):
+    """Read the first record of every local .jsonl/.parquet file, so that a wrong dataset.text_column (or an
+    unreadable file) late in the list fails before any work rather than after the files before it were read."""
+    for sf in files:
+        if sf.local is not None and sf.kind in ("jsonl", "parquet"):
+            rows = _read_rows(sf, ds, ReadStats())
+            next(rows, None)
+            rows.close()
 
 
 def iter_documents(ds, files=None, start=(0, 0), stats=None):
@@ -445,6 +480,15 @@ _WORKER_TOKENIZER = None
 
 def _worker_init(tok_json):
     global _WORKER_TOKENIZER
+    # Signals are the parent's business: a worker leaves its process group, so Ctrl-C or a preemption SIGTERM sent
+    # to the group does not kill it mid-task (that hung the parent's pending results), and it drops any Python
+    # handler inherited through fork (train.py's stop-at-step-boundary handler made Pool.terminate() hang).
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _WORKER_TOKENIZER = Tokenizer.from_str(tok_json)
 
 
@@ -659,8 +703,14 @@ def _tokenizer_spec(tok_cfg, ds):
 
 
 def _spec_diff(old, new, prefix):
-    return [f"{prefix}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)]
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):   # e.g. the trained tokenizer's corpus: name the leaf keys
+            out += _spec_diff(a, b, f"{prefix}.{k}")
+        elif a != b:
+            out.append(f"{prefix}.{k}: {a!r} -> {b!r}")
+    return out
 
 
 def _write_json(path, obj):
@@ -714,6 +764,7 @@ def prepare(ds, tok_cfg, *, shard_tokens=SHARD_TOKENS, progress=True):
                             f"delete it or set another dataset.path")
         return out
     files = source_files(ds)                # bad paths and globs fail here, before any work
+    check_sources(files, ds)                # and a text_column missing from a local file
     out.mkdir(parents=True, exist_ok=True)
     tok = _prepare_tokenizer(ds, tok_cfg, out, files, ReadStats())
     if ds.streaming:
@@ -779,7 +830,8 @@ def _report_stats(stats, ds):
     if stats.bad_bytes:
         warn(f"skipped {stats.bad_bytes} undecodable bytes in {stats.bad_lines} lines (not UTF-8)")
     if stats.bad_records:
-        warn(f"skipped {stats.bad_records} records that were not JSON objects with a string {ds.text_column!r}")
+        warn(f"skipped {stats.bad_records} records that were not JSON objects with a string {ds.text_column!r} "
+             f"(including records without that column)")
     if stats.skipped_files:
         warn(f"skipped {stats.skipped_files} .py files that do not parse")
 
@@ -1133,6 +1185,7 @@ class StreamingMLMLoader(_Loader):
             raise UserError(f"dataset.max_seq_length must be >= 8, got {seq_len}")
         self.ds, self.split, self.seq_len, self.seed = ds, split, seq_len, seed
         self.files = source_files(ds)
+        check_sources(self.files, ds)
         sp = special_token_ids(tokenizer)
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.masker = Masker(self.cfg, sp["mask"], _all_special_ids(tokenizer), self.vocab_size)
@@ -1235,6 +1288,17 @@ def build_loader(ds, tok_cfg, collator_cfg, split="train", *, micro_batch_size, 
         raise UserError(f"{out} holds no prepared data: run python data.py CONFIG "
                         f"(or set dataset.pre_tokenize: true)")
     return MLMLoader(out, split, **kw)
+
+
+def split_rows(data_dir, split, seq_len, pack_sequences=True):
+    """The number of rows of seq_len tokens one epoch of a prepared split gives (0 for an empty split): what
+    MLMLoader would cut, so a caller can size its batch before building one."""
+    store = TokenStore(data_dir, split)
+    if store.n_docs == 0:
+        return 0
+    if pack_sequences:
+        return int((store.lengths + 2).sum()) // seq_len
+    return int((-(-store.lengths // (seq_len - 2))).sum())
 
 
 def iter_eval_batches(data_dir, split="val", *, seq_len, batch_size, rank=0, world_size=1, seed=0,

@@ -316,6 +316,16 @@ def test_prepared_dir_from_another_source_is_refused(tmp_path, tok_path):
         data.prepare(ds, TokenizerConfig(path=str(tok_path)), progress=False)
 
 
+def test_refusal_names_the_changed_leaf_keys():
+    """A trained tokenizer's spec nests the corpus spec: the refusal names the changed key, not two whole dicts."""
+    old = {"train": True, "vocab_size": 512, "corpus": {"name": "local", "validation_split": 0.05}}
+    new = {"train": True, "vocab_size": 512, "corpus": {"name": "local", "validation_split": 0.1}}
+    assert data._spec_diff(old, new, "tokenizer") == ["tokenizer.corpus.validation_split: 0.05 -> 0.1"]
+    assert data._spec_diff(old, {"path": "t.json"}, "tokenizer") == [
+        "tokenizer.corpus: {'name': 'local', 'validation_split': 0.05} -> None", "tokenizer.path: None -> 't.json'",
+        "tokenizer.train: True -> None", "tokenizer.vocab_size: 512 -> None"]
+
+
 def test_shard_writer_keeps_documents_whole(tmp_path):
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 40, 300)
@@ -466,6 +476,41 @@ def test_missing_text_column_lists_columns(tmp_path, tok_path):
     p = write_parquet(tmp_path / "b.parquet", ["x y"], column="content")
     with pytest.raises(UserError, match=r"no column 'text'.*\['content', 'n'\]"):
         data.prepare(ds_cfg(tmp_path, [p]), tcfg, progress=False)
+
+
+def test_records_without_text_are_skipped_and_counted(tmp_path, tok_path, tok):
+    """Real .jsonl corpora have a few records without the text column or with null text: they are skipped and
+    counted (this used to stop the whole prepare at the first such line); a .parquet text_column that is not text
+    is a clear error, not a traceback."""
+    docs = make_docs(30)
+    j = tmp_path / "a.jsonl"
+    with open(j, "w") as f:
+        for i, d in enumerate(docs):
+            f.write(json.dumps({"body": d}) + "\n")
+            if i % 10 == 4:
+                f.write(json.dumps({"title": "no body here"}) + "\n")
+            if i % 10 == 6:
+                f.write(json.dumps({"body": None}) + "\n")
+    out = data.prepare(ds_cfg(tmp_path, [j], text_column="body"), TokenizerConfig(path=str(tok_path)),
+                       progress=False)
+    man = data.read_manifest(out)
+    assert man["splits"]["train"]["documents"] == len(docs)
+    assert man["skipped"]["bad_records"] == 3 and man["skipped"]["empty_documents"] == 3
+    store = data.TokenStore(out, "train")
+    assert [store.doc(i).tolist() for i in range(len(docs))] == [
+        tok.encode(d, add_special_tokens=False).ids for d in docs]
+    p = write_parquet(tmp_path / "b.parquet", docs, column="content")
+    with pytest.raises(UserError, match=r"column 'n' holds int64, not text; its text columns: \['content'\]"):
+        data.prepare(ds_cfg(tmp_path / "p2", [p], text_column="n"),
+                     TokenizerConfig(path=str(tok_path)), progress=False)
+    # a file late in a mixture without the column fails before any work (nothing written), not after the others
+    t = write_txt(tmp_path / "a_first.txt", make_docs(50))
+    ds = ds_cfg(tmp_path / "p3", [t, p], text_column="body")
+    with pytest.raises(UserError, match=r"b.parquet has no column 'body'; its columns: \['content', 'n'\]"):
+        data.prepare(ds, TokenizerConfig(path=str(tok_path)), progress=False)
+    assert not (tmp_path / "p3" / "prepared" / "tokenizer.json").exists()
+    with pytest.raises(UserError, match="no column 'body'"):
+        data.StreamingMLMLoader(ds, tok, seq_len=32, micro_batch_size=4)
 
 
 def test_truncated_or_foreign_shard_names_the_file(tmp_path, tok_path):

@@ -321,6 +321,22 @@ def check_config(cfg: Config):
         raise UserError(f"scheduler.final_lr_ratio must be in [0, 1], got {s.final_lr_ratio}")
     if cfg.optimizer.lr < 0 or cfg.optimizer.weight_decay < 0 or cfg.optimizer.eps <= 0:
         raise UserError("optimizer.lr and optimizer.weight_decay must be >= 0 and optimizer.eps > 0")
+    ds, dc = cfg.dataset, cfg.datacollator  # data values data.py would only reject after preparing the corpus
+    checks = [
+        (ds.max_seq_length >= 8, f"dataset.max_seq_length must be >= 8, got {ds.max_seq_length}"),
+        (0.0 <= ds.validation_split < 1.0, f"dataset.validation_split must be in [0, 1), got {ds.validation_split}"),
+        (ds.eval_samples >= 0, f"dataset.eval_samples must be >= 0, got {ds.eval_samples}"),
+        (ds.max_documents >= 0, f"dataset.max_documents must be >= 0 (0 = all), got {ds.max_documents}"),
+        (ds.num_workers >= 0, f"dataset.num_workers must be >= 0 (0 = all cores), got {ds.num_workers}"),
+        (ds.shuffle_buffer_size >= 1, f"dataset.shuffle_buffer_size must be >= 1, got {ds.shuffle_buffer_size}"),
+        (0.0 < dc.mlm_probability < 1.0, f"datacollator.mlm_probability must be in (0, 1), got {dc.mlm_probability}"),
+        (dc.pad_to_multiple_of >= 1, f"datacollator.pad_to_multiple_of must be >= 1, got {dc.pad_to_multiple_of}"),
+        (not ds.streaming or dc.pack_sequences,
+         "dataset.streaming supports packed rows only: set datacollator.pack_sequences: true"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
     if cfg.dataset.max_seq_length > cfg.model.max_position_embeddings:
         raise UserError(f"dataset.max_seq_length={cfg.dataset.max_seq_length} exceeds "
                         f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
@@ -475,6 +491,8 @@ def init_weights_from(model, source: str) -> None:
     """trainer.init_from: a model_checkpoints/<step> dir, a run dir (its latest), an exported/released folder with
     config.json, or a hub id."""
     p = Path(source)
+    if p.parent.name == "checkpoints" and (p.parent.parent / "model_checkpoints" / p.name).is_dir():
+        p = p.parent.parent / "model_checkpoints" / p.name  # a resume dir: its weights sit beside it
     if (p / "model_checkpoints" / "latest").is_file():
         p = p / "model_checkpoints" / (p / "model_checkpoints" / "latest").read_text().strip()
     if (p / "model.safetensors").is_file() and not (p / "config.json").is_file():
@@ -513,6 +531,31 @@ def evaluate(model, loader, num_batches: int, device, amp) -> tuple[float, float
     model.train()
     n = max(totals[2].item(), 1.0)
     return totals[0].item() / n, totals[1].item() / n
+
+
+def eval_batch_size(cfg: Config, data_dir, world_size: int, master: bool = True) -> Optional[int]:
+    """The per-process eval batch size, decided before training: None when evaluation is off or there is no
+    held-out data (a warning says so), else per_device_eval_batch_size, lowered to what the val split holds."""
+    t, ds = cfg.trainer, cfg.dataset
+    warn = data.warn if master else (lambda msg: None)
+    if t.eval_steps == 0 or t.eval_max_batches == 0:
+        return None
+    if ds.streaming:
+        if ds.validation_split <= 0 and ds.eval_samples <= 0:
+            warn("dataset.validation_split and dataset.eval_samples are 0: no held-out documents, evaluation is off")
+            return None
+        return t.per_device_eval_batch_size
+    rows = data.split_rows(data_dir, "val", ds.max_seq_length, cfg.datacollator.pack_sequences)
+    if rows < world_size:
+        warn(f"the val split of {data_dir} gives {rows} rows of {ds.max_seq_length} tokens, fewer than one per "
+             f"process: evaluation is off (raise dataset.validation_split or dataset.eval_samples)")
+        return None
+    if rows < t.per_device_eval_batch_size * world_size:
+        warn(f"the val split of {data_dir} gives {rows} rows of {ds.max_seq_length} tokens: evaluating with "
+             f"{rows // world_size} rows per process instead of trainer.per_device_eval_batch_size="
+             f"{t.per_device_eval_batch_size}")
+        return rows // world_size
+    return t.per_device_eval_batch_size
 
 
 # -----------------------------------------------------------------------------
@@ -630,9 +673,16 @@ def _train(cfg: Config, rank: int, world_size: int, device, master: bool, print0
                         f"set model.pad_token_id: {pad_id}")
 
     def make_loader(split, micro_batch_size, grad_accum_steps, prefetch=2):
-        return data.build_loader(cfg.dataset, cfg.tokenizer, cfg.datacollator, split, micro_batch_size=micro_batch_size,
+        ds = cfg.dataset
+        if split == "val" and ds.streaming:
+            # the eval stream: tokenized in this process (no fork while the train loader's threads run) and in
+            # small windows (the first eval batch must not wait for shuffle_buffer_size held-out documents)
+            ds = dataclasses.replace(ds, num_workers=1, shuffle_buffer_size=min(ds.shuffle_buffer_size, 256))
+        return data.build_loader(ds, cfg.tokenizer, cfg.datacollator, split, micro_batch_size=micro_batch_size,
                                  grad_accum_steps=grad_accum_steps, rank=rank, world_size=world_size, seed=t.seed,
                                  prefetch=prefetch)
+
+    eval_batch = eval_batch_size(cfg, data_dir, world_size, master)  # None: no evaluation (said why)
 
     # model: the same init on every rank (DDP would broadcast rank 0's anyway), then weights from a checkpoint
     torch.manual_seed(t.seed)
@@ -735,7 +785,7 @@ def _train(cfg: Config, rank: int, world_size: int, device, master: bool, print0
             flops_log += step_flops(cfg.model, micro_batches) * world_size if peak else 0.0
 
             last_step = step == t.max_steps or stopping
-            do_eval = t.eval_steps > 0 and t.eval_max_batches > 0 and (step % t.eval_steps == 0 or last_step)
+            do_eval = eval_batch is not None and (step % t.eval_steps == 0 or last_step)
             if step % t.logging_steps == 0 or last_step or do_eval:
                 now = time.perf_counter()
                 tokens_per_s = (state["tokens"] - tokens_log) / max(now - t_log, 1e-9)
@@ -743,7 +793,7 @@ def _train(cfg: Config, rank: int, world_size: int, device, master: bool, print0
                 record = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=state["tokens"],
                               tokens_per_s=tokens_per_s, mfu=mfu, elapsed=state["elapsed"])
                 if do_eval:
-                    val = make_loader("val", t.per_device_eval_batch_size, 1, prefetch=0)
+                    val = make_loader("val", eval_batch, 1, prefetch=0)
                     try:
                         record["eval_loss"], record["eval_accuracy"] = evaluate(model, val, t.eval_max_batches, device,
                                                                                 amp)

@@ -11,7 +11,7 @@ Reading order of this file:
   5. prepare(): corpus -> tokenizer.json + train/ + val/ + manifest.json (idempotent, crash-safe)
   6. MLM masking and collation (packed and padded)
   7. MLMLoader (from shards) and StreamingMLMLoader (tokenize on the fly), both exactly resumable
-  8. build_loader / iter_eval_batches / bench_loader / main
+  8. build_loader / bench_loader / main
 
 Determinism contract. A step's global batch (all rows of all ranks and micro-steps) is a function of
 (seed, epoch, row position) only; rank r takes rows [r*B_r, (r+1)*B_r) of it and micro-step m the m-th
@@ -1299,17 +1299,6 @@ def split_rows(data_dir, split, seq_len, pack_sequences=True):
     if pack_sequences:
         return int((store.lengths + 2).sum()) // seq_len
     return int((-(-store.lengths // (seq_len - 2))).sum())
-
-
-def iter_eval_batches(data_dir, split="val", *, seq_len, batch_size, rank=0, world_size=1, seed=0,
-                      collator_cfg=None, max_batches=None):
-    """A fixed evaluation set (same rows and masks every call): this rank's batches of epoch 0 of `seed`'s order
-    of the split, at most max_batches of them (global batches; a tail shorter than one is left out)."""
-    loader = MLMLoader(data_dir, split, seq_len=seq_len, micro_batch_size=batch_size, rank=rank,
-                       world_size=world_size, seed=seed, collator_cfg=collator_cfg, prefetch=0, pin_memory=False)
-    n = loader.steps_per_epoch if max_batches is None else min(max_batches, loader.steps_per_epoch)
-    for _ in range(n):
-        yield loader.next_step()[0]
 
 
 def bench_loader(loader, steps=50, warmup=3):

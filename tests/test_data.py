@@ -721,9 +721,13 @@ def test_masks_do_not_depend_on_rank(tmp_path, tok_path):
 
 def test_eval_batches_are_fixed(tmp_path, tok_path):
     out, _ = prepared(tmp_path, tok_path, n=300, validation_split=0.3)
-    kw = dict(seq_len=32, batch_size=4, max_batches=3)
-    a, b = list(data.iter_eval_batches(out, **kw)), list(data.iter_eval_batches(out, **kw))
-    assert len(a) == 3 and all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
+    # train.py builds a fresh val loader for every evaluation: it must give the same rows and masks each time
+    def batches():
+        ld = data.MLMLoader(out, "val", seq_len=32, micro_batch_size=4, prefetch=0)
+        return [ld.next_step()[0] for _ in range(3)]
+    a, b = batches(), batches()
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"]) for x, y in zip(a, b))
+    assert (a[0]["labels"] != -100).any() and not torch.equal(a[0]["input_ids"], a[1]["input_ids"])
 
 
 def test_bench_loader(tmp_path, tok_path):

@@ -381,12 +381,6 @@ class NeoBERTLMHead(NeoBERTPreTrainedModel):
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.model.encoder
-
-    def set_input_embeddings(self, value):
-        self.model.encoder = value
-
     def get_output_embeddings(self):  # so resize_token_embeddings resizes the decoder too (it is never tied)
         return self.decoder
 
@@ -427,12 +421,6 @@ class NeoBERTForSequenceClassification(NeoBERTPreTrainedModel):
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.encoder
-
-    def set_input_embeddings(self, value):
-        self.model.encoder = value
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_hidden_states=None, output_attentions=None, return_dict=None,

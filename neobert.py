@@ -30,6 +30,7 @@ except Exception:
     varlen_attn = None
 
 ATTN_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
+ATTN_BACKEND_ALIASES = {"flash_attn_varlen": "flash_attn"}  # the NeoBERT training guide's name for it
 HIDDEN_ACTS = ("swiglu", "gelu")
 
 # -----------------------------------------------------------------------------
@@ -52,7 +53,7 @@ class NeoBERTConfig:
     rms_norm: bool = True  # False: LayerNorm (with bias)
     hidden_act: str = "swiglu"  # swiglu | gelu (a 2-layer GELU MLP)
     dropout: float = 0.0
-    attn_backend: str = "auto"  # auto | flash_attn | torch_varlen | sdpa
+    attn_backend: str = "auto"  # auto | flash_attn (alias flash_attn_varlen) | torch_varlen | sdpa
     init_range: float = 0.02  # uniform(-r, r) for every linear and embedding weight, as released
 
     def __post_init__(self):
@@ -80,6 +81,7 @@ class NeoBERTConfig:
         self.hidden_act = self.hidden_act.lower()
         if self.hidden_act not in HIDDEN_ACTS:
             raise ValueError(f"model.hidden_act={self.hidden_act!r} is unknown; choose one of {', '.join(HIDDEN_ACTS)}")
+        self.attn_backend = ATTN_BACKEND_ALIASES.get(self.attn_backend, self.attn_backend)
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"model.attn_backend={self.attn_backend!r} is unknown; choose one of {', '.join(ATTN_BACKENDS)}")
         if self.attn_backend == "flash_attn" and flash_attn_varlen_func is None:
@@ -392,9 +394,16 @@ class NeoBERTForSequenceClassification(nn.Module):
             nn.init.normal_(layer.weight, std=classifier_init_range)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None) -> ClassifierOutput:
-        h = self.model(input_ids, attention_mask, position_ids)
-        x = self.dropout(h[:, 0])
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, cu_seqlens=None,
+                max_seqlen=None) -> ClassifierOutput:
+        """Padded (B, S): logits (B, num_labels). Packed (cu_seqlens): one row of logits per segment, read at its
+        first token (its [CLS]), so logits are (len(cu_seqlens) - 1, num_labels)."""
+        h = self.model(input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen)
+        if cu_seqlens is None:
+            cls = h[:, 0]
+        else:
+            cls = h.reshape(-1, h.size(-1))[cu_seqlens[:-1].long()]
+        x = self.dropout(cls)
         x = self.dropout(torch.tanh(self.dense(x)))
         logits = self.classifier(x)
         loss = None

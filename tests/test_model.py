@@ -324,6 +324,39 @@ def test_sequence_classification_head():
     assert abs(out.loss.item() - ((out.logits.squeeze(-1) - target) ** 2).mean().item()) < 1e-6
 
 
+def test_packed_classifier_equals_padded_per_sequence():
+    """cu_seqlens in the classifier: one row of logits per segment, from its first token, as if it ran alone."""
+    cfg = small_config()
+    clf = randomize(nb.NeoBERTForSequenceClassification(cfg, num_labels=3)).eval()
+    g = torch.Generator().manual_seed(5)
+    docs = [torch.randint(1, 97, (n,), generator=g) for n in (7, 5, 4, 9, 3, 6)]
+    ids, cu = packed_batch(docs, rows=3, seq_len=16)
+    pad = torch.zeros(len(docs), 9, dtype=torch.long)
+    mask = torch.zeros_like(pad)
+    for i, d in enumerate(docs):
+        pad[i, :len(d)], mask[i, :len(d)] = d, 1
+    with torch.no_grad():
+        packed = clf(ids, cu_seqlens=cu, max_seqlen=16).logits
+        padded = clf(pad, attention_mask=mask).logits
+    assert packed.shape == (len(cu) - 1, 3)
+    flat, starts = ids.flatten(), [int(s) for s in cu[:-1]]
+    for i, d in enumerate(docs):
+        seg = next(j for j, s in enumerate(starts) if torch.equal(flat[s:s + len(d)], d))
+        assert (packed[seg] - padded[i]).abs().max() <= 1e-5, (packed[seg] - padded[i]).abs().max()
+    # the loss takes one label per segment
+    labels = torch.randint(0, 3, (len(cu) - 1,), generator=g)
+    out = clf(ids, cu_seqlens=cu, max_seqlen=16, labels=labels)
+    assert abs(out.loss.item() - F.cross_entropy(packed, labels).item()) < 1e-6
+
+
+def test_flash_attn_varlen_is_the_guides_name_for_flash_attn(monkeypatch):
+    monkeypatch.setattr(nb, "flash_attn_varlen_func", lambda *a, **k: None)  # as if flash-attn were installed
+    assert small_config(attn_backend="flash_attn_varlen").attn_backend == "flash_attn"
+    monkeypatch.setattr(nb, "flash_attn_varlen_func", None)
+    with pytest.raises(ValueError, match="flash-attn package is not installed"):
+        small_config(attn_backend="flash_attn_varlen")
+
+
 def test_pooling():
     h = torch.randn(2, 5, 8)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])

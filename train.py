@@ -45,7 +45,7 @@ class TrainerConfig:
     per_device_eval_batch_size: int = 32
     gradient_accumulation_steps: int = 1  # global batch = per_device_train_batch_size * this * world size
     max_steps: int = 1000  # optimizer steps
-    mixed_precision: str = "bf16"  # bf16 | no   (bf16 autocast on CUDA and CPU; weights and optimizer stay fp32)
+    mixed_precision: str = "auto"  # auto | bf16 | no   (auto: bf16 autocast on CUDA and bf16-capable CPUs, else fp32)
     torch_compile: bool = False
     gradient_checkpointing: bool = False
     gradient_clipping: Optional[float] = 1.0  # max global grad norm; null = no clipping (the norm is still logged)
@@ -98,7 +98,7 @@ class Config:
 
 
 CHOICES = {  # string keys with a fixed set of values, checked before any work
-    ("trainer", "mixed_precision"): ("bf16", "no"),
+    ("trainer", "mixed_precision"): ("auto", "bf16", "no"),
     ("optimizer", "name"): ("adamw",),
     ("scheduler", "name"): ("cosine", "linear", "constant"),
     ("wandb", "mode"): ("disabled", "online", "offline"),
@@ -366,6 +366,52 @@ def config_to_yaml(cfg: Config) -> str:
 
 
 # -----------------------------------------------------------------------------
+# precision: bf16 autocast where the hardware has bf16 units, fp32 elsewhere (weights and optimizer stay fp32)
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # /proc/cpuinfo: x86 AVX512-BF16 / AMX, aarch64 BF16
+
+
+def cpu_flags(cpuinfo="/proc/cpuinfo") -> set:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none, e.g. macOS: then fp32 is chosen)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return set()
+    return {w for line in text.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
+            for w in line.split(":", 1)[-1].split()}
+
+
+def cpu_has_native_bf16() -> bool:
+    # torch's capability names the kernel family it dispatches to (AVX2, AVX512, SVE256, ...), which does not say
+    # whether bf16 units exist; the feature flags do. Either naming bf16/AMX is enough.
+    capability = torch.backends.cpu.get_cpu_capability().upper()
+    return "BF16" in capability or "AMX" in capability or bool(cpu_flags() & set(BF16_CPU_FLAGS))
+
+
+def resolve_precision(mixed_precision: str, device, warn=data.warn) -> str:
+    """trainer.mixed_precision (auto | bf16 | no) on this device -> "bf16" or "no". auto: bf16 on CUDA and on CPUs
+    with native bf16 (AVX512-BF16, AMX), fp32 otherwise: emulated bf16 is hundreds of times slower than fp32."""
+    if mixed_precision not in ("auto", "bf16", "no"):
+        raise UserError(f"trainer.mixed_precision: {mixed_precision!r} is not one of auto, bf16, no")
+    device_type = torch.device(device).type
+    native = device_type == "cuda" or (device_type == "cpu" and cpu_has_native_bf16())
+    if mixed_precision == "auto":
+        return "bf16" if native else "no"
+    if mixed_precision == "bf16" and device_type == "cpu" and not native and warn is not None:
+        warn("trainer.mixed_precision=bf16 on a CPU without native bf16 (no AVX512-BF16/AMX): expect it to be "
+             "hundreds of times slower than fp32 (2048^3 matmul on an AVX2 CPU: 0.27 GFLOP/s bf16, 98 fp32); "
+             "use auto or no")
+    return mixed_precision
+
+
+def autocast(device, precision: str):
+    """bf16 autocast for precision "bf16", else a no-op context."""
+    if precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# -----------------------------------------------------------------------------
 # learning-rate schedule: a pure function of the step, so resuming needs nothing saved
 
 
@@ -487,24 +533,161 @@ def load_weights(model, path) -> None:
         raise UserError(f"cannot read {path}: {e}") from None
 
 
-def init_weights_from(model, source: str) -> None:
-    """trainer.init_from: a model_checkpoints/<step> dir, a run dir (its latest), an exported/released folder with
-    config.json, or a hub id."""
-    p = Path(source)
+# -----------------------------------------------------------------------------
+# loading a trained model, the same way everywhere (trainer.init_from, evaluate.py glue | mteb, ...):
+# a run dir, model_checkpoints/<step>, checkpoints/<step>, an exported / released folder (config.json), or a hub id
+
+MODEL_SOURCES = ("a run directory, a model_checkpoints/<step> or checkpoints/<step> directory, a Hugging Face folder "
+                 "with config.json and model.safetensors, or a hub id such as chandar-lab/NeoBERT")
+
+
+def _is_model_folder(p: Path) -> bool:
+    weights = (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
+    return weights and ((p / "config.yaml").is_file() or (p / "config.json").is_file())
+
+
+def resolve_model_source(source) -> Path:
+    """The folder holding the model that `source` names (see MODEL_SOURCES); a run dir gives its newest checkpoint."""
+    source = str(source)
+    p = Path(source).expanduser()
+    if not p.exists():
+        if source.count("/") == 1 and not source.startswith((".", "/", "~")) and not source.endswith("/"):
+            return _download(source)  # owner/name
+        raise UserError(f"{source} does not exist; pass {MODEL_SOURCES}")
     if p.parent.name == "checkpoints" and (p.parent.parent / "model_checkpoints" / p.name).is_dir():
         p = p.parent.parent / "model_checkpoints" / p.name  # a resume dir: its weights sit beside it
-    if (p / "model_checkpoints" / "latest").is_file():
-        p = p / "model_checkpoints" / (p / "model_checkpoints" / "latest").read_text().strip()
-    if (p / "model.safetensors").is_file() and not (p / "config.json").is_file():
-        return load_weights(model, p / "model.safetensors")
+    if p.name != "model_checkpoints" and (p / "model_checkpoints").is_dir():
+        p = p / "model_checkpoints"  # a run dir
+    if p.name == "model_checkpoints":
+        latest = p / "latest"
+        step = latest.read_text().strip() if latest.is_file() else ""
+        steps = sorted((int(d.name) for d in p.iterdir() if d.name.isdigit() and _is_model_folder(d)), reverse=True)
+        if step.isdigit() and _is_model_folder(p / step):
+            return p / step
+        if steps:  # `latest` lost or stale: the newest complete step
+            return p / str(steps[0])
+        raise UserError(f"{p} holds no complete model checkpoint yet (model_checkpoints/<step>/ with "
+                        "model.safetensors and config.yaml)")
+    if not _is_model_folder(p):
+        raise UserError(f"{p} is not a model folder (it needs model.safetensors and config.yaml or config.json); "
+                        f"pass {MODEL_SOURCES}")
+    return p
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    patterns = ["config.json", "config.yaml", "*.safetensors", "*.safetensors.index.json", "tokenizer*",
+                "special_tokens_map.json", "vocab.txt", "modules.json", "1_Pooling/config.json"]
     try:
-        pretrained = neobert.NeoBERTLMHead.from_pretrained(source)
-    except Exception as e:  # not found, no network, not a NeoBERT folder
-        raise UserError(f"trainer.init_from={source}: cannot load it ({e})") from None
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, gated
+        raise UserError(f"cannot get {repo_id} from the Hugging Face Hub ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]}); pass a local folder instead: {MODEL_SOURCES}") from None
+    if not _is_model_folder(folder):
+        raise UserError(f"hub repo {repo_id} has no config.json with model.safetensors: is it a NeoBERT model?")
+    return folder
+
+
+@dataclass
+class PretrainedInfo:
+    path: Path  # the folder the weights came from
+    model_config: neobert.NeoBERTConfig
+    tokenizer: object  # tokenizers.Tokenizer, or None when the folder has no tokenizer.json
+    full_config: dict  # config.yaml (a training checkpoint) or config.json (a Hugging Face folder)
+    pooling: str = "mean"  # mean | cls: contrastive.pooling, or an exported folder's 1_Pooling/config.json
+    num_labels: Optional[int] = None  # a saved classifier head's label count
+    id2label: Optional[dict] = None  # {int: str} of a saved classifier
+
+
+def _read_source_config(path: Path, model_overrides: dict):
+    """(full config dict, NeoBERTConfig, pooling, saved classifier section) of a checkpoint or an HF folder."""
+    if (path / "config.yaml").is_file():  # a training checkpoint (model_checkpoints/<step> layout)
+        try:
+            full = yaml.safe_load((path / "config.yaml").read_text())
+        except yaml.YAMLError as e:
+            raise UserError(f"{path / 'config.yaml'} is not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(full, dict) or not isinstance(full.get("model"), dict):
+            raise UserError(f"{path / 'config.yaml'} has no model: section; is it a neobert checkpoint?")
+        model_config = _build_section("model", neobert.NeoBERTConfig, {**full["model"], **model_overrides})
+        pooling = (full.get("contrastive") or {}).get("pooling", "mean")
+        return full, model_config, pooling, full.get("classifier") or {}
     try:
-        neobert.load_state_dict_strict(model, pretrained.state_dict())
+        full = json.loads((path / "config.json").read_text())
+        model_config = neobert.NeoBERTConfig.from_hf_dict(full, **model_overrides)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path / 'config.json'}: {e}") from None
+    pooling = "mean"
+    if (path / "1_Pooling" / "config.json").is_file():  # sentence-transformers' pooling of an exported model
+        st = json.loads((path / "1_Pooling" / "config.json").read_text())
+        pooling = "cls" if st.get("pooling_mode_cls_token") else "mean"
+    saved = {k: full[k] for k in ("id2label", "classifier_dropout") if full.get(k) is not None}
+    return full, model_config, pooling, saved
+
+
+def load_pretrained(source, head: str = "mlm", num_labels: Optional[int] = None,
+                    classifier_dropout: Optional[float] = None, classifier_init_range: float = 0.02,
+                    new_head_if_mismatch: bool = False, **model_overrides):
+    """(model, PretrainedInfo) from any MODEL_SOURCES. head: mlm (NeoBERTLMHead), encoder (NeoBERT) or classifier
+    (NeoBERTForSequenceClassification: a saved head with the same label count is kept; from an MLM checkpoint, or with
+    new_head_if_mismatch, a new head initialised with classifier_init_range). model_overrides replace model config
+    keys (e.g. attn_backend="sdpa"). The model is on the CPU in fp32, in train mode."""
+    if head not in ("mlm", "encoder", "classifier"):
+        raise ValueError(f"head must be mlm, encoder or classifier, got {head!r}")
+    path = resolve_model_source(source)
+    full, model_config, pooling, saved_head = _read_source_config(path, model_overrides)
+    try:
+        sd = neobert.read_safetensors(str(path))
+    except Exception as e:  # truncated or unreadable
+        raise UserError(f"cannot read the weights in {path}: {e}") from None
+    if not any(k.startswith("model.") for k in sd):  # a bare encoder file
+        sd = {"model." + k: v for k, v in sd.items()}
+    saved_labels = sd["classifier.weight"].shape[0] if "classifier.weight" in sd else None
+    id2label = saved_head.get("id2label") if saved_labels else None
+    id2label = {int(k): str(v) for k, v in id2label.items()} if id2label else None
+    tokenizer = None
+    if (path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    info = PretrainedInfo(path=path, model_config=model_config, tokenizer=tokenizer, full_config=full,
+                          pooling=pooling, num_labels=saved_labels, id2label=id2label)
+
+    encoder_sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    if head == "mlm":
+        if "decoder.weight" not in sd:
+            raise UserError(f"{path} holds no MLM decoder (decoder.*): load it as an encoder or a classifier")
+        model = target = neobert.NeoBERTLMHead(model_config)
+        load = {k: v for k, v in sd.items() if k.split(".")[0] in ("model", "decoder")}
+    elif head == "encoder":
+        model = target = neobert.NeoBERT(model_config)
+        load = encoder_sd
+    else:
+        keep = saved_labels is not None and num_labels in (None, saved_labels)
+        if saved_labels is not None and not keep and not new_head_if_mismatch:
+            raise UserError(f"{path} holds a classifier with {saved_labels} labels but num_labels={num_labels} was "
+                            "asked for; leave num_labels out to keep it, or ask for a new head")
+        dropout = classifier_dropout if classifier_dropout is not None else saved_head.get("classifier_dropout", 0.1)
+        model = neobert.NeoBERTForSequenceClassification(
+            model_config, num_labels=saved_labels if keep else (num_labels or 2), classifier_dropout=float(dropout),
+            classifier_init_range=classifier_init_range)
+        if keep:  # the whole fine-tuned model
+            target, load = model, {k: v for k, v in sd.items() if k.split(".")[0] in ("model", "dense", "classifier")}
+        else:  # the encoder; the head stays as initialised
+            target, load = model.model, encoder_sd
+            info.num_labels, info.id2label = None, None
+    try:
+        neobert.load_state_dict_strict(target, load)
     except ValueError as e:
-        raise UserError(f"trainer.init_from={source}: {e}") from None
+        raise UserError(f"{path}: {e}") from None
+    return model, info
+
+
+def init_weights_from(model, source: str) -> None:
+    """trainer.init_from: the weights of any MODEL_SOURCES into this (MLM) model, strictly."""
+    loaded, info = load_pretrained(source, head="mlm")
+    try:
+        neobert.load_state_dict_strict(model, loaded.state_dict())
+    except ValueError as e:
+        raise UserError(f"trainer.init_from={source} ({info.path}): {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -718,7 +901,10 @@ def _train(cfg: Config, rank: int, world_size: int, device, master: bool, print0
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if t.mixed_precision == "bf16" else nullcontext()
+    precision = resolve_precision(t.mixed_precision, device, warn=data.warn if master else None)
+    print0(f"precision: {'bf16 autocast' if precision == 'bf16' else 'fp32'} "
+           f"(trainer.mixed_precision={t.mixed_precision})")
+    amp = autocast(device, precision)
 
     # logging: metrics.jsonl, tqdm, wandb, all on rank 0
     wandb_run = None

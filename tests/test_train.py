@@ -535,3 +535,223 @@ def test_init_from_a_resume_checkpoint_dir(data_dir, tmp_path):
         firsts.append(m[0]["loss"])
     fresh = run(data_dir, tmp_path / "fresh", **{"trainer.max_steps": 1})[0]["loss"]
     assert firsts[0] == firsts[1] != fresh
+
+
+# -----------------------------------------------------------------------------
+# precision: trainer.mixed_precision auto | bf16 | no, decided by the hardware (mocked here: any CPU passes)
+
+
+def fake_cpu(monkeypatch, flags, capability="AVX2"):
+    monkeypatch.setattr(train, "cpu_flags", lambda: set(flags))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+
+
+@pytest.mark.parametrize("device, flags, asked, expected, warned", [
+    ("cuda", [], "auto", "bf16", False),
+    ("cuda:1", [], "no", "no", False),
+    ("cpu", ["avx", "avx2", "fma"], "auto", "no", False),
+    ("cpu", ["avx512f", "avx512_bf16"], "auto", "bf16", False),
+    ("cpu", ["amx_tile", "amx_bf16"], "auto", "bf16", False),
+    ("cpu", ["fp", "asimd", "bf16"], "auto", "bf16", False),  # aarch64
+    ("cpu", ["avx2"], "bf16", "bf16", True),
+    ("cpu", ["avx512_bf16"], "bf16", "bf16", False),
+    ("cpu", ["avx512_bf16"], "no", "no", False),
+])
+def test_resolve_precision_follows_the_hardware(monkeypatch, capsys, device, flags, asked, expected, warned):
+    fake_cpu(monkeypatch, flags)
+    assert train.resolve_precision(asked, torch.device(device) if ":" in device else device) == expected
+    err = capsys.readouterr().err
+    assert ("0.27 GFLOP/s" in err and "no AVX512-BF16/AMX" in err and err.count("\n") == 1) == warned, err
+
+
+def test_cpu_capability_and_cpuinfo_flags(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n\n"
+                       "processor\t: 1\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n")
+    assert {"avx2", "avx512_bf16"} <= train.cpu_flags(cpuinfo) and "processor" not in train.cpu_flags(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16\nCPU implementer\t: 0x41\n")
+    assert "bf16" in train.cpu_flags(cpuinfo) and "0x41" not in train.cpu_flags(cpuinfo)
+    assert train.cpu_flags(tmp_path / "missing") == set()  # macOS, Windows: no file, fp32
+    fake_cpu(monkeypatch, [], capability="AVX512")  # AVX512 alone says nothing about bf16 units
+    assert train.resolve_precision("auto", "cpu") == "no"
+    with pytest.raises(data.UserError, match="fp16"):
+        train.resolve_precision("fp16", "cpu")
+
+
+def test_autocast_context():
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    with train.autocast("cpu", "bf16"):
+        assert (a @ b).dtype == torch.bfloat16
+    with train.autocast(torch.device("cpu"), "no"):
+        assert (a @ b).dtype == torch.float32
+
+
+def test_trainer_uses_the_resolved_precision(data_dir, tmp_path, monkeypatch, capsys):
+    assert train.load_config(SMOKE).trainer.mixed_precision == "auto" == train.TrainerConfig().mixed_precision
+    fake_cpu(monkeypatch, ["avx2"])
+    run(data_dir, tmp_path / "fp32", **{"trainer.max_steps": 1, "trainer.mixed_precision": "auto"})
+    assert "precision: fp32 (trainer.mixed_precision=auto)" in capsys.readouterr().out
+    fake_cpu(monkeypatch, ["amx_bf16"])
+    seen = []
+    real = train.autocast
+    monkeypatch.setattr(train, "autocast", lambda device, precision: seen.append(precision) or real(device, precision))
+    run(data_dir, tmp_path / "bf16", **{"trainer.max_steps": 1, "trainer.mixed_precision": "auto"})
+    assert "precision: bf16 autocast" in capsys.readouterr().out and seen == ["bf16"]
+
+
+# -----------------------------------------------------------------------------
+# loading a trained model: resolve_model_source / load_pretrained, the same for every caller
+
+
+def tiny_cfg(**extra):
+    return train.load_config(None, [f"{k}={v}" for k, v in {**TINY, **extra}.items()])
+
+
+def write_checkpoint(folder, model, cfg_dict, tokenizer=True):
+    """A model_checkpoints/<step>-style folder: model.safetensors (plain keys), config.yaml, tokenizer.json."""
+    from tokenizers import Tokenizer, models
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.yaml").write_text(train.yaml.safe_dump(cfg_dict))
+    if tokenizer:
+        Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture
+def mlm_run(tmp_path):
+    """A run directory written by hand as the trainer writes it: steps 1 and 2, latest = 2."""
+    cfg = tiny_cfg()
+    torch.manual_seed(1)
+    old = neobert.NeoBERTLMHead(cfg.model)
+    torch.manual_seed(2)
+    new = neobert.NeoBERTLMHead(cfg.model)
+    run_dir = tmp_path / "run"
+    write_checkpoint(run_dir / "model_checkpoints" / "1", old, train.config_to_dict(cfg))
+    write_checkpoint(run_dir / "model_checkpoints" / "2", new, train.config_to_dict(cfg))
+    (run_dir / "model_checkpoints" / "latest").write_text("2\n")
+    (run_dir / "checkpoints" / "2").mkdir(parents=True)
+    return run_dir, cfg, new
+
+
+def test_resolve_model_source_layouts(mlm_run, tmp_path, capsys):
+    run_dir, _, _ = mlm_run
+    step2 = run_dir / "model_checkpoints" / "2"
+    for source in [run_dir, str(run_dir), run_dir / "model_checkpoints", step2, run_dir / "checkpoints" / "2"]:
+        assert train.resolve_model_source(source) == step2, source
+    assert train.resolve_model_source(run_dir / "model_checkpoints" / "1") == run_dir / "model_checkpoints" / "1"
+    (run_dir / "model_checkpoints" / "latest").write_text("7\n")  # stale: the newest complete step
+    (run_dir / "model_checkpoints" / "9").mkdir()  # an empty step dir is not complete
+    assert train.resolve_model_source(run_dir) == step2
+    for bad, fragments in [(tmp_path / "nope", ["nope", "does not exist", "run directory", "hub id"]),
+                           ("./nope", ["does not exist", "hub id"]), (tmp_path, ["not a model folder"])]:
+        with pytest.raises(data.UserError) as e:
+            train.resolve_model_source(bad)
+        assert all(f in str(e.value) for f in fragments) and "\n" not in str(e.value), e.value
+    (tmp_path / "empty_run" / "model_checkpoints").mkdir(parents=True)
+    with pytest.raises(data.UserError, match="no complete model checkpoint"):
+        train.resolve_model_source(tmp_path / "empty_run")
+
+
+def test_load_pretrained_mlm_and_encoder_from_a_run(mlm_run):
+    run_dir, cfg, new = mlm_run
+    model, info = train.load_pretrained(run_dir)
+    assert type(model) is neobert.NeoBERTLMHead and same_weights(model, new)
+    assert info.path == run_dir / "model_checkpoints" / "2" and info.model_config == cfg.model
+    assert info.pooling == "mean" and info.num_labels is None and info.id2label is None
+    assert info.full_config["trainer"]["max_steps"] == cfg.trainer.max_steps
+    assert info.tokenizer.token_to_id("[PAD]") == 0
+    encoder, _ = train.load_pretrained(run_dir / "checkpoints" / "2", head="encoder")
+    assert type(encoder) is neobert.NeoBERT and same_weights(encoder, new.model)
+    overridden, info = train.load_pretrained(run_dir, attn_backend="sdpa")
+    assert info.model_config.attn_backend == "sdpa" and overridden.config.attn_backend == "sdpa"
+
+
+def test_load_pretrained_hf_folder_and_hub_id(mlm_run, tmp_path, monkeypatch):
+    """The released chandar-lab/NeoBERT layout (config.json with max_length/dim_head, model.safetensors with
+    model.* and decoder.*) and an exported folder's sentence-transformers pooling; a hub id goes through
+    huggingface_hub.snapshot_download."""
+    _, cfg, new = mlm_run
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    m = cfg.model
+    (hf / "config.json").write_text(json.dumps({
+        "architectures": ["NeoBERTLMHead"], "model_type": "neobert", "vocab_size": m.vocab_size,
+        "hidden_size": m.hidden_size, "num_hidden_layers": m.num_hidden_layers, "intermediate_size":
+        m.intermediate_size, "num_attention_heads": m.num_attention_heads, "dim_head": m.head_dim,
+        "max_length": m.max_position_embeddings, "norm_eps": m.norm_eps, "pad_token_id": 0,
+        "transformers_version": "4.48.2"}))
+    save_file(new.state_dict(), str(hf / "model.safetensors"))
+    (hf / "1_Pooling").mkdir()
+    (hf / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": m.hidden_size,
+                                                              "pooling_mode_cls_token": True,
+                                                              "pooling_mode_mean_tokens": False}))
+    model, info = train.load_pretrained(hf)
+    assert same_weights(model, new) and info.model_config == m and info.pooling == "cls" and info.tokenizer is None
+    assert info.full_config["max_length"] == m.max_position_embeddings
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kw):
+        calls.append((repo_id, kw))
+        return str(hf)
+
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model, info = train.load_pretrained("chandar-lab/NeoBERT", head="encoder")
+    assert calls[0][0] == "chandar-lab/NeoBERT" and "1_Pooling/config.json" in calls[0][1]["allow_patterns"]
+    assert same_weights(model, new.model) and info.path == hf
+
+    def offline(repo_id, **kw):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(data.UserError, match="cannot get someone/model from the Hugging Face Hub"):
+        train.load_pretrained("someone/model")
+
+
+def test_load_pretrained_classifier_heads(mlm_run, tmp_path):
+    run_dir, cfg, new = mlm_run
+    # from an MLM checkpoint: the encoder, a new head
+    torch.manual_seed(0)
+    clf, info = train.load_pretrained(run_dir, head="classifier", num_labels=3, classifier_dropout=0.3)
+    assert type(clf) is neobert.NeoBERTForSequenceClassification and clf.classifier.out_features == 3
+    assert same_weights(clf.model, new.model) and clf.dropout.p == 0.3 and info.num_labels is None
+    # a fine-tuned classifier (contract 3: a `classifier:` section beside the training config) keeps its head
+    with torch.no_grad():
+        clf.classifier.weight.add_(1.0)
+    saved = {**train.config_to_dict(cfg), "classifier": {"num_labels": 3, "id2label": {0: "neg", 1: "neu", 2: "pos"},
+                                                       "classifier_dropout": 0.2, "classifier_init_range": 0.02}}
+    ck = write_checkpoint(tmp_path / "clf" / "model_checkpoints" / "5", clf, saved)
+    for num_labels in (None, 3):
+        back, info = train.load_pretrained(ck, head="classifier", num_labels=num_labels)
+        assert same_weights(back, clf) and back.dropout.p == 0.2
+        assert info.num_labels == 3 and info.id2label == {0: "neg", 1: "neu", 2: "pos"}
+    with pytest.raises(data.UserError, match="3 labels but num_labels=5"):
+        train.load_pretrained(ck, head="classifier", num_labels=5)
+    other, info = train.load_pretrained(ck, head="classifier", num_labels=5, new_head_if_mismatch=True)
+    assert other.classifier.out_features == 5 and same_weights(other.model, clf.model) and info.num_labels is None
+    encoder, _ = train.load_pretrained(ck, head="encoder")
+    assert same_weights(encoder, clf.model)
+    with pytest.raises(data.UserError, match="no MLM decoder"):
+        train.load_pretrained(ck)
+
+
+def test_load_pretrained_contrastive_pooling_and_bad_files(mlm_run, tmp_path):
+    run_dir, cfg, new = mlm_run
+    d = {**train.config_to_dict(cfg), "contrastive": {"pooling": "cls"}}
+    d["trainer"]["objective"] = "contrastive"
+    ck = write_checkpoint(tmp_path / "c", new, d, tokenizer=False)
+    model, info = train.load_pretrained(ck, head="encoder")
+    assert info.pooling == "cls" and info.tokenizer is None and same_weights(model, new.model)
+    (ck / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes()[:100])  # truncated
+    with pytest.raises(data.UserError, match="cannot read the weights"):
+        train.load_pretrained(ck)
+    wide = write_checkpoint(tmp_path / "w", neobert.NeoBERTLMHead(tiny_cfg(**{"model.hidden_size": 64}).model),
+                            train.config_to_dict(cfg))  # config.yaml says hidden 32, weights are 64 wide
+    with pytest.raises(data.UserError, match="different model shape"):
+        train.load_pretrained(wide)

@@ -8,13 +8,1183 @@ A model may be a run directory, a model_checkpoints/<step> directory, an exporte
 Read top to bottom: GLUE (tasks, data, metrics, fine-tuning, sweep, report) -> MTEB (encoder, tasks, report) -> main.
 """
 
+import csv
+import dataclasses
+import datetime
+import hashlib
+import itertools
+import json
+import math
+import os
 import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
 
 import data
+import neobert
+import train
+from data import UserError
 
 # -----------------------------------------------------------------------------
 # GLUE
 # (section owned by the GLUE work; entry point: glue_main(argv) -> int)
+#
+# The NeoBERT paper's protocol (Appendix C): the released head on [CLS], AdamW with linear warmup and decay, at most
+# trainer.num_train_epochs epochs, an evaluation every min(500, steps_per_epoch // 10) steps, early stopping after
+# trainer.early_stopping evaluations without improvement, the best evaluation is the run's score. RTE, MRPC, STS-B
+# and QNLI may start from the best MNLI model (glue.transfer_from_task). A sweep is a grid of runs; every run
+# writes <output_dir>/glue/<task>/<run>/results.json when it is done, so the same command continues a stopped sweep.
+
+
+@dataclass
+class GlueConfig:
+    task_name: str = "all"  # cola sst2 mrpc qqp stsb mnli qnli rte wnli | all (the paper's eight) | a,b,c | custom
+    init_from: Optional[str] = "runs/pretrain"  # run dir, model_checkpoints/<step>, HF folder or hub id
+    allow_random_weights: bool = False  # init_from: null then fine-tunes a randomly initialised model.* config
+    data_dir: Optional[str] = None  # local GLUE (hub parquet or the TSV download) or a custom dataset; null = hub
+    cache_dir: Optional[str] = None  # huggingface_hub cache for nyu-mll/glue (null = its default)
+    max_seq_length: int = 128
+    num_labels: Optional[int] = None  # custom: 1 = regression; null = from the data. GLUE: checked against the task
+    classifier_dropout: float = 0.1
+    classifier_init_range: float = 0.02
+    warmup_ratio: float = 0.1  # linear warmup over this fraction of a run's steps (replaces scheduler.warmup_steps)
+    transfer_from_task: bool = False  # RTE, MRPC, STS-B, QNLI start from the best MNLI model (the paper does)
+    tasks: dict = field(default_factory=dict)  # per task: {batch_size, lr, weight_decay, num_train_epochs, max_seq_length}
+    sweep: dict = field(default_factory=dict)  # lists of lr, batch_size, weight_decay, seed: the full grid runs
+    batching: str = "auto"  # auto (unpadded on GPU, length-grouped padded on CPU) | padded | unpadded
+    text_columns: list[str] = field(default_factory=list)  # custom: one or two columns
+    label_column: str = "label"  # custom
+    metric: Optional[str] = None  # custom: accuracy f1 mcc pearson spearman, or a comma list (score = their mean)
+    bench_steps: int = 20  # --bench: timed steps per batching mode
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    name: str
+    title: str
+    columns: tuple  # text columns of the nyu-mll/glue parquet files
+    labels: tuple  # id -> name, as in the parquet files; () for regression
+    metrics: tuple  # the task's numbers; its score is their mean
+    tsv_dir: str  # the GLUE download's folder
+    tsv_columns: tuple  # its text columns
+    tsv_label: str  # its label column
+    val_splits: tuple = ("validation",)
+    paper: Optional[float] = None  # NeoBERT's score in the paper (Table 3, validation)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels) or 1
+
+
+GLUE_TASKS = {t.name: t for t in [
+    GlueTask("cola", "CoLA", ("sentence",), ("unacceptable", "acceptable"), ("mcc",), "CoLA", ("sentence",), "label",
+             paper=66.2),
+    GlueTask("sst2", "SST-2", ("sentence",), ("negative", "positive"), ("accuracy",), "SST-2", ("sentence",),
+             "label", paper=95.6),
+    GlueTask("mrpc", "MRPC", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("f1", "accuracy"),
+             "MRPC", ("#1 String", "#2 String"), "Quality", paper=93.4),
+    GlueTask("qqp", "QQP", ("question1", "question2"), ("not_duplicate", "duplicate"), ("f1", "accuracy"), "QQP",
+             ("question1", "question2"), "is_duplicate", paper=90.7),
+    GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), (), ("pearson", "spearman"), "STS-B",
+             ("sentence1", "sentence2"), "score", paper=91.8),
+    GlueTask("mnli", "MNLI", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
+             ("accuracy_matched", "accuracy_mismatched"), "MNLI", ("sentence1", "sentence2"), "gold_label",
+             val_splits=("validation_matched", "validation_mismatched"), paper=89.0),
+    GlueTask("qnli", "QNLI", ("question", "sentence"), ("entailment", "not_entailment"), ("accuracy",), "QNLI",
+             ("question", "sentence"), "label", paper=93.7),
+    GlueTask("rte", "RTE", ("sentence1", "sentence2"), ("entailment", "not_entailment"), ("accuracy",), "RTE",
+             ("sentence1", "sentence2"), "label", paper=91.3),
+    GlueTask("wnli", "WNLI", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",), "WNLI",
+             ("sentence1", "sentence2"), "label"),
+]}
+PAPER_EIGHT = ("mnli", "qnli", "qqp", "rte", "sst2", "mrpc", "cola", "stsb")  # the paper's column order
+PAPER_GLUE_SCORE = 89.0
+TRANSFER_TASKS = ("rte", "mrpc", "stsb", "qnli")
+COLA_TSV_COLUMNS = ("source", "label", "original_label", "sentence")  # CoLA's TSV has no header row
+METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman")
+TASK_SETTINGS = {"batch_size": int, "lr": float, "weight_decay": float, "num_train_epochs": int,
+                 "max_seq_length": int}
+SWEEP_KEYS = {"lr": float, "batch_size": int, "weight_decay": float, "seed": int}
+
+
+# metrics, in numpy (float64). Scores are fractions here and percentages in the report.
+
+
+def accuracy(pred, label) -> float:
+    return float(np.mean(np.asarray(pred) == np.asarray(label)))
+
+
+def f1_score(pred, label, num_labels: int = 2) -> float:
+    """Binary F1 of class 1 (MRPC, QQP); the unweighted mean over classes (macro) when there are more than two."""
+    pred, label = np.asarray(pred), np.asarray(label)
+    classes = [1] if num_labels <= 2 else range(num_labels)
+    scores = []
+    for c in classes:
+        tp = np.sum((pred == c) & (label == c))
+        denom = np.sum(pred == c) + np.sum(label == c)
+        scores.append(2.0 * tp / denom if denom else 0.0)
+    return float(np.mean(scores))
+
+
+def matthews_corrcoef(pred, label) -> float:
+    """Matthews correlation (its multiclass form, Gorodkin 2004); 0 when a marginal is constant."""
+    pred, label = np.asarray(pred), np.asarray(label)
+    classes, inv = np.unique(np.concatenate([pred, label]), return_inverse=True)
+    k = len(classes)
+    conf = np.zeros((k, k), dtype=np.float64)
+    np.add.at(conf, (inv[len(pred):], inv[:len(pred)]), 1.0)  # rows: true, columns: predicted
+    t, p, c, s = conf.sum(1), conf.sum(0), np.trace(conf), conf.sum()
+    denom = np.sqrt((s * s - p @ p) * (s * s - t @ t))
+    return float((c * s - t @ p) / denom) if denom else 0.0
+
+
+def pearson(x, y) -> float:
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    x, y = x - x.mean(), y - y.mean()
+    denom = np.sqrt((x @ x) * (y @ y))
+    return float(x @ y / denom) if denom else 0.0
+
+
+def average_ranks(x) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank (what Spearman's correlation needs)."""
+    x = np.asarray(x)
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])  # first index of each run of equal values
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
+
+
+def spearman(x, y) -> float:
+    return pearson(average_ranks(x), average_ranks(y))
+
+
+def compute_metric(name: str, pred, label, num_labels: int) -> float:
+    if name == "accuracy":
+        return accuracy(pred, label)
+    if name == "f1":
+        return f1_score(pred, label, num_labels)
+    if name == "mcc":
+        return matthews_corrcoef(pred, label)
+    if name == "pearson":
+        return pearson(pred, label)
+    return spearman(pred, label)
+
+
+# data: every split becomes texts (a list of 1- or 2-tuples) and labels (int64 ids, or float32 for regression)
+
+
+@dataclass
+class Split:
+    texts: list
+    labels: np.ndarray
+    source: str  # the file it came from, for messages
+
+
+def _read_tsv(path: Path, header: Optional[tuple] = None) -> tuple[list, list]:
+    """(column names, rows) of a tab-separated file, read with no quoting at all: GLUE's QQP and MNLI hold unbalanced
+    quote characters that a CSV reader would swallow across lines. Only \\n ends a line. Rows whose field count
+    differs from the header (a few in QQP's train.tsv) are skipped and counted in a warning."""
+    with open(path, encoding="utf-8-sig", newline="\n") as f:
+        lines = [ln.rstrip("\n").removesuffix("\r") for ln in f]
+    lines = [ln for ln in lines if ln.strip()]
+    if header is None:
+        if not lines:
+            raise UserError(f"{path} is empty")
+        header, lines = tuple(lines[0].split("\t")), lines[1:]
+    rows = [ln.split("\t") for ln in lines]
+    good = [r for r in rows if len(r) == len(header)]
+    if len(good) < len(rows):
+        data.warn(f"{path}: skipped {len(rows) - len(good)} malformed rows (not {len(header)} tab-separated fields)")
+    return list(header), good
+
+
+def read_table(path: Path) -> dict:
+    """{column: list of values} of a .parquet, .jsonl, .csv or .tsv file (csv/tsv with a header row)."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+        try:
+            return pq.read_table(path).to_pydict()
+        except Exception as e:
+            raise UserError(f"cannot read {path} as parquet: {' '.join(str(e).split())[:200]}") from None
+    if suffix in (".jsonl", ".json"):
+        records = []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{path} line {i} is not JSON ({e.msg}); one object per line is expected") \
+                            from None
+                    if not isinstance(rec, dict):
+                        raise UserError(f"{path} line {i} is not a JSON object")
+                    records.append(rec)
+        columns = list(dict.fromkeys(k for r in records for k in r))
+        return {c: [r.get(c) for r in records] for c in columns}
+    if suffix == ".csv":
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows:
+            raise UserError(f"{path} is empty")
+        header, rows = rows[0], [r for r in rows[1:] if r]
+        bad = [i for i, r in enumerate(rows) if len(r) != len(header)]
+        if bad:
+            raise UserError(f"{path} row {bad[0] + 2} has {len(rows[bad[0]])} fields but the header has {len(header)}")
+    else:
+        header, rows = _read_tsv(path)
+    return {c: [r[i] for r in rows] for i, c in enumerate(header)}
+
+
+def read_examples(path: Path) -> dict:
+    """read_table, and an empty split is an error (nothing to train on or to score)."""
+    table = read_table(path)
+    if not table or not any(len(v) for v in table.values()):
+        raise UserError(f"{path} holds no examples (an empty split)")
+    return table
+
+
+def _columns(table: dict, names, path, what: str) -> list:
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise UserError(f"{path} has no {what} column {missing[0]!r}; its columns: {', '.join(map(str, table))}")
+    return [table[n] for n in names]
+
+
+def _make_split(table: dict, text_names, label_name, path, to_label) -> Split:
+    texts = list(zip(*[[("" if v is None else str(v)) for v in col] for col in _columns(table, text_names, path,
+                                                                                        "text")]))
+    (raw,) = _columns(table, [label_name], path, "label")
+    if not texts:
+        raise UserError(f"{path} holds no examples (an empty split)")
+    labels, keep = [], []
+    for i, value in enumerate(raw):
+        label = to_label(value, i)
+        if label is not None:
+            labels.append(label)
+            keep.append(i)
+    if len(keep) < len(texts):
+        data.warn(f"{path}: skipped {len(texts) - len(keep)} rows without a gold label")
+        texts = [texts[i] for i in keep]
+    if not texts:
+        raise UserError(f"{path} holds no labelled examples")
+    return Split(texts, np.asarray(labels), str(path))
+
+
+def _glue_label(task: GlueTask, path):
+    """value -> label id (or float for STS-B) for both layouts: parquet ints, TSV strings ('entailment', '1')."""
+    def convert(value, row):
+        if task.num_labels == 1:
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise UserError(f"{path} row {row + 1}: label {value!r} is not a number") from None
+        if isinstance(value, str):
+            if value in task.labels:
+                return task.labels.index(value)
+            if value.strip() in ("-", ""):  # MNLI's no-consensus marker
+                return None
+        try:
+            label = int(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{path} row {row + 1}: label {value!r} is not one of {', '.join(task.labels)}") \
+                from None
+        if not 0 <= label < task.num_labels:
+            raise UserError(f"{path} row {row + 1}: label {label} is outside 0..{task.num_labels - 1} "
+                            f"({task.name} has {task.num_labels} labels)")
+        return label
+    return convert
+
+
+def _hub_parquet(task: GlueTask, split: str, g: GlueConfig) -> Path:
+    from huggingface_hub import hf_hub_download
+    filename = f"{task.name}/{split}-00000-of-00001.parquet"
+    try:
+        return Path(hf_hub_download("nyu-mll/glue", filename, repo_type="dataset", cache_dir=g.cache_dir))
+    except Exception as e:  # offline, blocked, renamed
+        raise UserError(f"cannot download {filename} of the hub dataset nyu-mll/glue ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:160]}); download GLUE and set glue.data_dir to a folder holding "
+                        f"{task.name}/{split}-00000-of-00001.parquet or the GLUE TSV layout ({task.tsv_dir}/train.tsv, "
+                        f"{task.tsv_dir}/dev.tsv)") from None
+
+
+def load_glue_task(task: GlueTask, g: GlueConfig) -> dict:
+    """{split: Split} with train and the task's validation split(s), from glue.data_dir (hub parquet layout
+    <task>/<split>-*.parquet, or the GLUE download's <Task>/train.tsv, dev.tsv) or from the hub."""
+    splits = ("train", *task.val_splits)
+    files = {}
+    if g.data_dir is not None:
+        root = Path(g.data_dir)
+        parquet = {s: sorted((root / task.name).glob(f"{s}-*.parquet")) for s in splits}
+        tsv_dir = root / task.tsv_dir
+        tsv = {s: tsv_dir / ("train.tsv" if s == "train" else "dev" + s.removeprefix("validation") + ".tsv")
+               for s in splits}
+        if all(parquet.values()):
+            files = {s: ("parquet", parquet[s]) for s in splits}
+        elif all(p.is_file() for p in tsv.values()):
+            files = {s: ("tsv", [tsv[s]]) for s in splits}
+        else:
+            raise UserError(f"glue.data_dir={root} holds neither {task.name}/<split>-*.parquet for {', '.join(splits)} "
+                            f"nor the GLUE TSV files {', '.join(str(p.relative_to(root)) for p in tsv.values())}; "
+                            "set glue.data_dir to a folder with one of those layouts, or to null for the hub")
+    else:
+        files = {s: ("parquet", [_hub_parquet(task, s, g)]) for s in splits}
+    out = {}
+    for split, (kind, paths) in files.items():
+        path = paths[0] if len(paths) == 1 else paths[0].parent / f"{split}-*.parquet"
+        if kind == "parquet":
+            tables = [read_examples(p) for p in paths]
+            table = {c: [v for t in tables for v in t.get(c, [])] for c in tables[0]}
+            names, label = task.columns, "label"
+        elif task.name == "cola":
+            header, rows = _read_tsv(paths[0], header=COLA_TSV_COLUMNS)
+            table = {c: [r[i] for r in rows] for i, c in enumerate(header)}
+            names, label = task.tsv_columns, task.tsv_label
+        else:
+            table = read_examples(paths[0])
+            names, label = task.tsv_columns, task.tsv_label
+        out[split] = _make_split(table, names, label, path, _glue_label(task, path))
+    return out
+
+
+def _custom_file(root: Path, stems) -> Path:
+    for stem in stems:
+        for ext in (".tsv", ".csv", ".jsonl", ".parquet"):
+            if (root / (stem + ext)).is_file():
+                return root / (stem + ext)
+    raise UserError(f"glue.data_dir={root} has no {stems[0]}.tsv/.csv/.jsonl/.parquet"
+                    f"{' (or ' + stems[1] + '.*)' if len(stems) > 1 else ''}; a custom task needs train.* and "
+                    "validation.* (or dev.*) there")
+
+
+def load_custom_task(g: GlueConfig) -> tuple[dict, int, Optional[dict]]:
+    """A user's dataset: ({train, validation}, num_labels, id2label). String labels become ids in sorted order."""
+    if g.data_dir is None:
+        raise UserError("glue.task_name=custom needs glue.data_dir: a folder with train.* and validation.* "
+                        "(tsv, csv, jsonl or parquet)")
+    root = Path(g.data_dir)
+    if not root.is_dir():
+        raise UserError(f"glue.data_dir={root} is not a directory")
+    if not 1 <= len(g.text_columns) <= 2:
+        raise UserError(f"glue.text_columns must name one or two columns for a custom task, got {g.text_columns}")
+    paths = {"train": _custom_file(root, ["train"]), "validation": _custom_file(root, ["validation", "dev"])}
+    tables = {s: read_examples(p) for s, p in paths.items()}
+    raw = {s: _columns(t, [g.label_column], paths[s], "label")[0] for s, t in tables.items()}
+    values = [v for s in raw for v in raw[s]]
+    regression = g.num_labels == 1 or (g.num_labels is None and any(isinstance(v, float) and not v.is_integer()
+                                                                     for v in values))
+    id2label = None
+    if regression:
+        num_labels = 1
+    elif all(isinstance(v, (int, np.integer)) or (isinstance(v, str) and v.strip().lstrip("-").isdigit())
+             or (isinstance(v, float) and v.is_integer()) for v in values):
+        ints = [int(v) for v in values]  # ids as given; their count comes from glue.num_labels or the data
+        num_labels = g.num_labels if g.num_labels is not None else max(ints) + 1
+        if num_labels < 2:
+            raise UserError(f"the labels in {paths['train']} are all {ints[0]}: a classifier needs at least two "
+                            "classes (glue.num_labels: 1 makes it a regression)")
+    else:
+        names = sorted({str(v) for v in values})
+        num_labels = g.num_labels if g.num_labels is not None else len(names)
+        if len(names) > num_labels:
+            raise UserError(f"glue.num_labels={num_labels} but the data has {len(names)} distinct labels "
+                            f"({', '.join(names[:10])}); set glue.num_labels: {len(names)} or leave it null")
+        id2label = dict(enumerate(names))
+    label2id = {v: k for k, v in (id2label or {}).items()}
+
+    def convert(value, row, path):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if num_labels == 1:
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise UserError(f"{path} row {row + 1}: label {value!r} is not a number (glue.num_labels is 1, a "
+                                "regression)") from None
+        if id2label is not None:
+            return label2id[str(value)]
+        label = int(value)
+        if not 0 <= label < num_labels:
+            raise UserError(f"{path} row {row + 1}: label {label} is outside 0..{num_labels - 1} "
+                            f"(glue.num_labels={num_labels}); fix the data or raise glue.num_labels")
+        return label
+
+    splits = {s: _make_split(tables[s], g.text_columns, g.label_column, paths[s],
+                             lambda v, i, p=paths[s]: convert(v, i, p)) for s in paths}
+    return splits, num_labels, id2label
+
+
+def custom_task(g: GlueConfig, num_labels: int) -> GlueTask:
+    if g.metric is not None:
+        metrics = tuple(m.strip() for m in g.metric.split(",") if m.strip())
+    else:
+        metrics = ("pearson", "spearman") if num_labels == 1 else ("accuracy",)
+    bad = [m for m in metrics if m not in METRICS]
+    if bad or not metrics:
+        raise UserError(f"glue.metric={g.metric!r}: choose from {', '.join(METRICS)} (or a comma list of them)")
+    regression_only = {"pearson", "spearman"}
+    if (num_labels == 1) != bool(set(metrics) & regression_only) or (num_labels == 1 and set(metrics) - regression_only):
+        raise UserError(f"glue.metric={','.join(metrics)} does not fit a {'regression' if num_labels == 1 else 'classification'} "
+                        f"task: use pearson/spearman for num_labels 1, accuracy/f1/mcc otherwise")
+    labels = tuple(str(i) for i in range(num_labels)) if num_labels > 1 else ()
+    return GlueTask("custom", f"custom ({Path(g.data_dir).name})", tuple(g.text_columns), labels, metrics, "",
+                    (), "")
+
+
+# tokenization: [CLS] A [SEP] or [CLS] A [SEP] B [SEP], truncated longest-first
+
+
+@dataclass
+class Encoded:
+    ids: np.ndarray  # int32, every example's tokens back to back
+    offsets: np.ndarray  # int64 (n + 1,): example i is ids[offsets[i]:offsets[i + 1]]
+    labels: np.ndarray
+
+    def __len__(self):
+        return len(self.labels)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def truncate_pair(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
+    """Longest-first: drop a token from the longer side (the second on a tie) until both fit the budget."""
+    if len_a + len_b <= budget:
+        return len_a, len_b
+    short = min(len_a, len_b)
+    if 2 * short <= budget:  # the shorter side fits in half the budget: only the longer one is cut
+        return (budget - short, short) if len_a > len_b else (short, budget - short)
+    return (budget + 1) // 2, budget // 2
+
+
+def encode(tokenizer, split: Split, max_len: int) -> Encoded:
+    special = data.special_token_ids(tokenizer)
+    cls, sep = special["cls"], special["sep"]
+    columns = list(zip(*split.texts))
+    pieces = [[e.ids for e in tokenizer.encode_batch(list(col), add_special_tokens=False)] for col in columns]
+    seqs = []
+    if len(pieces) == 1:
+        for a in pieces[0]:
+            seqs.append([cls, *a[:max_len - 2], sep])
+    else:
+        for a, b in zip(*pieces):
+            la, lb = truncate_pair(len(a), len(b), max_len - 3)
+            seqs.append([cls, *a[:la], sep, *b[:lb], sep])
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
+    return Encoded(ids, offsets, split.labels)
+
+
+def row_pieces(enc: Encoded, idx, unpadded: bool, max_positions: int) -> list:
+    """An unpadded batch is one row of all its tokens, which the encoder accepts up to its max_position_embeddings:
+    longer batches go through in consecutive pieces (gradient accumulation), each within that length."""
+    idx = np.asarray(idx)
+    if not unpadded:
+        return [idx]
+    pieces, start, used = [], 0, 0
+    for i, n in enumerate(enc.lengths[idx]):
+        if used + n > max_positions and i > start:
+            pieces.append(idx[start:i])
+            start, used = i, 0
+        used += n
+    return pieces + [idx[start:]]
+
+
+def make_batch(enc: Encoded, idx, pad_id: int, unpadded: bool) -> dict:
+    """Padded: input_ids/attention_mask (B, S) with S the longest row. Unpadded: one (1, N) row of the examples back
+    to back with cu_seqlens, for the varlen attention path (no compute on padding)."""
+    idx = np.asarray(idx)
+    starts, ends = enc.offsets[idx], enc.offsets[idx + 1]
+    labels = torch.from_numpy(enc.labels[idx])
+    if unpadded:
+        flat = np.concatenate([enc.ids[s:e] for s, e in zip(starts, ends)])
+        cu = np.zeros(len(idx) + 1, dtype=np.int32)
+        np.cumsum(ends - starts, out=cu[1:])
+        return dict(input_ids=torch.from_numpy(flat.astype(np.int64))[None], cu_seqlens=torch.from_numpy(cu),
+                    max_seqlen=int((ends - starts).max()), labels=labels)
+    width = int((ends - starts).max())
+    ids = np.full((len(idx), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(idx), width), dtype=bool)
+    for r, (s, e) in enumerate(zip(starts, ends)):
+        ids[r, :e - s] = enc.ids[s:e]
+        mask[r, :e - s] = True
+    return dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), labels=labels)
+
+
+def epoch_batches(enc: Encoded, batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list:
+    """This epoch's batches of example indices, a pure function of (seed, epoch). Length-grouped (padded path):
+    shuffled, then sorted by length within windows of 64 batches, then the batches shuffled, so little padding."""
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(len(enc))
+    if group_by_length:
+        window = batch_size * 64
+        lengths = enc.lengths
+        perm = np.concatenate([w[np.argsort(-lengths[w], kind="stable")]
+                               for w in np.split(perm, range(window, len(perm), window))])
+    batches = [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+# fine-tuning one run
+
+
+@dataclass
+class GlueRun:
+    task: str
+    batch_size: int
+    lr: float
+    weight_decay: float
+    seed: int
+    num_train_epochs: int
+    max_seq_length: int
+
+    @property
+    def name(self) -> str:
+        return f"bs{self.batch_size}_lr{self.lr:g}_wd{self.weight_decay:g}_seed{self.seed}"
+
+    @property
+    def setting(self) -> tuple:
+        return self.batch_size, self.lr, self.weight_decay
+
+
+def run_dir(cfg, run: GlueRun) -> Path:
+    return Path(cfg.trainer.output_dir) / "glue" / run.task / run.name
+
+
+def read_results(path: Path) -> Optional[dict]:
+    """A finished run's results.json, or None (absent: not finished; it is written last, atomically)."""
+    try:
+        return json.loads((path / "results.json").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path / 'results.json'} cannot be read ({e}); delete it to rerun that run") from None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def predict(model, enc: Encoded, batch_size: int, pad_id: int, unpadded: bool, device, amp) -> np.ndarray:
+    """Predictions in dataset order (class ids, or floats for regression); batches sorted by length."""
+    model.eval()
+    order = np.argsort(enc.lengths, kind="stable")
+    out = np.empty(len(enc), dtype=np.float64)
+    pieces = [p for i in range(0, len(order), batch_size)
+              for p in row_pieces(enc, order[i:i + batch_size], unpadded, model.config.max_position_embeddings)]
+    for idx in pieces:
+        batch = make_batch(enc, idx, pad_id, unpadded)
+        batch.pop("labels")
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with amp:
+            logits = model(**batch).logits.float()
+        pred = logits[:, 0] if logits.shape[-1] == 1 else logits.argmax(-1)
+        out[idx] = pred.cpu().double().numpy()
+    model.train()
+    return out
+
+
+def evaluate_task(model, task: GlueTask, val: dict, ctx: dict) -> dict:
+    """{metric: value} on the validation split(s); MNLI's accuracy_matched / accuracy_mismatched."""
+    result = {}
+    for split, enc in val.items():
+        pred = predict(model, enc, ctx["eval_batch_size"], ctx["pad_id"], ctx["unpadded"], ctx["device"], ctx["amp"])
+        label = enc.labels
+        if task.num_labels > 1:
+            pred = pred.astype(np.int64)
+        if len(task.val_splits) > 1:  # MNLI: the same metric on each
+            result[f"accuracy_{split.removeprefix('validation_')}"] = accuracy(pred, label)
+        else:
+            for m in task.metrics:
+                result[m] = compute_metric(m, pred, label, task.num_labels)
+    return result
+
+
+def glue_task_score(task: GlueTask, metrics: dict) -> float:
+    return float(np.mean([metrics[m] for m in task.metrics]))
+
+
+def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict, id2label: Optional[dict]) -> dict:
+    """Fine-tunes one run from `source`, writes its run dir (metrics.jsonl, best/, results.json last) and returns the
+    results. Randomness (head init, data order, dropout) comes from run.seed only, so any process gives the same run."""
+    from tqdm import tqdm
+    g, t, o = cfg.tasks["glue"], cfg.trainer, cfg.optimizer
+    out = run_dir(cfg, run)
+    out.mkdir(parents=True, exist_ok=True)
+    device, amp = ctx["device"], ctx["amp"]
+    torch.manual_seed(run.seed)  # the new head's init
+    model, info = train.load_pretrained(source, head="classifier", num_labels=task.num_labels,
+                                        classifier_dropout=g.classifier_dropout,
+                                        classifier_init_range=g.classifier_init_range, new_head_if_mismatch=True)
+    tokenizer = info.tokenizer if info.tokenizer is not None else ctx["tokenizer"]
+    train_enc, val = encoded_splits(task, splits, tokenizer, run.max_seq_length, ctx)
+    model.to(device)
+    train_model = torch.compile(model, dynamic=True) if t.torch_compile else model
+    optimizer = torch.optim.AdamW(neobert.param_groups(model, run.weight_decay), lr=run.lr, betas=o.betas, eps=o.eps,
+                                  fused=device.type == "cuda")
+    steps_per_epoch = math.ceil(len(train_enc) / run.batch_size)
+    total = run.num_train_epochs * steps_per_epoch
+    if t.max_steps > 0:
+        total = min(total, t.max_steps)
+    eval_every = t.eval_steps if t.eval_steps > 0 else max(1, min(500, steps_per_epoch // 10))
+    sched = dataclasses.replace(cfg.scheduler, warmup_steps=round(g.warmup_ratio * total), decay_steps=None)
+    accum = t.gradient_accumulation_steps
+    evaluations, best, best_state, bad_evals = [], None, None, 0
+    metrics_file = open(out / "metrics.jsonl", "w")
+    bar = tqdm(total=total, desc=f"{run.task} {run.name}", disable=t.disable_tqdm or not ctx["show_bar"],
+               dynamic_ncols=True, leave=False)
+    t0, examples, stopped_early, step = time.perf_counter(), 0, False, 0
+    try:
+        for step in range(total):
+            epoch, i = divmod(step, steps_per_epoch)
+            if i == 0:
+                batches = epoch_batches(train_enc, run.batch_size, run.seed, epoch, not ctx["unpadded"])
+            lr = train.get_lr(step, run.lr, sched, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed((run.seed * 1_000_003 + step) * 1_009)  # dropout, from (seed, step)
+            idx = batches[i]
+            loss = 0.0
+            micro_batches = [p for m in np.array_split(idx, min(accum, len(idx)))
+                             for p in row_pieces(train_enc, m, ctx["unpadded"], model.config.max_position_embeddings)]
+            for micro in micro_batches:
+                batch = make_batch(train_enc, micro, ctx["pad_id"], ctx["unpadded"])
+                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                with amp:
+                    micro_loss = train_model(**batch).loss * (len(micro) / len(idx))
+                micro_loss.backward()
+                loss += micro_loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.gradient_clipping or float("inf")).item()
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise UserError(f"{run.task} {run.name}: non-finite loss ({loss}) at step {step + 1}; lower the lr "
+                                "or set trainer.gradient_clipping")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            examples += len(idx)
+            bar.update(1)
+            last = step + 1 == total
+            if (step + 1) % t.logging_steps == 0 or last:
+                elapsed = time.perf_counter() - t0
+                metrics_file.write(json.dumps(dict(step=step + 1, epoch=(step + 1) / steps_per_epoch, loss=loss, lr=lr,
+                                                   grad_norm=grad_norm, examples_per_s=examples / elapsed,
+                                                   elapsed=elapsed)) + "\n")
+                metrics_file.flush()
+            if (step + 1) % eval_every == 0 or last:
+                metrics = evaluate_task(model, task, val, ctx)
+                score = glue_task_score(task, metrics)
+                record = dict(step=step + 1, epoch=(step + 1) / steps_per_epoch, score=score, **metrics)
+                evaluations.append(record)
+                metrics_file.write(json.dumps({**{f"eval_{k}": v for k, v in record.items() if k != "step"},
+                                               "step": step + 1}) + "\n")
+                metrics_file.flush()
+                if best is None or score > best["score"]:
+                    best, bad_evals = record, 0
+                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                else:
+                    bad_evals += 1
+                bar.set_postfix(score=f"{100 * score:.2f}", best=f"{100 * best['score']:.2f}", refresh=False)
+                if t.early_stopping and bad_evals >= t.early_stopping and not last:
+                    stopped_early = True
+                    break
+    finally:
+        bar.close()
+        metrics_file.close()
+    model.load_state_dict(best_state)
+    save_classifier(out / "best", model, cfg, tokenizer, task, id2label, run)
+    results = dict(task=run.task, run=run.name, setting=dataclasses.asdict(run), source=str(source),
+                   model_path=str(info.path), fingerprint=run_fingerprint(cfg, run, source),
+                   steps=step + 1, total_steps=total, steps_per_epoch=steps_per_epoch, eval_every=eval_every,
+                   stopped_early=stopped_early, evaluations=evaluations, best=best,
+                   wall_time_s=time.perf_counter() - t0, train_examples=len(train_enc),
+                   id2label={str(k): v for k, v in id2label.items()} if id2label else None, device=str(device),
+                   precision=ctx["precision"], batching="unpadded" if ctx["unpadded"] else "padded")
+    _atomic_write(out / "results.json", json.dumps(results, indent=1))  # last: the run counts as finished now
+    return results
+
+
+def save_classifier(path: Path, model, cfg, tokenizer, task: GlueTask, id2label, run: GlueRun) -> None:
+    """The checkpoint layout (model.safetensors, config.yaml with model: and classifier:, tokenizer.json), written
+    under a temporary name and renamed: export.py turns it into a folder transformers loads with its labels."""
+    from safetensors.torch import save_file
+    g = cfg.tasks["glue"]
+    full = train.config_to_dict(cfg)
+    full["model"] = dataclasses.asdict(model.config)
+    full["glue"] = {**full["glue"], "task_name": task.name, "max_seq_length": run.max_seq_length}
+    full["classifier"] = dict(num_labels=task.num_labels, id2label=dict(id2label) if id2label else None,
+                              classifier_dropout=g.classifier_dropout, classifier_init_range=g.classifier_init_range)
+
+    def write(d: Path):
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+        (d / "config.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+        tokenizer.save(str(d / "tokenizer.json"))
+
+    train._write_dir(path, write)
+
+
+def run_fingerprint(cfg, run: GlueRun, source) -> dict:
+    """What decides a run's result beyond its name: a finished run with another fingerprint is not reused."""
+    g, t = cfg.tasks["glue"], cfg.trainer
+    return dict(source=str(source), data_dir=g.data_dir, max_steps=t.max_steps, eval_steps=t.eval_steps,
+                early_stopping=t.early_stopping, warmup_ratio=g.warmup_ratio, epochs=run.num_train_epochs,
+                max_seq_length=run.max_seq_length, classifier_dropout=g.classifier_dropout,
+                gradient_clipping=t.gradient_clipping, text_columns=list(g.text_columns), label_column=g.label_column,
+                metric=g.metric, num_labels=g.num_labels)
+
+
+def encoded_splits(task: GlueTask, splits: dict, tokenizer, max_len: int, ctx: dict):
+    """(train Encoded, {val split: Encoded}); cached per task, tokenizer and length for the runs of a sweep."""
+    key = (task.name, hashlib.sha1(tokenizer.to_str().encode()).hexdigest(), max_len)
+    if key not in ctx["encoded"]:
+        enc = {s: encode(tokenizer, sp, max_len) for s, sp in splits.items()}
+        ctx["encoded"] = {key: (enc["train"], {s: enc[s] for s in task.val_splits})}  # one task at a time in memory
+    return ctx["encoded"][key]
+
+
+# planning: tasks, settings, sweep grid; spreading runs over processes; the summary table
+
+
+def parse_tasks(name: str) -> list[str]:
+    names = [n.strip().lower().replace("-", "") for n in name.split(",") if n.strip()]
+    if names == ["all"]:
+        return list(PAPER_EIGHT)
+    valid = [*GLUE_TASKS, "all", "custom"]
+    bad = [n for n in names if n not in GLUE_TASKS and n != "custom"]
+    if bad or not names:
+        raise UserError(f"glue.task_name={name!r}: unknown task {bad[0] if bad else ''!r}; choose from "
+                        f"{', '.join(valid)} (or a comma list)")
+    if "custom" in names and len(names) > 1:
+        raise UserError("glue.task_name=custom runs alone (its data and labels come from glue.data_dir)")
+    if "mnli" in names:  # transfer tasks start from MNLI's best model: it runs first
+        names.remove("mnli")
+        names.insert(0, "mnli")
+    return list(dict.fromkeys(names))
+
+
+def _split_nested_overrides(argv: list) -> tuple[list, list]:
+    """--glue.tasks.<task>.<key> v and --glue.sweep.<key> v1,v2 -> (the other arguments, [(dotted, value)])."""
+    rest, nested = [], []
+    config, overrides = argv[:1], argv[1:]
+    for dotted, value in train.parse_overrides(overrides):
+        parts = dotted.split(".")
+        if parts[0] == "glue" and len(parts) > 2 and parts[1] in ("tasks", "sweep"):
+            nested.append((parts, value))
+        else:
+            rest += [f"--{dotted}", value]
+    return config + rest, nested
+
+
+def load_glue_config(argv: list):
+    argv, nested = _split_nested_overrides(argv)
+    cfg = train.load_config(argv[0], argv[1:], extra_sections={"glue": GlueConfig})
+    g = cfg.tasks["glue"]
+    for parts, value in nested:
+        if parts[1] == "tasks" and len(parts) == 4:
+            g.tasks.setdefault(parts[2], {})
+            g.tasks[parts[2]] = {**(g.tasks[parts[2]] or {}), parts[3]: value}
+        elif parts[1] == "sweep" and len(parts) == 3:
+            g.sweep = {**(g.sweep or {}), parts[2]: value}
+        else:
+            raise UserError(f"unknown override {'.'.join(parts)!r}; use glue.tasks.<task>.<key> or glue.sweep.<key>")
+    g.tasks, g.sweep = _check_task_blocks(g.tasks), _check_sweep(g.sweep)
+    cli = {key for key, _ in train.parse_overrides(argv[1:])}
+    return cfg, cli
+
+
+def _typed(value, tp, what: str):
+    try:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)  # "1e-5" and "8" from the command line
+        if tp is int and not isinstance(value, bool) and float(value).is_integer():
+            return int(value)
+        if tp is float and not isinstance(value, bool):
+            return float(value)
+    except (TypeError, ValueError, yaml.YAMLError):
+        pass
+    raise UserError(f"{what}: expected {'an integer' if tp is int else 'a number'}, got {value!r}")
+
+
+def _check_task_blocks(blocks) -> dict:
+    out = {}
+    for task, block in (blocks or {}).items():
+        if task not in GLUE_TASKS and task != "custom":
+            raise UserError(f"glue.tasks.{task}: unknown task; choose from {', '.join([*GLUE_TASKS, 'custom'])}")
+        if not isinstance(block, dict):
+            raise UserError(f"glue.tasks.{task} must be a mapping of {', '.join(TASK_SETTINGS)}")
+        for key in block:
+            if key not in TASK_SETTINGS:
+                raise UserError(f"unknown key glue.tasks.{task}.{key}; valid: {', '.join(TASK_SETTINGS)}")
+        out[task] = {k: _typed(v, TASK_SETTINGS[k], f"glue.tasks.{task}.{k}") for k, v in block.items()}
+    return out
+
+
+def _check_sweep(sweep) -> dict:
+    out = {}
+    for key, values in (sweep or {}).items():
+        if key not in SWEEP_KEYS:
+            raise UserError(f"unknown key glue.sweep.{key}; valid: {', '.join(SWEEP_KEYS)}")
+        if isinstance(values, str):
+            values = [v for v in values.strip().strip("[]").split(",") if v.strip()]
+        values = values if isinstance(values, (list, tuple)) else [values]
+        if not values:
+            raise UserError(f"glue.sweep.{key} is empty; give at least one value")
+        out[key] = [_typed(v, SWEEP_KEYS[key], f"glue.sweep.{key}") for v in values]
+    return out
+
+
+def plan_runs(cfg, tasks: list, cli: set) -> list[GlueRun]:
+    """Every run, in order. A setting comes from (lowest first): trainer/optimizer sections, glue.tasks.<task>,
+    the same keys given on the command line (--optimizer.lr ...), then glue.sweep lists (the grid)."""
+    g, t, o = cfg.tasks["glue"], cfg.trainer, cfg.optimizer
+    if t.num_train_epochs < 1:
+        raise UserError(f"trainer.num_train_epochs must be at least 1, got {t.num_train_epochs}")
+    runs = []
+    for name in tasks:
+        s = dict(batch_size=t.per_device_train_batch_size, lr=o.lr, weight_decay=o.weight_decay,
+                 num_train_epochs=t.num_train_epochs, max_seq_length=g.max_seq_length)
+        s.update(g.tasks.get(name, {}))
+        for key, section_key in (("batch_size", "trainer.per_device_train_batch_size"), ("lr", "optimizer.lr"),
+                                 ("weight_decay", "optimizer.weight_decay"),
+                                 ("num_train_epochs", "trainer.num_train_epochs"),
+                                 ("max_seq_length", "glue.max_seq_length")):
+            if section_key in cli:
+                section, k = section_key.split(".")
+                s[key] = getattr(cfg.tasks["glue"] if section == "glue" else getattr(cfg, section), k)
+        grid = {k: g.sweep.get(k, [s[k] if k != "seed" else t.seed]) for k in SWEEP_KEYS}
+        for bs, lr, wd, seed in itertools.product(grid["batch_size"], grid["lr"], grid["weight_decay"], grid["seed"]):
+            run = GlueRun(name, bs, lr, wd, seed, s["num_train_epochs"], s["max_seq_length"])
+            if run.batch_size < 1 or run.lr <= 0 or run.weight_decay < 0 or run.max_seq_length < 8:
+                raise UserError(f"{name}: batch_size {bs}, lr {lr}, weight_decay {wd}, max_seq_length "
+                                f"{run.max_seq_length}: need batch_size >= 1, lr > 0, weight_decay >= 0, "
+                                "max_seq_length >= 8")
+            runs.append(run)
+    return runs
+
+
+def summarize_glue(cfg, runs: list, tasks: dict) -> dict:
+    """Per task: the best setting (mean score over seeds), its mean ± std per metric, the paper's number."""
+    table = {}
+    for name, task in tasks.items():
+        finished = [r for r in (read_results(run_dir(cfg, run)) for run in runs if run.task == name) if r]
+        if not finished:
+            continue
+        by_setting = {}
+        for r in finished:
+            s = r["setting"]
+            by_setting.setdefault((s["batch_size"], s["lr"], s["weight_decay"]), []).append(r)
+        setting, chosen = max(by_setting.items(), key=lambda kv: np.mean([r["best"]["score"] for r in kv[1]]))
+        scores = np.array([r["best"]["score"] for r in chosen])
+        row = dict(title=task.title, metrics={}, score=float(scores.mean()),
+                   score_std=float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
+                   setting=dict(batch_size=setting[0], lr=setting[1], weight_decay=setting[2]),
+                   seeds=sorted(r["setting"]["seed"] for r in chosen), runs=len(finished),
+                   best_run=max(chosen, key=lambda r: r["best"]["score"])["run"], paper=task.paper)
+        for m in task.metrics:
+            vals = np.array([r["best"][m] for r in chosen])
+            row["metrics"][m] = dict(mean=float(vals.mean()), std=float(vals.std(ddof=1)) if len(vals) > 1 else 0.0)
+        table[name] = row
+    scored = [table[n]["score"] for n in PAPER_EIGHT if n in table]
+    glue_score = float(np.mean(scored)) if len(scored) == len(PAPER_EIGHT) else None
+    return dict(model=cfg.tasks["glue"].init_from, split="validation", tasks=table, glue_score=glue_score,
+                glue_tasks_done=len(scored), paper_glue_score=PAPER_GLUE_SCORE)
+
+
+METRIC_NAMES = dict(accuracy="acc", f1="F1", mcc="MCC", pearson="Pearson", spearman="Spearman",
+                    accuracy_matched="acc m", accuracy_mismatched="acc mm")
+
+
+def results_markdown(summary: dict) -> str:
+    lines = ["# GLUE (validation)", "",
+             f"Model: `{summary['model']}`. Scores in percent; a task's score is the mean of its numbers (MNLI: "
+             "matched and mismatched accuracy), for the best setting by mean over seeds, ± the std over those seeds. "
+             "Paper: the NeoBERT paper's GLUE table.", "",
+             "| task | metrics | ours | paper NeoBERT | batch / lr / wd | seeds | runs |",
+             "|---|---|---|---|---|---|---|"]
+    for name, row in summary["tasks"].items():
+        metrics = ", ".join(f"{METRIC_NAMES[m]} {100 * v['mean']:.1f}" for m, v in row["metrics"].items())
+        s = row["setting"]
+        paper = f"{row['paper']:.1f}" if row["paper"] is not None else "-"
+        lines.append(f"| {row['title']} | {metrics} | {100 * row['score']:.1f} ± {100 * row['score_std']:.1f} | "
+                     f"{paper} | {s['batch_size']} / {s['lr']:g} / {s['weight_decay']:g} | "
+                     f"{','.join(map(str, row['seeds']))} | {row['runs']} |")
+    score = summary["glue_score"]
+    ours = f"{100 * score:.1f}" if score is not None else f"n/a ({summary['glue_tasks_done']} of 8 tasks)"
+    lines.append(f"| **GLUE score** (mean of the 8) | | **{ours}** | {summary['paper_glue_score']:.1f} | | | |")
+    return "\n".join(lines) + "\n"
+
+
+# the command
+
+
+def _distributed():
+    """(rank, world size, device). Under torchrun each process fine-tunes its own runs on its own GPU; a gloo group
+    (with a long timeout: runs take hours) only carries barriers and the list of runs to do."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    return rank, world, device
+
+
+def _broadcast(obj, world: int):
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _resolve_source(cfg) -> Optional[str]:
+    g = cfg.tasks["glue"]
+    if g.init_from is None:
+        if not g.allow_random_weights:
+            raise UserError("glue.init_from is null: pass a checkpoint (a run dir, model_checkpoints/<step>, an "
+                            "exported folder or a hub id such as chandar-lab/NeoBERT), or set "
+                            "glue.allow_random_weights: true to fine-tune random weights")
+        return None
+    return g.init_from
+
+
+def _random_source(cfg, ctx) -> Path:
+    """glue.allow_random_weights with no init_from: a randomly initialised model.* written once as a checkpoint, so
+    every run starts from the same weights through the same loading code."""
+    path = Path(cfg.trainer.output_dir) / "glue" / "random_init"
+    if not (path / "model.safetensors").is_file() and ctx["rank"] == 0:
+        from safetensors.torch import save_file
+        torch.manual_seed(cfg.trainer.seed)
+        model = neobert.NeoBERTLMHead(cfg.model)
+        tokenizer = data.load_tokenizer(cfg.tokenizer)
+        data.check_vocab(tokenizer, cfg.model.vocab_size)
+
+        def write(d: Path):
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+            (d / "config.yaml").write_text(yaml.safe_dump({"model": dataclasses.asdict(cfg.model)}))
+            tokenizer.save(str(d / "tokenizer.json"))
+        train._write_dir(path, write)
+    if ctx["world"] > 1:
+        dist.barrier()
+    return path
+
+
+def _check_model(cfg, source, ctx):
+    """Loads the starting checkpoint once before any work: a missing one, no tokenizer, or a max_seq_length beyond
+    its positions stops here."""
+    model, info = train.load_pretrained(source, head="encoder")
+    tokenizer = info.tokenizer
+    if tokenizer is None:
+        tokenizer = data.load_tokenizer(cfg.tokenizer)  # e.g. a folder with only config.json + weights
+    data.special_token_ids(tokenizer)
+    data.check_vocab(tokenizer, info.model_config.vocab_size)
+    return info.model_config, tokenizer
+
+
+def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
+    g, t = cfg.tasks["glue"], cfg.trainer
+    names = parse_tasks(g.task_name)
+    if g.batching not in ("auto", "padded", "unpadded"):
+        raise UserError(f"glue.batching={g.batching!r} is not one of auto, padded, unpadded")
+    if t.early_stopping < 0:
+        raise UserError(f"trainer.early_stopping must be >= 0 (0 = off), got {t.early_stopping}")
+    if not 0.0 <= g.warmup_ratio < 1.0 or not 0.0 <= g.classifier_dropout < 1.0:
+        raise UserError("glue.warmup_ratio and glue.classifier_dropout must be in [0, 1)")
+    rank, world, device = _distributed()
+    try:
+        precision = train.resolve_precision(t.mixed_precision, device, warn=data.warn if rank == 0 else None)
+        ctx = dict(rank=rank, world=world, device=device, precision=precision, amp=train.autocast(device, precision),
+                   unpadded=g.batching == "unpadded" or (g.batching == "auto" and device.type == "cuda"),
+                   eval_batch_size=t.per_device_eval_batch_size, show_bar=True, encoded={})
+        source = _resolve_source(cfg)
+        if source is None:
+            source = _random_source(cfg, ctx)
+        model_config, ctx["tokenizer"] = _check_model(cfg, source, ctx)
+        ctx["pad_id"] = data.special_token_ids(ctx["tokenizer"])["pad"]
+
+        # the data of every task, checked before any fine-tuning; rank 0 downloads first, the others read its cache
+        tasks, splits, id2labels = {}, {}, {}
+        for turn in ((0,), tuple(range(1, world))) if world > 1 else ((0,),):
+            if rank in turn:
+                for name in names:
+                    if name == "custom":
+                        splits[name], num_labels, id2labels[name] = load_custom_task(g)
+                        tasks[name] = custom_task(g, num_labels)
+                    else:
+                        task = tasks[name] = GLUE_TASKS[name]
+                        if g.num_labels is not None and g.num_labels != task.num_labels:
+                            raise UserError(f"glue.num_labels={g.num_labels} contradicts {name}, which has "
+                                            f"{task.num_labels} label{'s' if task.num_labels > 1 else ''}; leave "
+                                            "glue.num_labels null for GLUE tasks")
+                        splits[name] = load_glue_task(task, g)
+                        id2labels[name] = dict(enumerate(task.labels)) if task.labels else None
+            if world > 1:
+                dist.barrier()
+        runs = plan_runs(cfg, names, cli)
+        for run in runs:
+            if run.max_seq_length > model_config.max_position_embeddings:
+                raise UserError(f"{run.task}: max_seq_length={run.max_seq_length} exceeds the model's "
+                                f"max_position_embeddings={model_config.max_position_embeddings}; lower "
+                                "glue.max_seq_length (or glue.tasks.<task>.max_seq_length)")
+        if bench:
+            return bench_glue(cfg, runs[0], tasks[runs[0].task], source, splits[runs[0].task], ctx)
+
+        # phase 1: everything that does not start from MNLI; phase 2: the transfer tasks, from MNLI's best model
+        transfer = g.transfer_from_task
+        phases = [[r for r in runs if not (transfer and r.task in TRANSFER_TASKS)],
+                  [r for r in runs if transfer and r.task in TRANSFER_TASKS]]
+        if transfer and phases[1] and "mnli" not in names and _best_mnli(cfg) is None:
+            raise UserError(f"glue.transfer_from_task starts {', '.join(sorted({r.task for r in phases[1]}))} from "
+                            f"the best MNLI model, and {Path(t.output_dir) / 'glue' / 'mnli'} holds no finished "
+                            "MNLI run: add mnli to glue.task_name (all includes it) or run it first")
+        for phase_no, phase in enumerate(phases):
+            if not phase:
+                continue
+            start = source
+            if phase_no == 1:
+                start = _best_mnli(cfg)
+                if rank == 0:
+                    print(f"transfer: {', '.join(sorted({r.task for r in phase}))} start from {start}")
+            todo = None
+            if rank == 0:
+                todo = [i for i, run in enumerate(phase) if not _finished(cfg, run, start)]
+                done = len(phase) - len(todo)
+                if done:
+                    print(f"skipping {done} finished run{'s' if done > 1 else ''} (their results.json exist)")
+            todo = _broadcast(todo, world)
+            for i in todo[rank::world]:  # round-robin: each process its own runs, on its own device
+                run = phase[i]
+                res = finetune(cfg, run, tasks[run.task], start, splits[run.task], ctx, id2labels[run.task])
+                print(f"[rank {rank}] {run.task} {run.name}: best {100 * res['best']['score']:.2f} at step "
+                      f"{res['best']['step']} ({res['steps']} steps, {res['wall_time_s']:.0f}s)", flush=True)
+            if world > 1:
+                dist.barrier()
+        summary = None
+        if rank == 0:
+            summary = summarize_glue(cfg, runs, tasks)
+            out = Path(t.output_dir) / "glue"
+            out.mkdir(parents=True, exist_ok=True)
+            _atomic_write(out / "results.json", json.dumps(summary, indent=1))
+            _atomic_write(out / "results.md", results_markdown(summary))
+            print(results_markdown(summary), end="")
+            print(f"written: {out / 'results.md'}, {out / 'results.json'}")
+        return summary
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _finished(cfg, run: GlueRun, source) -> bool:
+    res = read_results(run_dir(cfg, run))
+    if res is None:
+        return False
+    want = run_fingerprint(cfg, run, source)
+    diff = [k for k in want if res.get("fingerprint", {}).get(k) != want[k]]
+    if diff:
+        raise UserError(f"{run_dir(cfg, run)} holds a finished run made with another {diff[0]} "
+                        f"({res.get('fingerprint', {}).get(diff[0])!r}, now {want[diff[0]]!r}); choose another "
+                        "trainer.output_dir, or delete that run to redo it")
+    return True
+
+
+def _best_mnli(cfg) -> Optional[Path]:
+    """The best/ checkpoint of the highest-scoring finished MNLI run under output_dir (the transfer source)."""
+    root = Path(cfg.trainer.output_dir) / "glue" / "mnli"
+    found = [(r["best"]["score"], r["run"]) for r in (read_results(d) for d in sorted(root.glob("*/"))) if r]
+    if not found:
+        return None
+    return root / max(found)[1] / "best"
+
+
+def bench_glue(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict) -> dict:
+    """Fine-tuning examples/s with padded (length-grouped) and unpadded (cu_seqlens) batches, same model, data and
+    steps, side by side."""
+    device, amp = ctx["device"], ctx["amp"]
+    steps, warmup = cfg.tasks["glue"].bench_steps, 3
+    model, info = train.load_pretrained(source, head="classifier", num_labels=task.num_labels,
+                                        new_head_if_mismatch=True)
+    model.to(device)
+    tokenizer = info.tokenizer or ctx["tokenizer"]
+    train_enc, _ = encoded_splits(task, splits, tokenizer, run.max_seq_length, ctx)
+    optimizer = torch.optim.AdamW(neobert.param_groups(model, run.weight_decay), lr=run.lr)
+    batches = epoch_batches(train_enc, run.batch_size, run.seed, 0, False)[:steps + warmup]
+    results = {}
+    for mode in ("padded", "unpadded"):
+        grouped = epoch_batches(train_enc, run.batch_size, run.seed, 0, True)[:steps + warmup]
+        plan = grouped if mode == "padded" else batches
+        n = tokens = padded_tokens = 0
+        for i, idx in enumerate(plan):
+            if i == warmup:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0, n, tokens, padded_tokens = time.perf_counter(), 0, 0, 0
+            for piece in row_pieces(train_enc, idx, mode == "unpadded", model.config.max_position_embeddings):
+                batch = make_batch(train_enc, piece, ctx["pad_id"], mode == "unpadded")
+                padded_tokens += batch["input_ids"].numel()
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                with amp:
+                    loss = model(**batch).loss
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            n += len(idx)
+            tokens += int(train_enc.lengths[idx].sum())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        results[mode] = dict(examples_per_s=n / elapsed, tokens_per_s=tokens / elapsed,
+                             padding=1 - tokens / max(padded_tokens, 1), steps=len(plan) - warmup)
+    ratio = results["unpadded"]["examples_per_s"] / results["padded"]["examples_per_s"]
+    print(f"glue bench: {task.name}, batch {run.batch_size}, max_seq_length {run.max_seq_length}, {steps} steps, "
+          f"{device}, precision {ctx['precision']}")
+    print(f"{'batching':<10} {'examples/s':>11} {'real tokens/s':>14} {'padding':>8}")
+    for mode, r in results.items():
+        print(f"{mode:<10} {r['examples_per_s']:>11.1f} {r['tokens_per_s']:>14.0f} {100 * r['padding']:>7.1f}%")
+    print(f"speed-up of unpadded over padded: {ratio:.2f}x")
+    return dict(task=task.name, device=str(device), precision=ctx["precision"], ratio=ratio, **results)
+
+
+GLUE_USAGE = """usage: python evaluate.py glue [CONFIG] [--bench] [--section.key value ...]   (CONFIG: configs/glue.yaml)
+  --glue.task_name cola|sst2|mrpc|qqp|stsb|mnli|qnli|rte|wnli|all|custom (or a comma list)
+  --glue.init_from RUN_DIR|CHECKPOINT_DIR|HF_FOLDER|HUB_ID   --glue.tasks.<task>.<key> v   --glue.sweep.<key> v1,v2
+  --bench: fine-tuning examples/s, padded vs unpadded batches, on the first task
+  results: <trainer.output_dir>/glue/results.md, results.json; one folder per run under glue/<task>/"""
+
+
+def glue_main(argv) -> int:
+    argv = list(argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(GLUE_USAGE)
+        return 0
+    if not argv or argv[0].startswith("--") or "=" in argv[0]:  # no CONFIG: the default one
+        argv.insert(0, str(Path(__file__).resolve().parent / "configs" / "glue.yaml"))
+    bench = "--bench" in argv
+    argv = [a for a in argv if a != "--bench"]
+
+    def work(args):
+        cfg, cli = load_glue_config(args)
+        glue(cfg, cli, bench=bench)
+    return data.run_main(argv, GLUE_USAGE, work)
+
 
 # === GLUE SECTION END ===
 

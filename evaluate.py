@@ -709,7 +709,8 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict,
         metrics_file.close()
     model.load_state_dict(best_state)
     save_classifier(out / "best", model, cfg, tokenizer, task, id2label, run)
-    results = dict(task=run.task, run=run.name, setting=dataclasses.asdict(run), source=str(source),
+    results = dict(task=run.task, run=run.name, setting=dataclasses.asdict(run), config=train.config_to_dict(cfg),
+                   source=str(source), process=ctx["rank"],
                    model_path=str(info.path), fingerprint=run_fingerprint(cfg, run, source),
                    steps=step + 1, total_steps=total, steps_per_epoch=steps_per_epoch, eval_every=eval_every,
                    stopped_early=stopped_early, evaluations=evaluations, best=best,
@@ -1056,6 +1057,11 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
             raise UserError(f"glue.transfer_from_task starts {', '.join(sorted({r.task for r in phases[1]}))} from "
                             f"the best MNLI model, and {Path(t.output_dir) / 'glue' / 'mnli'} holds no finished "
                             "MNLI run: add mnli to glue.task_name (all includes it) or run it first")
+        if rank == 0:
+            print(f"glue: {len(runs)} run{'s' if len(runs) > 1 else ''} of {', '.join(names)} over {world} "
+                  f"process{'es' if world > 1 else ''} ({device}, {'bf16 autocast' if precision == 'bf16' else 'fp32'},"
+                  f" {'unpadded' if ctx['unpadded'] else 'length-grouped padded'} batches) -> "
+                  f"{Path(t.output_dir) / 'glue'}", flush=True)
         for phase_no, phase in enumerate(phases):
             if not phase:
                 continue

@@ -39,6 +39,16 @@ def words(rng, lo, hi):
 # fixtures: a tiny "pretrained" checkpoint in the run-dir layout, synthetic learnable tasks
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and a busy 2-core machine makes 2 threads many times slower); the
+    torchrun test's processes get one thread each too, so both sides do the same arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     rng = random.Random(0)
@@ -389,6 +399,10 @@ def test_pair_task_learns_and_writes_its_run(custom_run):
     pred = evaluate.predict(model, enc, 64, data.special_token_ids(tok)["pad"], False, torch.device("cpu"),
                             train.autocast("cpu", "no"))
     assert evaluate.accuracy(pred.astype(int), enc.labels) == pytest.approx(res["best"]["accuracy"])
+    # the unpadded path (one row, cu_seqlens: the GPU's varlen attention; an exact block mask here) agrees
+    unpadded = evaluate.predict(model, enc, 64, data.special_token_ids(tok)["pad"], True, torch.device("cpu"),
+                                train.autocast("cpu", "no"))
+    np.testing.assert_array_equal(unpadded, pred)
     summary = json.loads((out / "glue" / "results.json").read_text())
     assert summary["tasks"]["custom"]["score"] == pytest.approx(res["best"]["score"])
     assert "custom (data)" in (out / "glue" / "results.md").read_text()
@@ -564,14 +578,8 @@ def test_torchrun_splits_runs_and_gives_the_same_table(tmp_path, pretrained):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[rank 0] custom bs8_lr0.002_wd1e-05_seed0" in proc.stdout, proc.stdout
     assert "[rank 1] custom bs8_lr0.002_wd1e-05_seed1" in proc.stdout, proc.stdout
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same arithmetic as each torchrun process
-    try:
-        assert run_glue(*common, *glue_args(tmp_path / "single", pretrained, "--trainer.max_steps", 4,
-                                            "--trainer.per_device_train_batch_size", 8,
-                                            "--trainer.eval_steps", 2)) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert run_glue(*common, *glue_args(tmp_path / "single", pretrained, "--trainer.max_steps", 4,
+                                        "--trainer.per_device_train_batch_size", 8, "--trainer.eval_steps", 2)) == 0
     ddp = json.loads((tmp_path / "ddp" / "glue" / "results.json").read_text())
     single = json.loads((tmp_path / "single" / "glue" / "results.json").read_text())
     assert ddp["tasks"] == single["tasks"]
@@ -714,10 +722,25 @@ def test_bad_input(tmp_path, pretrained, tokenizer, capsys):
     assert not (tmp_path / "out" / "glue").exists() or not any((tmp_path / "out" / "glue").rglob("results.json"))
 
 
-def test_command_line_default_config(tmp_path):
+def test_command_line_default_config(tmp_path, capsys):
     proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "glue", "--glue.task_name", "nope"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: glue.task_name='nope'")
-    help_ = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "glue", "--help"], capture_output=True,
-                           text=True, timeout=120)
-    assert help_.returncode == 0 and "configs/glue.yaml" in help_.stdout
+    assert evaluate.main(["glue", "--help"]) == 0 and "configs/glue.yaml" in capsys.readouterr().out
+
+
+def test_random_weights_only_when_allowed_and_unpadded_training(tmp_path, tokenizer, capsys):
+    tok_path = tmp_path / "tokenizer.json"
+    tokenizer.save(str(tok_path))
+    data_dir = write_custom(tmp_path / "data", n_train=24, n_val=8)
+    tiny = ["--model.vocab_size", 256, "--model.hidden_size", 32, "--model.num_hidden_layers", 1,
+            "--model.num_attention_heads", 2, "--model.intermediate_size", 64, "--model.max_position_embeddings", 64,
+            "--tokenizer.path", tok_path, "--dataset.max_seq_length", 64]
+    args = ["--glue.task_name", "custom", "--glue.data_dir", data_dir, "--glue.text_columns", "premise,hypothesis",
+            *glue_args(tmp_path / "out", "null", "--trainer.max_steps", 2, "--glue.batching", "unpadded"), *tiny]
+    one_line_error(capsys, run_glue(*args), "glue.init_from is null", "glue.allow_random_weights: true")
+    assert run_glue(*args, "--glue.allow_random_weights", "true") == 0
+    (res,) = (tmp_path / "out" / "glue" / "custom").glob("*/results.json")
+    res = json.loads(res.read_text())
+    assert res["batching"] == "unpadded" and res["steps"] == 2 and res["config"]["model"]["hidden_size"] == 32

@@ -192,8 +192,9 @@ class Split:
 
 def _read_tsv(path: Path, header: Optional[tuple] = None) -> tuple[list, list]:
     """(column names, rows) of a tab-separated file, read with no quoting at all: GLUE's QQP and MNLI hold unbalanced
-    quote characters that a CSV reader would swallow across lines. Only \\n ends a line. Rows whose field count
-    differs from the header (a few in QQP's train.tsv) are skipped and counted in a warning."""
+    quote characters that a CSV reader would swallow across lines. Only \\n ends a line. Fields past the header's
+    count (trailing extras, as in some STS-B rows) are ignored, as csv.DictReader does; rows with fewer fields than
+    the header (a few in QQP's train.tsv) are skipped and counted in a warning."""
     with open(path, encoding="utf-8-sig", newline="\n") as f:
         lines = [ln.rstrip("\n").removesuffix("\r") for ln in f]
     lines = [ln for ln in lines if ln.strip()]
@@ -202,9 +203,10 @@ def _read_tsv(path: Path, header: Optional[tuple] = None) -> tuple[list, list]:
             raise UserError(f"{path} is empty")
         header, lines = tuple(lines[0].split("\t")), lines[1:]
     rows = [ln.split("\t") for ln in lines]
-    good = [r for r in rows if len(r) == len(header)]
+    good = [r[:len(header)] for r in rows if len(r) >= len(header)]
     if len(good) < len(rows):
-        data.warn(f"{path}: skipped {len(rows) - len(good)} malformed rows (not {len(header)} tab-separated fields)")
+        data.warn(f"{path}: skipped {len(rows) - len(good)} malformed rows (fewer than {len(header)} tab-separated "
+                  "fields)")
     return list(header), good
 
 
@@ -399,7 +401,7 @@ def load_custom_task(g: GlueConfig) -> tuple[dict, int, Optional[dict]]:
         if len(names) > num_labels:
             raise UserError(f"glue.num_labels={num_labels} but the data has {len(names)} distinct labels "
                             f"({', '.join(names[:10])}); set glue.num_labels: {len(names)} or leave it null")
-        id2label = dict(enumerate(names))
+        id2label = {i: names[i] if i < len(names) else f"LABEL_{i}" for i in range(num_labels)}  # one name per id
     label2id = {v: k for k, v in (id2label or {}).items()}
 
     def convert(value, row, path):
@@ -636,6 +638,7 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict,
                                         classifier_init_range=g.classifier_init_range, new_head_if_mismatch=True)
     tokenizer = info.tokenizer if info.tokenizer is not None else ctx["tokenizer"]
     train_enc, val = encoded_splits(task, splits, tokenizer, run.max_seq_length, ctx)
+    model.model.gradient_checkpointing = t.gradient_checkpointing
     model.to(device)
     train_model = torch.compile(model, dynamic=True) if t.torch_compile else model
     optimizer = torch.optim.AdamW(neobert.param_groups(model, run.weight_decay), lr=run.lr, betas=o.betas, eps=o.eps,
@@ -1105,6 +1108,9 @@ def _finished(cfg, run: GlueRun, source) -> bool:
         return False
     want = run_fingerprint(cfg, run, source)
     diff = [k for k in want if res.get("fingerprint", {}).get(k) != want[k]]
+    if diff == ["source"] and run.task in TRANSFER_TASKS and cfg.tasks["glue"].transfer_from_task:
+        data.warn(f"{run_dir(cfg, run)}: the best MNLI model is now {source}; running it again from there")
+        return False
     if diff:
         raise UserError(f"{run_dir(cfg, run)} holds a finished run made with another {diff[0]} "
                         f"({res.get('fingerprint', {}).get(diff[0])!r}, now {want[diff[0]]!r}); choose another "

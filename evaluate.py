@@ -56,7 +56,7 @@ class GlueConfig:
     classifier_init_range: float = 0.02
     warmup_ratio: float = 0.1  # linear warmup over this fraction of a run's steps (replaces scheduler.warmup_steps)
     transfer_from_task: bool = False  # RTE, MRPC, STS-B, QNLI start from the best MNLI model (the paper does)
-    tasks: dict = field(default_factory=dict)  # per task: {batch_size, lr, weight_decay, num_train_epochs, max_seq_length}
+    tasks: dict = field(default_factory=dict)  # per task: batch_size lr weight_decay num_train_epochs max_seq_length
     sweep: dict = field(default_factory=dict)  # lists of lr, batch_size, weight_decay, seed: the full grid runs
     batching: str = "auto"  # auto (unpadded on GPU, length-grouped padded on CPU) | padded | unpadded
     text_columns: list[str] = field(default_factory=list)  # custom: one or two columns
@@ -382,15 +382,14 @@ def load_custom_task(g: GlueConfig) -> tuple[dict, int, Optional[dict]]:
     paths = {"train": _custom_file(root, ["train"]), "validation": _custom_file(root, ["validation", "dev"])}
     tables = {s: read_examples(p) for s, p in paths.items()}
     raw = {s: _columns(t, [g.label_column], paths[s], "label")[0] for s, t in tables.items()}
-    values = [v for s in raw for v in raw[s]]
-    regression = g.num_labels == 1 or (g.num_labels is None and any(isinstance(v, float) and not v.is_integer()
-                                                                     for v in values))
+    values = [v for s in raw for v in raw[s] if not _no_label(v)]
+    numbers = [_number(v) for v in values]  # CSV/TSV labels are strings: "1", "2.5"
+    numeric = all(n is not None for n in numbers)
     id2label = None
-    if regression:
-        num_labels = 1
-    elif all(isinstance(v, (int, np.integer)) or (isinstance(v, str) and v.strip().lstrip("-").isdigit())
-             or (isinstance(v, float) and v.is_integer()) for v in values):
-        ints = [int(v) for v in values]  # ids as given; their count comes from glue.num_labels or the data
+    if g.num_labels == 1 or (g.num_labels is None and numeric and any(not n.is_integer() for n in numbers)):
+        num_labels = 1  # a regression
+    elif numeric and all(n.is_integer() for n in numbers):
+        ints = [int(n) for n in numbers]  # ids as given; their count comes from glue.num_labels or the data
         num_labels = g.num_labels if g.num_labels is not None else max(ints) + 1
         if num_labels < 2:
             raise UserError(f"the labels in {paths['train']} are all {ints[0]}: a classifier needs at least two "
@@ -405,17 +404,16 @@ def load_custom_task(g: GlueConfig) -> tuple[dict, int, Optional[dict]]:
     label2id = {v: k for k, v in (id2label or {}).items()}
 
     def convert(value, row, path):
-        if value is None or (isinstance(value, str) and not value.strip()):
+        if _no_label(value):
             return None
         if num_labels == 1:
-            try:
-                return float(value)
-            except (TypeError, ValueError):
+            if _number(value) is None:
                 raise UserError(f"{path} row {row + 1}: label {value!r} is not a number (glue.num_labels is 1, a "
-                                "regression)") from None
+                                "regression)")
+            return _number(value)
         if id2label is not None:
             return label2id[str(value)]
-        label = int(value)
+        label = int(_number(value))
         if not 0 <= label < num_labels:
             raise UserError(f"{path} row {row + 1}: label {label} is outside 0..{num_labels - 1} "
                             f"(glue.num_labels={num_labels}); fix the data or raise glue.num_labels")
@@ -426,6 +424,18 @@ def load_custom_task(g: GlueConfig) -> tuple[dict, int, Optional[dict]]:
     return splits, num_labels, id2label
 
 
+def _no_label(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _number(value) -> Optional[float]:
+    """A label as a float (1, 2.5, "2.5", True), or None when it is not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def custom_task(g: GlueConfig, num_labels: int) -> GlueTask:
     if g.metric is not None:
         metrics = tuple(m.strip() for m in g.metric.split(",") if m.strip())
@@ -434,10 +444,11 @@ def custom_task(g: GlueConfig, num_labels: int) -> GlueTask:
     bad = [m for m in metrics if m not in METRICS]
     if bad or not metrics:
         raise UserError(f"glue.metric={g.metric!r}: choose from {', '.join(METRICS)} (or a comma list of them)")
-    regression_only = {"pearson", "spearman"}
-    if (num_labels == 1) != bool(set(metrics) & regression_only) or (num_labels == 1 and set(metrics) - regression_only):
-        raise UserError(f"glue.metric={','.join(metrics)} does not fit a {'regression' if num_labels == 1 else 'classification'} "
-                        f"task: use pearson/spearman for num_labels 1, accuracy/f1/mcc otherwise")
+    correlations = {"pearson", "spearman"}  # for a regression, and only there
+    if (num_labels == 1) != (set(metrics) <= correlations):
+        kind = "regression" if num_labels == 1 else "classification"
+        raise UserError(f"glue.metric={','.join(metrics)} does not fit a {kind} task: use pearson/spearman for "
+                        "num_labels 1, accuracy/f1/mcc otherwise")
     labels = tuple(str(i) for i in range(num_labels)) if num_labels > 1 else ()
     return GlueTask("custom", f"custom ({Path(g.data_dir).name})", tuple(g.text_columns), labels, metrics, "",
                     (), "")
@@ -559,10 +570,6 @@ class GlueRun:
     def name(self) -> str:
         return f"bs{self.batch_size}_lr{self.lr:g}_wd{self.weight_decay:g}_seed{self.seed}"
 
-    @property
-    def setting(self) -> tuple:
-        return self.batch_size, self.lr, self.weight_decay
-
 
 def run_dir(cfg, run: GlueRun) -> Path:
     return Path(cfg.trainer.output_dir) / "glue" / run.task / run.name
@@ -652,7 +659,7 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict,
     accum = t.gradient_accumulation_steps
     evaluations, best, best_state, bad_evals = [], None, None, 0
     metrics_file = open(out / "metrics.jsonl", "w")
-    bar = tqdm(total=total, desc=f"{run.task} {run.name}", disable=t.disable_tqdm or not ctx["show_bar"],
+    bar = tqdm(total=total, desc=f"{run.task} {run.name}", disable=t.disable_tqdm,
                dynamic_ncols=True, leave=False)
     t0, examples, stopped_early, step = time.perf_counter(), 0, False, 0
     try:
@@ -711,7 +718,7 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict,
         bar.close()
         metrics_file.close()
     model.load_state_dict(best_state)
-    save_classifier(out / "best", model, cfg, tokenizer, task, id2label, run)
+    save_classifier(out / "best", model, info, cfg, tokenizer, task, id2label, run)
     results = dict(task=run.task, run=run.name, setting=dataclasses.asdict(run), config=train.config_to_dict(cfg),
                    source=str(source), process=ctx["rank"],
                    model_path=str(info.path), fingerprint=run_fingerprint(cfg, run, source),
@@ -724,14 +731,16 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict,
     return results
 
 
-def save_classifier(path: Path, model, cfg, tokenizer, task: GlueTask, id2label, run: GlueRun) -> None:
+def save_classifier(path: Path, model, info, cfg, tokenizer, task: GlueTask, id2label, run: GlueRun) -> None:
     """The checkpoint layout (model.safetensors, config.yaml with model: and classifier:, tokenizer.json), written
-    under a temporary name and renamed: export.py turns it into a folder transformers loads with its labels."""
+    under a temporary name and renamed: export.py turns it into a folder transformers loads with its labels.
+    config.yaml keeps the pretraining sections of the checkpoint it started from (what the model card reports) and
+    adds the fine-tuning's glue: section, with this run's setting."""
     from safetensors.torch import save_file
     g = cfg.tasks["glue"]
-    full = train.config_to_dict(cfg)
+    full = dict(info.full_config) if (info.path / "config.yaml").is_file() else {}
     full["model"] = dataclasses.asdict(model.config)
-    full["glue"] = {**full["glue"], "task_name": task.name, "max_seq_length": run.max_seq_length}
+    full["glue"] = {**train.config_to_dict(cfg)["glue"], "task_name": task.name, "run": dataclasses.asdict(run)}
     full["classifier"] = dict(num_labels=task.num_labels, id2label=dict(id2label) if id2label else None,
                               classifier_dropout=g.classifier_dropout, classifier_init_range=g.classifier_init_range)
 
@@ -1018,7 +1027,7 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
         precision = train.resolve_precision(t.mixed_precision, device, warn=data.warn if rank == 0 else None)
         ctx = dict(rank=rank, world=world, device=device, precision=precision, amp=train.autocast(device, precision),
                    unpadded=g.batching == "unpadded" or (g.batching == "auto" and device.type == "cuda"),
-                   eval_batch_size=t.per_device_eval_batch_size, show_bar=True, encoded={})
+                   eval_batch_size=t.per_device_eval_batch_size, encoded={})
         source = _resolve_source(cfg)
         if source is None:
             source = _random_source(cfg, ctx)
@@ -1175,7 +1184,7 @@ def bench_glue(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dic
     return dict(task=task.name, device=str(device), precision=ctx["precision"], ratio=ratio, **results)
 
 
-GLUE_USAGE = """usage: python evaluate.py glue [CONFIG] [--bench] [--section.key value ...]   (CONFIG: configs/glue.yaml)
+GLUE_USAGE = """usage: python evaluate.py glue [CONFIG] [--bench] [--section.key value ...]  (CONFIG: configs/glue.yaml)
   --glue.task_name cola|sst2|mrpc|qqp|stsb|mnli|qnli|rte|wnli|all|custom (or a comma list)
   --glue.init_from RUN_DIR|CHECKPOINT_DIR|HF_FOLDER|HUB_ID   --glue.tasks.<task>.<key> v   --glue.sweep.<key> v1,v2
   --bench: fine-tuning examples/s, padded vs unpadded batches, on the first task

@@ -123,7 +123,8 @@ def write_rows(path: Path, rows: list):
         pq.write_table(pa.table({c: [r[c] for r in rows] for c in cols}), path)
     else:
         sep = "\t" if path.suffix == ".tsv" else ","
-        path.write_text(sep.join(cols) + "\n" + "".join(sep.join(str(r[c]) for c in cols) + "\n" for r in rows))
+        text = "".join(sep.join("" if r[c] is None else str(r[c]) for c in cols) + "\n" for r in rows)
+        path.write_text(sep.join(cols) + "\n" + text)
 
 
 BASE = ["--trainer.mixed_precision", "no", "--trainer.disable_tqdm", "true", "--glue.max_seq_length", "32",
@@ -154,7 +155,8 @@ def custom_run(tmp_path_factory, pretrained):
     tmp = tmp_path_factory.mktemp("custom_run")
     data_dir = write_custom(tmp / "data")
     out = tmp / "out"
-    code = run_glue("--glue.task_name", "custom", "--glue.data_dir", data_dir, "--glue.text_columns", "premise,hypothesis",
+    code = run_glue("--glue.task_name", "custom", "--glue.data_dir", data_dir, "--glue.text_columns",
+                    "premise,hypothesis",
                     *glue_args(out, pretrained, "--trainer.num_train_epochs", 3, "--optimizer.lr", 2e-3,
                                "--trainer.per_device_train_batch_size", 16, "--trainer.eval_steps", 10))
     assert code == 0
@@ -197,7 +199,8 @@ def test_task_scores_as_the_paper_reports_them():
     t = evaluate.GLUE_TASKS
     assert evaluate.glue_task_score(t["mrpc"], {"f1": 0.9, "accuracy": 0.8}) == pytest.approx(0.85)
     assert evaluate.glue_task_score(t["stsb"], {"pearson": 0.9, "spearman": 0.7}) == pytest.approx(0.8)
-    assert evaluate.glue_task_score(t["mnli"], {"accuracy_matched": 0.8, "accuracy_mismatched": 0.9}) == pytest.approx(0.85)
+    mnli = {"accuracy_matched": 0.8, "accuracy_mismatched": 0.9}
+    assert evaluate.glue_task_score(t["mnli"], mnli) == pytest.approx(0.85)
     assert evaluate.glue_task_score(t["cola"], {"mcc": 0.5}) == 0.5
     paper = {n: t[n].paper for n in evaluate.PAPER_EIGHT}
     assert paper == dict(mnli=89.0, qnli=93.7, qqp=90.7, rte=91.3, sst2=95.6, mrpc=93.4, cola=66.2, stsb=91.8)
@@ -324,7 +327,8 @@ def write_tsv_layout(root: Path) -> Path:
         w(f"SST-2/{name}.tsv", "sentence\tlabel\na gripping movie \t1\nit 's a bad sign \t0\n")
         w(f"MRPC/{name}.tsv", "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t702876\t702977\tHe said so.\t"
                               "So he said.\n0\t2108705\t2108831\tA dog.\tA cat.\n")
-        w(f"STS-B/{name}.tsv", "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+        w(f"STS-B/{name}.tsv", "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\t"
+                               "score\n"
                                "0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tA plane is taking off.\t"
                                "An air plane is taking off.\t5.000\n1\tmain-news\tx\t2012\t2\tnone\tnone\tA man plays."
                                "\tA cat eats.\t0.250\tsource-note\n")  # a trailing extra field: ignored
@@ -388,6 +392,8 @@ def test_pair_task_learns_and_writes_its_run(custom_run):
     cfg = yaml.safe_load((best / "config.yaml").read_text())
     assert cfg["classifier"]["num_labels"] == 2 and cfg["classifier"]["id2label"] == {0: "neg", 1: "pos"}
     assert cfg["model"]["hidden_size"] == 32 and (best / "tokenizer.json").is_file()
+    assert cfg["dataset"]["name"] == "toy"  # the pretraining provenance of the start checkpoint is kept
+    assert cfg["glue"]["task_name"] == "custom" and cfg["glue"]["run"]["batch_size"] == 16
     assert "classifier.weight" in load_file(str(best / "model.safetensors"))
     # the saved model is the best evaluation's: reloading it and predicting gives its score back
     model, info = train.load_pretrained(best, head="classifier")
@@ -437,6 +443,12 @@ def test_custom_formats_and_label_mapping(tmp_path, fmt):
         assert splits["train"].texts[2] == ('a "quoted', "q")
     one, n, _ = evaluate.load_custom_task(evaluate.GlueConfig(data_dir=str(root), text_columns=["text"]))
     assert one["train"].texts[0] == ("wax wbx",)
+    # numbers, as CSV/TSV give them (strings): integers are ids, fractions a regression; empty labels are skipped
+    for labels, want_n, want_labels in (([1, 0, None], 2, [1, 0]), ([0.5, 2, 1], 1, [0.5, 2.0, 1.0])):
+        write_rows(root / f"train.{fmt}", [{**r, "label": y} for r, y in zip(rows, labels)])
+        write_rows(root / f"dev.{fmt}", [{**rows[0], "label": labels[0]}])
+        splits, n, id2label = evaluate.load_custom_task(evaluate.GlueConfig(data_dir=str(root), text_columns=["text"]))
+        assert n == want_n and id2label is None and splits["train"].labels.tolist() == want_labels
 
 
 def test_settings_per_task_command_line_and_sweep(tmp_path):

@@ -10,6 +10,7 @@ Conventions used everywhere below:
   at 0 in each segment. No token attends across a segment boundary.
 """
 
+import importlib.util
 import json
 import os
 from dataclasses import asdict, dataclass, fields
@@ -20,18 +21,44 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-try:  # the flash-attn package (CUDA only, optional)
-    from flash_attn import flash_attn_varlen_func
-except Exception:  # not installed, or built for another torch
-    flash_attn_varlen_func = None
-try:  # PyTorch's own varlen flash kernel (CUDA only)
-    from torch.nn.attention.varlen import varlen_attn
-except Exception:
-    varlen_attn = None
-
 ATTN_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
 ATTN_BACKEND_ALIASES = {"flash_attn_varlen": "flash_attn"}  # the NeoBERT training guide's name for it
 HIDDEN_ACTS = ("swiglu", "gelu")
+
+# -----------------------------------------------------------------------------
+# the optional varlen kernels (CUDA only), imported on first use: torch.nn.attention.varlen pulls in torch._dynamo,
+# seconds of start-up on every command, and only a packed batch on CUDA needs either kernel
+
+KERNEL_MODULES = {"flash_attn": "flash_attn", "torch_varlen": "torch.nn.attention.varlen"}
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# found, not imported (milliseconds); found once here so that torch.compile never traces a failing import
+KERNEL_INSTALLED = {backend: _module_exists(module) for backend, module in KERNEL_MODULES.items()}
+_kernels = {}
+
+
+def varlen_kernel(backend: str):
+    """flash_attn.flash_attn_varlen_func or torch.nn.attention.varlen.varlen_attn, or None if it cannot be imported."""
+    if backend not in _kernels:
+        fn = None
+        if KERNEL_INSTALLED[backend]:
+            try:
+                if backend == "flash_attn":
+                    from flash_attn import flash_attn_varlen_func as fn
+                else:
+                    from torch.nn.attention.varlen import varlen_attn as fn
+            except Exception:  # built for another torch, or another CUDA
+                fn = None
+        _kernels[backend] = fn
+    return _kernels[backend]
+
 
 # -----------------------------------------------------------------------------
 # config
@@ -84,10 +111,10 @@ class NeoBERTConfig:
         self.attn_backend = ATTN_BACKEND_ALIASES.get(self.attn_backend, self.attn_backend)
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"model.attn_backend={self.attn_backend!r} is unknown; choose one of {', '.join(ATTN_BACKENDS)}")
-        if self.attn_backend == "flash_attn" and flash_attn_varlen_func is None:
+        if self.attn_backend == "flash_attn" and not KERNEL_INSTALLED["flash_attn"]:
             raise ValueError("model.attn_backend=flash_attn but the flash-attn package is not installed; "
                              "install it (CUDA only) or use attn_backend: auto")
-        if self.attn_backend == "torch_varlen" and varlen_attn is None:
+        if self.attn_backend == "torch_varlen" and not KERNEL_INSTALLED["torch_varlen"]:
             raise ValueError("model.attn_backend=torch_varlen needs torch.nn.attention.varlen (PyTorch >= 2.9); use auto")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
@@ -181,9 +208,9 @@ def pick_backend(config: NeoBERTConfig, q: torch.Tensor) -> str:
             raise ValueError(f"attn_backend={config.attn_backend} runs on CUDA only; use auto or sdpa on {q.device}")
         return config.attn_backend
     half = q.dtype in (torch.float16, torch.bfloat16)
-    if q.is_cuda and half and flash_attn_varlen_func is not None:
+    if q.is_cuda and half and varlen_kernel("flash_attn") is not None:
         return "flash_attn"
-    if q.is_cuda and half and varlen_attn is not None:
+    if q.is_cuda and half and varlen_kernel("torch_varlen") is not None:
         return "torch_varlen"
     return "sdpa"
 
@@ -198,11 +225,14 @@ def attention(q, k, v, config, attention_mask=None, cu_seqlens=None, max_seqlen=
             dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16  # kernels need half
             qf, kf, vf = (t.reshape(B * S, nh, hd).to(dtype) for t in (q, k, v))
             cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+            kernel = varlen_kernel(backend)
+            if kernel is None:
+                raise ValueError(f"attn_backend={backend} is installed but cannot be imported; use auto or sdpa")
             if backend == "flash_attn":
-                out = flash_attn_varlen_func(qf, kf, vf, cu, cu, max_seqlen, max_seqlen, dropout_p=dropout_p)
+                out = kernel(qf, kf, vf, cu, cu, max_seqlen, max_seqlen, dropout_p=dropout_p)
             else:  # no dropout in torch's varlen kernel: assert rather than silently skip it
                 assert dropout_p == 0.0, "attn_backend=torch_varlen does not support attention dropout"
-                out = varlen_attn(qf, kf, vf, cu, cu, max_seqlen, max_seqlen)
+                out = kernel(qf, kf, vf, cu, cu, max_seqlen, max_seqlen)
             return out.view(B, S, nh, hd).to(q.dtype)
         # exact path: a block-diagonal mask per row (segments never cross rows)
         seg = segment_ids(cu_seqlens, (B, S))
@@ -267,10 +297,11 @@ class EncoderBlock(nn.Module):
 # the encoder
 
 
-def init_weights(module: nn.Module, init_range: float):
+def init_weights(module: nn.Module, init_range: float, recurse: bool = True):
     """The released initialisation, in one place: every nn.Linear and nn.Embedding weight ~ uniform(-r, r), every
-    bias 0, every norm weight 1 (LayerNorm bias 0). The classification head overrides its own two layers."""
-    for m in module.modules():
+    bias 0, every norm weight 1 (LayerNorm bias 0). The classification head overrides its own two layers
+    (init_classifier_layer). recurse=False: this module's own tensors only (transformers initialises module by module)."""
+    for m in module.modules() if recurse else (module,):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.uniform_(m.weight, -init_range, init_range)
             if getattr(m, "bias", None) is not None:
@@ -279,6 +310,12 @@ def init_weights(module: nn.Module, init_range: float):
             nn.init.ones_(m.weight)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
+
+
+def init_classifier_layer(layer: nn.Linear, init_range: float):
+    """The released classification head (dense and classifier): weight ~ normal(0, init_range), bias 0."""
+    nn.init.normal_(layer.weight, std=init_range)
+    nn.init.zeros_(layer.bias)
 
 
 class NeoBERT(nn.Module):
@@ -298,32 +335,50 @@ class NeoBERT(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         init_weights(self, config.init_range)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, max_seqlen=None):
-        if input_ids.dim() == 1:  # one flat packed sequence
-            input_ids = input_ids.unsqueeze(0)
+    @torch.no_grad()
+    def init_rope_tables(self):
+        """Recompute the rotary tables in place: loaders that build on the meta device (transformers 5) fill only
+        the state_dict, which does not hold them."""
+        cos, sin = rope_tables(self.config.head_dim, self.config.max_position_embeddings)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cu_seqlens=None, max_seqlen=None,
+                inputs_embeds=None, output_hidden_states=False):
+        """-> hidden states (B, S, H) after the final norm. inputs_embeds (B, S, H) replaces the token embedding
+        lookup. output_hidden_states: returns (hidden, (embeddings, block 1 output, ..., block L output))."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.encoder(input_ids) if inputs_embeds is None else inputs_embeds
+        if x.dim() == 2:  # one flat packed sequence
+            x = x.unsqueeze(0)
             position_ids = position_ids.unsqueeze(0) if position_ids is not None else None
-        B, S = input_ids.shape
+        B, S = x.shape[:2]
         if cu_seqlens is not None:
             attention_mask = None  # packing says everything the mask would
             if position_ids is None:
                 position_ids = packed_position_ids(cu_seqlens, (B, S))
         elif position_ids is None:
-            position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
+            position_ids = torch.arange(S, device=x.device).expand(B, S)
             if attention_mask is not None:  # left padding: real tokens still sit at 0..len-1 (right padding: shift 0)
                 first = attention_mask.long().argmax(dim=-1, keepdim=True)
                 position_ids = (position_ids - first).clamp(min=0)
         if S > self.config.max_position_embeddings or (cu_seqlens is not None and max_seqlen is not None
                                                        and max_seqlen > self.config.max_position_embeddings):
             raise ValueError(f"sequence length {S} exceeds max_position_embeddings={self.config.max_position_embeddings}")
-        x = self.encoder(input_ids)
         if not self.config.rope:
             x = x + self.positional_embedding(position_ids)
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]  # (B, S, hd/2)
+        hidden_states = [x] if output_hidden_states else None
         for block in self.transformer_encoder:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, cos, sin, attention_mask, cu_seqlens, max_seqlen, use_reentrant=False)
             else:
                 x = block(x, cos, sin, attention_mask, cu_seqlens, max_seqlen)
+            if output_hidden_states:
+                hidden_states.append(x)
+        if output_hidden_states:
+            return self.layer_norm(x), tuple(hidden_states)
         return self.layer_norm(x)
 
     @classmethod
@@ -390,22 +445,14 @@ class NeoBERTForSequenceClassification(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout = nn.Dropout(classifier_dropout)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
-        for layer in (self.dense, self.classifier):  # released: normal(0, 0.02) for the head
-            nn.init.normal_(layer.weight, std=classifier_init_range)
-            nn.init.zeros_(layer.bias)
+        for layer in (self.dense, self.classifier):
+            init_classifier_layer(layer, classifier_init_range)
 
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, cu_seqlens=None,
                 max_seqlen=None) -> ClassifierOutput:
         """Padded (B, S): logits (B, num_labels). Packed (cu_seqlens): one row of logits per segment, read at its
         first token (its [CLS]), so logits are (len(cu_seqlens) - 1, num_labels)."""
-        h = self.model(input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen)
-        if cu_seqlens is None:
-            cls = h[:, 0]
-        else:
-            cls = h.reshape(-1, h.size(-1))[cu_seqlens[:-1].long()]
-        x = self.dropout(cls)
-        x = self.dropout(torch.tanh(self.dense(x)))
-        logits = self.classifier(x)
+        logits = self.head(self.model(input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen), cu_seqlens)
         loss = None
         if labels is not None:
             if self.num_labels == 1:
@@ -413,6 +460,13 @@ class NeoBERTForSequenceClassification(nn.Module):
             else:
                 loss = F.cross_entropy(logits.float(), labels.long())
         return ClassifierOutput(logits=logits, loss=loss)
+
+    def head(self, hidden, cu_seqlens=None):
+        """Logits from the encoder's hidden states, read at each sequence's (or packed segment's) first token."""
+        cls = hidden[:, 0] if cu_seqlens is None else hidden.reshape(-1, hidden.size(-1))[cu_seqlens[:-1].long()]
+        x = self.dropout(cls)
+        x = self.dropout(torch.tanh(self.dense(x)))
+        return self.classifier(x)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, num_labels: Optional[int] = None, revision: Optional[str] = None,

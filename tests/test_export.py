@@ -128,7 +128,7 @@ def assert_close(a, b, tol=1e-5):
 
 def test_folder_files(folder, run):
     names = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-    assert names == {"config.json", "model.safetensors", export.MODELING_FILE_NAME, "tokenizer.json",
+    assert names == {"config.json", "model.safetensors", export.MODELING_FILE_NAME, "neobert.py", "tokenizer.json",
                      "tokenizer_config.json", "special_tokens_map.json", "modules.json", "sentence_bert_config.json",
                      "config_sentence_transformers.json", "1_Pooling/config.json", "README.md"}
     assert [p.name for p in folder.parent.iterdir()] == ["hf"], "a temporary folder was left behind"
@@ -352,8 +352,13 @@ def test_transformers_model_api(folder, run):
 
     fill = transformers.pipeline("fill-mask", model=str(folder), trust_remote_code=True)
     tok = fill.tokenizer
-    result = fill(f"the quick brown {tok.mask_token} jumps", top_k=3)
-    assert len(result) == 3 and all(r["token"] != tok.mask_token_id for r in result)
+    text = f"the quick brown {tok.mask_token} jumps"
+    result = fill(text, top_k=3)
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():  # the pipeline's top 3 are neobert.py's (a fixed check: the weights are random)
+        want = run[1](ids).logits[0, (ids[0] == tok.mask_token_id).nonzero()[0, 0]].softmax(-1).topk(3)
+    assert [r["token"] for r in result] == want.indices.tolist()
+    assert all(abs(r["score"] - p) < 1e-5 for r, p in zip(result, want.values.tolist()))
 
 
 def test_trainer_gradient_accumulation_loss_scale(folder):
@@ -398,7 +403,7 @@ def test_from_pretrained_roundtrip(folder, run, tmp_path):
         "model_type": "neobert", "norm_eps": 1e-05, "num_attention_heads": c.num_attention_heads,
         "num_hidden_layers": c.num_hidden_layers, "pad_token_id": 0, "torch_dtype": "float32",
         "transformers_version": "4.48.2", "vocab_size": c.vocab_size}))
-    for name in ("model.safetensors", export.MODELING_FILE_NAME):
+    for name in ("model.safetensors", export.MODELING_FILE_NAME, "neobert.py"):
         (released / name).write_bytes((folder / name).read_bytes())
     loaded = neobert.NeoBERTLMHead.from_pretrained(str(released))
     assert loaded.config.max_position_embeddings == 128
@@ -553,23 +558,6 @@ def test_bad_yaml_is_one_line(run, tmp_path, capsys, tokenizer):
     assert code == 2 and "config.yaml is not valid YAML" in err and err.count("\n") == 1
 
 
-def test_unsupported_variant(run, tmp_path, capsys, monkeypatch, tokenizer):
-    # a hidden_act that neobert.py would know but the modeling file does not
-    monkeypatch.setattr(neobert, "HIDDEN_ACTS", neobert.HIDDEN_ACTS + ("relu",))
-    model = neobert.NeoBERTLMHead(tiny_config(tokenizer))
-    d = write_checkpoint(tmp_path / "run", 1, model, tokenizer)
-    full = yaml.safe_load((d / "config.yaml").read_text())
-    full["model"]["hidden_act"] = "relu"
-    (d / "config.yaml").write_text(yaml.safe_dump(full))
-    code, err = run_main([tmp_path / "run", "--out", tmp_path / "hf"], capsys)
-    assert code == 2 and "hidden_act=relu" in err and "not supported" in err
-    # a model option that export.py does not know
-    monkeypatch.setattr(export, "EXPORTED_FIELDS", tuple(f for f in export.EXPORTED_FIELDS if f != "rope"))
-    code, err = run_main([run[0], "--out", tmp_path / "hf"], capsys)
-    assert code == 2 and "model.rope" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
-
-
 def test_interrupted_write_leaves_nothing(run, tmp_path, capsys, monkeypatch):
     (tmp_path / "hf").mkdir()  # interrupted while swapping the new folder in: the old one is put back
     (tmp_path / "hf" / "old.txt").write_text("old export")
@@ -620,3 +608,234 @@ def test_command_line(run, tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr
     assert "missing" in p.stderr and not (tmp_path / "hf").exists()
+
+
+# -----------------------------------------------------------------------------
+# one copy of the model: the folder runs neobert.py itself
+
+
+def test_folder_runs_the_repos_neobert_py(folder):
+    assert (folder / "neobert.py").read_bytes() == (ROOT / "neobert.py").read_bytes()
+    thin = (folder / export.MODELING_FILE_NAME).read_text()
+    assert "from .neobert import" in thin  # transformers copies relative imports of remote code along with it
+    for math in ("scaled_dot_product_attention", "rsqrt", "silu", "theta", "nn.Linear("):
+        assert math not in thin, f"the modeling file computes {math} itself: the model belongs to neobert.py"
+    assert len(thin.splitlines()) < 200
+    mlm = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True)
+    encoder = type(mlm.model)
+    assert encoder.__name__ == "NeoBERT" and encoder.__module__.endswith(".neobert")  # the folder's neobert.py
+    assert (Path(sys.modules[encoder.__module__].__file__).read_bytes() == (ROOT / "neobert.py").read_bytes())
+
+
+def test_inputs_embeds_and_hidden_states(folder, run):
+    model = run[1]
+    batch = padded_batch(folder)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    encoder = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        want = model.model(ids, mask)
+        embeds = encoder.get_input_embeddings()(ids)
+        assert_close(encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state, want)
+        out = encoder(**batch, output_hidden_states=True)
+        mlm = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True).eval()
+        assert_close(mlm(inputs_embeds=embeds, attention_mask=mask).logits, model(ids, mask).logits)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert_close(out.hidden_states[0], model.model.encoder(ids))  # the embeddings, then every block's output
+    assert_close(model.model.layer_norm(out.hidden_states[-1]), want)
+    assert encoder(**batch).hidden_states is None
+
+
+def test_from_config_initialises_as_neobert(folder, run):
+    """A model built from the config alone (transformers 5 builds on the meta device): neobert.py's init and rope."""
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    torch.manual_seed(0)
+    mlm = AutoModelForMaskedLM.from_config(config, trust_remote_code=True).eval()
+    r = run[1].config.init_range
+    for name, p in mlm.named_parameters():
+        if name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif name.endswith("bias"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+        else:  # uniform(-r, r): inside the range and spread over it
+            assert p.abs().max() <= r and p.std() > 0.4 * r, name
+    cos, sin = neobert.rope_tables(run[1].config.head_dim, run[1].config.max_position_embeddings)
+    assert torch.equal(mlm.model.rope_cos, cos) and torch.equal(mlm.model.rope_sin, sin)
+    ref = neobert.NeoBERTLMHead(run[1].config).eval()
+    ref.load_state_dict(mlm.state_dict())
+    ids = torch.tensor([[2, 10, 11, 12, 3]])
+    with torch.no_grad():
+        assert_close(mlm(input_ids=ids).logits, ref(ids).logits)
+    clf = AutoModelForSequenceClassification.from_config(config, trust_remote_code=True)
+    assert 0.01 < clf.dense.weight.std().item() < 0.03 and torch.equal(clf.classifier.bias, torch.zeros(2))
+
+
+def test_bf16_load(folder, run):
+    kwarg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    encoder = AutoModel.from_pretrained(folder, trust_remote_code=True, **{kwarg: torch.bfloat16}).eval()
+    assert all(p.dtype == torch.bfloat16 for p in encoder.parameters())
+    cos, _ = neobert.rope_tables(run[1].config.head_dim, run[1].config.max_position_embeddings)
+    assert torch.allclose(encoder.model.rope_cos.float(), cos, atol=4e-3)  # recomputed, not left uninitialised
+    batch = padded_batch(folder)
+    with torch.no_grad():
+        got = encoder(**batch).last_hidden_state
+        want = run[1].model(batch["input_ids"], batch["attention_mask"])
+    assert got.dtype == torch.bfloat16
+    m = batch["attention_mask"].bool()
+    assert ((got.float() - want)[m].norm() / want[m].norm()).item() < 3e-2
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(folder):
+    batch = padded_batch(folder)
+    labels = torch.where(batch["attention_mask"].bool(), batch["input_ids"], -100)
+    grads = []
+    for checkpointing in (False, True):
+        mlm = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True).train()
+        if checkpointing:
+            mlm.gradient_checkpointing_enable()
+            assert mlm.is_gradient_checkpointing and mlm.model.gradient_checkpointing
+        mlm(**batch, labels=labels).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in mlm.named_parameters()})
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+def test_fine_tune_save_and_reload(folder, run, tmp_path):
+    """The classifier fine-tuned a few steps in transformers, saved (neobert.py travels with it), reloaded by
+    transformers and by neobert.py."""
+    torch.manual_seed(0)
+    clf = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True, num_labels=3).train()
+    batch = padded_batch(folder)
+    labels = torch.tensor([0, 2, 1, 1])
+    opt = torch.optim.AdamW(clf.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(3):
+        loss = clf(**batch, labels=labels).loss
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < losses[0]
+    clf.eval()
+    clf.save_pretrained(tmp_path / "ft")
+    assert (tmp_path / "ft" / "neobert.py").read_bytes() == (ROOT / "neobert.py").read_bytes()
+    with torch.no_grad():
+        want = clf(**batch).logits
+        back = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ft", trust_remote_code=True).eval()
+        assert_close(back(**batch).logits, want)
+        ours = neobert.NeoBERTForSequenceClassification.from_pretrained(str(tmp_path / "ft")).eval()
+        assert_close(ours(batch["input_ids"], batch["attention_mask"]).logits, want)
+
+
+# -----------------------------------------------------------------------------
+# fine-tuned classifiers and the run's pooling
+
+
+def write_classifier_checkpoint(run_dir, clf, tokenizer, id2label, pooling=None):
+    d = write_checkpoint(run_dir, 7, clf, tokenizer)
+    full = yaml.safe_load((d / "config.yaml").read_text())
+    full["classifier"] = {"num_labels": clf.num_labels, "id2label": id2label, "classifier_dropout": 0.2,
+                          "classifier_init_range": 0.02}
+    if pooling:
+        full["trainer"]["objective"] = "contrastive"
+        full["contrastive"] = {"pooling": pooling}
+    (d / "config.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+    return d
+
+
+def test_classifier_checkpoint_exports_with_its_labels(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    clf = randomize(neobert.NeoBERTForSequenceClassification(tiny_config(tokenizer), num_labels=3), seed=4)
+    write_classifier_checkpoint(tmp_path / "run", clf, tokenizer, {0: "neg", 1: "neutral", 2: "pos"})
+    export.export(tmp_path / "run", tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["architectures"] == ["NeoBERTForSequenceClassification"] and cfg["num_labels"] == 3
+    assert cfg["id2label"] == {"0": "neg", "1": "neutral", "2": "pos"}
+    assert cfg["label2id"] == {"neg": 0, "neutral": 1, "pos": 2} and cfg["classifier_dropout"] == 0.2
+    assert set(load_file(str(tmp_path / "hf" / "model.safetensors"))) == set(clf.state_dict())
+    assert "text-classification" in (tmp_path / "hf" / "README.md").read_text()
+
+    hf, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", trust_remote_code=True,
+                                                                  output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    hf.eval()
+    assert hf.config.id2label == {0: "neg", 1: "neutral", 2: "pos"} and hf.config.label2id["pos"] == 2
+    assert hf.dropout.p == 0.2
+    batch = padded_batch(tmp_path / "hf")
+    with torch.no_grad():
+        assert_close(hf(**batch).logits, clf(batch["input_ids"], batch["attention_mask"]).logits)
+    _, info = AutoModel.from_pretrained(tmp_path / "hf", trust_remote_code=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # the head is not the encoder's business
+
+    # no label names in the run: transformers' LABEL_i
+    write_classifier_checkpoint(tmp_path / "run2", clf, tokenizer, None)
+    export.export(tmp_path / "run2", tmp_path / "hf2")
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text())["id2label"] == \
+        {"0": "LABEL_0", "1": "LABEL_1", "2": "LABEL_2"}
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_sentence_transformers_use_the_runs_pooling(tmp_path, tokenizer, pooling):
+    st = pytest.importorskip("sentence_transformers")
+    torch.manual_seed(0)
+    model = randomize(neobert.NeoBERTLMHead(tiny_config(tokenizer)), seed=5)
+    d = write_checkpoint(tmp_path / "run", 3, model, tokenizer)
+    full = yaml.safe_load((d / "config.yaml").read_text())
+    full["contrastive"] = {"pooling": pooling}
+    (d / "config.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+    export.export(tmp_path / "run", tmp_path / "hf")
+    pooling_config = json.loads((tmp_path / "hf" / "1_Pooling" / "config.json").read_text())
+    assert pooling_config["pooling_mode_cls_token"] == (pooling == "cls")
+    assert pooling_config["pooling_mode_mean_tokens"] == (pooling == "mean")
+    got = st.SentenceTransformer(str(tmp_path / "hf"), trust_remote_code=True, device="cpu").encode(
+        TEXTS, convert_to_tensor=True, batch_size=len(TEXTS))
+    batch = padded_batch(tmp_path / "hf")
+    with torch.no_grad():
+        want = neobert.pool(model.model(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"], pooling)
+    assert_close(got.cpu(), want)
+
+
+def test_bad_classifier_or_pooling_sections(run, tmp_path, capsys, tokenizer):
+    d = write_checkpoint(tmp_path / "run", 1, run[1], tokenizer)
+    full = yaml.safe_load((d / "config.yaml").read_text())
+    for section, match in (({"classifier": {"num_labels": 0}}, "classifier.num_labels"),
+                           ({"classifier": {"num_labels": 2, "id2label": {0: "a", 2: "b"}}}, "classifier.id2label"),
+                           ({"contrastive": {"pooling": "max"}}, "contrastive.pooling")):
+        (d / "config.yaml").write_text(yaml.safe_dump({**full, **section}))
+        code, err = run_main([d, "--out", tmp_path / "hf"], capsys)
+        assert code == 2 and match in err
+    # a classifier section on an MLM checkpoint: the weights do not match what config.yaml describes
+    (d / "config.yaml").write_text(yaml.safe_dump({**full, "classifier": {"num_labels": 2}}))
+    code, err = run_main([d, "--out", tmp_path / "hf"], capsys)
+    assert code == 2 and "dense.weight" in err
+    assert not (tmp_path / "hf").exists()
+
+
+# -----------------------------------------------------------------------------
+# `python export.py --out HF_DIR` with no run named: the newest run under ./runs
+
+
+def test_no_run_named_exports_the_newest_run(run, tmp_path, tokenizer, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    older = write_checkpoint(runs / "older", 50, run[1], tokenizer)
+    newer = write_checkpoint(runs / "sub" / "newer", 3, run[1], tokenizer)  # a lower step, written later
+    write_checkpoint(runs / "incomplete", 99, run[1], tokenizer)
+    (runs / "incomplete" / "model_checkpoints" / "99" / "tokenizer.json").unlink()
+    os.utime(older / "model.safetensors", (1_000_000, 1_000_000))
+    os.utime(runs / "incomplete" / "model_checkpoints" / "99" / "model.safetensors", (2_000_000_000,) * 2)
+    export.export(runs / "older", runs / "older" / "hf")  # an export inside a run is not a run
+    monkeypatch.chdir(tmp_path)
+    assert export.main(["--out", "hf"]) == 0
+    assert str(Path("runs") / "sub" / "newer" / "model_checkpoints" / "3") in capsys.readouterr().out
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "neobert"
+    assert export.find_newest_run(Path("runs")) == Path("runs") / "sub" / "newer" / "model_checkpoints" / "3"
+    assert newer.is_dir()
+
+
+def test_no_run_named_and_no_runs_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(["--out", "hf"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert str(tmp_path / "runs") in err and "RUN_DIR" in err
+    (tmp_path / "runs" / "empty" / "model_checkpoints").mkdir(parents=True)
+    code, err = run_main(["--out", "hf"], capsys)
+    assert code == 2 and "no complete model checkpoint under" in err and str(tmp_path / "runs") in err
+    assert not (tmp_path / "hf").exists()

@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -227,7 +229,7 @@ def test_packed_flat_1d_input():
 def test_backend_choice_on_cpu():
     cfg = small_config()
     assert nb.pick_backend(cfg, torch.zeros(1, 1, 1, 64, dtype=torch.bfloat16)) == "sdpa"
-    if nb.varlen_attn is not None:
+    if nb.KERNEL_INSTALLED["torch_varlen"]:
         forced = small_config(attn_backend="torch_varlen")
         with pytest.raises(ValueError, match="CUDA only"):
             nb.pick_backend(forced, torch.zeros(1, 1, 1, 64))
@@ -350,9 +352,9 @@ def test_packed_classifier_equals_padded_per_sequence():
 
 
 def test_flash_attn_varlen_is_the_guides_name_for_flash_attn(monkeypatch):
-    monkeypatch.setattr(nb, "flash_attn_varlen_func", lambda *a, **k: None)  # as if flash-attn were installed
+    monkeypatch.setitem(nb.KERNEL_INSTALLED, "flash_attn", True)  # as if flash-attn were installed
     assert small_config(attn_backend="flash_attn_varlen").attn_backend == "flash_attn"
-    monkeypatch.setattr(nb, "flash_attn_varlen_func", None)
+    monkeypatch.setitem(nb.KERNEL_INSTALLED, "flash_attn", False)
     with pytest.raises(ValueError, match="flash-attn package is not installed"):
         small_config(attn_backend="flash_attn_varlen")
 
@@ -543,7 +545,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @cuda
 @pytest.mark.parametrize("backend", ["flash_attn", "torch_varlen"])
 def test_gpu_varlen_backends_match_per_document(backend):
-    if backend == "flash_attn" and nb.flash_attn_varlen_func is None:
+    if nb.varlen_kernel(backend) is None:
         pytest.skip("flash-attn is not installed")
     cfg = small_config(attn_backend=backend)
     model = randomize(nb.NeoBERT(cfg), scale=0.05).cuda().eval()
@@ -558,6 +560,31 @@ def test_gpu_varlen_backends_match_per_document(backend):
             alone = model(d[None].cuda())[0].float()
             assert (packed[s:s + len(d)] - alone).abs().max() <= 3e-2 * alone.abs().max()
         model.config.attn_backend = backend
+
+
+def test_import_leaves_dynamo_and_the_varlen_kernels_unimported():
+    """torch.nn.attention.varlen pulls in torch._dynamo (seconds on every command): only a packed CUDA batch may."""
+    code = ("import sys, neobert; bad = [m for m in ('torch._dynamo', 'torch.nn.attention.varlen', 'flash_attn') "
+            "if m in sys.modules]; assert not bad, bad")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+
+
+def test_inputs_embeds_and_hidden_states():
+    cfg = small_config(rope=False)  # learned positions: they are added to inputs_embeds too
+    model = randomize(nb.NeoBERT(cfg)).eval()
+    ids = torch.randint(1, 97, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        want = model(ids, mask)
+        assert torch.equal(model(inputs_embeds=model.encoder(ids), attention_mask=mask), want)
+        last, hidden = model(ids, mask, output_hidden_states=True)
+    assert torch.equal(last, want) and len(hidden) == cfg.num_hidden_layers + 1
+    assert torch.equal(hidden[0], model.encoder(ids) + model.positional_embedding(torch.arange(7)))
+    assert torch.equal(model.layer_norm(hidden[-1]), want)
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        model(ids, inputs_embeds=model.encoder(ids))
 
 
 def test_no_graph_breaks_in_the_encoder():

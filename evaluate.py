@@ -939,8 +939,9 @@ def results_markdown(summary: dict) -> str:
                      f"{paper} | {s['batch_size']} / {s['lr']:g} / {s['weight_decay']:g} | "
                      f"{','.join(map(str, row['seeds']))} | {row['runs']} |")
     score = summary["glue_score"]
-    ours = f"{100 * score:.1f}" if score is not None else f"n/a ({summary['glue_tasks_done']} of 8 tasks)"
-    lines.append(f"| **GLUE score** (mean of the 8) | | **{ours}** | {summary['paper_glue_score']:.1f} | | | |")
+    if summary["glue_tasks_done"]:  # not for a custom task alone
+        ours = f"{100 * score:.1f}" if score is not None else f"n/a ({summary['glue_tasks_done']} of 8 tasks)"
+        lines.append(f"| **GLUE score** (mean of the 8) | | **{ours}** | {summary['paper_glue_score']:.1f} | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -1050,6 +1051,9 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
                                             "glue.num_labels null for GLUE tasks")
                         splits[name] = load_glue_task(task, g)
                         id2labels[name] = dict(enumerate(task.labels)) if task.labels else None
+                    if rank == 0:
+                        sizes = ", ".join(f"{split} {len(sp.texts)}" for split, sp in splits[name].items())
+                        print(f"{name}: {sizes} examples ({Path(splits[name]['train'].source).parent})", flush=True)
             if world > 1:
                 dist.barrier()
         runs = plan_runs(cfg, names, cli)
@@ -1092,7 +1096,7 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
             for i in todo[rank::world]:  # round-robin: each process its own runs, on its own device
                 run = phase[i]
                 res = finetune(cfg, run, tasks[run.task], start, splits[run.task], ctx, id2labels[run.task])
-                print(f"[rank {rank}] {run.task} {run.name}: best {100 * res['best']['score']:.2f} at step "
+                print(f"{f'[rank {rank}] ' if world > 1 else ''}{run.task} {run.name}: best {100 * res['best']['score']:.2f} at step "
                       f"{res['best']['step']} ({res['steps']} steps, {res['wall_time_s']:.0f}s)", flush=True)
             if world > 1:
                 dist.barrier()

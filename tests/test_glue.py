@@ -411,7 +411,8 @@ def test_pair_task_learns_and_writes_its_run(custom_run):
     np.testing.assert_array_equal(unpadded, pred)
     summary = json.loads((out / "glue" / "results.json").read_text())
     assert summary["tasks"]["custom"]["score"] == pytest.approx(res["best"]["score"])
-    assert "custom (data)" in (out / "glue" / "results.md").read_text()
+    md = (out / "glue" / "results.md").read_text()
+    assert "custom (data)" in md and "GLUE score" not in md  # no GLUE score without GLUE tasks
 
 
 def test_regression_learns(tmp_path, pretrained):
@@ -554,6 +555,7 @@ def test_mnli_to_rte_transfer_keeps_the_encoder_new_head(tmp_path, pretrained, m
     summary = json.loads((out / "glue" / "results.json").read_text())
     assert set(summary["tasks"]) == {"mnli", "rte"} and summary["glue_score"] is None
     assert set(summary["tasks"]["mnli"]["metrics"]) == {"accuracy_matched", "accuracy_mismatched"}
+    assert "n/a (2 of 8 tasks)" in (out / "glue" / "results.md").read_text()  # no average of a partial set
 
 
 def test_sweep_skips_finished_runs(tmp_path, pretrained, capsys):

@@ -981,6 +981,19 @@ def _resolve_source(cfg) -> Optional[str]:
     return g.init_from
 
 
+def auto_output_dir(init_from: Optional[str]) -> str:
+    """trainer.output_dir: auto -> beside the model it scores: the run directory of a training checkpoint (a run dir,
+    or its model_checkpoints/<step>), else runs/<the folder's name or the hub id with _ for />."""
+    if init_from is None:
+        return "runs/glue_random_init"
+    p = Path(init_from).expanduser()
+    if (p / "model_checkpoints").is_dir():
+        return str(p)
+    if p.parent.name in ("model_checkpoints", "checkpoints") and p.name.isdigit():
+        return str(p.parent.parent)
+    return str(Path("runs") / (p.name if p.exists() else init_from.strip("/").replace("/", "_")))
+
+
 def _random_source(cfg, ctx) -> Path:
     """glue.allow_random_weights with no init_from: a randomly initialised model.* written once as a checkpoint, so
     every run starts from the same weights through the same loading code."""
@@ -1030,6 +1043,8 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
                    unpadded=g.batching == "unpadded" or (g.batching == "auto" and device.type == "cuda"),
                    eval_batch_size=t.per_device_eval_batch_size, encoded={})
         source = _resolve_source(cfg)
+        if t.output_dir == "auto":
+            t.output_dir = auto_output_dir(g.init_from)
         if source is None:
             source = _random_source(cfg, ctx)
         model_config, ctx["tokenizer"] = _check_model(cfg, source, ctx)

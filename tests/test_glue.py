@@ -471,6 +471,16 @@ def test_settings_per_task_command_line_and_sweep(tmp_path):
     assert [r.lr for r in evaluate.plan_runs(cfg, ["cola"], cli)] == [3e-5]  # the command line beats the block
 
 
+def test_output_dir_auto_is_beside_the_model(pretrained, tmp_path):
+    assert evaluate.auto_output_dir(str(pretrained)) == str(pretrained)
+    assert evaluate.auto_output_dir(str(pretrained / "model_checkpoints" / "5")) == str(pretrained)
+    assert evaluate.auto_output_dir("chandar-lab/NeoBERT") == "runs/chandar-lab_NeoBERT"
+    (tmp_path / "hf_dir").mkdir()
+    assert evaluate.auto_output_dir(str(tmp_path / "hf_dir")) == "runs/hf_dir"
+    cfg, _ = evaluate.load_glue_config([str(ROOT / "configs" / "glue.yaml")])
+    assert cfg.trainer.output_dir == "auto"
+
+
 def test_summary_picks_the_best_setting_and_scores_glue(tmp_path):
     cfg, cli = evaluate.load_glue_config([str(ROOT / "configs" / "glue.yaml"), "--trainer.output_dir", str(tmp_path),
                                           "--glue.sweep.lr", "1e-5,2e-5", "--glue.sweep.seed", "0,1"])

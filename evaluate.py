@@ -537,20 +537,17 @@ def make_batch(enc: Encoded, idx, pad_id: int, unpadded: bool) -> dict:
     return dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), labels=labels)
 
 
-def epoch_batches(enc: Encoded, batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list:
-    """This epoch's batches of example indices, a pure function of (seed, epoch). Length-grouped (padded path):
-    shuffled, then sorted by length within windows of 64 batches, then the batches shuffled, so little padding."""
+def epoch_batches(enc: Encoded, batch_size: int, seed: int, epoch: int) -> list:
+    """This epoch's batches of example indices, a pure function of (seed, epoch): shuffled, sorted by length within
+    windows of 64 batches (little padding where batches are padded), then the batches shuffled. The padded and the
+    unpadded path get the same batches, so a run trains the same model on a CPU and on a GPU."""
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(enc))
-    if group_by_length:
-        window = batch_size * 64
-        lengths = enc.lengths
-        perm = np.concatenate([w[np.argsort(-lengths[w], kind="stable")]
-                               for w in np.split(perm, range(window, len(perm), window))])
+    window = batch_size * 64
+    perm = np.concatenate([w[np.argsort(-enc.lengths[w], kind="stable")]
+                           for w in np.split(perm, range(window, len(perm), window))])
     batches = [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
-    if group_by_length:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 # fine-tuning one run
@@ -666,7 +663,7 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict,
         for step in range(total):
             epoch, i = divmod(step, steps_per_epoch)
             if i == 0:
-                batches = epoch_batches(train_enc, run.batch_size, run.seed, epoch, not ctx["unpadded"])
+                batches = epoch_batches(train_enc, run.batch_size, run.seed, epoch)
             lr = train.get_lr(step, run.lr, sched, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -1166,11 +1163,9 @@ def bench_glue(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dic
     tokenizer = info.tokenizer or ctx["tokenizer"]
     train_enc, _ = encoded_splits(task, splits, tokenizer, run.max_seq_length, ctx)
     optimizer = torch.optim.AdamW(neobert.param_groups(model, run.weight_decay), lr=run.lr)
-    batches = epoch_batches(train_enc, run.batch_size, run.seed, 0, False)[:steps + warmup]
+    plan = epoch_batches(train_enc, run.batch_size, run.seed, 0)[:steps + warmup]  # the same batches both ways
     results = {}
     for mode in ("padded", "unpadded"):
-        grouped = epoch_batches(train_enc, run.batch_size, run.seed, 0, True)[:steps + warmup]
-        plan = grouped if mode == "padded" else batches
         n = tokens = padded_tokens = 0
         for i, idx in enumerate(plan):
             if i == warmup:

@@ -428,6 +428,48 @@ def test_regression_learns(tmp_path, pretrained):
     assert res["id2label"] is None
 
 
+def test_paper_eval_interval_early_stopping_and_schedule(tmp_path, pretrained):
+    """320 examples / batch 8 = 40 steps per epoch: an evaluation every min(500, 40 // 10) = 4 steps. With a learning
+    rate too small to change a prediction the first evaluation stays the best, so early_stopping 2 stops at step 12."""
+    data_dir = write_custom(tmp_path / "data", n_train=320, n_val=16)
+    out = tmp_path / "out"
+    code = run_glue("--glue.task_name", "custom", "--glue.data_dir", data_dir, "--glue.text_columns",
+                    "premise,hypothesis", *glue_args(out, pretrained, "--trainer.num_train_epochs", 2,
+                                                     "--trainer.eval_steps", 0, "--trainer.early_stopping", 2,
+                                                     "--optimizer.lr", 1e-12, "--trainer.logging_steps", 1,
+                                                     "--trainer.per_device_train_batch_size", 8))
+    assert code == 0
+    (run,) = (out / "glue" / "custom").iterdir()
+    res = json.loads((run / "results.json").read_text())
+    assert res["eval_every"] == 4 and res["steps_per_epoch"] == 40 and res["total_steps"] == 80
+    assert [e["step"] for e in res["evaluations"]] == [4, 8, 12] and res["stopped_early"] and res["steps"] == 12
+    assert res["best"]["step"] == 4
+    # linear warmup over glue.warmup_ratio (10%) of the 80 planned steps, then linear decay to 0
+    lrs = [ln["lr"] for ln in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in ln]
+    want = [1e-12 * (s + 1) / 8 if s < 8 else 1e-12 * (1 - (s - 8) / 72) for s in range(12)]
+    assert lrs == pytest.approx(want, rel=1e-9)
+
+
+def test_accumulation_and_unpadded_batches_train_the_same(tmp_path, pretrained):
+    """Without dropout, a step is the same computation whether the batch is padded, unpadded (cu_seqlens) or split
+    into micro-batches (gradient accumulation): the logged losses agree to float precision."""
+    data_dir = write_custom(tmp_path / "data", n_train=48, n_val=8)
+    losses = {}
+    for name, extra in (("padded", []), ("accumulated", ["--trainer.gradient_accumulation_steps", 3]),
+                        ("unpadded", ["--glue.batching", "unpadded"])):
+        out = tmp_path / name
+        assert run_glue("--glue.task_name", "custom", "--glue.data_dir", data_dir, "--glue.text_columns",
+                        "premise,hypothesis", "--glue.classifier_dropout", 0,
+                        *glue_args(out, pretrained, "--trainer.max_steps", 4, "--trainer.logging_steps", 1,
+                                   "--optimizer.lr", 1e-3, "--trainer.per_device_train_batch_size", 12), *extra) == 0
+        (run,) = (out / "glue" / "custom").iterdir()
+        losses[name] = [ln["loss"] for ln in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                        if "loss" in ln]
+    assert len(losses["padded"]) == 4
+    assert losses["accumulated"] == pytest.approx(losses["padded"], rel=1e-4)
+    assert losses["unpadded"] == pytest.approx(losses["padded"], rel=1e-4)
+
+
 @pytest.mark.parametrize("fmt", ["tsv", "csv", "jsonl", "parquet"])
 def test_custom_formats_and_label_mapping(tmp_path, fmt):
     root = tmp_path / fmt

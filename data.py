@@ -11,7 +11,7 @@ Reading order of this file:
   5. prepare(): corpus -> tokenizer.json + train/ + val/ + manifest.json (idempotent, crash-safe)
   6. MLM masking and collation (packed and padded)
   7. MLMLoader (from shards) and StreamingMLMLoader (tokenize on the fly), both exactly resumable
-  8. build_loader / bench_loader / main
+  8. build_loader / bench_loader / prepare_only (the prepare command; its command line is train.py's)
 
 Determinism contract. A step's global batch (all rows of all ranks and micro-steps) is a function of
 (seed, epoch, row position) only; rank r takes rows [r*B_r, (r+1)*B_r) of it and micro-step m the m-th
@@ -55,8 +55,15 @@ def warn(msg):
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
+def require(ok, msg):
+    """How a config section checks its own values: a UserError with msg unless ok."""
+    if not ok:
+        raise UserError(msg)
+
+
 # -----------------------------------------------------------------------------
-# config sections (train.py composes them into the full config and parses YAML/overrides over them)
+# config sections (train.py composes them into the full config and parses YAML/overrides over them); each checks its
+# own values when built, written `ok` first so that a NaN fails too
 
 @dataclass
 class TokenizerConfig:
@@ -66,6 +73,11 @@ class TokenizerConfig:
     vocab_size: int = 30522             # target vocabulary size when training
     min_frequency: int = 2              # when training: minimum count of a merged piece
     lowercase: bool = True              # when training: BERT uncased normalisation
+
+    def __post_init__(self):
+        require(self.vocab_size >= 1 and self.min_frequency >= 1,
+                f"tokenizer.vocab_size and tokenizer.min_frequency must be >= 1, got {self.vocab_size}, "
+                f"{self.min_frequency}")
 
 
 @dataclass
@@ -85,6 +97,16 @@ class DatasetConfig:
     eval_samples: int = 0               # if > 0: hold out the first eval_samples documents instead
     max_documents: int = 0              # read at most this many documents (0 = all)
 
+    def __post_init__(self):
+        require(self.max_seq_length >= 8, f"dataset.max_seq_length must be >= 8, got {self.max_seq_length}")
+        require(0 <= self.validation_split < 1,
+                f"dataset.validation_split must be in [0, 1), got {self.validation_split}")
+        require(self.eval_samples >= 0, f"dataset.eval_samples must be >= 0, got {self.eval_samples}")
+        require(self.max_documents >= 0, f"dataset.max_documents must be >= 0 (0 = all), got {self.max_documents}")
+        require(self.num_workers >= 0, f"dataset.num_workers must be >= 0 (0 = all cores), got {self.num_workers}")
+        require(self.shuffle_buffer_size >= 1,
+                f"dataset.shuffle_buffer_size must be >= 1, got {self.shuffle_buffer_size}")
+
 
 @dataclass
 class DataCollatorConfig:
@@ -92,6 +114,12 @@ class DataCollatorConfig:
     mask_all: bool = True               # every selected token becomes [MASK] (NeoBERT); false: 80/10/10
     pad_to_multiple_of: int = 8         # padded mode: pad each batch's length up to a multiple of this
     pack_sequences: bool = True         # packed rows with cu_seqlens (true) or one document per padded row
+
+    def __post_init__(self):
+        require(0 < self.mlm_probability < 1,
+                f"datacollator.mlm_probability must be in (0, 1), got {self.mlm_probability}")
+        require(self.pad_to_multiple_of >= 1,
+                f"datacollator.pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
 
 
 def dataset_dir(ds):
@@ -852,10 +880,6 @@ class Masker:
     The same random draws are made in both modes, so a row's selection does not depend on mask_all."""
 
     def __init__(self, cfg, mask_id, never_ids, vocab_size):
-        if not 0.0 < cfg.mlm_probability < 1.0:
-            raise UserError(f"datacollator.mlm_probability must be in (0, 1), got {cfg.mlm_probability}")
-        if cfg.pad_to_multiple_of < 1:
-            raise UserError(f"datacollator.pad_to_multiple_of must be >= 1, got {cfg.pad_to_multiple_of}")
         self.p, self.mask_all, self.mask_id = cfg.mlm_probability, cfg.mask_all, mask_id
         self.never = np.asarray(sorted(never_ids), dtype=np.int64)
         self.random_ids = np.setdiff1d(np.arange(vocab_size, dtype=np.int64), self.never)
@@ -1179,8 +1203,6 @@ class StreamingMLMLoader(_Loader):
         self.cfg = collator_cfg or DataCollatorConfig()
         if not self.cfg.pack_sequences:
             raise UserError("dataset.streaming supports packed rows only: set datacollator.pack_sequences: true")
-        if ds.shuffle_buffer_size < 1:
-            raise UserError(f"dataset.shuffle_buffer_size must be >= 1, got {ds.shuffle_buffer_size}")
         if seq_len < 8:
             raise UserError(f"dataset.max_seq_length must be >= 8, got {seq_len}")
         self.ds, self.split, self.seq_len, self.seed = ds, split, seq_len, seed
@@ -1343,16 +1365,9 @@ def run_main(argv, usage: str, work) -> int:
     return 0
 
 
-USAGE = ("usage: python data.py CONFIG [--bench] [--section.key value ...]\n"
-         "  prepares dataset.path (tokenizer.json, train/ and val/ shards, manifest.json);\n"
-         "  --bench then measures the training loader (packing efficiency, batches/s, tokens/s)")
-
-
-def _prepare_cli(argv):
-    from train import load_config  # train.py owns the config schema; imported here only, so data.py stays a leaf
-    bench = "--bench" in argv
-    argv = [a for a in argv if a != "--bench"]
-    cfg = load_config(argv[0], argv[1:])
+def prepare_only(cfg, bench=False):
+    """`python train.py CONFIG --prepare-only [--bench]` (and `python data.py CONFIG`): prepare dataset.path, check
+    the tokenizer against model.vocab_size, and with bench measure the training loader. cfg is train.py's Config."""
     out = prepare(cfg.dataset, cfg.tokenizer)
     tok = load_tokenizer(cfg.tokenizer, out)
     check_vocab(tok, cfg.model.vocab_size)
@@ -1362,7 +1377,7 @@ def _prepare_cli(argv):
         t = cfg.trainer
         loader = build_loader(cfg.dataset, cfg.tokenizer, cfg.datacollator, micro_batch_size=
                               t.per_device_train_batch_size, grad_accum_steps=t.gradient_accumulation_steps,
-                              seed=getattr(t, "seed", 0))
+                              seed=t.seed)
         if isinstance(loader, MLMLoader) and loader.packed:
             p = packing_stats(loader)
             print(f"packing: {p['real_token_fraction']:.2%} of batch tokens are real, full batches use "
@@ -1374,10 +1389,8 @@ def _prepare_cli(argv):
               f"(micro-batch {t.per_device_train_batch_size} x {cfg.dataset.max_seq_length})")
 
 
-def main(argv=None) -> int:
-    return run_main(argv, USAGE, _prepare_cli)
-
-
 if __name__ == "__main__":
-    import data     # run as the importable module, so train.py's `data.UserError` is the one main() catches
-    sys.exit(data.main())
+    # `python data.py CONFIG [--bench] [...]` is `python train.py CONFIG --prepare-only [...]`: train.py owns the config
+    # schema and imports this module, so the command line is its; this module itself never imports train.py
+    import train
+    sys.exit(train.main(sys.argv[1:] + ["--prepare-only"]))

@@ -1024,6 +1024,32 @@ def _check_model(cfg, source, ctx):
     return info.model_config, tokenizer
 
 
+def load_tasks(names: list, g: GlueConfig, rank: int, world: int) -> tuple[dict, dict, dict]:
+    """({name: GlueTask}, {name: {split: Split}}, {name: id2label}) for every task, read and checked before any
+    fine-tuning. Under torchrun rank 0 reads (and downloads) first; the others then read its cache."""
+    tasks, splits, id2labels = {}, {}, {}
+    for turn in ((0,), tuple(range(1, world))) if world > 1 else ((0,),):
+        if rank in turn:
+            for name in names:
+                if name == "custom":
+                    splits[name], num_labels, id2labels[name] = load_custom_task(g)
+                    tasks[name] = custom_task(g, num_labels)
+                else:
+                    task = tasks[name] = GLUE_TASKS[name]
+                    if g.num_labels is not None and g.num_labels != task.num_labels:
+                        raise UserError(f"glue.num_labels={g.num_labels} contradicts {name}, which has "
+                                        f"{task.num_labels} label{'s' if task.num_labels > 1 else ''}; leave "
+                                        "glue.num_labels null for GLUE tasks")
+                    splits[name] = load_glue_task(task, g)
+                    id2labels[name] = dict(enumerate(task.labels)) if task.labels else None
+                if rank == 0:
+                    sizes = ", ".join(f"{split} {len(sp.texts)}" for split, sp in splits[name].items())
+                    print(f"{name}: {sizes} examples ({Path(splits[name]['train'].source).parent})", flush=True)
+        if world > 1:
+            dist.barrier()
+    return tasks, splits, id2labels
+
+
 def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
     g, t = cfg.tasks["glue"], cfg.trainer
     names = parse_tasks(g.task_name)
@@ -1047,27 +1073,7 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
         model_config, ctx["tokenizer"] = _check_model(cfg, source, ctx)
         ctx["pad_id"] = data.special_token_ids(ctx["tokenizer"])["pad"]
 
-        # the data of every task, checked before any fine-tuning; rank 0 downloads first, the others read its cache
-        tasks, splits, id2labels = {}, {}, {}
-        for turn in ((0,), tuple(range(1, world))) if world > 1 else ((0,),):
-            if rank in turn:
-                for name in names:
-                    if name == "custom":
-                        splits[name], num_labels, id2labels[name] = load_custom_task(g)
-                        tasks[name] = custom_task(g, num_labels)
-                    else:
-                        task = tasks[name] = GLUE_TASKS[name]
-                        if g.num_labels is not None and g.num_labels != task.num_labels:
-                            raise UserError(f"glue.num_labels={g.num_labels} contradicts {name}, which has "
-                                            f"{task.num_labels} label{'s' if task.num_labels > 1 else ''}; leave "
-                                            "glue.num_labels null for GLUE tasks")
-                        splits[name] = load_glue_task(task, g)
-                        id2labels[name] = dict(enumerate(task.labels)) if task.labels else None
-                    if rank == 0:
-                        sizes = ", ".join(f"{split} {len(sp.texts)}" for split, sp in splits[name].items())
-                        print(f"{name}: {sizes} examples ({Path(splits[name]['train'].source).parent})", flush=True)
-            if world > 1:
-                dist.barrier()
+        tasks, splits, id2labels = load_tasks(names, g, rank, world)
         runs = plan_runs(cfg, names, cli)
         for run in runs:
             if run.max_seq_length > model_config.max_position_embeddings:
@@ -1108,7 +1114,8 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
             for i in todo[rank::world]:  # round-robin: each process its own runs, on its own device
                 run = phase[i]
                 res = finetune(cfg, run, tasks[run.task], start, splits[run.task], ctx, id2labels[run.task])
-                print(f"{f'[rank {rank}] ' if world > 1 else ''}{run.task} {run.name}: best {100 * res['best']['score']:.2f} at step "
+                who = f"[rank {rank}] " if world > 1 else ""
+                print(f"{who}{run.task} {run.name}: best {100 * res['best']['score']:.2f} at step "
                       f"{res['best']['step']} ({res['steps']} steps, {res['wall_time_s']:.0f}s)", flush=True)
             if world > 1:
                 dist.barrier()

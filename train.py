@@ -3,6 +3,7 @@
     python train.py configs/smoke.yaml                                   # one process: CPU or one GPU
     python train.py configs/smoke.yaml --trainer.max_steps 50 optimizer.lr=2e-4
     torchrun --nproc_per_node 8 train.py configs/pretrain.yaml           # data-parallel (DDP), same code
+    python train.py configs/smoke.yaml --prepare-only [--bench]          # only prepare the data (= python data.py)
 
 The config is one YAML file with the sections model, tokenizer, dataset, datacollator, trainer, optimizer, scheduler,
 wandb; every key can be overridden on the command line as `--section.key value` or `section.key=value`.
@@ -35,7 +36,11 @@ import neobert
 from data import UserError
 
 # -----------------------------------------------------------------------------
-# config: one dataclass per section, strict keys, typed command-line overrides
+# config: one dataclass per section; a choice is a Literal type, each section checks its own values in __post_init__
+# (so they hold however the section is built), and check_config holds the few rules that span sections.
+# load_config turns YAML and `--section.key value` overrides into these types, strictly, before any work.
+
+require = data.require  # require(ok, msg): UserError(msg) unless ok
 
 
 @dataclass
@@ -45,7 +50,7 @@ class TrainerConfig:
     per_device_eval_batch_size: int = 32
     gradient_accumulation_steps: int = 1  # global batch = per_device_train_batch_size * this * world size
     max_steps: int = 1000  # optimizer steps
-    mixed_precision: str = "auto"  # auto | bf16 | no   (auto: bf16 autocast on CUDA and bf16-capable CPUs, else fp32)
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on CUDA and bf16 CPUs, else fp32
     torch_compile: bool = False
     gradient_checkpointing: bool = False
     gradient_clipping: Optional[float] = 1.0  # max global grad norm; null = no clipping (the norm is still logged)
@@ -58,28 +63,53 @@ class TrainerConfig:
     init_from: Optional[str] = None  # model weights only (new optimizer, step 0): checkpoint dir, run dir or hub id
     seed: int = 0
     disable_tqdm: bool = False
+    num_train_epochs: int = 10  # fine-tuning tasks (evaluate.py glue): epochs per run (trainer.max_steps > 0 caps it)
+    early_stopping: int = 0  # fine-tuning tasks: stop after this many evaluations without improvement; 0 = off
+
+    def __post_init__(self):
+        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "logging_steps", "num_train_epochs"):
+            require(getattr(self, key) >= 1, f"trainer.{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("max_steps", "save_steps", "eval_steps", "eval_max_batches", "early_stopping", "seed"):
+            require(getattr(self, key) >= 0, f"trainer.{key} must be >= 0, got {getattr(self, key)}")
+        require(self.save_total_limit is None or self.save_total_limit >= 1,
+                f"trainer.save_total_limit must be at least 1 (or null to keep all), got {self.save_total_limit}")
+        require(self.gradient_clipping is None or self.gradient_clipping > 0,
+                f"trainer.gradient_clipping must be > 0 (or null for no clipping), got {self.gradient_clipping}")
+        require(self.resume_from_checkpoint != "",
+                "trainer.resume_from_checkpoint is empty; use false, true, latest, auto or a path")
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"  # adamw (fused on CUDA); norms, biases and embeddings get no weight decay
+    name: Literal["adamw"] = "adamw"  # adamw (fused on CUDA); norms, biases and embeddings get no weight decay
     lr: float = 6e-4
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
 
+    def __post_init__(self):
+        require(self.lr >= 0 and self.weight_decay >= 0 and self.eps > 0,
+                "optimizer.lr and optimizer.weight_decay must be >= 0 and optimizer.eps > 0")
+        require(all(0 <= b < 1 for b in self.betas), f"optimizer.betas must be in [0, 1), got {list(self.betas)}")
+
 
 @dataclass
 class SchedulerConfig:
-    name: str = "cosine"  # cosine | linear | constant (after a linear warmup)
+    name: Literal["cosine", "linear", "constant"] = "cosine"  # the decay after a linear warmup
     warmup_steps: int = 0
     decay_steps: Optional[int] = None  # the step where the decay reaches final_lr_ratio; null = trainer.max_steps
     final_lr_ratio: float = 0.1
 
+    def __post_init__(self):
+        require(self.warmup_steps >= 0 and (self.decay_steps is None or self.decay_steps >= 0),
+                "scheduler.warmup_steps and scheduler.decay_steps must be >= 0")
+        require(0 <= self.final_lr_ratio <= 1, f"scheduler.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
+
 
 @dataclass
 class WandbConfig:
-    mode: str = "disabled"  # disabled (wandb is not even imported) | online | offline
+    mode: Literal["disabled", "online", "offline"] = "disabled"  # disabled: wandb is not even imported
     project: str = "neobert"
     name: Optional[str] = None
 
@@ -97,145 +127,106 @@ class Config:
     tasks: dict = field(default_factory=dict)  # extra sections a caller asked for (load_config's extra_sections)
 
 
-CHOICES = {  # string keys with a fixed set of values, checked before any work
-    ("trainer", "mixed_precision"): ("auto", "bf16", "no"),
-    ("optimizer", "name"): ("adamw",),
-    ("scheduler", "name"): ("cosine", "linear", "constant"),
-    ("wandb", "mode"): ("disabled", "online", "offline"),
-}
+def check_config(cfg: Config):
+    """The rules that span sections (each section has checked its own values when it was built)."""
+    require(not cfg.dataset.streaming or cfg.datacollator.pack_sequences,
+            "dataset.streaming supports packed rows only: set datacollator.pack_sequences: true")
+    require(cfg.dataset.max_seq_length <= cfg.model.max_position_embeddings,
+            f"dataset.max_seq_length={cfg.dataset.max_seq_length} exceeds "
+            f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
+
+
 NONE_WORDS = ("null", "none", "~")
-
-
-class _Mismatch(Exception):
-    pass
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
 def _type_name(tp) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
         return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
-    if origin in (list, tuple):
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return f"a list of {len(args)} {_type_name(args[0])}"
-        return f"a list of {_type_name(args[0]) if args else 'values'}"
+    if origin is tuple:
+        return f"a list of {len(args)} {_type_name(args[0])}"
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
     if origin is Literal:
         return " | ".join(map(str, args))
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(value, tp):
-    """YAML value or command-line string -> the annotated type; raises _Mismatch. No eval of any kind."""
+def convert(value, tp, where: str):
+    """A YAML value or a command-line string -> the annotated type tp (bool, int, float, str, dict, Optional/Union,
+    Literal choices, list[...], tuple[...], a nested config dataclass from a mapping). A mismatch, a choice not
+    offered or a non-finite number is a UserError naming `where` (e.g. optimizer.lr). No eval of any kind."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    bad = UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if tp is typing.Any:
         return value
     if origin in (Union, types.UnionType):
-        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in NONE_WORDS)):
+        if type(None) in args and (value is None or str(value).lower() in NONE_WORDS):
             return None
         for a in args:
             if a is not type(None):
                 try:
-                    return _convert(value, a)
-                except _Mismatch:
+                    return convert(value, a, where)
+                except UserError:
                     pass
-        raise _Mismatch
+        raise bad
     if origin is Literal:
-        for a in args:
-            try:
-                if _convert(value, type(a)) == a:
-                    return a
-            except _Mismatch:
-                pass
-        raise _Mismatch
-    if origin in (list, tuple) or tp in (list, tuple):
+        if value not in args or isinstance(value, bool):
+            raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):  # a mapping inside a section, e.g. one entry of a list of sources
+        return build_section(where, tp, value)
+    if origin in (list, tuple):
         if isinstance(value, str):  # "0.9,0.95" or "[0.9, 0.95]"
             s = value.strip().removeprefix("[").removesuffix("]").strip()
             value = [v.strip() for v in s.split(",")] if s else []
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise _Mismatch
-            return tuple(_convert(v, a) for v, a in zip(value, args))
-        item = args[0] if args else typing.Any
-        out = [_convert(v, item) for v in value]
-        return tuple(out) if (origin or tp) is tuple else out
+        if not isinstance(value, (list, tuple)) or (origin is tuple and len(value) != len(args)):
+            raise bad
+        items = [convert(v, args[i] if origin is tuple else args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
-            return False
-        if isinstance(value, int) and value in (0, 1):
+        value = BOOL_WORDS.get(value.lower(), value) if isinstance(value, str) else value
+        if isinstance(value, bool) or value in (0, 1):
             return bool(value)
-        raise _Mismatch
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():  # 1e6 in YAML
-            return int(value)
-        if isinstance(value, str):
+        raise bad
+    if tp in (int, float):
+        if isinstance(value, str):  # PyYAML reads 2e-4 (no dot) as a string, and overrides are strings
             try:
-                return int(value.replace("_", ""))
+                value = int(value)
             except ValueError:
                 try:
-                    f = float(value)
+                    value = float(value)
                 except ValueError:
-                    raise _Mismatch from None
-                if f.is_integer():
-                    return int(f)
-        raise _Mismatch
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 2e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise _Mismatch from None
-        raise _Mismatch
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
-    if tp is dict:
-        if isinstance(value, dict):
-            return value
-        raise _Mismatch
-    if isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        if isinstance(value, str):
-            try:
-                return tp(value)
-            except Exception:
-                raise _Mismatch from None
-    raise _Mismatch
+                    raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and value != int(value)):
+            raise bad
+        if not math.isfinite(value):
+            raise UserError(f"{where} must be a finite number, got {value}")
+        return tp(value)
+    if isinstance(tp, type) and isinstance(value, tp):  # str, dict
+        return value
+    raise bad
 
 
-def _build_section(name: str, cls, raw) -> object:
+def build_section(name: str, cls, raw):
+    """A config section (a dataclass) from a mapping, strictly: unknown keys and wrong types are UserErrors, then the
+    section's own checks (__post_init__) run."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise UserError(f"config section {name!r} must be a mapping of key: value, got {raw!r}")
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs = {}
-    for key, value in raw.items():
+    for key in raw:
         if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
+            close = difflib.get_close_matches(str(key), valid, n=1)
             hint = f" (did you mean {name}.{close[0]}?)" if close else ""
             raise UserError(f"unknown config key {name}.{key}{hint}; valid keys in {name}: {', '.join(valid)}")
-        try:
-            kwargs[key] = _convert(value, hints[key])
-        except _Mismatch:
-            raise UserError(f"{name}.{key}: expected {_type_name(hints[key])}, got {value!r}") from None
-        choices = CHOICES.get((name, key))
-        if choices and kwargs[key] not in choices:
-            raise UserError(f"{name}.{key}: {kwargs[key]!r} is not one of {', '.join(choices)}")
+    kwargs = {key: convert(value, hints[key], f"{name}.{key}") for key, value in raw.items()}
     try:
         return cls(**kwargs)
-    except (ValueError, TypeError) as e:  # the section's own checks (e.g. NeoBERTConfig.__post_init__)
+    except (UserError, ValueError, TypeError) as e:  # its own checks (ValueError: neobert.py imports only torch)
         msg = str(e)
         raise UserError(msg if msg.startswith(f"{name}.") else f"{name}: {msg}") from None
 
@@ -293,53 +284,11 @@ def load_config(path, overrides: Optional[list[str]] = None, extra_sections: Opt
     for name in raw:
         if name not in schema:
             raise UserError(f"unknown config section {name!r} in {path}; valid sections: {', '.join(schema)}")
-    built = {name: _build_section(name, cls, raw.get(name)) for name, cls in schema.items()}
+    built = {name: build_section(name, cls, raw.get(name)) for name, cls in schema.items()}
     tasks = {name: built.pop(name) for name in list(built) if name in (extra_sections or {})}
     cfg = Config(**built, tasks=tasks)
     check_config(cfg)
     return cfg
-
-
-def check_config(cfg: Config):
-    t, s = cfg.trainer, cfg.scheduler
-    positive = dict(per_device_train_batch_size=t.per_device_train_batch_size,
-                    per_device_eval_batch_size=t.per_device_eval_batch_size,
-                    gradient_accumulation_steps=t.gradient_accumulation_steps, logging_steps=t.logging_steps)
-    for key, value in positive.items():
-        if value < 1:
-            raise UserError(f"trainer.{key} must be at least 1, got {value}")
-    for key in ("max_steps", "save_steps", "eval_steps", "eval_max_batches"):
-        if getattr(t, key) < 0:
-            raise UserError(f"trainer.{key} must be >= 0, got {getattr(t, key)}")
-    if t.save_total_limit is not None and t.save_total_limit < 1:
-        raise UserError(f"trainer.save_total_limit must be at least 1 (or null to keep all), got {t.save_total_limit}")
-    if isinstance(t.resume_from_checkpoint, str) and not t.resume_from_checkpoint:
-        raise UserError("trainer.resume_from_checkpoint is empty; use false, true, latest, auto or a path")
-    if s.warmup_steps < 0 or (s.decay_steps is not None and s.decay_steps < 0):
-        raise UserError("scheduler.warmup_steps and scheduler.decay_steps must be >= 0")
-    if not 0.0 <= s.final_lr_ratio <= 1.0:
-        raise UserError(f"scheduler.final_lr_ratio must be in [0, 1], got {s.final_lr_ratio}")
-    if cfg.optimizer.lr < 0 or cfg.optimizer.weight_decay < 0 or cfg.optimizer.eps <= 0:
-        raise UserError("optimizer.lr and optimizer.weight_decay must be >= 0 and optimizer.eps > 0")
-    ds, dc = cfg.dataset, cfg.datacollator  # data values data.py would only reject after preparing the corpus
-    checks = [
-        (ds.max_seq_length >= 8, f"dataset.max_seq_length must be >= 8, got {ds.max_seq_length}"),
-        (0.0 <= ds.validation_split < 1.0, f"dataset.validation_split must be in [0, 1), got {ds.validation_split}"),
-        (ds.eval_samples >= 0, f"dataset.eval_samples must be >= 0, got {ds.eval_samples}"),
-        (ds.max_documents >= 0, f"dataset.max_documents must be >= 0 (0 = all), got {ds.max_documents}"),
-        (ds.num_workers >= 0, f"dataset.num_workers must be >= 0 (0 = all cores), got {ds.num_workers}"),
-        (ds.shuffle_buffer_size >= 1, f"dataset.shuffle_buffer_size must be >= 1, got {ds.shuffle_buffer_size}"),
-        (0.0 < dc.mlm_probability < 1.0, f"datacollator.mlm_probability must be in (0, 1), got {dc.mlm_probability}"),
-        (dc.pad_to_multiple_of >= 1, f"datacollator.pad_to_multiple_of must be >= 1, got {dc.pad_to_multiple_of}"),
-        (not ds.streaming or dc.pack_sequences,
-         "dataset.streaming supports packed rows only: set datacollator.pack_sequences: true"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise UserError(msg)
-    if cfg.dataset.max_seq_length > cfg.model.max_position_embeddings:
-        raise UserError(f"dataset.max_seq_length={cfg.dataset.max_seq_length} exceeds "
-                        f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
 
 
 def _plain(x):
@@ -391,8 +340,7 @@ def cpu_has_native_bf16() -> bool:
 def resolve_precision(mixed_precision: str, device, warn=data.warn) -> str:
     """trainer.mixed_precision (auto | bf16 | no) on this device -> "bf16" or "no". auto: bf16 on CUDA and on CPUs
     with native bf16 (AVX512-BF16, AMX), fp32 otherwise: emulated bf16 is hundreds of times slower than fp32."""
-    if mixed_precision not in ("auto", "bf16", "no"):
-        raise UserError(f"trainer.mixed_precision: {mixed_precision!r} is not one of auto, bf16, no")
+    convert(mixed_precision, typing.get_type_hints(TrainerConfig)["mixed_precision"], "trainer.mixed_precision")
     device_type = torch.device(device).type
     native = device_type == "cuda" or (device_type == "cpu" and cpu_has_native_bf16())
     if mixed_precision == "auto":
@@ -608,7 +556,7 @@ def _read_source_config(path: Path, model_overrides: dict):
             raise UserError(f"{path / 'config.yaml'} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(full, dict) or not isinstance(full.get("model"), dict):
             raise UserError(f"{path / 'config.yaml'} has no model: section; is it a neobert checkpoint?")
-        model_config = _build_section("model", neobert.NeoBERTConfig, {**full["model"], **model_overrides})
+        model_config = build_section("model", neobert.NeoBERTConfig, {**full["model"], **model_overrides})
         pooling = (full.get("contrastive") or {}).get("pooling", "mean")
         return full, model_config, pooling, full.get("classifier") or {}
     try:
@@ -802,6 +750,42 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def start_wandb(cfg: Config, run_dir: Path):
+    """A wandb run writing under RUN/wandb (wandb is imported only here). Offline it never touches the network:
+    wandb-core's error reporting would otherwise look its server up; `wandb sync RUN/wandb/offline-run-*` uploads."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError(f"wandb.mode={cfg.wandb.mode} needs the wandb package: pip install wandb") from None
+    if cfg.wandb.mode == "offline":
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+    return wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, mode=cfg.wandb.mode, dir=str(run_dir),
+                      config=config_to_dict(cfg))
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics.jsonl records up to `step` (what a killed run logged after its last checkpoint goes). A line
+    that does not decode (a kill mid-write, a full disk) is dropped with a warning instead of blocking the resume."""
+    if not path.exists():
+        return
+    kept, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            bad += bool(line.strip())
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            bad += 1
+        elif record["step"] <= step:
+            kept.append(line)
+    if bad:
+        data.warn(f"{path}: dropped {bad} damaged line{'s' * (bad > 1)} (a write cut short by a kill or a full disk)")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 def train(cfg: Config) -> dict:
     """Runs the training described by cfg; returns the last metrics record."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
@@ -907,19 +891,10 @@ def _train(cfg: Config, rank: int, world_size: int, device, master: bool, print0
     amp = autocast(device, precision)
 
     # logging: metrics.jsonl, tqdm, wandb, all on rank 0
-    wandb_run = None
-    if master and cfg.wandb.mode != "disabled":
-        try:
-            import wandb
-        except ImportError:
-            raise UserError(f"wandb.mode={cfg.wandb.mode} needs the wandb package: pip install wandb") from None
-        wandb_run = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, mode=cfg.wandb.mode,
-                               dir=str(run_dir), config=config_to_dict(cfg))
+    wandb_run = start_wandb(cfg, run_dir) if master and cfg.wandb.mode != "disabled" else None
     metrics_path = run_dir / "metrics.jsonl"
-    if master and metrics_path.exists():  # drop what a killed run logged after the checkpoint we resume from
-        lines = [ln for ln in metrics_path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln)["step"] <= state["step"]]
-        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    if master:
+        truncate_metrics(metrics_path, state["step"])
     metrics_file = open(metrics_path, "a") if master else None
     from tqdm import tqdm
     bar = tqdm(total=t.max_steps, initial=state["step"], disable=not master or t.disable_tqdm, dynamic_ncols=True)
@@ -1016,7 +991,15 @@ def _train(cfg: Config, rank: int, world_size: int, device, master: bool, print0
 
 
 def main(argv=None) -> int:
-    return data.run_main(argv, __doc__, lambda args: train(load_config(args[0], args[1:])))
+    def work(args):
+        flags = {a for a in args if a in ("--prepare-only", "--bench")}  # --bench: the loader's, so prepare-only too
+        args = [a for a in args if a not in flags]
+        if not args:
+            raise UserError("no config file: python train.py CONFIG [--prepare-only] [--section.key value ...]")
+        cfg = load_config(args[0], args[1:])
+        return data.prepare_only(cfg, bench="--bench" in flags) if flags else train(cfg)
+
+    return data.run_main(argv, __doc__, work)
 
 
 if __name__ == "__main__":

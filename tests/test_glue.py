@@ -610,6 +610,31 @@ def test_mnli_to_rte_transfer_keeps_the_encoder_new_head(tmp_path, pretrained, m
     assert "n/a (2 of 8 tasks)" in (out / "glue" / "results.md").read_text()  # no average of a partial set
 
 
+def test_all_eight_tasks_with_transfer(tmp_path, pretrained):
+    """task_name all on the hub layout: the paper's eight tasks, MNLI first, four of them from its best model, and a
+    GLUE score over all eight (tiny data: this checks the plumbing, not the numbers)."""
+    root = write_parquet_layout(tmp_path / "glue")
+    out = tmp_path / "out"
+    assert run_glue("--glue.task_name", "all", "--glue.data_dir", root, "--glue.transfer_from_task", "true",
+                    *glue_args(out, pretrained, "--trainer.max_steps", 2)) == 0
+    summary = json.loads((out / "glue" / "results.json").read_text())
+    assert list(summary["tasks"]) == list(evaluate.PAPER_EIGHT) and summary["glue_score"] is not None
+    assert summary["glue_score"] == pytest.approx(np.mean([r["score"] for r in summary["tasks"].values()]))
+    (mnli_run,) = (out / "glue" / "mnli").iterdir()
+    for task in evaluate.GLUE_TASKS:
+        if task == "wnli":
+            assert not (out / "glue" / task).exists()
+            continue
+        (run,) = (out / "glue" / task).iterdir()
+        res = json.loads((run / "results.json").read_text())
+        start = mnli_run / "best" if task in evaluate.TRANSFER_TASKS else pretrained
+        assert Path(res["source"]) == start, task
+        labels = yaml.safe_load((run / "best" / "config.yaml").read_text())["classifier"]
+        assert labels["num_labels"] == evaluate.GLUE_TASKS[task].num_labels
+    md = (out / "glue" / "results.md").read_text()
+    assert f"**{100 * summary['glue_score']:.1f}**" in md and "| STS-B | Pearson" in md
+
+
 def test_sweep_skips_finished_runs(tmp_path, pretrained, capsys):
     data_dir = write_custom(tmp_path / "data", n_train=48, n_val=16)
     args = ["--glue.task_name", "custom", "--glue.data_dir", data_dir, "--glue.text_columns", "premise,hypothesis",

@@ -836,25 +836,57 @@ def test_streaming_empty_source(tmp_path, tok, prefetch):
 # -----------------------------------------------------------------------------
 # command line
 
-def test_main_prepares_and_reports_errors(tmp_path, tok_path, capsys):
-    pytest.importorskip("train")
+def test_prepare_command_prepares_and_reports_errors(tmp_path, tok_path, capsys):
+    """`python train.py CONFIG --prepare-only [--bench]`, the prepare command (train.py owns the config schema, so
+    data.py never imports train.py); `python data.py CONFIG` forwards to it."""
+    train = pytest.importorskip("train")
     src = write_txt(tmp_path / "c.txt", make_docs(50))
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model: {{vocab_size: 512}}\ntokenizer: {{path: {tok_path}}}\n"
                    f"dataset: {{data_files: [{src}], path: {tmp_path / 'out'}, num_workers: 1}}\n")
-    assert data.main([str(cfg)]) == 0
-    assert (tmp_path / "out" / "manifest.json").exists()
-    assert data.main([str(cfg), "--bench", "--dataset.max_seq_length", "32",
-                      "--trainer.per_device_train_batch_size", "4"]) == 0
+    assert train.main([str(cfg), "--prepare-only"]) == 0
+    assert (tmp_path / "out" / "manifest.json").exists() and not (tmp_path / "runs").exists()
+    assert train.main([str(cfg), "--bench", "--dataset.max_seq_length", "32",
+                       "--trainer.per_device_train_batch_size", "4"]) == 0
     assert "packing: 100.00% of batch tokens are real" in capsys.readouterr().out
-    assert data.main([str(cfg), "--model.vocab_size", "100"]) == 2
+    assert train.main([str(cfg), "--model.vocab_size", "100", "--prepare-only"]) == 2
     err = capsys.readouterr().err
     assert "error: model.vocab_size 100" in err and "Traceback" not in err
-    assert data.main([str(cfg), "--dataset.data_files", "[nope.txt]", "--dataset.path", str(tmp_path / "o2")]) == 2
+    assert train.main(["--prepare-only", str(cfg), "--dataset.data_files", "[nope.txt]",
+                       "--dataset.path", str(tmp_path / "o2")]) == 2
     assert "no such file 'nope.txt'" in capsys.readouterr().err
     r = subprocess.run([sys.executable, str(ROOT / "data.py"), str(tmp_path / "missing.yaml")], capture_output=True,
                        text=True, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), str(cfg)], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and "tokenizer of" in r.stdout and not (tmp_path / "runs").exists(), r.stderr
+    assert "import train" not in "".join(line for line in (ROOT / "data.py").read_text().splitlines(True)
+                                         if not line.startswith(" "))  # never at module level
+
+
+def test_prepare_command_on_prepared_data_is_quick(tmp_path, tok_path):
+    """On a prepared directory, `python data.py CONFIG` costs little beyond `import torch` (no torch._dynamo, no
+    re-reading of the corpus). The bound is loose: the machine running the tests may be busy."""
+    src = write_txt(tmp_path / "c.txt", make_docs(50))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{vocab_size: 512}}\ntokenizer: {{path: {tok_path}}}\n"
+                   f"dataset: {{data_files: [{src}], path: {tmp_path / 'out'}, num_workers: 1}}\n")
+    data.prepare(data.DatasetConfig(data_files=[str(src)], path=str(tmp_path / "out"), num_workers=1),
+                 TokenizerConfig(path=str(tok_path)), progress=False)
+    # one process: the time of `import torch`, then of the whole command after it (the rest of the imports,
+    # the config, checking the prepared directory)
+    probe = ("import runpy, sys, time\nt = time.perf_counter()\nimport torch\ntorch_s = time.perf_counter() - t\n"
+             "sys.argv = ['data.py', sys.argv[1]]\ntry:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+             "except SystemExit as e:\n    assert not e.code, e.code\n"
+             "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo', torch_s, time.perf_counter() - t)")
+    runs = []
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-c", probe, str(cfg)], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0 and "tokens ready" in r.stdout, r.stderr
+        verdict, torch_s, total_s = r.stdout.split("\n")[-2].rsplit(" ", 2)
+        runs.append((verdict, float(torch_s), float(total_s)))
+    assert all(verdict == "no dynamo" for verdict, _, _ in runs), runs
+    assert min(total - torch_s for _, torch_s, total in runs) < 1.5, runs
 
 
 def test_build_loader_prepared_and_streaming(tmp_path, tok_path):

@@ -4,14 +4,17 @@ Every run uses a tiny model (hidden 32, 2 layers, seq 64) on the smoke config's 
 session. Runs go through train.main (in this process) or `python train.py` / torchrun (subprocesses).
 """
 
+import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -116,6 +119,16 @@ def test_config_overrides_types_and_round_trip(tmp_path):
     (["--optimizer.betas", "0.9"], ["optimizer.betas", "list of 2"]),
     (["--trainer.max_steps"], ["--trainer.max_steps needs a value"]),
     (["stray"], ["stray"]),
+    (["--optimizer.lr", "nan"], ["optimizer.lr must be a finite number", "nan"]),
+    (["--scheduler.final_lr_ratio", "inf"], ["scheduler.final_lr_ratio must be a finite number"]),
+    (["--model.dropout", "-inf"], ["model.dropout must be a finite number"]),
+    (["--optimizer.lr", "-1"], ["optimizer.lr and optimizer.weight_decay must be >= 0"]),
+    (["--optimizer.betas", "0.9,1.5"], ["optimizer.betas must be in [0, 1)"]),
+    (["--trainer.gradient_clipping", "0"], ["trainer.gradient_clipping must be > 0", "null"]),
+    (["--trainer.max_steps", "2.5"], ["trainer.max_steps", "2.5", "int"]),
+    (["--trainer.per_device_train_batch_size", "0"], ["trainer.per_device_train_batch_size must be at least 1"]),
+    (["--wandb.mode", "on"], ["wandb.mode", "disabled", "online", "offline"]),
+    (["--tokenizer.vocab_size", "0"], ["tokenizer.vocab_size"]),
 ])
 def test_config_errors_exit_2_without_traceback(capsys, argv, fragments):
     expect_error(capsys, [str(SMOKE)] + argv, *fragments)
@@ -137,6 +150,43 @@ def test_data_values_fail_before_any_work(capsys, tmp_path, override, fragment):
     out, prep = tmp_path / "run", tmp_path / "prep"
     expect_error(capsys, [str(SMOKE), override, f"trainer.output_dir={out}", f"dataset.path={prep}"], fragment)
     assert not out.exists() and not prep.exists()
+
+
+def test_sections_check_themselves_and_nested_sections(tmp_path):
+    """A section checks its values however it is built (YAML, overrides or Python), NaN included; a list of mappings
+    becomes a list of small dataclasses with strict keys, named by position in errors."""
+    for build in (lambda: data.DatasetConfig(max_seq_length=4), lambda: data.DataCollatorConfig(mlm_probability=0.0),
+                  lambda: train.OptimizerConfig(lr=float("nan")), lambda: train.SchedulerConfig(final_lr_ratio=2.0),
+                  lambda: train.TrainerConfig(save_total_limit=0)):
+        with pytest.raises(data.UserError):
+            build()
+    (tmp_path / "nan.yaml").write_text("optimizer:\n  lr: .nan\n")
+    with pytest.raises(data.UserError, match="optimizer.lr must be a finite number"):
+        train.load_config(tmp_path / "nan.yaml")
+
+    @dataclasses.dataclass
+    class Source:
+        name: str = ""
+        weight: float = 1.0
+
+        def __post_init__(self):
+            data.require(self.weight > 0, f"weight must be > 0, got {self.weight}")
+
+    @dataclasses.dataclass
+    class Task:
+        sources: list[Source] = dataclasses.field(default_factory=list)
+        mode: typing.Literal["a", "b"] = "a"
+
+    (tmp_path / "t.yaml").write_text("task:\n  sources:\n    - {name: x}\n    - {name: y, weight: 2}\n")
+    cfg = train.load_config(tmp_path / "t.yaml", ["task.mode=b"], extra_sections={"task": Task})
+    assert cfg.tasks["task"] == Task(sources=[Source("x", 1.0), Source("y", 2.0)], mode="b")
+    assert train.config_to_dict(cfg)["task"]["sources"][1] == {"name": "y", "weight": 2.0}
+    for text, fragment in [("- {name: x, wieght: 2}", "unknown config key task.sources[0].wieght"),
+                           ("- {name: x}\n    - {weight: fast}", "task.sources[1].weight: expected float"),
+                           ("- {weight: -1}", "task.sources[0]: weight must be > 0")]:
+        (tmp_path / "t.yaml").write_text(f"task:\n  sources:\n    {text}\n")
+        with pytest.raises(data.UserError, match=re.escape(fragment)):
+            train.load_config(tmp_path / "t.yaml", extra_sections={"task": Task})
 
 
 def test_config_file_errors(capsys, tmp_path):
@@ -755,3 +805,54 @@ def test_load_pretrained_contrastive_pooling_and_bad_files(mlm_run, tmp_path):
                             train.config_to_dict(cfg))  # config.yaml says hidden 32, weights are 64 wide
     with pytest.raises(data.UserError, match="different model shape"):
         train.load_pretrained(wide)
+
+
+# -----------------------------------------------------------------------------
+# metrics.jsonl damaged by a kill mid-write or a full disk never blocks a resume
+
+
+def test_truncate_metrics_drops_damaged_lines(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
+    path.write_bytes(("\n".join(good) + '\n[1, 2]\n\x00\x00\x00\n\xff\xfe{"step"\n\n{"step": 4, "lo').encode("latin-1"))
+    train.truncate_metrics(path, 2)
+    assert path.read_text() == good[0] + "\n" + good[1] + "\n"
+    assert "dropped 4 damaged lines" in capsys.readouterr().err
+    train.truncate_metrics(tmp_path / "missing.jsonl", 5)  # a fresh run: nothing to do
+    assert not (tmp_path / "missing.jsonl").exists()
+
+
+def test_resume_after_a_partial_metrics_line(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(data_dir, out, **{"trainer.max_steps": 2})
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 7.1, "lr": 0.00')  # killed mid-write
+    log = run(data_dir, out, **{"trainer.max_steps": 3, "trainer.resume_from_checkpoint": "auto"})
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert "dropped 1 damaged line" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# the guide's CLI-only smoke run, as written, with wandb offline
+
+
+def test_guide_command_line_with_wandb_offline(data_dir, tmp_path):
+    """python train.py configs/smoke.yaml --dataset.streaming false --datacollator.pack_sequences false
+    --trainer.max_steps 50 --wandb.mode offline: runs after `pip install -r requirements.txt`, writes the offline
+    wandb run under the run directory, and (where a network namespace can be made) runs with no network at all."""
+    pytest.importorskip("wandb")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "configs/smoke.yaml", "--dataset.streaming", "false",
+           "--datacollator.pack_sequences", "false", "--trainer.max_steps", "50", "--wandb.mode", "offline",
+           "--dataset.path", str(data_dir), "--trainer.output_dir", str(out), "--trainer.disable_tqdm", "true"]
+    no_network = ["unshare", "-rn"]
+    if shutil.which("unshare") is None or subprocess.run(no_network + ["true"], capture_output=True).returncode:
+        no_network = []
+    env = {k: v for k, v in ENV.items() if not k.startswith("WANDB_")}
+    p = subprocess.run(no_network + cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = metrics(out)
+    assert log[-1]["step"] == 50 and "eval_loss" in log[-1] and log[-1]["loss"] < log[0]["loss"]
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), list((out / "wandb").iterdir())
+    assert (runs[0] / "run-" f"{runs[0].name.rsplit('-', 1)[1]}.wandb").stat().st_size > 0

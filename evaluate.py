@@ -656,8 +656,8 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict,
     accum = t.gradient_accumulation_steps
     evaluations, best, best_state, bad_evals = [], None, None, 0
     metrics_file = open(out / "metrics.jsonl", "w")
-    bar = tqdm(total=total, desc=f"{run.task} {run.name}", disable=t.disable_tqdm,
-               dynamic_ncols=True, leave=False)
+    bar = tqdm(total=total, desc=f"{run.task} {run.name}", disable=t.disable_tqdm, dynamic_ncols=True, leave=False,
+               position=ctx["rank"])  # under torchrun: one line per process
     t0, examples, stopped_early, step = time.perf_counter(), 0, False, 0
     try:
         for step in range(total):

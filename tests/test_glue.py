@@ -182,7 +182,8 @@ def test_metrics_against_sklearn_and_scipy():
         else:
             assert evaluate.f1_score(p, y, k) == pytest.approx(
                 sklearn_metrics.f1_score(y, p, average="macro", labels=list(range(k)), zero_division=0), abs=1e-12)
-        x, z = rng.normal(size=n), rng.normal(size=n) + rng.normal() * 0.0
+        x = rng.normal(size=n)
+        z = rng.uniform(-1, 1) * x + rng.normal(size=n)  # correlated, by a random amount
         assert evaluate.pearson(x, z) == pytest.approx(stats.pearsonr(x, z)[0], abs=1e-10)
         xt, zt = rng.integers(0, 6, n).astype(float), rng.integers(0, 4, n) / 2  # many ties, as STS-B's 0..5 scores
         assert evaluate.spearman(xt, zt) == pytest.approx(stats.spearmanr(xt, zt)[0], abs=1e-10)

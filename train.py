@@ -172,6 +172,8 @@ def convert(value, tp, where: str):
                     pass
         raise bad
     if origin is Literal:
+        if value is False and "no" in args:  # YAML reads an unquoted `no` as false
+            return "no"
         if value not in args or isinstance(value, bool):
             raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
         return value

@@ -160,6 +160,8 @@ def test_sections_check_themselves_and_nested_sections(tmp_path):
                   lambda: train.TrainerConfig(save_total_limit=0)):
         with pytest.raises(data.UserError):
             build()
+    (tmp_path / "no.yaml").write_text("trainer:\n  mixed_precision: no\n")  # YAML 1.1: an unquoted no is false
+    assert train.load_config(tmp_path / "no.yaml").trainer.mixed_precision == "no"
     (tmp_path / "nan.yaml").write_text("optimizer:\n  lr: .nan\n")
     with pytest.raises(data.UserError, match="optimizer.lr must be a finite number"):
         train.load_config(tmp_path / "nan.yaml")

@@ -834,3 +834,18 @@ def test_random_weights_only_when_allowed_and_unpadded_training(tmp_path, tokeni
     (res,) = (tmp_path / "out" / "glue" / "custom").glob("*/results.json")
     res = json.loads(res.read_text())
     assert res["batching"] == "unpadded" and res["steps"] == 2 and res["config"]["model"]["hidden_size"] == 32
+
+
+def test_evaluate_defines_each_name_once():
+    """evaluate.py holds the GLUE and the MTEB sections: a name defined in both would silently replace the first."""
+    import ast
+    import collections
+    seen = collections.defaultdict(list)
+    for node in ast.parse((ROOT / "evaluate.py").read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            seen[node.name].append(node.lineno)
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    seen[target.id].append(node.lineno)
+    assert not {name: lines for name, lines in seen.items() if len(lines) > 1}

@@ -1233,6 +1233,561 @@ def glue_main(argv) -> int:
 # -----------------------------------------------------------------------------
 # MTEB
 # (section owned by the MTEB work; entry point: mteb_main(argv) -> int)
+# Embed texts with a checkpoint (its own pooling, sorted by length, unpadded on GPU, bf16 on GPU) behind mteb 2.x's
+# encoder protocol; let mteb run its evaluators and write its result files; summarise like Table 4 of the paper.
+# Read: config -> encoder -> instructions -> mteb adapter (model meta) -> tasks (registry, BEIR folders) -> run -> report.
+# mteb is imported only inside the functions that need it (it is optional, and importing it takes seconds).
+
+import importlib.util
+import typing
+from typing import Literal
+
+MTEB_INSTALL = "pip install -r requirements-eval.txt (mteb)"
+MTEB_TYPES = ("Classification", "Clustering", "PairClassification", "Reranking", "Retrieval", "STS", "Summarization")
+MTEB_TYPE_LABELS = {"Classification": "Class.", "Clustering": "Clust.", "PairClassification": "PairClass.",
+                    "Reranking": "Rerank.", "Retrieval": "Retr.", "STS": "STS", "Summarization": "Summ."}
+# NeoBERT (after contrastive fine-tuning) on MTEB(eng, v1), arXiv:2502.19587 Table 4; the average is over the 56 tasks
+PAPER_MTEB = {"Classification": 61.6, "Clustering": 40.8, "PairClassification": 76.2, "Reranking": 51.2,
+              "Retrieval": 31.6, "STS": 74.8, "Summarization": 30.7, "Average": 51.3}
+BEIR_FILES = ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv")
+
+
+@dataclass
+class MtebConfig:
+    model: Optional[str] = None         # run dir | model_checkpoints/<step> | exported HF folder | hub id
+    benchmark: str = "MTEB(eng, v1)"    # mteb benchmark, used when neither tasks nor beir_dir is given
+    tasks: list[str] = field(default_factory=list)       # mteb task names (a benchmark's own subsets where it has them)
+    task_types: list[str] = field(default_factory=list)  # keep only these types (STS, Retrieval, ...)
+    beir_dir: Optional[str] = None      # a BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv) or a folder of them
+    pooling: Literal["auto", "mean", "cls"] = "auto"     # auto: the checkpoint's (contrastive.pooling / 1_Pooling)
+    max_seq_length: int = 1024          # longer inputs are truncated (the paper: 1024)
+    batch_size: int = 64                # texts per forward pass
+    instructions: Optional[str] = "configs/mteb_instructions.yaml"  # per-task query / document instructions
+    use_instructions: bool = True
+    output_dir: Optional[str] = None    # null: the model's run directory (a training run or checkpoint), else runs/mteb
+    overwrite: bool = False             # re-score tasks that already have results for this checkpoint
+
+    def __post_init__(self):
+        if self.max_seq_length < 2 or self.batch_size < 1:
+            raise ValueError("mteb.max_seq_length must be >= 2 and mteb.batch_size >= 1")
+
+
+# -----------------------------------------------------------------------------
+# the encoder: texts -> (N, H) float32 embeddings
+
+
+def pool_packed(hidden, cu_seqlens, mode: str):
+    """neobert.pool for a packed batch: hidden (T, H) of concatenated sequences -> (n, H)."""
+    if mode == "cls":
+        return hidden[cu_seqlens[:-1].long()]
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seg = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)
+    sums = torch.zeros(len(lengths), hidden.shape[-1], device=hidden.device, dtype=hidden.dtype).index_add_(0, seg, hidden)
+    return sums / lengths.unsqueeze(-1).to(hidden.dtype)
+
+
+class SentenceEncoder:
+    """A NeoBERT encoder and its tokenizer as a text embedder. Texts are truncated to max_seq_length tokens and run
+    longest first in batches of similar length: unpadded (cu_seqlens, the varlen kernels) when packed, else padded."""
+
+    def __init__(self, model, tokenizer, pooling: str, max_seq_length: int, batch_size: int, device, precision: str,
+                 packed: Optional[bool] = None):
+        from tokenizers import Tokenizer
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: truncation is set on it
+        self.max_seq_length = min(max_seq_length, model.config.max_position_embeddings)
+        self.tokenizer.enable_truncation(self.max_seq_length)
+        self.tokenizer.no_padding()
+        self.pad_id = data.special_token_ids(self.tokenizer)["pad"]
+        self.pooling, self.batch_size, self.precision = pooling, batch_size, precision
+        # padded batches on CPU: there the packed path masks a (T, T) block-diagonal matrix
+        self.packed = self.device.type == "cuda" if packed is None else packed
+        self.dim = model.config.hidden_size
+
+    @torch.no_grad()
+    def encode(self, texts, show_progress_bar: bool = True, desc: str = "embedding") -> np.ndarray:
+        from tqdm.auto import tqdm
+        ids = [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=True)]
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first: OOM shows up at once
+        out = np.zeros((len(ids), self.dim), dtype=np.float32)
+        starts = range(0, len(order), self.batch_size)
+        for start in tqdm(starts, desc=desc, disable=not show_progress_bar, leave=False):
+            rows = order[start:start + self.batch_size]
+            out[rows] = self._embed([ids[i] for i in rows]).float().cpu().numpy()
+        return out
+
+    def _packed_rows(self, seqs):
+        """Whole sequences end to end in rows of at most max_position_embeddings tokens, the layout of the trainer's
+        packed batches: (input_ids (R, W), cu_seqlens over the flattened rows, the segment of each sequence). A row's
+        unused tail is a segment of its own, of padding."""
+        width = min(self.model.config.max_position_embeddings, sum(len(s) for s in seqs))
+        tokens, bounds, segment_of, used = [], [0], [], 0
+        for s in seqs:
+            if used + len(s) > width:  # close the row
+                if used < width:
+                    tokens += [self.pad_id] * (width - used)
+                    bounds.append(len(tokens))
+                used = 0
+            segment_of.append(len(bounds) - 1)
+            tokens += s
+            bounds.append(len(tokens))
+            used += len(s)
+        if used < width:
+            tokens += [self.pad_id] * (width - used)
+            bounds.append(len(tokens))
+        return torch.tensor(tokens).view(-1, width), torch.tensor(bounds, dtype=torch.int32), segment_of
+
+    def _embed(self, seqs):
+        with train.autocast(self.device, self.precision):
+            if self.packed:
+                input_ids, cu, segment_of = self._packed_rows(seqs)
+                max_seqlen = int((cu[1:] - cu[:-1]).max())
+                input_ids, cu = input_ids.to(self.device), cu.to(self.device)
+                hidden = self.model(input_ids, cu_seqlens=cu, max_seqlen=max_seqlen)  # (R, W, H)
+                return pool_packed(hidden.flatten(0, 1).float(), cu, self.pooling)[segment_of]
+            width = max(len(s) for s in seqs)
+            input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for i, s in enumerate(seqs):
+                input_ids[i, :len(s)] = torch.tensor(s)
+                mask[i, :len(s)] = 1
+            input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+            hidden = self.model(input_ids, mask)
+            return neobert.pool(hidden.float(), mask, self.pooling)
+
+
+# -----------------------------------------------------------------------------
+# instructions: per task (or per task type) a query instruction and an optional document instruction
+
+
+@dataclass
+class Instructions:
+    """From a YAML file:
+        query_template: "{instruction} "      # how an instruction prefixes a query (as contrastive training does)
+        document_template: "{instruction} "
+        tasks:
+          ArguAna: Given a claim, find passages that argue against it.   # a query instruction
+          QuoraRetrieval: {query: ..., document: ...}                     # both sides
+          STS: Retrieve semantically similar text.                       # a task type: its tasks without an entry
+    Queries (prompt_type query) and inputs of symmetric tasks (STS, classification, ...: no prompt_type) get the
+    query instruction; documents get the document instruction, or nothing."""
+    tasks: dict = field(default_factory=dict)  # name or type -> {"query": str, "document": str}
+    query_template: str = "{instruction} "
+    document_template: str = "{instruction} "
+    digest: str = "none"  # of the file's content, so changed instructions never reuse cached scores
+
+    def prefix(self, task_name: str, task_type: str, prompt_type=None) -> str:
+        entry = self.tasks.get(task_name) or self.tasks.get(task_type) or {}
+        side = "document" if str(getattr(prompt_type, "value", prompt_type)) == "document" else "query"
+        text = entry.get(side)
+        if not text:
+            return ""
+        return (self.document_template if side == "document" else self.query_template).format(instruction=text)
+
+
+def _repo_relative(path: str) -> Path:
+    """A path as given, else relative to this repository (so the shipped configs work from any directory)."""
+    p = Path(path).expanduser()
+    if not p.exists() and not p.is_absolute() and (Path(__file__).resolve().parent / p).exists():
+        return Path(__file__).resolve().parent / p
+    return p
+
+
+def load_instructions(path: Optional[str], use: bool = True) -> Instructions:
+    if not use or not path:
+        return Instructions()
+    p = _repo_relative(path)
+    if not p.is_file():
+        raise UserError(f"mteb.instructions: {path} not found; pass a YAML file of per-task instructions, or "
+                        "--mteb.use_instructions false")
+    text = p.read_text()
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"mteb.instructions: {p} is not valid YAML: {' '.join(str(e).split())}") from None
+    known = ("tasks", "query_template", "document_template")
+    if not isinstance(raw, dict) or set(raw) - set(known) or not isinstance(raw.get("tasks", {}), dict):
+        raise UserError(f"mteb.instructions: {p} must be a mapping with keys {', '.join(known)} (tasks: a mapping of "
+                        "task name or type -> instruction)")
+    tasks = {}
+    for name, entry in (raw.get("tasks") or {}).items():
+        if isinstance(entry, str):
+            entry = {"query": entry}
+        if not isinstance(entry, dict) or set(entry) - {"query", "document"} or \
+                not all(isinstance(v, str) for v in entry.values()):
+            raise UserError(f"mteb.instructions: {p}: tasks.{name} must be an instruction string or "
+                            "{query: str, document: str}")
+        tasks[str(name)] = entry
+    out = Instructions(tasks=tasks, digest=hashlib.sha256(text.encode()).hexdigest()[:12])
+    for key in ("query_template", "document_template"):
+        template = raw.get(key, getattr(out, key))
+        if not isinstance(template, str) or "{instruction}" not in template:
+            raise UserError(f"mteb.instructions: {p}: {key} must be a string holding {{instruction}}")
+        setattr(out, key, template)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the mteb side: model meta (who produced these scores), the encoder protocol, tasks
+
+
+def import_mteb():
+    # mteb.evaluate imports sentence-transformers even for our own encoder; the mteb-core package lacks it
+    if importlib.util.find_spec("mteb") is None or importlib.util.find_spec("sentence_transformers") is None:
+        raise UserError(f"evaluate.py mteb needs the mteb package (with sentence-transformers): {MTEB_INSTALL}")
+    import mteb
+    return mteb
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 of the weight files: the revision under which mteb files a checkpoint's results."""
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def model_identity(source: str, path: Path) -> str:
+    """The name mteb files results under: a hub id as is; a checkpoint as local/<run>-step<N>; a folder by its name."""
+    if not Path(source).expanduser().exists():
+        return source  # a hub id, downloaded
+    if path.parent.name == "model_checkpoints" and path.name.isdigit():
+        return f"local/{path.parent.parent.resolve().name}-step{path.name}"
+    return f"local/{path.resolve().name}"
+
+
+def model_meta(name: str, revision: str, n_parameters: int, encoder: SentenceEncoder, instructions: Instructions,
+               use_instructions: bool):
+    from mteb.models.model_meta import ModelMeta
+    # experiment_kwargs: settings that change the embeddings file results apart (results/<name>/<rev>/experiments/..)
+    settings = dict(pooling=encoder.pooling, max_seq_length=encoder.max_seq_length, precision=encoder.precision,
+                    instructions=instructions.digest if use_instructions else "none")
+    return ModelMeta(
+        loader=None, name=name, revision=revision, release_date=None, languages=None, n_parameters=n_parameters,
+        memory_usage_mb=None, max_tokens=encoder.max_seq_length, embed_dim=encoder.dim, license=None,
+        open_weights=True, public_training_code=None, public_training_data=None, framework=["PyTorch"],
+        similarity_fn_name="cosine", use_instructions=use_instructions, training_datasets=None,
+        experiment_kwargs=settings)
+
+
+def mteb_encoder(encoder: SentenceEncoder, meta, instructions: Instructions, show_progress_bar: bool = True):
+    """The encoder behind mteb's protocol (mteb.models.abs_encoder.AbsEncoder). Similarities are cosine: the meta's
+    similarity_fn_name picks mteb's cos_sim in AbsEncoder.similarity / similarity_pairwise."""
+    from mteb.models.abs_encoder import AbsEncoder
+
+    class NeoBERTEncoder(AbsEncoder):
+        def __init__(self):
+            self.model, self.mteb_model_meta, self.instructions = encoder, meta, instructions
+
+        def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs):
+            texts = [text for batch in inputs for text in batch["text"]]
+            prefix = self.instructions.prefix(task_metadata.name, task_metadata.type, prompt_type)
+            side = {"query": "queries", "document": "documents"}.get(getattr(prompt_type, "value", None), "texts")
+            return self.model.encode([prefix + t for t in texts], desc=f"{task_metadata.name} {side}",
+                                     show_progress_bar=show_progress_bar and kwargs.get("show_progress_bar", True))
+
+    return NeoBERTEncoder()
+
+
+def _read_jsonl(path: Path, what: str) -> list:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{i}: not a JSON object; each line of {what} is one") from None
+            if not isinstance(row, dict) or "_id" not in row or not isinstance(row.get("text", ""), str):
+                raise UserError(f"{path}:{i}: a {what} line needs \"_id\" and \"text\" (BEIR format)")
+            rows.append(row)
+    return rows
+
+
+def read_beir(folder: Path):
+    """(corpus, queries, qrels) of a BEIR folder: corpus.jsonl {_id, title, text}, queries.jsonl {_id, text},
+    qrels/test.tsv (query-id, corpus-id, score; a header line)."""
+    missing = [f for f in BEIR_FILES if not (folder / f).is_file()]
+    if missing:
+        raise UserError(f"mteb.beir_dir: {folder} lacks {', '.join(missing)}; a BEIR folder holds "
+                        f"{', '.join(BEIR_FILES)}")
+    corpus = _read_jsonl(folder / "corpus.jsonl", "corpus.jsonl")
+    queries = _read_jsonl(folder / "queries.jsonl", "queries.jsonl")
+    qrels = {}
+    with open(folder / "qrels" / "test.tsv", encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            parts = line.rstrip("\n").split("\t")
+            if i == 1 and parts[-1].strip().lower() == "score" or not line.strip():
+                continue  # the header
+            try:
+                qid, did, score = parts[0], parts[-2], int(float(parts[-1]))
+            except (IndexError, ValueError):
+                raise UserError(f"{folder / 'qrels' / 'test.tsv'}:{i}: expected query-id<TAB>corpus-id<TAB>score") \
+                    from None
+            qrels.setdefault(qid, {})[did] = score
+    doc_ids = {str(r["_id"]) for r in corpus}
+    qrels = {q: {d: s for d, s in docs.items() if d in doc_ids} for q, docs in qrels.items()}
+    queries = [r for r in queries if str(r["_id"]) in qrels and qrels[str(r["_id"])]]
+    if not corpus or not queries:
+        raise UserError(f"mteb.beir_dir: {folder} has no queries with judged documents of its corpus "
+                        "(qrels/test.tsv ids must match queries.jsonl and corpus.jsonl)")
+    return corpus, queries, qrels
+
+
+def beir_task(folder: Path):
+    """A local BEIR folder as an mteb retrieval task (named after the folder; nDCG@10 as BEIR and MTEB report)."""
+    from datasets import Dataset
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
+    from mteb.abstasks.task_metadata import TaskMetadata
+
+    corpus, queries, qrels = read_beir(folder)  # read up front: a broken folder fails before any model work
+    h = hashlib.sha256()
+    for f in BEIR_FILES:
+        h.update((folder / f).read_bytes())
+
+    class BEIRFolderTask(AbsTaskRetrieval):
+        metadata = TaskMetadata(
+            name=folder.resolve().name, description=f"the local BEIR folder {folder.resolve()}",
+            dataset={"path": str(folder.resolve()), "revision": h.hexdigest()[:16]}, type="Retrieval",
+            category="t2t", modalities=["text"], eval_splits=["test"], eval_langs=["eng-Latn"],
+            main_score="ndcg_at_10")
+
+        def load_data(self, num_proc=None, **kwargs):
+            split = dict(
+                corpus=Dataset.from_list([{"id": str(r["_id"]), "title": str(r.get("title") or ""),
+                                           "text": r.get("text") or ""} for r in corpus]),
+                queries=Dataset.from_list([{"id": str(r["_id"]), "text": r.get("text") or ""} for r in queries]),
+                relevant_docs=qrels, top_ranked=None)
+            self.dataset = {"default": {"test": split}}
+            self.data_loaded = True
+
+    return BEIRFolderTask()
+
+
+def beir_tasks(beir_dir: str) -> list:
+    root = Path(beir_dir).expanduser()
+    if not root.is_dir():
+        raise UserError(f"mteb.beir_dir: {beir_dir} is not a directory; pass a BEIR folder ({', '.join(BEIR_FILES)})")
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and (d / "corpus.jsonl").is_file())
+    if (root / "corpus.jsonl").is_file() or not subdirs:
+        return [beir_task(root)]
+    return [beir_task(d) for d in subdirs]  # a folder of BEIR folders (as the BEIR download unpacks)
+
+
+def _closest(name: str, choices, what: str) -> str:
+    import difflib
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
+    return f"unknown {what} {name!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
+
+
+def select_tasks(mc: MtebConfig) -> list:
+    """The tasks to run: mteb.tasks (a benchmark's own version where it has the task: e.g. STS17 en-en only in
+    MTEB(eng, v1)), plus mteb.beir_dir folders; neither given: the benchmark's tasks. task_types filters them."""
+    mteb = import_mteb()
+    from mteb.abstasks.task_metadata import TaskType
+    bad = [t for t in mc.task_types if t not in typing.get_args(TaskType)]
+    if bad:
+        raise UserError(f"mteb.task_types: {_closest(bad[0], typing.get_args(TaskType), 'task type')} "
+                        f"(types: {', '.join(MTEB_TYPES)}, ...)")
+    bench = None
+    if mc.benchmark and (mc.tasks or not mc.beir_dir):  # the source of tasks, or of their benchmark versions
+        try:
+            bench = mteb.get_benchmark(mc.benchmark)
+        except (KeyError, ValueError) as e:
+            raise UserError(f"mteb.benchmark: {e.args[0] if e.args else e}") from None
+    if mc.tasks or mc.beir_dir:
+        own = {t.metadata.name: t for t in bench.tasks} if bench is not None else {}
+        from_registry = [n for n in mc.tasks if n not in own]
+        try:
+            found = {t.metadata.name: t for t in mteb.get_tasks(tasks=from_registry)} if from_registry else {}
+        except (KeyError, ValueError) as e:
+            raise UserError(f"mteb.tasks: {str(e.args[0] if e.args else e).removeprefix('KeyError: ')}") from None
+        tasks = [own.get(n) or found[n] for n in mc.tasks]
+        tasks += beir_tasks(mc.beir_dir) if mc.beir_dir else []
+    elif bench is not None:
+        tasks = list(bench.tasks)
+    else:
+        raise UserError("no tasks: set --mteb.tasks, --mteb.benchmark or --mteb.beir_dir")
+    if mc.task_types:
+        tasks = [t for t in tasks if t.metadata.type in mc.task_types]
+        if not tasks:
+            raise UserError(f"mteb.task_types {','.join(mc.task_types)}: none of the selected tasks has these types")
+    names = [t.metadata.name for t in tasks]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"task names given twice: {', '.join(dup)} (BEIR folders are named after their folder)")
+    return tasks
+
+
+def _is_unreachable(e: BaseException) -> bool:
+    """Whether an exception from loading a task's data means the hub (or network) could not be reached."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"ConnectionError", "TimeoutError", "OfflineModeIsEnabled", "LocalEntryNotFoundError",
+                         "DatasetNotFoundError", "HfHubHTTPError"})
+
+
+def score_task(mteb, model, task, cache, overwrite: bool):
+    name = task.metadata.name
+    try:
+        mteb.evaluate(model, task, cache=cache, overwrite_strategy="always" if overwrite else "only-missing",
+                      co2_tracker=False, raise_error=True, show_progress_bar=False,
+                      encode_kwargs={"batch_size": model.model.batch_size})
+    except UserError:
+        raise
+    except Exception as e:
+        if _is_unreachable(e):
+            raise UserError(f"task {name}: its data could not be fetched from the Hugging Face Hub "
+                            f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); MTEB tasks need the hub (or "
+                            "their datasets already in the HF cache); to score a local corpus offline, pass a BEIR "
+                            "folder with --mteb.beir_dir DIR") from None
+        raise
+
+
+def task_score(task, result) -> Optional[float]:
+    """The task's main score x 100: the mean over its eval splits and (benchmark-selected) subsets."""
+    if result is None:
+        return None
+    values = [s["main_score"] for split in task.eval_splits for s in result.scores.get(split, [])
+              if s.get("hf_subset") in task.hf_subsets]
+    return 100.0 * float(np.mean(values)) if values else None
+
+
+# -----------------------------------------------------------------------------
+# report: per task, per type, overall, beside the paper's row (Table 4 of arXiv:2502.19587)
+
+
+def summarize(tasks, cache, meta, info: dict) -> dict:
+    rows = {}
+    for task in tasks:
+        score = task_score(task, cache.load_task_result(task.metadata.name, meta))
+        rows[task.metadata.name] = dict(type=task.metadata.type, main_score=task.metadata.main_score,
+                                        score=None if score is None else round(score, 4))
+    by_type = {}
+    for row in rows.values():
+        if row["score"] is not None:
+            by_type.setdefault(row["type"], []).append(row["score"])
+    scored = [r["score"] for r in rows.values() if r["score"] is not None]
+    return dict(**info, tasks=rows,
+                types={t: dict(score=round(float(np.mean(v)), 4), tasks=len(v)) for t, v in by_type.items()},
+                average=round(float(np.mean(scored)), 4) if scored else None, tasks_scored=len(scored),
+                tasks_total=len(rows), paper={"model": "NeoBERT (paper, MTEB(eng, v1))", **PAPER_MTEB})
+
+
+def render_markdown(s: dict) -> str:
+    fmt = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
+    types = [t for t in MTEB_TYPES] + sorted(t for t in s["types"] if t not in MTEB_TYPES)
+    head = "| Model | " + " | ".join(MTEB_TYPE_LABELS.get(t, t) for t in types) + " | Avg. |"
+    ours = [fmt(s["types"].get(t, {}).get("score")) for t in types]
+    lines = [f"# MTEB: {s['model']}", "",
+             f"`{s['source']}` ({s['path']}), revision {s['revision']}; pooling {s['pooling']}, max_seq_length "
+             f"{s['max_seq_length']}, precision {s['precision']}, instructions {s['instructions']}. "
+             f"{s['tasks_scored']}/{s['tasks_total']} tasks scored; main score x 100.", "",
+             head, "|" + " --- |" * (len(types) + 2),
+             "| " + " | ".join([s["model"], *ours, fmt(s["average"])]) + " |",
+             "| " + " | ".join([s["paper"]["model"], *(fmt(s["paper"].get(t)) for t in types),
+                                fmt(s["paper"]["Average"])]) + " |",
+             "| tasks | " + " | ".join(str(s["types"].get(t, {}).get("tasks", 0)) for t in types)
+             + f" | {s['tasks_scored']} |", "",
+             "Per type: the mean of its tasks; Avg.: the mean over all tasks scored (the paper's: over the 56 tasks "
+             "of MTEB(eng, v1)).", "", "| Task | Type | Main score | Score |", "| --- | --- | --- | --- |"]
+    for name, row in s["tasks"].items():
+        lines.append(f"| {name} | {row['type']} | {row['main_score']} | {fmt(row['score'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str):
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# the run: every process scores its share of the tasks; rank 0 writes the summary once all are done
+
+
+def mteb_output_dir(mc: MtebConfig, path: Path) -> Path:
+    if mc.output_dir:
+        return Path(mc.output_dir).expanduser()
+    if path.parent.name == "model_checkpoints":  # a training checkpoint: beside it, in its run directory
+        return path.parent.parent
+    return Path("runs/mteb")
+
+
+def run_mteb(cfg, progress: bool = True) -> Optional[dict]:
+    """Score cfg.tasks["mteb"].model; returns the summary on rank 0 (None elsewhere)."""
+    mc = cfg.tasks["mteb"]
+    if not mc.model:
+        raise UserError(f"mteb.model is not set; pass --mteb.model with {train.MODEL_SOURCES}")
+    mteb = import_mteb()
+    tasks = select_tasks(mc)  # every rank checks everything before any work, so all fail alike
+    instructions = load_instructions(mc.instructions, mc.use_instructions)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    model, info = train.load_pretrained(mc.model, head="encoder")
+    if info.tokenizer is None:
+        raise UserError(f"{info.path} has no tokenizer.json; the model folder needs its tokenizer")
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    precision = train.resolve_precision(cfg.trainer.mixed_precision, device)
+    pooling = info.pooling if mc.pooling == "auto" else mc.pooling
+    encoder = SentenceEncoder(model, info.tokenizer, pooling, mc.max_seq_length, mc.batch_size, device, precision)
+    name, revision = model_identity(mc.model, info.path), weights_digest(info.path)
+    meta = model_meta(name, revision, neobert.num_params(model), encoder, instructions, mc.use_instructions)
+    out = mteb_output_dir(mc, info.path) / "mteb"
+    out.mkdir(parents=True, exist_ok=True)
+    cache = mteb.ResultCache(cache_path=out)
+    wrapped = mteb_encoder(encoder, meta, instructions, show_progress_bar=progress and rank == 0)
+    if world > 1 and not dist.is_initialized():
+        # gloo: only a barrier is needed, and a benchmark share can take hours (the default timeout is 30 min)
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(days=7))
+    mine = tasks[rank::world]
+    for i, task in enumerate(mine):
+        print(f"[rank {rank}] {task.metadata.name} ({task.metadata.type}) {i + 1}/{len(mine)}", file=sys.stderr,
+              flush=True)
+        score_task(mteb, wrapped, task, cache, mc.overwrite)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        return None
+    info_row = dict(model=name, revision=revision, source=mc.model, path=str(info.path), pooling=pooling,
+                    max_seq_length=encoder.max_seq_length, precision=precision,
+                    instructions=f"{mc.instructions} ({instructions.digest})" if mc.use_instructions else "off",
+                    mteb_version=mteb.__version__, results_dir=str(cache.get_task_result_path("TASK", meta).parent))
+    summary = summarize(tasks, cache, meta, info_row)
+    write_atomic(out / "results.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "results.md", render_markdown(summary))
+    print(render_markdown(summary))
+    return summary
+
+
+MTEB_USAGE = """usage: python evaluate.py mteb [CONFIG] --mteb.model RUN_DIR|CHECKPOINT|HF_DIR|HUB_ID [--section.key value ...]
+  CONFIG: configs/mteb.yaml
+  --mteb.tasks STSBenchmark,SciFact | --mteb.benchmark "MTEB(eng, v1)" | --mteb.beir_dir DIR   [--mteb.task_types STS,Retrieval]
+  --mteb.pooling auto|mean|cls  --mteb.max_seq_length 1024  --mteb.batch_size 64  --mteb.use_instructions true|false
+  torchrun --nproc_per_node N evaluate.py mteb ...: the tasks are spread over the processes
+  results: mteb's files and results.md / results.json under <mteb.output_dir>/mteb/"""
+
+
+def load_mteb_config(argv):
+    if not argv or argv[0].startswith("--") or "=" in argv[0]:  # no CONFIG: the default one
+        argv = [str(Path(__file__).resolve().parent / "configs" / "mteb.yaml"), *argv]
+    return train.load_config(argv[0], argv[1:], extra_sections={"mteb": MtebConfig})
+
+
+def mteb_main(argv) -> int:
+    argv = list(argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(MTEB_USAGE)
+        return 0
+    try:
+        return data.run_main(argv, MTEB_USAGE, lambda args: run_mteb(load_mteb_config(args)))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
 
 # === MTEB SECTION END ===
 

@@ -12,6 +12,7 @@ Conventions used everywhere below:
 
 import importlib.util
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple, Optional
@@ -82,6 +83,10 @@ class NeoBERTConfig:
     dropout: float = 0.0
     attn_backend: str = "auto"  # auto | flash_attn (alias flash_attn_varlen) | torch_varlen | sdpa
     init_range: float = 0.02  # uniform(-r, r) for every linear and embedding weight, as released
+    # how the MLM loss runs (no effect on the weights or the math, like attn_backend):
+    static_predictions: float = 0.0  # 0: the decoder on exactly the predicted positions (a data-dependent shape);
+    # f > 0: on ceil(f * S / 8) * 8 positions per row (the row's predicted ones, then ignored padding): static shapes
+    decoder_chunk_size: int = 0  # 0: one decoder matmul; N: decoder + cross-entropy fused, N positions at a time
 
     def __post_init__(self):
         for f in fields(self):
@@ -120,6 +125,10 @@ class NeoBERTConfig:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.norm_eps <= 0 or self.init_range <= 0:
             raise ValueError("model.norm_eps and model.init_range must be positive")
+        if not 0.0 <= self.static_predictions <= 1.0:
+            raise ValueError(f"model.static_predictions must be in [0, 1] (0 = off), got {self.static_predictions}")
+        if self.decoder_chunk_size < 0:
+            raise ValueError(f"model.decoder_chunk_size must be >= 0 (0 = off), got {self.decoder_chunk_size}")
         if not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"model.pad_token_id={self.pad_token_id} is outside the vocabulary (size {self.vocab_size})")
 
@@ -397,6 +406,69 @@ class MaskedLMOutput(NamedTuple):
     num_masked: Optional[torch.Tensor] = None  # int64 count of positions with labels != -100
 
 
+def predictions_per_row(config: NeoBERTConfig, seq_len: int) -> int:
+    """The fixed number of decoder positions per row under static_predictions: ceil(f * S) rounded up to 8, <= S."""
+    return min(seq_len, 8 * math.ceil(config.static_predictions * seq_len / 8))
+
+
+def gather_predictions(hidden, labels, per_row: int = 0):
+    """(hidden states (N, H), labels (N,)) of the positions to predict. per_row=0: exactly the positions whose label
+    is not -100 (a boolean gather: N depends on the data, a graph break under torch.compile). per_row=K: the first K
+    of them in each row, then positions labelled -100 to fill the row (N = B*K always: static shapes; a row with more
+    than K predicted tokens loses the rest)."""
+    H = hidden.size(-1)
+    labels = labels.reshape(hidden.shape[:-1])
+    if not per_row:
+        keep = labels.reshape(-1) != -100
+        return hidden.reshape(-1, H)[keep], labels.reshape(-1)[keep]
+    # a stable sort of "not predicted" puts each row's predicted positions first, in order
+    idx = torch.sort((labels == -100).to(torch.int8), dim=-1, stable=True).indices[:, :per_row]  # (B, K)
+    return hidden.gather(1, idx[..., None].expand(-1, -1, H)).reshape(-1, H), labels.gather(1, idx).reshape(-1)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum over rows of cross-entropy(x @ weight.T + bias, labels), labels -100 ignored, `chunk` rows at a time. The
+    gradients are made in the forward, chunk by chunk (d loss / d logits = softmax - one-hot), so no logits tensor
+    outlives its chunk and nothing is recomputed: peak memory is chunk x V, not N x V (twice, with its gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, labels, chunk):
+        loss = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))  # fp32 (fp64 stays fp64)
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros_like(weight, dtype=loss.dtype)
+        grad_b = torch.zeros_like(bias, dtype=loss.dtype)
+        for start in range(0, x.shape[0], chunk):
+            xc, yc = x[start:start + chunk], labels[start:start + chunk]
+            logits = F.linear(xc, weight, bias)  # bf16 under autocast
+            valid = (yc != -100).unsqueeze(-1)
+            target = yc.clamp(min=0).unsqueeze(-1)
+            logp = torch.log_softmax(logits.to(loss.dtype), dim=-1)
+            loss = loss - (logp.gather(-1, target) * valid).sum()
+            g = (logp.exp() - torch.zeros_like(logp).scatter_(-1, target, 1.0)) * valid  # (chunk, V)
+            grad_x[start:start + chunk] = (g.to(logits.dtype) @ weight.to(logits.dtype)).to(x.dtype)
+            grad_w += (g.to(logits.dtype).t() @ xc.to(logits.dtype)).to(grad_w.dtype)
+            grad_b += g.sum(0)
+        ctx.save_for_backward(grad_x, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, bias.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w, grad_b = ctx.saved_tensors
+        return (grad_x * grad_loss.to(grad_x.dtype), (grad_w * grad_loss).to(ctx.dtypes[0]),
+                (grad_b * grad_loss).to(ctx.dtypes[1]), None, None)
+
+
+def decoder_loss(decoder: nn.Linear, hidden, labels, chunk_size: int = 0):
+    """fp32 sum of the cross-entropy of decoder(hidden) over labels != -100. chunk_size > 0: fused and chunked
+    (_LinearCrossEntropy), never holding more than chunk_size x V logits; the same loss and gradients."""
+    if chunk_size:
+        return _LinearCrossEntropy.apply(hidden, decoder.weight, decoder.bias, labels, chunk_size)
+    logits = decoder(hidden)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels, ignore_index=-100,
+                           reduction="sum")
+
+
 class NeoBERTLMHead(nn.Module):
     """The encoder plus an untied decoder H -> V with bias (keys model.*, decoder.*)."""
 
@@ -413,11 +485,10 @@ class NeoBERTLMHead(nn.Module):
         if labels is None:
             return MaskedLMOutput(logits=self.decoder(h))
         # sparse prediction (cramming): run the decoder only where there is something to predict
-        labels = labels.reshape(-1)
-        keep = labels != -100
-        logits = self.decoder(h.reshape(-1, h.size(-1))[keep])
-        loss_sum = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
-        num_masked = keep.sum()
+        per_row = predictions_per_row(self.config, h.shape[1]) if self.config.static_predictions else 0
+        h, labels = gather_predictions(h, labels, per_row)
+        loss_sum = decoder_loss(self.decoder, h, labels, self.config.decoder_chunk_size)
+        num_masked = (labels != -100).sum()
         return MaskedLMOutput(logits=None, loss=loss_sum / num_masked.clamp(min=1), loss_sum=loss_sum,
                               num_masked=num_masked)
 

@@ -256,6 +256,121 @@ def test_sparse_loss_equals_full_cross_entropy():
     assert out.logits is None
 
 
+def loss_and_grads(model, ids, labels, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=labels, **kwargs)
+    out.loss_sum.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def with_options(model, **options):
+    """The same weights under other loss options (no effect on the state_dict)."""
+    other = nb.NeoBERTLMHead(nb.NeoBERTConfig(**{**model.config.to_dict(), **options}))
+    other.load_state_dict(model.state_dict())
+    return other.train()
+
+
+def test_static_predictions_equal_the_boolean_gather():
+    """A fixed number of decoder positions per row (padded with ignored ones): the same loss and gradients as the
+    boolean gather of exactly the predicted positions, padded and packed."""
+    model = randomize(nb.NeoBERTLMHead(small_config())).train()
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(1, 97, (3, 16), generator=g)
+    labels = torch.where(torch.rand(3, 16, generator=g) < 0.25, ids, -100)
+    mask = torch.ones_like(ids)
+    mask[2, 11:] = 0
+    labels[2, 11:] = -100
+    _, cu = packed_batch([torch.randint(1, 97, (n,), generator=g) for n in (7, 9, 5, 11, 16)], rows=3, seq_len=16)
+    static = with_options(model, static_predictions=0.5)
+    assert nb.predictions_per_row(static.config, 16) == 8 >= int((labels != -100).sum(1).max())
+    for kwargs in (dict(attention_mask=mask), dict(cu_seqlens=cu, max_seqlen=16)):
+        want, want_grads = loss_and_grads(model, ids, labels, **kwargs)
+        got, grads = loss_and_grads(static, ids, labels, **kwargs)
+        assert got.num_masked.item() == want.num_masked.item() == int((labels != -100).sum())
+        assert abs(got.loss.item() - want.loss.item()) <= 1e-6
+        for name, grad in want_grads.items():
+            assert (grads[name] - grad).abs().max().item() <= 1e-6, name
+    # a row with more predicted tokens than the fixed count keeps its first ones (documented), in order
+    h = torch.randn(2, 16, 4)
+    all_predicted = torch.arange(32).view(2, 16)
+    rows, y = nb.gather_predictions(h, all_predicted, per_row=8)
+    assert rows.shape == (16, 4) and y.tolist() == list(range(8)) + list(range(16, 24))
+    sparse = torch.full((2, 16), -100)
+    sparse[0, 3], sparse[1, 15] = 5, 6
+    rows, y = nb.gather_predictions(h, sparse, per_row=8)
+    assert y.tolist() == [5] + [-100] * 7 + [6] + [-100] * 7
+    assert torch.equal(rows[0], h[0, 3]) and torch.equal(rows[8], h[1, 15])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunked_decoder_loss_equals_the_full_one(dtype):
+    """decoder + cross-entropy fused and chunked: the full loss and its gradients, chunk sizes that do and do not
+    divide the rows, ignored labels included."""
+    g = torch.Generator().manual_seed(7)
+    x0 = torch.randn(37, 24, generator=g, dtype=dtype)
+    decoder = nn_linear(24, 50, dtype, g)
+    labels = torch.randint(0, 50, (37,), generator=g)
+    labels[::5] = -100
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+
+    def run(chunk):
+        x = x0.clone().requires_grad_()
+        decoder.zero_grad(set_to_none=True)
+        loss = nb.decoder_loss(decoder, x, labels, chunk)
+        (2.5 * loss).backward()  # a scaled loss, as the trainer's normalisation makes it
+        return loss.detach(), x.grad, decoder.weight.grad.clone(), decoder.bias.grad.clone()
+
+    want = run(0)
+    # an independent reference: float64 log-softmax by hand
+    logits = x0.double() @ decoder.weight.detach().double().T + decoder.bias.detach().double()
+    keep = labels != -100
+    ref = -(logits[keep].log_softmax(-1).gather(-1, labels[keep, None])).sum()
+    assert abs(want[0].item() - ref.item()) <= tol * ref.item()
+    for chunk in (1, 8, 37, 64):
+        got = run(chunk)
+        assert got[0].dtype == (torch.float32 if dtype == torch.float32 else torch.float64)
+        assert abs(got[0].item() - want[0].item()) <= tol * want[0].item(), chunk
+        for a, b in zip(got[1:], want[1:]):
+            assert a.dtype == b.dtype and (a - b).abs().max().item() <= tol * b.abs().max().item(), chunk
+
+
+def nn_linear(fan_in, fan_out, dtype, g):
+    layer = torch.nn.Linear(fan_in, fan_out).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(fan_out, fan_in, generator=g, dtype=dtype) * 0.3)
+        layer.bias.copy_(torch.randn(fan_out, generator=g, dtype=dtype))
+    return layer
+
+
+def test_chunked_decoder_in_the_model_and_under_bf16_autocast():
+    model = randomize(nb.NeoBERTLMHead(small_config())).train()
+    chunked = with_options(model, decoder_chunk_size=5)
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(1, 97, (2, 16), generator=g)
+    labels = torch.where(torch.rand(2, 16, generator=g) < 0.3, ids, -100)
+    want, want_grads = loss_and_grads(model, ids, labels)
+    got, grads = loss_and_grads(chunked, ids, labels)
+    assert abs(got.loss.item() - want.loss.item()) <= 1e-6
+    for n, v in want_grads.items():
+        assert (grads[n] - v).abs().max().item() <= 1e-6 * v.abs().max().item(), n
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls, fp32 softmax: close to the full path's
+        want, want_grads = loss_and_grads(model, ids, labels)
+        got, grads = loss_and_grads(chunked, ids, labels)
+    assert abs(got.loss.item() - want.loss.item()) <= 1e-2 * want.loss.item()
+    assert all(grads[n].dtype == torch.float32 for n in grads)
+    for n in ("decoder.weight", "decoder.bias", "model.encoder.weight"):
+        assert (grads[n] - want_grads[n]).norm() <= 3e-2 * want_grads[n].norm(), n
+
+
+def test_static_predictions_and_chunked_decoder_compile_without_graph_breaks():
+    cfg = small_config(num_hidden_layers=1, static_predictions=0.5, decoder_chunk_size=16)
+    model = nb.NeoBERTLMHead(cfg).train()
+    ids, cu = packed_batch([torch.randint(1, 97, (n,)) for n in (5, 6, 4, 9, 8)], rows=3, seq_len=16)
+    labels = torch.where(torch.rand(ids.shape) < 0.2, ids, -100)
+    explained = torch._dynamo.explain(model)(ids, labels=labels, cu_seqlens=cu, max_seqlen=16)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
 def test_gradient_checkpointing_gives_equal_gradients():
     cfg = small_config(dropout=0.1)
     model = randomize(nb.NeoBERTLMHead(cfg)).train()

@@ -1,0 +1,67 @@
+"""bench.py's GPU suite (python bench.py --suite gpu): the same code path end to end on CPU with a tiny model, and
+the GPU checks it runs (skipped without CUDA). No test name here contains "gpu" unless it needs a GPU: the suite
+runs `pytest -k gpu`."""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import bench  # noqa: E402
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def suite_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("suite")
+
+
+def test_suite_tiny_runs_end_to_end(suite_dir, capsys):
+    assert bench.main(["--suite", "gpu", "--tiny", "--steps", "2", "--data-dir", str(suite_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "attn_backend auto runs sdpa" in out and "torch.nn.attention.varlen" in out  # which backend ran
+    assert re.search(r"1\. GPU tests: `pytest .*-k gpu.*`: .*(skipped|passed)", out), out
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    for label in ("baseline (attn_backend auto = sdpa)", "compile on", "static predictions (24 per row)",
+                  "chunked decoder + CE (64 positions)", "AdamW not fused", "micro-batch 8 rows",
+                  "HF ModernBertForMaskedLM (same size and rows)", "HF BertForMaskedLM (same size and rows)",
+                  "seq 256, 1 rows", "seq 256, gradient checkpointing"):
+        assert label in rows, (label, out)
+        cells = [c.strip() for c in rows[label].strip("|").split("|")]
+        assert float(cells[1].replace(",", "")) > 0 and cells[6].endswith("x"), rows[label]
+    assert not re.search(r"failed|out of memory|skipped: the", out), out
+    assert rows["baseline (attn_backend auto = sdpa)"].split("|")[7].strip() == "1.00x"
+
+
+def test_suite_budget_skips_the_rest(suite_dir, capsys):
+    assert bench.main(["--suite", "gpu", "--tiny", "--steps", "1", "--data-dir", str(suite_dir), "--no-tests",
+                       "--budget-s", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU tests" not in out and out.count("skipped: the 0 s budget is spent") == 11
+
+
+def test_suite_bad_arguments_are_one_line(capsys):
+    assert bench.main(["--suite", "gpu", "--steps", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: --steps must be at least 1")
+
+
+def test_no_recompiles_after_warmup_tiny(suite_dir):
+    """The check the GPU test makes on the 250M config, here on a tiny one: packed batches of varying document
+    counts under torch.compile, as the trainer runs them."""
+    cfg = bench.suite_config(str(ROOT / "configs" / "pretrain.yaml"), suite_dir, tiny=True)
+    assert bench.recompiles_after_warmup(cfg, steps=5, warmup=3, device=torch.device("cpu")) == 0
+
+
+@cuda
+def test_gpu_250m_compile_has_no_recompiles_after_warmup(tmp_path):
+    """20 steps of the 250M config (packed, bf16, compiled, 8 rows of 1024) on synthetic data: after 5 warm-up
+    steps no batch makes torch.compile build another graph."""
+    cfg = bench.suite_config(str(ROOT / "configs" / "pretrain.yaml"), tmp_path, tiny=False)
+    cfg.trainer.per_device_train_batch_size = 8
+    assert bench.recompiles_after_warmup(cfg, steps=20, warmup=5, device=torch.device("cuda")) == 0

@@ -11,7 +11,8 @@ Reading order of this file:
   5. prepare(): corpus -> tokenizer.json + train/ + val/ + manifest.json (idempotent, crash-safe)
   6. MLM masking and collation (packed and padded)
   7. MLMLoader (from shards) and StreamingMLMLoader (tokenize on the fly), both exactly resumable
-  8. build_loader / bench_loader / prepare_only (the prepare command; its command line is train.py's)
+  8. pairs for contrastive fine-tuning: ContrastiveConfig, prepare_pairs, PairLoader (one source per step)
+  9. build_loader / bench_loader / prepare_only (the prepare command; its command line is train.py's)
 
 Determinism contract. A step's global batch (all rows of all ranks and micro-steps) is a function of
 (seed, epoch, row position) only; rank r takes rows [r*B_r, (r+1)*B_r) of it and micro-step m the m-th
@@ -260,27 +261,27 @@ def _py_files(root, skip):
     return sorted(out)
 
 
-def _local_files(patterns):
+def _local_files(patterns, kinds=KINDS, key="dataset.data_files", label=".txt, .jsonl or .parquet"):
     files, seen = [], set()
     for pat in patterns:
         if has_magic(pat):
             matched = sorted(glob(pat, recursive=True))
             if not matched:
-                raise UserError(f"dataset.data_files pattern {pat!r} matches no files")
+                raise UserError(f"{key} pattern {pat!r} matches no files")
         elif os.path.isdir(pat):
-            matched = sorted(str(p) for p in Path(pat).rglob("*") if p.suffix in KINDS and p.is_file())
+            matched = sorted(str(p) for p in Path(pat).rglob("*") if p.suffix in kinds and p.is_file())
             if not matched:
-                raise UserError(f"dataset.data_files directory {pat!r} holds no .txt/.jsonl/.parquet files")
+                raise UserError(f"{key} directory {pat!r} holds no {label} files")
         elif os.path.exists(pat):
             matched = [pat]
         else:
-            raise UserError(f"dataset.data_files: no such file {pat!r}")
+            raise UserError(f"{key}: no such file {pat!r}")
         for m in matched:
             if os.path.isdir(m) or m in seen:
                 continue
-            kind = KINDS.get(Path(m).suffix)
+            kind = kinds.get(Path(m).suffix)
             if kind is None:
-                raise UserError(f"dataset.data_files: {m!r} is not .txt, .jsonl or .parquet")
+                raise UserError(f"{key}: {m!r} is not {label}")
             seen.add(m)
             files.append(SourceFile(m, kind, local=m))
     return files
@@ -302,7 +303,7 @@ def _match_hub_parquet(files, config, split):
     return sorted(f for f in files if is_split(f))
 
 
-def _hub_files(ds):
+def _hub_files(ds, hint="check dataset.name, or use dataset.data_files for local files"):
     import huggingface_hub
     api = huggingface_hub.HfApi()
     listed = []
@@ -312,7 +313,7 @@ def _hub_files(ds):
         except Exception as e:
             if revision is None:
                 raise UserError(f"cannot list dataset {ds.name!r} on the Hugging Face Hub ({type(e).__name__}); "
-                                f"check dataset.name, or use dataset.data_files for local files") from None
+                                f"{hint}") from None
             continue
         listed += [f for f in files if f.endswith(".parquet")]
         matched = _match_hub_parquet(files, ds.config, ds.train_split)
@@ -369,6 +370,23 @@ def _no_text_column(sf, ds, columns, lacking):
                     f"columns: {sorted(columns)} (set dataset.text_column)")
 
 
+def _jsonl_records(sf, stats, skip=0):
+    """(line index, record) of the JSON-object lines of a .jsonl file from line `skip` on; other lines are counted."""
+    with open(sf.fetch(), "rb") as f:
+        for row, raw in enumerate(f):
+            if row < skip or not raw.strip():
+                continue
+            try:
+                rec = json.loads(_decode(raw, stats))
+            except json.JSONDecodeError:
+                stats.bad_records += 1
+                continue
+            if not isinstance(rec, dict):
+                stats.bad_records += 1
+                continue
+            yield row, rec
+
+
 def _read_rows(sf, ds, stats, skip=0):
     """(row index, text) of one file from row `skip` on. .txt: documents are separated by blank lines."""
     if sf.kind == "py":
@@ -394,31 +412,20 @@ def _read_rows(sf, ds, stats, skip=0):
         # a record without the column is skipped and counted (real corpora have a few); a file in which none of
         # the first JSONL_PROBE records has it (a wrong dataset.text_column) is an error listing the columns
         seen, lacking, columns = False, 0, set()
-        with open(sf.fetch(), "rb") as f:
-            for row, raw in enumerate(f):
-                if row < skip or not raw.strip():
-                    continue
-                try:
-                    rec = json.loads(_decode(raw, stats))
-                except json.JSONDecodeError:
-                    stats.bad_records += 1
-                    continue
-                if not isinstance(rec, dict):
-                    stats.bad_records += 1
-                    continue
-                if ds.text_column not in rec:
-                    lacking += 1
-                    columns.update(rec)
-                    if not seen and lacking >= JSONL_PROBE:
-                        _no_text_column(sf, ds, columns, lacking)
-                    stats.bad_records += 1
-                    continue
-                seen = True
-                text = rec[ds.text_column]
-                if text is not None and not isinstance(text, str):
-                    stats.bad_records += 1
-                    continue
-                yield row, text or ""
+        for row, rec in _jsonl_records(sf, stats, skip):
+            if ds.text_column not in rec:
+                lacking += 1
+                columns.update(rec)
+                if not seen and lacking >= JSONL_PROBE:
+                    _no_text_column(sf, ds, columns, lacking)
+                stats.bad_records += 1
+                continue
+            seen = True
+            text = rec[ds.text_column]
+            if text is not None and not isinstance(text, str):
+                stats.bad_records += 1
+                continue
+            yield row, text or ""
         if lacking and not seen:
             _no_text_column(sf, ds, columns, lacking)
     elif sf.kind == "parquet":
@@ -1291,6 +1298,451 @@ class StreamingMLMLoader(_Loader):
         if getattr(self, "encoder", None) is not None:
             self.encoder.close()
             self.encoder = None
+
+
+# -----------------------------------------------------------------------------
+# pairs for contrastive fine-tuning (train.py, trainer.objective: contrastive)
+#   sources (local .jsonl/.csv/.parquet, hub parquet, the offline stdlib pairs) -> contrastive.path:
+#     manifest.json           written last: format version, the sources' spec, tokenizer sha256, rows per source
+#     tokenizer.json          the tokenizer the pairs were made with
+#     source_00/ ...          one prepared dir per source, in the pretraining layout (its own manifest.json, written
+#                             last) with one split per field: train.query/ train.positive/ train.negative0/ ...
+#                             val.query/ ...; row i of a source is document i of every one of its fields
+# A step's global batch comes from ONE source, picked with probability ∝ rows^alpha from (seed, step); rows are
+# taken in a seeded per-source permutation from that source's cursor. State = (step, every source's cursor).
+
+@dataclass
+class PairSourceConfig:
+    name: str = ""                      # hub dataset repo id, or "stdlib" (offline function -> docstring pairs)
+    config: Optional[str] = None        # hub subset (config name), e.g. "triplet"
+    split: str = "train"                # hub split
+    data_files: list[str] = field(default_factory=list)  # local .jsonl/.csv/.parquet files, globs or directories
+    query_column: str = "query"
+    positive_column: str = "positive"
+    negative_columns: list[str] = field(default_factory=list)  # hard negatives, zero or more columns
+    instruction: str = ""               # prefixed to every query, e.g. "Given a question, retrieve its answer."
+    max_rows: int = 0                   # read at most this many rows (0 = all)
+
+    @property
+    def label(self):
+        return self.name or ",".join(self.data_files)
+
+
+@dataclass
+class ContrastiveConfig:
+    sources: list[dict] = field(default_factory=list)  # PairSourceConfig mappings (keys above); held as such
+    temperature: float = 0.07           # InfoNCE on cosine / temperature
+    pooling: str = "mean"               # mean | cls: the sentence embedding, in training, eval and export
+    alpha: float = 0.5                  # a step's source is picked with probability ∝ rows^alpha
+    hard_negatives: int = 1             # hard negatives per query (at most a source's negative_columns)
+    chunk_size: int = 0                 # gradient caching: rows per forward; 0 = a process's whole batch at once
+    max_query_length: int = 64          # tokens, with [CLS] and [SEP]
+    max_document_length: int = 256
+    path: Optional[str] = None          # the prepared pairs; default data_cache/pairs
+    validation_split: float = 0.01      # fraction of each source's rows held out (by a hash of the row position)
+    eval_pairs: int = 1000              # held-out pairs per source in one evaluation (0 = evaluation off)
+    num_workers: int = 0                # tokenizer processes; 0 = all cores
+
+    def __post_init__(self):
+        self.sources = [_pair_source(s, i) for i, s in enumerate(self.sources)]
+        checks = [
+            (self.temperature > 0, f"contrastive.temperature must be > 0, got {self.temperature}"),
+            (self.pooling in ("mean", "cls"), f"contrastive.pooling: {self.pooling!r} is not one of mean, cls"),
+            (self.alpha >= 0, f"contrastive.alpha must be >= 0, got {self.alpha}"),
+            (self.hard_negatives >= 0, f"contrastive.hard_negatives must be >= 0, got {self.hard_negatives}"),
+            (self.chunk_size >= 0, f"contrastive.chunk_size must be >= 0 (0 = no caching), got {self.chunk_size}"),
+            (min(self.max_query_length, self.max_document_length) >= 3,
+             "contrastive.max_query_length and contrastive.max_document_length must be >= 3"),
+            (0 <= self.validation_split < 1, f"contrastive.validation_split must be in [0, 1), got "
+                                             f"{self.validation_split}"),
+            (self.eval_pairs >= 0, f"contrastive.eval_pairs must be >= 0, got {self.eval_pairs}"),
+            (self.num_workers >= 0, f"contrastive.num_workers must be >= 0, got {self.num_workers}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+
+
+def _pair_source(raw, i):
+    """One contrastive.sources entry (a mapping, or a PairSourceConfig) -> PairSourceConfig, strictly typed."""
+    if isinstance(raw, PairSourceConfig):
+        return raw
+    where = f"contrastive.sources[{i}]"
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} must be a mapping (name:, query_column:, ...), got {raw!r}")
+    kinds = {"name": str, "config": (str, type(None)), "split": str, "data_files": list, "query_column": str,
+             "positive_column": str, "negative_columns": list, "instruction": str, "max_rows": int}
+    for key, value in raw.items():
+        if key not in kinds:
+            raise UserError(f"unknown key {where}.{key}; valid keys: {', '.join(kinds)}")
+        if key in ("data_files", "negative_columns") and isinstance(value, str):
+            raw = {**raw, key: [value]}
+            continue
+        ok = isinstance(value, kinds[key]) and not isinstance(value, bool)
+        if ok and isinstance(value, list):
+            ok = all(isinstance(v, str) for v in value)
+        if not ok:
+            expected = {"data_files": "a list of str", "negative_columns": "a list of str", "max_rows": "int",
+                        "config": "str or null"}.get(key, "str")
+            raise UserError(f"{where}.{key}: expected {expected}, got {value!r}")
+    src = PairSourceConfig(**raw)
+    if not src.name and not src.data_files:
+        raise UserError(f"{where} needs a name (a hub dataset id, or stdlib) or data_files")
+    if src.max_rows < 0:
+        raise UserError(f"{where}.max_rows must be >= 0 (0 = all), got {src.max_rows}")
+    return src
+
+
+def pairs_dir(cc):
+    return Path(cc.path) if cc.path else Path("data_cache") / "pairs"
+
+
+PAIR_KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+STDLIB_PAIR_COLUMNS = ["query", "positive", "negative"]
+
+
+def _hub_where():
+    from huggingface_hub import constants
+    return f"{constants.ENDPOINT}, cache {constants.HF_HUB_CACHE}"
+
+
+def pair_source_files(src, i=0):
+    """The files of one pair source in reading order; a hub source is listed (not downloaded) here."""
+    if src.data_files:
+        return _local_files(src.data_files, PAIR_KINDS, f"contrastive.sources[{i}].data_files", ".jsonl, .csv or .parquet")
+    if src.name == "stdlib":
+        return [SourceFile("stdlib", "stdlib-pairs", local=sysconfig.get_paths()["stdlib"])]
+    hub = type("HubSpec", (), dict(name=src.name, config=src.config, train_split=src.split))
+    try:
+        return _hub_files(hub, hint=f"looked at {_hub_where()}; check the name, or (offline) download its parquet "
+                                    f"files and list them in data_files")
+    except UserError as e:
+        raise UserError(f"contrastive.sources[{i}]: {e}") from None
+
+
+def _stdlib_pairs(root):
+    """Real pairs from the Python standard library, offline: a public function's qualified name and signature
+    (query) -> its docstring (positive); the docstring of the next documented function of the same module is a hard
+    negative. Modules in sorted order, functions in source order: deterministic."""
+    for path in _py_files(root, _SKIP_DIRS):
+        try:
+            tree = ast.parse(Path(path).read_bytes())
+        except (SyntaxError, ValueError, UnicodeDecodeError):
+            continue
+        module = os.path.relpath(path, root)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+        found = []
+
+        def visit(node, prefix):
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.ClassDef) and not child.name.startswith("_"):
+                    visit(child, f"{prefix}.{child.name}")
+                elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) and not child.name.startswith("_"):
+                    doc = ast.get_docstring(child, clean=True)
+                    if doc and len(doc) >= 20:
+                        found.append((f"{prefix}.{child.name}({ast.unparse(child.args)})", doc))
+        visit(tree, module)
+        for j, (query, doc) in enumerate(found):
+            negatives = [d for _, d in found[j + 1:] + found[:j] if d != doc]
+            if negatives:
+                yield {"query": query, "positive": doc, "negative": negatives[0]}
+
+
+def _missing_columns(where, name, wanted, columns):
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        raise UserError(f"{where}: {name} has no column {missing[0]!r}; its columns: {list(columns)} (set "
+                        f"query_column, positive_column and negative_columns)")
+
+
+def _read_pair_rows(sf, wanted, where, stats):
+    """(row index, [value of each wanted column]) of one pair file; a missing column is an error listing those
+    that exist. Values may be None (the row is skipped by the caller)."""
+    if sf.kind == "stdlib-pairs":
+        _missing_columns(where, "the stdlib pair source", wanted, STDLIB_PAIR_COLUMNS)
+        for row, rec in enumerate(_stdlib_pairs(sf.local)):
+            yield row, [rec[c] for c in wanted]
+    elif sf.kind == "jsonl":
+        checked = False
+        for row, rec in _jsonl_records(sf, stats):
+            if not checked:             # the first record names the columns; later ones may lack a value
+                _missing_columns(where, sf.name, wanted, rec)
+                checked = True
+            yield row, [rec.get(c) for c in wanted]
+    elif sf.kind == "csv":
+        import csv
+        with open(sf.fetch(), newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.DictReader(f)
+            _missing_columns(where, sf.name, wanted, reader.fieldnames or [])
+            for row, rec in enumerate(reader):
+                yield row, [rec.get(c) for c in wanted]
+    elif sf.kind == "parquet":
+        import pyarrow.parquet as pq
+        try:
+            pf = pq.ParquetFile(sf.fetch())
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"{where}: {sf.name} is not a readable parquet file ({e})") from None
+        _missing_columns(where, sf.name, wanted, pf.schema_arrow.names)
+        row = 0
+        for batch in pf.iter_batches(batch_size=1024, columns=wanted):
+            cols = [batch.column(j).to_pylist() for j in range(len(wanted))]
+            for k in range(batch.num_rows):
+                yield row + k, [c[k] for c in cols]
+            row += batch.num_rows
+
+
+def _pair_spec(src, cc):
+    return {"name": src.name, "config": src.config, "split": src.split, "data_files": list(src.data_files),
+            "query_column": src.query_column, "positive_column": src.positive_column,
+            "negative_columns": list(src.negative_columns), "instruction": src.instruction, "max_rows": src.max_rows,
+            "validation_split": cc.validation_split}
+
+
+def _tokenizer_sha(tokenizer):
+    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+
+
+def _pair_row_is_val(fi, ri, fraction):
+    h = hashlib.blake2b(f"pair:{fi}:{ri}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < fraction
+
+
+def _prepare_pair_source(src, i, cc, files, tokenizer, out, progress):
+    """One source -> out/ (its own manifest written last). Returns the manifest."""
+    where = f"contrastive.sources[{i}] ({src.label})"
+    spec = dict(_pair_spec(src, cc), tokenizer_sha256=_tokenizer_sha(tokenizer))
+    if (out / "manifest.json").is_file():
+        man = read_manifest(out)
+        if man.get("source") == spec:
+            return man                  # a finished source of an interrupted multi-source prepare
+    shutil.rmtree(out, ignore_errors=True)
+    fields = ["query", "positive"] + [f"negative{j}" for j in range(len(src.negative_columns))]
+    wanted = [src.query_column, src.positive_column, *src.negative_columns]
+    dtype = token_dtype(tokenizer.get_vocab_size(with_added_tokens=True))
+    writers = {(s, f): ShardWriter(out / f"{s}.{f}", dtype) for s in ("train", "val") for f in fields}
+    stats, skipped = ReadStats(), 0
+    prefix = src.instruction.strip() + " " if src.instruction.strip() else ""
+
+    def rows():
+        nonlocal skipped
+        n = 0
+        for fi, sf in enumerate(files):
+            for ri, values in _read_pair_rows(sf, wanted, where, stats):
+                if src.max_rows and n >= src.max_rows:
+                    return
+                n += 1
+                if not all(isinstance(v, str) and v.strip() for v in values):
+                    skipped += 1        # a missing or empty query, positive or negative
+                    continue
+                yield _pair_row_is_val(fi, ri, cc.validation_split), [prefix + values[0], *values[1:]]
+
+    encoder = Encoder(tokenizer, _num_workers(cc.num_workers))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(desc=f"tokenize {where}", unit=" pairs", unit_scale=True, file=sys.stderr, mininterval=0.5)
+    counts = {"train": 0, "val": 0}
+    try:
+        # a chunk's texts go field by field (all queries, all positives, ...) so one encode call serves them all
+        chunks = ((np.asarray([v for v, _ in c], dtype=bool), [vals[k] for k in range(len(fields)) for _, vals in c])
+                  for c in _chunked(rows(), 256))
+        for is_val, lengths, ids in encoder.map(chunks):
+            n = len(is_val)
+            lengths = lengths.reshape(len(fields), n)
+            keep = (lengths > 0).all(axis=0)       # a text with no tokens left would give an empty embedding
+            skipped += int((~keep).sum())
+            starts = np.concatenate([[0], np.cumsum(lengths.sum(axis=1))])
+            for k, f in enumerate(fields):
+                field_ids = ids[starts[k]:starts[k + 1]]
+                for split, sel in (("train", ~is_val & keep), ("val", is_val & keep)):
+                    if sel.any():
+                        writers[split, f].write_docs(lengths[k][sel], field_ids[np.repeat(sel, lengths[k])])
+            counts["train"] += int((~is_val & keep).sum())
+            counts["val"] += int((is_val & keep).sum())
+            if bar is not None:
+                bar.update(n)
+    finally:
+        encoder.close()
+        if bar is not None:
+            bar.close()
+    if counts["train"] == 0:
+        raise UserError(f"{where} has no rows with a non-empty {', '.join(wanted)}"
+                        + (f" ({skipped} rows skipped)" if skipped else "") + "; check its files and columns")
+    _report_stats(stats, DatasetConfig())
+    splits = {f"{s}.{f}": w.finish() for (s, f), w in writers.items()}
+    man = {"format_version": FORMAT_VERSION, "source": spec, "dtype": dtype.name, "fields": fields,
+           "rows": counts, "skipped_rows": skipped, "splits": splits}
+    _write_json(out / "manifest.json", man)
+    return man
+
+
+def prepare_pairs(cc, tokenizer, *, progress=True):
+    """contrastive.path: every source tokenized once (see the layout above). A finished directory made from the
+    same sources and tokenizer returns at once; one made from others is refused, naming what differs; an interrupted
+    one is completed (finished sources are kept). Call it on one rank only (then barrier)."""
+    if not cc.sources:
+        raise UserError("contrastive.sources is empty: list at least one source (name: or data_files:, with "
+                        "query_column, positive_column, negative_columns)")
+    out = pairs_dir(cc)
+    spec = {"sources": [_pair_spec(s, cc) for s in cc.sources], "tokenizer_sha256": _tokenizer_sha(tokenizer)}
+    if (out / "manifest.json").is_file():
+        man = read_manifest(out)
+        diff = _spec_diff({"sources": dict(enumerate(man["spec"]["sources"])),
+                           "tokenizer_sha256": man["spec"]["tokenizer_sha256"]},
+                          {"sources": dict(enumerate(spec["sources"])), "tokenizer_sha256": spec["tokenizer_sha256"]},
+                          "contrastive")
+        if diff:
+            raise UserError(f"{out} was prepared from other pair sources or another tokenizer ({'; '.join(diff)}); "
+                            f"delete it or set another contrastive.path")
+        return out
+    files = [pair_source_files(s, i) for i, s in enumerate(cc.sources)]    # bad paths / hub ids fail before work
+    for i, (src, fs) in enumerate(zip(cc.sources, files)):                   # and columns missing from local files
+        wanted = [src.query_column, src.positive_column, *src.negative_columns]
+        for sf in fs:
+            if sf.local is not None:
+                rows = _read_pair_rows(sf, wanted, f"contrastive.sources[{i}] ({src.label})", ReadStats())
+                next(rows, None)
+                rows.close()
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out / "tokenizer.json.tmp"))
+    os.replace(out / "tokenizer.json.tmp", out / "tokenizer.json")
+    summary = []
+    for i, (src, fs) in enumerate(zip(cc.sources, files)):
+        man = _prepare_pair_source(src, i, cc, fs, tokenizer, out / f"source_{i:02d}", progress)
+        summary.append({"dir": f"source_{i:02d}", "label": src.label, "rows": man["rows"],
+                        "negatives": len(man["fields"]) - 2})
+        print(f"pairs: {src.label}: {man['rows']['train']:,} train / {man['rows']['val']:,} held-out rows",
+              flush=True)
+    _write_json(out / "manifest.json", {"format_version": FORMAT_VERSION, "kind": "pairs", "spec": spec,
+                                        "special_ids": special_token_ids(tokenizer), "sources": summary})
+    return out
+
+
+def read_pairs_manifest(data_dir):
+    man = read_manifest(data_dir)
+    if man.get("kind") != "pairs":
+        raise UserError(f"{data_dir} holds pretraining shards, not prepared pairs; set contrastive.path to another "
+                        f"directory")
+    return man
+
+
+class PairSource:
+    """One prepared source's split: a TokenStore per field; row i = document i of each."""
+
+    def __init__(self, data_dir, entry, split):
+        d = Path(data_dir) / entry["dir"]
+        self.label, self.num_negatives = entry["label"], entry["negatives"]
+        fields = ["query", "positive"] + [f"negative{j}" for j in range(self.num_negatives)]
+        self.stores = [TokenStore(d, f"{split}.{f}") for f in fields]
+        self.rows = self.stores[0].n_docs
+        if any(s.n_docs != self.rows for s in self.stores):
+            raise UserError(f"{d}: its fields hold different numbers of rows; delete {data_dir} and prepare again")
+
+
+def pad_rows(seqs, max_len, cls_id, sep_id, pad_id, multiple=8):
+    """[CLS] tokens[:max_len-2] [SEP] per row, right-padded to the longest row (rounded up to `multiple`, at most
+    max_len) -> input_ids, attention_mask int64 [B, L]."""
+    body = max_len - 2
+    width = max(min(len(s), body) for s in seqs) + 2
+    width = min(max_len, -(-width // multiple) * multiple)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        s = s[:body]
+        ids[i, 0], ids[i, 1:len(s) + 1], ids[i, len(s) + 1] = cls_id, s, sep_id
+        mask[i, :len(s) + 2] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+SOURCE_STREAM = 0x736F7572
+
+
+def source_probabilities(rows, alpha):
+    """P(source k) ∝ rows_k^alpha (alpha 0: uniform, 1: proportional to size)."""
+    w = np.asarray(rows, dtype=np.float64) ** alpha
+    return w / w.sum()
+
+
+def pick_source(seed, step, probs):
+    """The source of global step `step`: a function of (seed, step) only, so resuming needs no RNG state."""
+    u = _rng(SOURCE_STREAM, seed, step).random()
+    return min(int(np.searchsorted(np.cumsum(probs), u, side="right")), len(probs) - 1)
+
+
+class PairLoader(_Loader):
+    """Contrastive batches from prepared pairs. next_step() -> [one dict for this process]: query_ids/query_mask
+    [B, Lq], doc_ids/doc_mask [B*(1+h), Ld] (the B positives, then each row's h hard negatives row by row),
+    num_negatives h, source (index). B = micro_batch_size * grad_accum_steps rows: the process's share of the
+    global batch (rows [rank*B, (rank+1)*B)), so the global batch is the same for any world size and split; the
+    trainer chunks it (gradient caching), since the loss needs the whole global batch at once."""
+
+    def __init__(self, data_dir, cc, split="train", *, micro_batch_size, grad_accum_steps=1, rank=0, world_size=1,
+                 seed=0, prefetch=2, pin_memory=None):
+        super().__init__(micro_batch_size * grad_accum_steps, 1, rank, world_size, prefetch, pin_memory)
+        man = read_pairs_manifest(data_dir)
+        self.cc, self.seed, self.split = cc, seed, split
+        self.sources = [PairSource(data_dir, e, split) for e in man["sources"]]
+        sp = man["special_ids"]
+        self.cls_id, self.sep_id, self.pad_id = sp["cls"], sp["sep"], sp["pad"]
+        G = self.global_batch_rows
+        for k, s in enumerate(self.sources):
+            if s.rows < G:
+                raise UserError(f"pair source {k} ({s.label}) has {s.rows} {split} rows, fewer than one global batch "
+                                f"of {G}; use a smaller batch or drop the source")
+        self.probs = source_probabilities([s.rows for s in self.sources], cc.alpha)
+        digest = hashlib.sha256(json.dumps([[s.label, s.rows] for s in self.sources]).encode()).hexdigest()[:16]
+        self._state = {"kind": "pairs", "split": split, "seed": seed, "sources": digest, "step": 0,
+                       "cursors": [[0, 0] for _ in self.sources]}
+        self._must_match = ("kind", "split", "seed", "sources")
+        self._perms = {}
+
+    def _perm(self, k, epoch):
+        if (k, epoch) not in self._perms:
+            if len(self._perms) >= 2 * len(self.sources):
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[k, epoch] = _rng(PERM_STREAM, self.seed, k, epoch).permutation(self.sources[k].rows)
+        return self._perms[k, epoch]
+
+    def _batch(self, k, rows):
+        src, h = self.sources[k], min(self.cc.hard_negatives, self.sources[k].num_negatives)
+        q = [src.stores[0].doc(r).astype(np.int64) for r in rows]
+        docs = [src.stores[1].doc(r).astype(np.int64) for r in rows]
+        docs += [src.stores[2 + j].doc(r).astype(np.int64) for r in rows for j in range(h)]
+        query_ids, query_mask = pad_rows(q, self.cc.max_query_length, self.cls_id, self.sep_id, self.pad_id)
+        doc_ids, doc_mask = pad_rows(docs, self.cc.max_document_length, self.cls_id, self.sep_id, self.pad_id)
+        batch = {"query_ids": query_ids, "query_mask": query_mask, "doc_ids": doc_ids, "doc_mask": doc_mask,
+                 "num_negatives": h, "source": k}
+        return _pin(batch) if self.pin else batch
+
+    def _steps(self, state):
+        step, cursors, G = state["step"], [list(c) for c in state["cursors"]], self.global_batch_rows
+        mine = self.micro_rows[0]
+        while True:
+            k = pick_source(self.seed, step, self.probs)
+            epoch, row = cursors[k]
+            if row + G > self.sources[k].rows:
+                epoch, row = epoch + 1, 0
+            rows = self._perm(k, epoch)[row:row + G]
+            cursors[k] = [epoch, row + G]
+            step += 1
+            yield [self._batch(k, [int(rows[i]) for i in mine])], {**state, "step": step,
+                                                                   "cursors": [list(c) for c in cursors]}
+
+
+def held_out_pairs(data_dir, max_per_source):
+    """(queries, positives, source index) token arrays of the first max_per_source held-out rows of every source."""
+    man = read_pairs_manifest(data_dir)
+    queries, positives, source = [], [], []
+    for k, entry in enumerate(man["sources"]):
+        if entry["rows"]["val"] == 0:
+            continue
+        src = PairSource(data_dir, entry, "val")
+        for r in range(min(src.rows, max_per_source)):
+            queries.append(src.stores[0].doc(r).astype(np.int64))
+            positives.append(src.stores[1].doc(r).astype(np.int64))
+            source.append(k)
+    return queries, positives, np.asarray(source, dtype=np.int64)
 
 
 # -----------------------------------------------------------------------------

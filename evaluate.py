@@ -1235,7 +1235,7 @@ def glue_main(argv) -> int:
 # (section owned by the MTEB work; entry point: mteb_main(argv) -> int)
 # Embed texts with a checkpoint (its own pooling, sorted by length, unpadded on GPU, bf16 on GPU) behind mteb 2.x's
 # encoder protocol; let mteb run its evaluators and write its result files; summarise like Table 4 of the paper.
-# Read: config -> encoder -> instructions -> mteb adapter (model meta) -> tasks (registry, BEIR folders) -> run -> report.
+# Read: config -> encoder -> instructions -> mteb adapter (model meta) -> tasks (registry, BEIR) -> run -> report.
 # mteb is imported only inside the functions that need it (it is optional, and importing it takes seconds).
 
 import importlib.util
@@ -1258,7 +1258,7 @@ class MtebConfig:
     benchmark: str = "MTEB(eng, v1)"    # mteb benchmark, used when neither tasks nor beir_dir is given
     tasks: list[str] = field(default_factory=list)       # mteb task names (a benchmark's own subsets where it has them)
     task_types: list[str] = field(default_factory=list)  # keep only these types (STS, Retrieval, ...)
-    beir_dir: Optional[str] = None      # a BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv) or a folder of them
+    beir_dir: Optional[str] = None      # a BEIR folder (corpus.jsonl queries.jsonl qrels/test.tsv), or a parent of some
     pooling: Literal["auto", "mean", "cls"] = "auto"     # auto: the checkpoint's (contrastive.pooling / 1_Pooling)
     max_seq_length: int = 1024          # longer inputs are truncated (the paper: 1024)
     batch_size: int = 64                # texts per forward pass
@@ -1282,7 +1282,7 @@ def pool_packed(hidden, cu_seqlens, mode: str):
         return hidden[cu_seqlens[:-1].long()]
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     seg = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)
-    sums = torch.zeros(len(lengths), hidden.shape[-1], device=hidden.device, dtype=hidden.dtype).index_add_(0, seg, hidden)
+    sums = hidden.new_zeros(len(lengths), hidden.shape[-1]).index_add_(0, seg, hidden)
     return sums / lengths.unsqueeze(-1).to(hidden.dtype)
 
 
@@ -1763,9 +1763,10 @@ def run_mteb(cfg, progress: bool = True) -> Optional[dict]:
     return summary
 
 
-MTEB_USAGE = """usage: python evaluate.py mteb [CONFIG] --mteb.model RUN_DIR|CHECKPOINT|HF_DIR|HUB_ID [--section.key value ...]
+MTEB_USAGE = """usage: python evaluate.py mteb [CONFIG] --mteb.model RUN_DIR|CHECKPOINT|HF_DIR|HUB_ID [--s.key v ...]
   CONFIG: configs/mteb.yaml
-  --mteb.tasks STSBenchmark,SciFact | --mteb.benchmark "MTEB(eng, v1)" | --mteb.beir_dir DIR   [--mteb.task_types STS,Retrieval]
+  --mteb.tasks STSBenchmark,SciFact | --mteb.benchmark "MTEB(eng, v1)" | --mteb.beir_dir DIR
+  --mteb.task_types STS,Retrieval (keeps only these types of the tasks above)
   --mteb.pooling auto|mean|cls  --mteb.max_seq_length 1024  --mteb.batch_size 64  --mteb.use_instructions true|false
   torchrun --nproc_per_node N evaluate.py mteb ...: the tasks are spread over the processes
   results: mteb's files and results.md / results.json under <mteb.output_dir>/mteb/"""

@@ -63,6 +63,7 @@ class TrainerConfig:
     init_from: Optional[str] = None  # model weights only (new optimizer, step 0): checkpoint dir, run dir or hub id
     seed: int = 0
     disable_tqdm: bool = False
+    objective: Literal["mlm", "contrastive"] = "mlm"  # mlm (pretraining) | contrastive (the contrastive section)
     num_train_epochs: int = 10  # fine-tuning tasks (evaluate.py glue): epochs per run (trainer.max_steps > 0 caps it)
     early_stopping: int = 0  # fine-tuning tasks: stop after this many evaluations without improvement; 0 = off
 
@@ -124,6 +125,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    contrastive: data.ContrastiveConfig = field(default_factory=data.ContrastiveConfig)  # objective contrastive
     tasks: dict = field(default_factory=dict)  # extra sections a caller asked for (load_config's extra_sections)
 
 
@@ -692,6 +694,227 @@ def eval_batch_size(cfg: Config, data_dir, world_size: int, master: bool = True)
 
 
 # -----------------------------------------------------------------------------
+# contrastive objective (trainer.objective: contrastive): InfoNCE over the global batch, gradient caching, retrieval
+# evaluation. The model stays a NeoBERTLMHead, so checkpoints keep the MLM layout; only its encoder is trained.
+
+
+class Embedder(torch.nn.Module):
+    """Encoder + pooling: the module contrastive training runs (and compiles, and wraps in DDP), so the MLM decoder,
+    which gets no gradient, is not part of it."""
+
+    def __init__(self, encoder, pooling: str):
+        super().__init__()
+        self.encoder, self.pooling = encoder, pooling
+
+    def forward(self, input_ids, attention_mask, doc_ids=None, doc_mask=None):
+        emb = neobert.pool(self.encoder(input_ids, attention_mask=attention_mask), attention_mask, self.pooling)
+        if doc_ids is None:
+            return emb
+        # queries and documents in one call: one forward per backward, as DDP expects
+        return emb, neobert.pool(self.encoder(doc_ids, attention_mask=doc_mask), doc_mask, self.pooling)
+
+
+def gather_with_grad(x):
+    """Every process's rows, in rank order, differentiably: torch.distributed.nn's all_gather sums, in the backward,
+    every process's gradient for a slice into the process that owns it."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    import torch.distributed.nn.functional as dist_nn
+    return torch.cat(dist_nn.all_gather(x.contiguous()))
+
+
+def contrastive_loss(q, pos, neg, temperature: float, rank: int = 0):
+    """InfoNCE of this process's queries q (B, H) against every positive and every hard negative of the global batch
+    (pos (B, H) and neg (B*h, H) are this process's rows, gathered from all). Cosine similarity / temperature.
+    Returns (the sum of the B queries' losses, logging sums [top-1 correct, positive cosine, negative cosine,
+    number of negative pairs])."""
+    q, pos, neg = (F.normalize(x.float(), dim=-1) for x in (q, pos, neg))
+    docs = gather_with_grad(pos)  # (N, H): the other positives are in-batch negatives
+    if neg.numel():  # every process has the same h in a step (one source per global batch)
+        docs = torch.cat([docs, gather_with_grad(neg)])  # (N + N*h, H)
+    cos = q @ docs.T  # (B, N + N*h)
+    target = rank * q.size(0) + torch.arange(q.size(0), device=q.device)
+    loss_sum = F.cross_entropy(cos / temperature, target, reduction="sum")
+    with torch.no_grad():
+        pos_cos = cos.gather(1, target[:, None]).sum()
+        sums = torch.stack([(cos.argmax(-1) == target).sum().float(), pos_cos, cos.sum() - pos_cos,
+                            torch.tensor(float(cos.numel() - q.size(0)), device=cos.device)])
+    return loss_sum, sums
+
+
+def contrastive_metrics(sums, num_queries: float) -> dict:
+    """Logging record from contrastive_loss's sums (all-reduced over processes)."""
+    correct, pos, neg, n_neg = (float(v) for v in sums)
+    return dict(accuracy=correct / num_queries, pos_cosine=pos / num_queries, neg_cosine=neg / max(n_neg, 1.0))
+
+
+def _rng_state(device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device, state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def contrastive_forward_backward(model, batch: dict, device, amp, temperature: float, chunk_size: int = 0,
+                                 world_size: int = 1, rank: int = 0):
+    """Forward and backward of one step's InfoNCE over the global batch (model: an Embedder, maybe compiled or in
+    DDP; batch: this process's rows from data.PairLoader). Returns (this process's loss sum, the global number of
+    queries, logging sums). The loss is the mean over the global batch's queries, scaled by world_size against
+    DDP's averaging, so the gradients equal one process holding the whole batch.
+
+    chunk_size 0: one forward of the process's rows, graph kept. chunk_size > 0: gradient caching (Gao et al. 2021,
+    https://arxiv.org/abs/2101.06983): 1. embed chunk_size rows at a time with no graph; 2. the loss and its gradient
+    with respect to the embeddings; 3. each chunk again with its graph, backpropagating its slice of that gradient.
+    Same gradients as the whole batch at once; activations are held for chunk_size rows only."""
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    qi, qm, di, dm = batch["query_ids"], batch["query_mask"], batch["doc_ids"], batch["doc_mask"]
+    B = qi.size(0)
+    scale = world_size / (B * world_size)
+    if not chunk_size:
+        with amp:
+            q, d = model(qi, qm, di, dm)
+        loss_sum, sums = contrastive_loss(q, d[:B], d[B:], temperature, rank)
+        (loss_sum * scale).backward()
+        return loss_sum.detach(), B * world_size, sums
+    chunks = [(ids[i:i + chunk_size], mask[i:i + chunk_size])
+              for ids, mask in ((qi, qm), (di, dm)) for i in range(0, ids.size(0), chunk_size)]
+    embs, states = [], []
+    with torch.no_grad():  # 1.
+        for ids, mask in chunks:
+            states.append(_rng_state(device))  # the re-run draws the same dropout
+            with amp:
+                embs.append(model(ids, mask).float())
+    n_q = -(-B // chunk_size)
+    q = torch.cat(embs[:n_q]).requires_grad_()
+    d = torch.cat(embs[n_q:]).requires_grad_()
+    loss_sum, sums = contrastive_loss(q, d[:B], d[B:], temperature, rank)  # 2.
+    (loss_sum * scale).backward()
+    grads = list(q.grad.split(chunk_size)) + list(d.grad.split(chunk_size))
+    for i, ((ids, mask), grad, state) in enumerate(zip(chunks, grads, states)):  # 3.
+        sync = i == len(chunks) - 1 or world_size == 1
+        with nullcontext() if sync else model.no_sync():  # DDP all-reduces once, after the last chunk
+            _set_rng_state(device, state)
+            with amp:
+                emb = model(ids, mask)
+            (emb.float() * grad).sum().backward()
+    return loss_sum.detach(), B * world_size, sums
+
+
+def contrastive_step_flops(model_cfg, batch: dict, cached: bool) -> float:
+    """Training FLOPs of one process's contrastive step (no decoder); gradient caching adds one forward (x 4/3)."""
+    total = sum(ids.numel() * neobert.flops_per_token(model_cfg, ids.shape[-1], 0.0)
+                for ids in (batch["query_ids"], batch["doc_ids"]))
+    return total * (4 / 3 if cached else 1.0)
+
+
+def retrieval_metrics(q, p, mrr_k: int = 10) -> dict:
+    """Query i's relevant document is p[i]; every query is ranked against all of p by cosine.
+    -> recall@1, recall@10, MRR@mrr_k (a relevant document ranked below mrr_k scores 0)."""
+    q, p = F.normalize(q.double(), dim=-1), F.normalize(p.double(), dim=-1)
+    scores = q @ p.T
+    rank = (scores > scores.diagonal()[:, None]).sum(-1)  # 0 = first
+    rr = torch.where(rank < mrr_k, 1.0 / (rank + 1).double(), torch.zeros((), dtype=torch.float64))
+    return {"recall@1": (rank < 1).double().mean().item(), "recall@10": (rank < 10).double().mean().item(),
+            f"mrr@{mrr_k}": rr.mean().item()}
+
+
+@torch.no_grad()
+def embed_sequences(encoder, seqs: list, max_len: int, special: dict, pooling: str, batch_size: int, device, amp):
+    """Pooled float32 embeddings (n, H) of token sequences (no special tokens), [CLS] ... [SEP], in batches."""
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        ids, mask = data.pad_rows(seqs[i:i + batch_size], max_len, special["cls"], special["sep"], special["pad"])
+        ids, mask = ids.to(device), mask.to(device)
+        with amp:
+            out.append(neobert.pool(encoder(ids, attention_mask=mask), mask, pooling).float())
+    return torch.cat(out) if out else torch.zeros(0, encoder.config.hidden_size, device=device)
+
+
+@torch.no_grad()
+def evaluate_retrieval(encoder, held_out, cc, special: dict, batch_size: int, device, amp) -> dict:
+    """Retrieval on held-out pairs: every query against all held-out positives. Each process embeds a contiguous
+    slice; the embeddings are gathered, so every process returns the same metrics."""
+    queries, positives = held_out[0], held_out[1]
+    n = len(queries)
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    per = -(-n // world)
+    lo, hi = min(rank * per, n), min((rank + 1) * per, n)
+    was_training = encoder.training
+    encoder.eval()
+    q = embed_sequences(encoder, queries[lo:hi], cc.max_query_length, special, cc.pooling, batch_size, device, amp)
+    p = embed_sequences(encoder, positives[lo:hi], cc.max_document_length, special, cc.pooling, batch_size, device,
+                        amp)
+    encoder.train(was_training)
+    if world > 1:  # pad every slice to `per` rows, gather, drop the padding
+        both = torch.cat([q, p], dim=1)
+        both = torch.cat([both, both.new_zeros(per - both.size(0), both.size(1))])
+        parts = [torch.empty_like(both) for _ in range(world)]
+        dist.all_gather(parts, both)
+        both = torch.cat([part[:max(0, min(per, n - r * per))] for r, part in enumerate(parts)])
+        q, p = both.split(q.size(1), dim=1)
+    return retrieval_metrics(q, p)
+
+
+def contrastive_eval_set(cfg: Config, data_dir, master: bool = True):
+    """(held-out pairs, per-process eval batch size), or (None, None) when evaluation is off (a warning says why)."""
+    t, cc = cfg.trainer, cfg.contrastive
+    if t.eval_steps == 0 or cc.eval_pairs == 0:
+        return None, None
+    held_out = data.held_out_pairs(data_dir, cc.eval_pairs)
+    if len(held_out[0]) < 2:
+        if master:
+            data.warn(f"the pair sources hold {len(held_out[0])} held-out rows: retrieval evaluation is off (raise "
+                      f"contrastive.validation_split, then prepare again into a new contrastive.path)")
+        return None, None
+    return held_out, t.per_device_eval_batch_size
+
+
+def contrastive_model_config(cfg: Config, ckpt: Optional[Path]):
+    """A contrastive run takes its model config from the checkpoint it resumes (ckpt) or starts from
+    (trainer.init_from), so the config.yaml it saves describes the weights; -> (cfg with that model section, the
+    checkpoint's tokenizer)."""
+    t, cc = cfg.trainer, cfg.contrastive
+    if not cc.sources:
+        raise UserError("trainer.objective is contrastive but contrastive.sources is empty; list the pair sources "
+                        "(see configs/contrastive.yaml)")
+    tokenizer = None
+    source = ckpt.parent.parent / "model_checkpoints" / ckpt.name if ckpt is not None else t.init_from
+    if source:
+        try:
+            _, info = load_pretrained(source, head="mlm")
+        except UserError as e:
+            if Path(source).exists():
+                raise
+            raise UserError(f"trainer.init_from={source}: no such directory, and not on the hub either ({e}). "
+                            "Contrastive fine-tuning starts from a pretrained model; for "
+                            "configs/contrastive_smoke.yaml run `python train.py configs/smoke.yaml` first") from None
+        keep = {"attn_backend": cfg.model.attn_backend}  # how to compute, not what the weights are
+        model_cfg = dataclasses.replace(info.model_config, **keep)
+        cfg = dataclasses.replace(cfg, model=model_cfg)
+        tokenizer = info.tokenizer
+    if tokenizer is None:
+        tokenizer = data.load_tokenizer(cfg.tokenizer)
+    longest = max(cc.max_query_length, cc.max_document_length)
+    if longest > cfg.model.max_position_embeddings:
+        raise UserError(f"contrastive.max_query_length/max_document_length {longest} exceeds the model's "
+                        f"max_position_embeddings {cfg.model.max_position_embeddings}")
+    return cfg, tokenizer
+
+
+def check_resume_objective(ckpt: Path, objective: str) -> None:
+    """A contrastive run resumes only from contrastive checkpoints, and an MLM run only from MLM ones."""
+    saved = json.loads((ckpt / "train_state.json").read_text()).get("config", {})
+    was = (saved.get("trainer") or {}).get("objective", "mlm")
+    if was != objective:
+        raise UserError(f"{ckpt} was written by a trainer.objective={was} run; this run is {objective}. Resume it "
+                        f"with trainer.objective: {was}, or start a new trainer.output_dir (trainer.init_from: "
+                        f"{ckpt.parent.parent} takes its weights)")
+
+
+# -----------------------------------------------------------------------------
 # the loop
 
 
@@ -827,10 +1050,19 @@ def _train(cfg: Config, rank: int, world_size: int, device, master: bool, print0
                 stale.unlink(missing_ok=True)
     print0(f"# resolved config ({world_size} process{'es' if ddp else ''}, {device})\n{config_to_yaml(cfg)}", end="")
     ckpt = find_resume_checkpoint(t)  # before any work: "nothing to resume" should not wait for the data
+    contrastive, cc = t.objective == "contrastive", cfg.contrastive
+    if ckpt is not None:
+        check_resume_objective(ckpt, t.objective)
+    if contrastive:  # the model config and tokenizer are those of the checkpoint it starts from
+        cfg, init_tokenizer = contrastive_model_config(cfg, ckpt)
+        print0(f"contrastive: model {cfg.model.hidden_size} x {cfg.model.num_hidden_layers} from "
+               f"{ckpt or t.init_from or 'a random init'}")
 
     # data: rank 0 prepares the shards (or, streaming, the tokenizer) when missing; the others wait, then read them
-    data_dir = data.dataset_dir(cfg.dataset)
-    if master and (cfg.dataset.pre_tokenize or cfg.dataset.streaming):
+    data_dir = data.pairs_dir(cc) if contrastive else data.dataset_dir(cfg.dataset)
+    if master and contrastive:
+        data_dir = data.prepare_pairs(cc, init_tokenizer)
+    elif master and (cfg.dataset.pre_tokenize or cfg.dataset.streaming):
         data_dir = data.prepare(cfg.dataset, cfg.tokenizer)
     if ddp:
         dist.barrier()
@@ -842,6 +1074,10 @@ def _train(cfg: Config, rank: int, world_size: int, device, master: bool, print0
                         f"set model.pad_token_id: {pad_id}")
 
     def make_loader(split, micro_batch_size, grad_accum_steps, prefetch=2):
+        if contrastive:
+            return data.PairLoader(data_dir, cc, split, micro_batch_size=micro_batch_size,
+                                   grad_accum_steps=grad_accum_steps, rank=rank, world_size=world_size, seed=t.seed,
+                                   prefetch=prefetch)
         ds = cfg.dataset
         if split == "val" and ds.streaming:
             # the eval stream: tokenized in this process (no fork while the train loader's threads run) and in
@@ -851,7 +1087,10 @@ def _train(cfg: Config, rank: int, world_size: int, device, master: bool, print0
                                  grad_accum_steps=grad_accum_steps, rank=rank, world_size=world_size, seed=t.seed,
                                  prefetch=prefetch)
 
-    eval_batch = eval_batch_size(cfg, data_dir, world_size, master)  # None: no evaluation (said why)
+    if contrastive:  # retrieval on held-out pairs (None: no evaluation, said why)
+        held_out, eval_batch = contrastive_eval_set(cfg, data_dir, master)
+    else:
+        eval_batch = eval_batch_size(cfg, data_dir, world_size, master)  # None: no evaluation (said why)
 
     # model: the same init on every rank (DDP would broadcast rank 0's anyway), then weights from a checkpoint
     torch.manual_seed(t.seed)
@@ -868,7 +1107,8 @@ def _train(cfg: Config, rank: int, world_size: int, device, master: bool, print0
     print0(f"model: {neobert.num_params(model) / 1e6:.2f}M parameters")
 
     o = cfg.optimizer
-    optimizer = torch.optim.AdamW(neobert.param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
+    trained = model.model if contrastive else model  # contrastive: the MLM decoder stays as loaded
+    optimizer = torch.optim.AdamW(neobert.param_groups(trained, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
                                   fused=device.type == "cuda")
     loader = make_loader("train", t.per_device_train_batch_size, t.gradient_accumulation_steps)
     if ckpt is not None:
@@ -883,7 +1123,8 @@ def _train(cfg: Config, rank: int, world_size: int, device, master: bool, print0
         state = {k: saved[k] for k in state}
 
     # compile after loading weights and before DDP; `model` stays the raw module for saving and evaluation
-    train_model = torch.compile(model) if t.torch_compile else model
+    train_model = Embedder(model.model, cc.pooling) if contrastive else model
+    train_model = torch.compile(train_model) if t.torch_compile else train_model
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -919,6 +1160,14 @@ def _train(cfg: Config, rank: int, world_size: int, device, master: bool, print0
     step, record, last_saved = state["step"], {}, state["step"] if ckpt is not None else None
     t_start = time.perf_counter() - state["elapsed"]  # elapsed carries over a resume
     t_log, tokens_log, flops_log = time.perf_counter(), state["tokens"], 0.0  # since the last metrics line
+    if contrastive and eval_batch is not None and step == 0 and ckpt is None:  # the starting model's score
+        special = data.special_token_ids(tokenizer)
+        start = evaluate_retrieval(model.model, held_out, cc, special, eval_batch, device, amp)
+        record = dict(step=0, **{f"eval_{k}": v for k, v in start.items()})
+        if master:
+            metrics_file.write(json.dumps(record) + "\n")
+            if wandb_run is not None:
+                wandb_run.log(record, step=0)
     stop = StopRequest().install()
     try:
         while step < t.max_steps:
@@ -927,12 +1176,21 @@ def _train(cfg: Config, rank: int, world_size: int, device, master: bool, print0
                 group["lr"] = lr
             torch.manual_seed((t.seed * 1_000_003 + step) * 1_009 + rank)  # dropout RNG from (seed, step, rank)
             micro_batches = loader.next_step()
-            loss_sum, num_masked = forward_backward(train_model, micro_batches, device, amp, world_size)
+            if contrastive:  # InfoNCE over the global batch; gradient accumulation = caching in micro-batch chunks
+                chunk = cc.chunk_size or (t.per_device_train_batch_size if t.gradient_accumulation_steps > 1 else 0)
+                loss_sum, num_queries, sums = contrastive_forward_backward(
+                    train_model, micro_batches[0], device, amp, cc.temperature, chunk, world_size, rank)
+                num_masked = torch.tensor(float(num_queries))
+            else:
+                loss_sum, num_masked = forward_backward(train_model, micro_batches, device, amp, world_size)
+                sums = torch.zeros(0, device=device)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.gradient_clipping or float("inf"))
-            stats = torch.stack([loss_sum.float(), torch.tensor(float(stop.requested), device=device)])
+            stats = torch.cat([torch.stack([loss_sum.float(), torch.tensor(float(stop.requested), device=device)]),
+                               sums.float()])
             if ddp:
                 dist.all_reduce(stats)  # after DDP's all-reduce, grad_norm is already the same on every rank
             loss, grad_norm = stats[0].item() / max(num_masked.item(), 1.0), grad_norm.item()
+            extra = contrastive_metrics(stats[2:].tolist(), num_masked.item()) if contrastive else {}
             stopping = bool(stats[1] > 0)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 where = f"{run_dir}/checkpoints/{last_saved}" if last_saved is not None else "none was written"
@@ -943,9 +1201,12 @@ def _train(cfg: Config, rank: int, world_size: int, device, master: bool, print0
             optimizer.zero_grad(set_to_none=True)
             step += 1
             state["step"] = step
-            state["tokens"] += sum(b["input_ids"].numel() for b in micro_batches) * world_size
+            state["tokens"] += sum(v.numel() for b in micro_batches for k, v in b.items()
+                                   if k in ("input_ids", "query_ids", "doc_ids")) * world_size
             state["elapsed"] = time.perf_counter() - t_start
-            flops_log += step_flops(cfg.model, micro_batches) * world_size if peak else 0.0
+            if peak:
+                flops_log += world_size * (contrastive_step_flops(cfg.model, micro_batches[0], chunk > 0) if contrastive
+                                           else step_flops(cfg.model, micro_batches))
 
             last_step = step == t.max_steps or stopping
             do_eval = eval_batch is not None and (step % t.eval_steps == 0 or last_step)
@@ -954,8 +1215,12 @@ def _train(cfg: Config, rank: int, world_size: int, device, master: bool, print0
                 tokens_per_s = (state["tokens"] - tokens_log) / max(now - t_log, 1e-9)
                 mfu = flops_log / max(now - t_log, 1e-9) / (peak * world_size) if peak else None
                 record = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=state["tokens"],
-                              tokens_per_s=tokens_per_s, mfu=mfu, elapsed=state["elapsed"])
-                if do_eval:
+                              tokens_per_s=tokens_per_s, mfu=mfu, elapsed=state["elapsed"], **extra)
+                if do_eval and contrastive:
+                    special = data.special_token_ids(tokenizer)
+                    for k, v in evaluate_retrieval(model.model, held_out, cc, special, eval_batch, device, amp).items():
+                        record[f"eval_{k}"] = v
+                elif do_eval:
                     val = make_loader("val", eval_batch, 1, prefetch=0)
                     try:
                         record["eval_loss"], record["eval_accuracy"] = evaluate(model, val, t.eval_max_batches, device,

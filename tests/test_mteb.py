@@ -253,6 +253,9 @@ def test_model_meta_names_the_checkpoint(run, cls_run, tokenizer, tmp_path):
     cos = (a @ b.T) / np.linalg.norm(a, axis=1)[:, None] / np.linalg.norm(b, axis=1)[None]
     np.testing.assert_allclose(np.asarray(wrapped.similarity(a, b)), cos, atol=1e-6)
     np.testing.assert_allclose(np.asarray(wrapped.similarity_pairwise(a, b)), np.diag(cos), atol=1e-6)
+    assert evaluate.model_identity("chandar-lab/NeoBERT", tmp_path) == "chandar-lab/NeoBERT"  # a hub id: as is
+    (tmp_path / "hf_dir").mkdir()
+    assert evaluate.model_identity(str(tmp_path / "hf_dir"), tmp_path / "hf_dir") == "local/hf_dir"  # an HF folder
     # same weights under another folder: the same revision; other weights: another one
     other = write_checkpoint(tmp_path / "other", 10, tokenizer, seed=0)
     assert evaluate.weights_digest(other) == rev

@@ -1632,8 +1632,12 @@ def _is_unreachable(e: BaseException) -> bool:
 
 def score_task(mteb, model, task, cache, overwrite: bool):
     name = task.metadata.name
+    # mteb's only-missing keeps a result whose dataset revision differs; a BEIR folder's revision is its content hash,
+    # so an edited folder is scored again instead of being handed the old scores
+    cached = None if overwrite else cache.load_task_result(name, model.mteb_model_meta)
+    stale = cached is not None and cached.dataset_revision != task.metadata.revision
     try:
-        mteb.evaluate(model, task, cache=cache, overwrite_strategy="always" if overwrite else "only-missing",
+        mteb.evaluate(model, task, cache=cache, overwrite_strategy="always" if overwrite or stale else "only-missing",
                       co2_tracker=False, raise_error=True, show_progress_bar=False,
                       encode_kwargs={"batch_size": model.model.batch_size})
     except UserError:

@@ -431,6 +431,20 @@ def test_beir_folders_are_retrieval_tasks(run, beir_single, tmp_path, capsys):
     assert [t.metadata.name for t in evaluate.beir_tasks(str(single))] == ["one"]
 
 
+def test_an_edited_beir_folder_is_scored_again(run, tmp_path):
+    folder = write_beir(tmp_path / "edit", DOCS[:12])
+    argv = ["mteb", "--trainer.mixed_precision", "no", "--mteb.model", str(run), "--mteb.beir_dir", str(folder),
+            "--mteb.output_dir", str(tmp_path)]
+    assert evaluate.main(argv) == 0
+    before = json.loads((tmp_path / "mteb" / "results.json").read_text())["tasks"]["edit"]["score"]
+    # the same folder name, other judgements: query i now wants document i + 1
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" +
+                                               "".join(f"q{i}\td{(i + 1) % 12}\t1\n" for i in range(12)))
+    assert evaluate.main(argv) == 0
+    after = json.loads((tmp_path / "mteb" / "results.json").read_text())["tasks"]["edit"]["score"]
+    assert after != before
+
+
 def test_torchrun_splits_tasks_and_summary_matches(run, beir_root, beir_single, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -438,6 +438,113 @@ def suite_cli(argv):
     gpu_suite(args.tiny, args.steps, args.budget_s, Path(args.data_dir), tests=not args.no_tests)
 
 
+# -----------------------------------------------------------------------------
+# contrastive fine-tuning (trainer.objective: contrastive): pairs/s and peak memory with and without gradient caching
+
+
+def measure_contrastive(cfg: train.Config, data_dir, rows: int, chunk_size: int, steps: int) -> dict:
+    """Times `steps` contrastive optimizer steps of `rows` pairs per step (after running them once untimed); returns
+    pairs/s, ms/step and peak memory (CUDA max allocated, else this process's max RSS: run it in a fresh process)."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    t, cc = cfg.trainer, cfg.contrastive
+    loader = data.PairLoader(data_dir, cc, micro_batch_size=rows, seed=t.seed, prefetch=0)
+    step_batches = [loader.next_step()[0] for _ in range(steps)]
+    loader.close()
+    torch.manual_seed(t.seed)
+    model = neobert.NeoBERTLMHead(cfg.model)  # speed and memory do not depend on the weights
+    model.model.gradient_checkpointing = t.gradient_checkpointing
+    embedder = train.Embedder(model.model, cc.pooling).to(device)
+    o = cfg.optimizer
+    optimizer = torch.optim.AdamW(neobert.param_groups(model.model, o.weight_decay), lr=o.lr, betas=o.betas,
+                                  eps=o.eps, fused=device.type == "cuda")
+    step_model = torch.compile(embedder) if t.torch_compile else embedder
+    amp = train.autocast(device, train.resolve_precision(t.mixed_precision, device, warn=None))
+
+    def run_steps():
+        for batch in step_batches:
+            loss_sum, _, _ = train.contrastive_forward_backward(step_model, batch, device, amp, cc.temperature,
+                                                                chunk_size)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.gradient_clipping or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum.item()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run_steps()  # warm-up: every shape the timed steps will see
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    run_steps()
+    sync()
+    dt = time.perf_counter() - t0
+    if device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return dict(pairs_per_s=rows * steps / dt, step_s=dt / steps, memory_mb=memory)
+
+
+def _measure_in_child(args, results):
+    try:
+        results.put(measure_contrastive(*args))
+    except BaseException as e:  # noqa: BLE001 - reported by the parent
+        results.put(e)
+
+
+def contrastive_bench(cfg: train.Config, bench_cfg: BenchConfig, argv: list[str]) -> None:
+    """Side by side: the config's batch without and with gradient caching, and 8x that batch with caching (and
+    without, to show what caching saves). On CPU each variant runs in a fresh process, so its max RSS is its own."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    cfg, tokenizer = train.contrastive_model_config(cfg, None)
+    data_dir = data.prepare_pairs(cfg.contrastive, tokenizer)
+    t, cc = cfg.trainer, cfg.contrastive
+    rows = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    chunk = cc.chunk_size or rows  # the default chunk holds the uncached batch's activations: the same memory
+    variants = [("no caching", rows, 0), (f"caching (chunk {chunk})", rows, chunk),
+                ("8x batch, no caching", 8 * rows, 0), (f"8x batch, caching (chunk {chunk})", 8 * rows, chunk)]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"`python bench.py {' '.join(argv)}`  \n{name}, torch {torch.__version__}; contrastive, "
+          f"{neobert.num_params(neobert.NeoBERT(cfg.model)) / 1e6:.1f}M encoder parameters, {cc.pooling} pooling, "
+          f"{cc.hard_negatives} hard negative(s), queries <= {cc.max_query_length} and documents <= "
+          f"{cc.max_document_length} tokens; {bench_cfg.steps} timed steps per variant\n")
+    print("| variant | pairs/step | pairs/s | ms/step | peak memory (MB) | memory vs no caching |")
+    print("|---|---:|---:|---:|---:|---:|")
+    results = {}
+    for label, n, c in variants:
+        args = (cfg, data_dir, n, c, bench_cfg.steps)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            try:
+                r = measure_contrastive(*args)
+            except torch.cuda.OutOfMemoryError:
+                r = None
+        else:
+            import multiprocessing
+            ctx = multiprocessing.get_context("spawn")  # a fresh process: max RSS never goes down
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_measure_in_child, args=(args, queue))
+            proc.start()
+            r = queue.get()
+            proc.join()
+            if isinstance(r, BaseException):
+                raise r
+        results[label] = r
+        if r is None:
+            print(f"| {label} | {n} | out of memory | | | |", flush=True)
+            continue
+        base = results["no caching"]["memory_mb"]
+        print(f"| {label} | {n} | {r['pairs_per_s']:,.1f} | {1000 * r['step_s']:,.1f} | {r['memory_mb']:,.0f} | "
+              f"{r['memory_mb'] / base:.2f}x |", flush=True)
+    base, big = results["no caching"], results[variants[-1][0]]
+    print(f"\n8x the batch with gradient caching takes {big['memory_mb'] / base['memory_mb']:.2f}x the peak memory of "
+          f"the batch without it" + (" (CPU: max RSS of each variant's own process, including torch itself)."
+                                     if device.type == "cpu" else "."))
+
+
 def _bench_cli(argv):
     if argv[0].startswith("--suite"):
         return suite_cli(argv)

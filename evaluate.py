@@ -1764,6 +1764,7 @@ def run_mteb(cfg, progress: bool = True) -> Optional[dict]:
     write_atomic(out / "results.json", json.dumps(summary, indent=2) + "\n")
     write_atomic(out / "results.md", render_markdown(summary))
     print(render_markdown(summary))
+    print(f"wrote {out / 'results.md'} and results.json; mteb's files: {summary['results_dir']}", file=sys.stderr)
     return summary
 
 

@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -44,6 +44,29 @@ from data import UserError
 
 
 @dataclass
+class TaskSettings:
+    """glue.tasks.<task>: one task's own values; null keeps the trainer/optimizer/glue section's."""
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    num_train_epochs: Optional[int] = None
+    max_seq_length: Optional[int] = None
+
+
+@dataclass
+class SweepConfig:
+    """glue.sweep: lists of values; every combination runs (null: the task's one value)."""
+    lr: Optional[list[float]] = None
+    batch_size: Optional[list[int]] = None
+    weight_decay: Optional[list[float]] = None
+    seed: Optional[list[int]] = None
+
+    def __post_init__(self):
+        for key, values in vars(self).items():
+            data.require(values is None or len(values) > 0, f"glue.sweep.{key} is empty; give at least one value")
+
+
+@dataclass
 class GlueConfig:
     task_name: str = "all"  # cola sst2 mrpc qqp stsb mnli qnli rte wnli | all (the paper's eight) | a,b,c | custom
     init_from: Optional[str] = "runs/pretrain"  # run dir, model_checkpoints/<step>, HF folder or hub id
@@ -56,13 +79,23 @@ class GlueConfig:
     classifier_init_range: float = 0.02
     warmup_ratio: float = 0.1  # linear warmup over this fraction of a run's steps (replaces scheduler.warmup_steps)
     transfer_from_task: bool = False  # RTE, MRPC, STS-B, QNLI start from the best MNLI model (the paper does)
-    tasks: dict = field(default_factory=dict)  # per task: batch_size lr weight_decay num_train_epochs max_seq_length
-    sweep: dict = field(default_factory=dict)  # lists of lr, batch_size, weight_decay, seed: the full grid runs
-    batching: str = "auto"  # auto (unpadded on GPU, length-grouped padded on CPU) | padded | unpadded
+    tasks: Optional[dict] = field(default_factory=dict)  # {task: TaskSettings mapping}
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    batching: Literal["auto", "padded", "unpadded"] = "auto"  # auto: unpadded on GPU, length-grouped padded on CPU
     text_columns: list[str] = field(default_factory=list)  # custom: one or two columns
     label_column: str = "label"  # custom
     metric: Optional[str] = None  # custom: accuracy f1 mcc pearson spearman, or a comma list (score = their mean)
     bench_steps: int = 20  # --bench: timed steps per batching mode
+
+    def __post_init__(self):
+        for task in self.tasks or {}:
+            data.require(task in GLUE_TASKS or task == "custom",
+                         f"glue.tasks.{task}: unknown task; choose from {', '.join([*GLUE_TASKS, 'custom'])}")
+        self.tasks = {task: s if isinstance(s, TaskSettings) else train.build_section(f"glue.tasks.{task}",
+                                                                                      TaskSettings, s)
+                      for task, s in (self.tasks or {}).items()}
+        data.require(0.0 <= self.warmup_ratio < 1.0 and 0.0 <= self.classifier_dropout < 1.0,
+                     "glue.warmup_ratio and glue.classifier_dropout must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -109,9 +142,6 @@ PAPER_GLUE_SCORE = 89.0
 TRANSFER_TASKS = ("rte", "mrpc", "stsb", "qnli")
 COLA_TSV_COLUMNS = ("source", "label", "original_label", "sentence")  # CoLA's TSV has no header row
 METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman")
-TASK_SETTINGS = {"batch_size": int, "lr": float, "weight_decay": float, "num_train_epochs": int,
-                 "max_seq_length": int}
-SWEEP_KEYS = {"lr": float, "batch_size": int, "weight_decay": float, "seed": int}
 
 
 # metrics, in numpy (float64). Scores are fractions here and percentages in the report.
@@ -789,97 +819,43 @@ def parse_tasks(name: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _split_nested_overrides(argv: list) -> tuple[list, list]:
-    """--glue.tasks.<task>.<key> v and --glue.sweep.<key> v1,v2 -> (the other arguments, [(dotted, value)])."""
-    rest, nested = [], []
-    config, overrides = argv[:1], argv[1:]
-    for dotted, value in train.parse_overrides(overrides):
-        parts = dotted.split(".")
-        if parts[0] == "glue" and len(parts) > 2 and parts[1] in ("tasks", "sweep"):
-            nested.append((parts, value))
-        else:
-            rest += [f"--{dotted}", value]
-    return config + rest, nested
-
-
 def load_glue_config(argv: list):
-    argv, nested = _split_nested_overrides(argv)
-    cfg = train.load_config(argv[0], argv[1:], extra_sections={"glue": GlueConfig})
-    g = cfg.tasks["glue"]
-    for parts, value in nested:
-        if parts[1] == "tasks" and len(parts) == 4:
-            g.tasks.setdefault(parts[2], {})
-            g.tasks[parts[2]] = {**(g.tasks[parts[2]] or {}), parts[3]: value}
-        elif parts[1] == "sweep" and len(parts) == 3:
-            g.sweep = {**(g.sweep or {}), parts[2]: value}
-        else:
-            raise UserError(f"unknown override {'.'.join(parts)!r}; use glue.tasks.<task>.<key> or glue.sweep.<key>")
-    g.tasks, g.sweep = _check_task_blocks(g.tasks), _check_sweep(g.sweep)
-    cli = {key for key, _ in train.parse_overrides(argv[1:])}
-    return cfg, cli
-
-
-def _typed(value, tp, what: str):
-    try:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)  # "1e-5" and "8" from the command line
-        if tp is int and not isinstance(value, bool) and float(value).is_integer():
-            return int(value)
-        if tp is float and not isinstance(value, bool):
-            return float(value)
-    except (TypeError, ValueError, yaml.YAMLError):
-        pass
-    raise UserError(f"{what}: expected {'an integer' if tp is int else 'a number'}, got {value!r}")
-
-
-def _check_task_blocks(blocks) -> dict:
-    out = {}
-    for task, block in (blocks or {}).items():
-        if task not in GLUE_TASKS and task != "custom":
-            raise UserError(f"glue.tasks.{task}: unknown task; choose from {', '.join([*GLUE_TASKS, 'custom'])}")
-        if not isinstance(block, dict):
-            raise UserError(f"glue.tasks.{task} must be a mapping of {', '.join(TASK_SETTINGS)}")
-        for key in block:
-            if key not in TASK_SETTINGS:
-                raise UserError(f"unknown key glue.tasks.{task}.{key}; valid: {', '.join(TASK_SETTINGS)}")
-        out[task] = {k: _typed(v, TASK_SETTINGS[k], f"glue.tasks.{task}.{k}") for k, v in block.items()}
-    return out
-
-
-def _check_sweep(sweep) -> dict:
-    out = {}
-    for key, values in (sweep or {}).items():
-        if key not in SWEEP_KEYS:
-            raise UserError(f"unknown key glue.sweep.{key}; valid: {', '.join(SWEEP_KEYS)}")
-        if isinstance(values, str):
-            values = [v for v in values.strip().strip("[]").split(",") if v.strip()]
-        values = values if isinstance(values, (list, tuple)) else [values]
-        if not values:
-            raise UserError(f"glue.sweep.{key} is empty; give at least one value")
-        out[key] = [_typed(v, SWEEP_KEYS[key], f"glue.sweep.{key}") for v in values]
-    return out
+    """CONFIG [overrides] -> (Config with cfg.tasks["glue"], the dotted keys given on the command line).
+    --glue.tasks.<task>.<key> v and --glue.sweep.<key> v1,v2 reach one level below load_config's section.key: they
+    go into the glue section's plain form, which the same converter (train.build_section) builds again."""
+    overrides = train.parse_overrides(argv[1:])
+    flat = [arg for key, value in overrides if key.count(".") < 2 for arg in (f"--{key}", value)]
+    cfg = train.load_config(argv[0], flat, extra_sections={"glue": GlueConfig})
+    deep = [(key.split("."), value) for key, value in overrides if key.count(".") >= 2]
+    if deep:
+        raw = train.config_to_dict(cfg)["glue"]
+        for parts, value in deep:
+            if parts[:2] == ["glue", "tasks"] and len(parts) == 4:
+                raw["tasks"].setdefault(parts[2], {})[parts[3]] = value
+            elif parts[:2] == ["glue", "sweep"] and len(parts) == 3:
+                raw["sweep"][parts[2]] = value
+            else:
+                raise UserError(f"unknown override {'.'.join(parts)!r}; use section.key, glue.tasks.<task>.<key> or "
+                                "glue.sweep.<key>")
+        cfg.tasks["glue"] = train.build_section("glue", GlueConfig, raw)
+    return cfg, {key for key, _ in overrides}
 
 
 def plan_runs(cfg, tasks: list, cli: set) -> list[GlueRun]:
     """Every run, in order. A setting comes from (lowest first): trainer/optimizer sections, glue.tasks.<task>,
     the same keys given on the command line (--optimizer.lr ...), then glue.sweep lists (the grid)."""
     g, t, o = cfg.tasks["glue"], cfg.trainer, cfg.optimizer
-    if t.num_train_epochs < 1:
-        raise UserError(f"trainer.num_train_epochs must be at least 1, got {t.num_train_epochs}")
+    base = {"batch_size": ("trainer.per_device_train_batch_size", t.per_device_train_batch_size),
+            "lr": ("optimizer.lr", o.lr), "weight_decay": ("optimizer.weight_decay", o.weight_decay),
+            "num_train_epochs": ("trainer.num_train_epochs", t.num_train_epochs),
+            "max_seq_length": ("glue.max_seq_length", g.max_seq_length)}
     runs = []
     for name in tasks:
-        s = dict(batch_size=t.per_device_train_batch_size, lr=o.lr, weight_decay=o.weight_decay,
-                 num_train_epochs=t.num_train_epochs, max_seq_length=g.max_seq_length)
-        s.update(g.tasks.get(name, {}))
-        for key, section_key in (("batch_size", "trainer.per_device_train_batch_size"), ("lr", "optimizer.lr"),
-                                 ("weight_decay", "optimizer.weight_decay"),
-                                 ("num_train_epochs", "trainer.num_train_epochs"),
-                                 ("max_seq_length", "glue.max_seq_length")):
-            if section_key in cli:
-                section, k = section_key.split(".")
-                s[key] = getattr(cfg.tasks["glue"] if section == "glue" else getattr(cfg, section), k)
-        grid = {k: g.sweep.get(k, [s[k] if k != "seed" else t.seed]) for k in SWEEP_KEYS}
-        for bs, lr, wd, seed in itertools.product(grid["batch_size"], grid["lr"], grid["weight_decay"], grid["seed"]):
+        block = dataclasses.asdict(g.tasks.get(name, TaskSettings()))
+        s = {k: value if block[k] is None or key in cli else block[k] for k, (key, value) in base.items()}
+        s["seed"] = t.seed
+        grid = [getattr(g.sweep, k) or [s[k]] for k in ("batch_size", "lr", "weight_decay", "seed")]
+        for bs, lr, wd, seed in itertools.product(*grid):
             run = GlueRun(name, bs, lr, wd, seed, s["num_train_epochs"], s["max_seq_length"])
             if run.batch_size < 1 or run.lr <= 0 or run.weight_decay < 0 or run.max_seq_length < 8:
                 raise UserError(f"{name}: batch_size {bs}, lr {lr}, weight_decay {wd}, max_seq_length "
@@ -1053,12 +1029,6 @@ def load_tasks(names: list, g: GlueConfig, rank: int, world: int) -> tuple[dict,
 def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
     g, t = cfg.tasks["glue"], cfg.trainer
     names = parse_tasks(g.task_name)
-    if g.batching not in ("auto", "padded", "unpadded"):
-        raise UserError(f"glue.batching={g.batching!r} is not one of auto, padded, unpadded")
-    if t.early_stopping < 0:
-        raise UserError(f"trainer.early_stopping must be >= 0 (0 = off), got {t.early_stopping}")
-    if not 0.0 <= g.warmup_ratio < 1.0 or not 0.0 <= g.classifier_dropout < 1.0:
-        raise UserError("glue.warmup_ratio and glue.classifier_dropout must be in [0, 1)")
     rank, world, device = _distributed()
     try:
         precision = train.resolve_precision(t.mixed_precision, device, warn=data.warn if rank == 0 else None)

@@ -612,10 +612,23 @@ def read_results(path: Path) -> Optional[dict]:
         raise UserError(f"{path / 'results.json'} cannot be read ({e}); delete it to rerun that run") from None
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_batch(model, enc: Encoded, idx, accum: int, unpadded: bool, ctx: dict) -> tuple[float, int]:
+    """Forward and backward of one batch in `accum` micro-batches (each cut into row_pieces when unpadded), the loss
+    weighted by examples so the gradient is the batch mean's. Returns (loss, token slots fed, padding included)."""
+    loss, slots = torch.zeros((), device=ctx["device"]), 0
+    for micro in np.array_split(idx, min(accum, len(idx))):
+        for piece in row_pieces(enc, micro, unpadded, model.config.max_position_embeddings):
+            batch = make_batch(enc, piece, ctx["pad_id"], unpadded)
+            slots += batch["input_ids"].numel()
+            with ctx["amp"]:
+                piece_loss = model(**to_device(batch, ctx["device"])).loss * (len(piece) / len(idx))
+            piece_loss.backward()
+            loss += piece_loss.detach().float()
+    return loss.item(), slots
 
 
 @torch.no_grad()
@@ -629,9 +642,8 @@ def predict(model, enc: Encoded, batch_size: int, pad_id: int, unpadded: bool, d
     for idx in pieces:
         batch = make_batch(enc, idx, pad_id, unpadded)
         batch.pop("labels")
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with amp:
-            logits = model(**batch).logits.float()
+            logits = model(**to_device(batch, device)).logits.float()
         pred = logits[:, 0] if logits.shape[-1] == 1 else logits.argmax(-1)
         out[idx] = pred.cpu().double().numpy()
     model.train()
@@ -658,14 +670,10 @@ def glue_task_score(task: GlueTask, metrics: dict) -> float:
     return float(np.mean([metrics[m] for m in task.metrics]))
 
 
-def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict, id2label: Optional[dict]) -> dict:
-    """Fine-tunes one run from `source`, writes its run dir (metrics.jsonl, best/, results.json last) and returns the
-    results. Randomness (head init, data order, dropout) comes from run.seed only, so any process gives the same run."""
-    from tqdm import tqdm
+def start_run(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict):
+    """What a run (and --bench) starts from: the checkpoint with a classifier head (a new one seeded by run.seed) on
+    ctx's device, its tokenizer, the encoded splits and the optimizer."""
     g, t, o = cfg.tasks["glue"], cfg.trainer, cfg.optimizer
-    out = run_dir(cfg, run)
-    out.mkdir(parents=True, exist_ok=True)
-    device, amp = ctx["device"], ctx["amp"]
     torch.manual_seed(run.seed)  # the new head's init
     model, info = train.load_pretrained(source, head="classifier", num_labels=task.num_labels,
                                         classifier_dropout=g.classifier_dropout,
@@ -673,17 +681,27 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict,
     tokenizer = info.tokenizer if info.tokenizer is not None else ctx["tokenizer"]
     train_enc, val = encoded_splits(task, splits, tokenizer, run.max_seq_length, ctx)
     model.model.gradient_checkpointing = t.gradient_checkpointing
-    model.to(device)
-    train_model = torch.compile(model, dynamic=True) if t.torch_compile else model
+    model.to(ctx["device"])
     optimizer = torch.optim.AdamW(neobert.param_groups(model, run.weight_decay), lr=run.lr, betas=o.betas, eps=o.eps,
-                                  fused=device.type == "cuda")
+                                  fused=ctx["device"].type == "cuda")
+    return model, info, tokenizer, train_enc, val, optimizer
+
+
+def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict, id2label: Optional[dict]) -> dict:
+    """Fine-tunes one run from `source`, writes its run dir (metrics.jsonl, best/, results.json last) and returns the
+    results. Randomness (head init, data order, dropout) comes from run.seed only, so any process gives the same run."""
+    from tqdm import tqdm
+    g, t = cfg.tasks["glue"], cfg.trainer
+    out = run_dir(cfg, run)
+    out.mkdir(parents=True, exist_ok=True)
+    model, info, tokenizer, train_enc, val, optimizer = start_run(cfg, run, task, source, splits, ctx)
+    train_model = torch.compile(model, dynamic=True) if t.torch_compile else model
     steps_per_epoch = math.ceil(len(train_enc) / run.batch_size)
     total = run.num_train_epochs * steps_per_epoch
     if t.max_steps > 0:
         total = min(total, t.max_steps)
     eval_every = t.eval_steps if t.eval_steps > 0 else max(1, min(500, steps_per_epoch // 10))
     sched = dataclasses.replace(cfg.scheduler, warmup_steps=round(g.warmup_ratio * total), decay_steps=None)
-    accum = t.gradient_accumulation_steps
     evaluations, best, best_state, bad_evals = [], None, None, 0
     metrics_file = open(out / "metrics.jsonl", "w")
     bar = tqdm(total=total, desc=f"{run.task} {run.name}", disable=t.disable_tqdm, dynamic_ncols=True, leave=False,
@@ -699,16 +717,7 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict,
                 group["lr"] = lr
             torch.manual_seed((run.seed * 1_000_003 + step) * 1_009)  # dropout, from (seed, step)
             idx = batches[i]
-            loss = 0.0
-            micro_batches = [p for m in np.array_split(idx, min(accum, len(idx)))
-                             for p in row_pieces(train_enc, m, ctx["unpadded"], model.config.max_position_embeddings)]
-            for micro in micro_batches:
-                batch = make_batch(train_enc, micro, ctx["pad_id"], ctx["unpadded"])
-                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                with amp:
-                    micro_loss = train_model(**batch).loss * (len(micro) / len(idx))
-                micro_loss.backward()
-                loss += micro_loss.item()
+            loss, _ = train_batch(train_model, train_enc, idx, t.gradient_accumulation_steps, ctx["unpadded"], ctx)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.gradient_clipping or float("inf")).item()
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise UserError(f"{run.task} {run.name}: non-finite loss ({loss}) at step {step + 1}; lower the lr "
@@ -752,9 +761,9 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict,
                    steps=step + 1, total_steps=total, steps_per_epoch=steps_per_epoch, eval_every=eval_every,
                    stopped_early=stopped_early, evaluations=evaluations, best=best,
                    wall_time_s=time.perf_counter() - t0, train_examples=len(train_enc),
-                   id2label={str(k): v for k, v in id2label.items()} if id2label else None, device=str(device),
+                   id2label={str(k): v for k, v in id2label.items()} if id2label else None, device=str(ctx["device"]),
                    precision=ctx["precision"], batching="unpadded" if ctx["unpadded"] else "padded")
-    _atomic_write(out / "results.json", json.dumps(results, indent=1))  # last: the run counts as finished now
+    write_atomic(out / "results.json", json.dumps(results, indent=1))  # last: the run counts as finished now
     return results
 
 
@@ -1094,8 +1103,8 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
             summary = summarize_glue(cfg, runs, tasks)
             out = Path(t.output_dir) / "glue"
             out.mkdir(parents=True, exist_ok=True)
-            _atomic_write(out / "results.json", json.dumps(summary, indent=1))
-            _atomic_write(out / "results.md", results_markdown(summary))
+            write_atomic(out / "results.json", json.dumps(summary, indent=1))  # the MTEB section's writer
+            write_atomic(out / "results.md", results_markdown(summary))
             print(results_markdown(summary), end="")
             print(f"written: {out / 'results.md'}, {out / 'results.json'}")
         return summary
@@ -1132,14 +1141,9 @@ def _best_mnli(cfg) -> Optional[Path]:
 def bench_glue(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict) -> dict:
     """Fine-tuning examples/s with padded (length-grouped) and unpadded (cu_seqlens) batches, same model, data and
     steps, side by side."""
-    device, amp = ctx["device"], ctx["amp"]
+    device = ctx["device"]
     steps, warmup = cfg.tasks["glue"].bench_steps, 3
-    model, info = train.load_pretrained(source, head="classifier", num_labels=task.num_labels,
-                                        new_head_if_mismatch=True)
-    model.to(device)
-    tokenizer = info.tokenizer or ctx["tokenizer"]
-    train_enc, _ = encoded_splits(task, splits, tokenizer, run.max_seq_length, ctx)
-    optimizer = torch.optim.AdamW(neobert.param_groups(model, run.weight_decay), lr=run.lr)
+    model, _, _, train_enc, _, optimizer = start_run(cfg, run, task, source, splits, ctx)
     plan = epoch_batches(train_enc, run.batch_size, run.seed, 0)[:steps + warmup]  # the same batches both ways
     results = {}
     for mode in ("padded", "unpadded"):
@@ -1149,13 +1153,7 @@ def bench_glue(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dic
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0, n, tokens, padded_tokens = time.perf_counter(), 0, 0, 0
-            for piece in row_pieces(train_enc, idx, mode == "unpadded", model.config.max_position_embeddings):
-                batch = make_batch(train_enc, piece, ctx["pad_id"], mode == "unpadded")
-                padded_tokens += batch["input_ids"].numel()
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                with amp:
-                    loss = model(**batch).loss
-                loss.backward()
+            padded_tokens += train_batch(model, train_enc, idx, 1, mode == "unpadded", ctx)[1]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             n += len(idx)

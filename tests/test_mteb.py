@@ -378,6 +378,11 @@ def test_rerun_skips_scored_tasks_and_checkpoints_never_share(run, cls_run, scor
     monkeypatch.setattr(evaluate, "select_tasks", lambda mc: custom_tasks())
     evaluate.run_mteb(load_cfg("--mteb.model", str(run), "--mteb.output_dir", str(out)), progress=False)
     assert len(calls) == 2  # queries and documents of DocRetrieval only
+    calls.clear()
+    monkeypatch.setattr(evaluate, "select_tasks", lambda mc: [DocSTS()])
+    evaluate.run_mteb(load_cfg("--mteb.model", str(run), "--mteb.output_dir", str(out), "--mteb.overwrite", "true"),
+                      progress=False)
+    assert calls  # overwrite: scored again although its file is there
 
 
 def test_summary_is_table_4(scored):

@@ -96,6 +96,10 @@ class GlueConfig:
                       for task, s in (self.tasks or {}).items()}
         data.require(0.0 <= self.warmup_ratio < 1.0 and 0.0 <= self.classifier_dropout < 1.0,
                      "glue.warmup_ratio and glue.classifier_dropout must be in [0, 1)")
+        data.require(self.init_from is not None or self.allow_random_weights,
+                     "glue.init_from is null: pass a checkpoint (a run dir, model_checkpoints/<step>, an exported "
+                     "folder or a hub id such as chandar-lab/NeoBERT), or set glue.allow_random_weights: true to "
+                     "fine-tune random weights")
 
 
 @dataclass(frozen=True)
@@ -772,18 +776,23 @@ def save_classifier(path: Path, model, info, cfg, tokenizer, task: GlueTask, id2
     under a temporary name and renamed: export.py turns it into a folder transformers loads with its labels.
     config.yaml keeps the pretraining sections of the checkpoint it started from (what the model card reports) and
     adds the fine-tuning's glue: section, with this run's setting."""
-    from safetensors.torch import save_file
     g = cfg.tasks["glue"]
     full = dict(info.full_config) if (info.path / "config.yaml").is_file() else {}
     full["model"] = dataclasses.asdict(model.config)
     full["glue"] = {**train.config_to_dict(cfg)["glue"], "task_name": task.name, "run": dataclasses.asdict(run)}
     full["classifier"] = dict(num_labels=task.num_labels, id2label=dict(id2label) if id2label else None,
                               classifier_dropout=g.classifier_dropout, classifier_init_range=g.classifier_init_range)
+    save_model_dir(path, model, full, tokenizer)
+
+
+def save_model_dir(path: Path, model, full_config: dict, tokenizer) -> None:
+    """A checkpoint folder (model.safetensors, config.yaml, tokenizer.json), written whole or not at all."""
+    from safetensors.torch import save_file
 
     def write(d: Path):
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
-        (d / "config.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+        (d / "config.yaml").write_text(yaml.safe_dump(full_config, sort_keys=False))
         tokenizer.save(str(d / "tokenizer.json"))
 
     train._write_dir(path, write)
@@ -952,17 +961,6 @@ def _broadcast(obj, world: int):
     return box[0]
 
 
-def _resolve_source(cfg) -> Optional[str]:
-    g = cfg.tasks["glue"]
-    if g.init_from is None:
-        if not g.allow_random_weights:
-            raise UserError("glue.init_from is null: pass a checkpoint (a run dir, model_checkpoints/<step>, an "
-                            "exported folder or a hub id such as chandar-lab/NeoBERT), or set "
-                            "glue.allow_random_weights: true to fine-tune random weights")
-        return None
-    return g.init_from
-
-
 def auto_output_dir(init_from: Optional[str]) -> str:
     """trainer.output_dir: auto -> beside the model it scores: the run directory of a training checkpoint (a run dir,
     or its model_checkpoints/<step>), else runs/<the folder's name or the hub id with _ for />."""
@@ -981,17 +979,10 @@ def _random_source(cfg, ctx) -> Path:
     every run starts from the same weights through the same loading code."""
     path = Path(cfg.trainer.output_dir) / "glue" / "random_init"
     if not (path / "model.safetensors").is_file() and ctx["rank"] == 0:
-        from safetensors.torch import save_file
         torch.manual_seed(cfg.trainer.seed)
-        model = neobert.NeoBERTLMHead(cfg.model)
         tokenizer = data.load_tokenizer(cfg.tokenizer)
         data.check_vocab(tokenizer, cfg.model.vocab_size)
-
-        def write(d: Path):
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
-            (d / "config.yaml").write_text(yaml.safe_dump({"model": dataclasses.asdict(cfg.model)}))
-            tokenizer.save(str(d / "tokenizer.json"))
-        train._write_dir(path, write)
+        save_model_dir(path, neobert.NeoBERTLMHead(cfg.model), {"model": dataclasses.asdict(cfg.model)}, tokenizer)
     if ctx["world"] > 1:
         dist.barrier()
     return path
@@ -1044,11 +1035,9 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
         ctx = dict(rank=rank, world=world, device=device, precision=precision, amp=train.autocast(device, precision),
                    unpadded=g.batching == "unpadded" or (g.batching == "auto" and device.type == "cuda"),
                    eval_batch_size=t.per_device_eval_batch_size, encoded={})
-        source = _resolve_source(cfg)
         if t.output_dir == "auto":
             t.output_dir = auto_output_dir(g.init_from)
-        if source is None:
-            source = _random_source(cfg, ctx)
+        source = g.init_from if g.init_from is not None else _random_source(cfg, ctx)
         model_config, ctx["tokenizer"] = _check_model(cfg, source, ctx)
         ctx["pad_id"] = data.special_token_ids(ctx["tokenizer"])["pad"]
 

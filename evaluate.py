@@ -102,6 +102,28 @@ class GlueConfig:
                      "fine-tune random weights")
 
 
+def load_glue_config(argv: list):
+    """CONFIG [overrides] -> (Config with cfg.tasks["glue"], the dotted keys given on the command line).
+    --glue.tasks.<task>.<key> v and --glue.sweep.<key> v1,v2 reach one level below load_config's section.key: they
+    go into the glue section's plain form, which the same converter (train.build_section) builds again."""
+    overrides = train.parse_overrides(argv[1:])
+    flat = [arg for key, value in overrides if key.count(".") < 2 for arg in (f"--{key}", value)]
+    cfg = train.load_config(argv[0], flat, extra_sections={"glue": GlueConfig})
+    deep = [(key.split("."), value) for key, value in overrides if key.count(".") >= 2]
+    if deep:
+        raw = train.config_to_dict(cfg)["glue"]
+        for parts, value in deep:
+            if parts[:2] == ["glue", "tasks"] and len(parts) == 4:
+                raw["tasks"].setdefault(parts[2], {})[parts[3]] = value
+            elif parts[:2] == ["glue", "sweep"] and len(parts) == 3:
+                raw["sweep"][parts[2]] = value
+            else:
+                raise UserError(f"unknown override {'.'.join(parts)!r}; use section.key, glue.tasks.<task>.<key> or "
+                                "glue.sweep.<key>")
+        cfg.tasks["glue"] = train.build_section("glue", GlueConfig, raw)
+    return cfg, {key for key, _ in overrides}
+
+
 @dataclass(frozen=True)
 class GlueTask:
     name: str
@@ -146,72 +168,6 @@ PAPER_GLUE_SCORE = 89.0
 TRANSFER_TASKS = ("rte", "mrpc", "stsb", "qnli")
 COLA_TSV_COLUMNS = ("source", "label", "original_label", "sentence")  # CoLA's TSV has no header row
 METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman")
-
-
-# metrics, in numpy (float64). Scores are fractions here and percentages in the report.
-
-
-def accuracy(pred, label) -> float:
-    return float(np.mean(np.asarray(pred) == np.asarray(label)))
-
-
-def f1_score(pred, label, num_labels: int = 2) -> float:
-    """Binary F1 of class 1 (MRPC, QQP); the unweighted mean over classes (macro) when there are more than two."""
-    pred, label = np.asarray(pred), np.asarray(label)
-    classes = [1] if num_labels <= 2 else range(num_labels)
-    scores = []
-    for c in classes:
-        tp = np.sum((pred == c) & (label == c))
-        denom = np.sum(pred == c) + np.sum(label == c)
-        scores.append(2.0 * tp / denom if denom else 0.0)
-    return float(np.mean(scores))
-
-
-def matthews_corrcoef(pred, label) -> float:
-    """Matthews correlation (its multiclass form, Gorodkin 2004); 0 when a marginal is constant."""
-    pred, label = np.asarray(pred), np.asarray(label)
-    classes, inv = np.unique(np.concatenate([pred, label]), return_inverse=True)
-    k = len(classes)
-    conf = np.zeros((k, k), dtype=np.float64)
-    np.add.at(conf, (inv[len(pred):], inv[:len(pred)]), 1.0)  # rows: true, columns: predicted
-    t, p, c, s = conf.sum(1), conf.sum(0), np.trace(conf), conf.sum()
-    denom = np.sqrt((s * s - p @ p) * (s * s - t @ t))
-    return float((c * s - t @ p) / denom) if denom else 0.0
-
-
-def pearson(x, y) -> float:
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    x, y = x - x.mean(), y - y.mean()
-    denom = np.sqrt((x @ x) * (y @ y))
-    return float(x @ y / denom) if denom else 0.0
-
-
-def average_ranks(x) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank (what Spearman's correlation needs)."""
-    x = np.asarray(x)
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])  # first index of each run of equal values
-    ends = np.r_[starts[1:], len(x)]
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    return ranks
-
-
-def spearman(x, y) -> float:
-    return pearson(average_ranks(x), average_ranks(y))
-
-
-def compute_metric(name: str, pred, label, num_labels: int) -> float:
-    if name == "accuracy":
-        return accuracy(pred, label)
-    if name == "f1":
-        return f1_score(pred, label, num_labels)
-    if name == "mcc":
-        return matthews_corrcoef(pred, label)
-    if name == "pearson":
-        return pearson(pred, label)
-    return spearman(pred, label)
 
 
 # data: every split becomes texts (a list of 1- or 2-tuples) and labels (int64 ids, or float32 for regression)
@@ -584,6 +540,72 @@ def epoch_batches(enc: Encoded, batch_size: int, seed: int, epoch: int) -> list:
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+# metrics, in numpy (float64). Scores are fractions here and percentages in the report.
+
+
+def accuracy(pred, label) -> float:
+    return float(np.mean(np.asarray(pred) == np.asarray(label)))
+
+
+def f1_score(pred, label, num_labels: int = 2) -> float:
+    """Binary F1 of class 1 (MRPC, QQP); the unweighted mean over classes (macro) when there are more than two."""
+    pred, label = np.asarray(pred), np.asarray(label)
+    classes = [1] if num_labels <= 2 else range(num_labels)
+    scores = []
+    for c in classes:
+        tp = np.sum((pred == c) & (label == c))
+        denom = np.sum(pred == c) + np.sum(label == c)
+        scores.append(2.0 * tp / denom if denom else 0.0)
+    return float(np.mean(scores))
+
+
+def matthews_corrcoef(pred, label) -> float:
+    """Matthews correlation (its multiclass form, Gorodkin 2004); 0 when a marginal is constant."""
+    pred, label = np.asarray(pred), np.asarray(label)
+    classes, inv = np.unique(np.concatenate([pred, label]), return_inverse=True)
+    k = len(classes)
+    conf = np.zeros((k, k), dtype=np.float64)
+    np.add.at(conf, (inv[len(pred):], inv[:len(pred)]), 1.0)  # rows: true, columns: predicted
+    t, p, c, s = conf.sum(1), conf.sum(0), np.trace(conf), conf.sum()
+    denom = np.sqrt((s * s - p @ p) * (s * s - t @ t))
+    return float((c * s - t @ p) / denom) if denom else 0.0
+
+
+def pearson(x, y) -> float:
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    x, y = x - x.mean(), y - y.mean()
+    denom = np.sqrt((x @ x) * (y @ y))
+    return float(x @ y / denom) if denom else 0.0
+
+
+def average_ranks(x) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank (what Spearman's correlation needs)."""
+    x = np.asarray(x)
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])  # first index of each run of equal values
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
+
+
+def spearman(x, y) -> float:
+    return pearson(average_ranks(x), average_ranks(y))
+
+
+def compute_metric(name: str, pred, label, num_labels: int) -> float:
+    if name == "accuracy":
+        return accuracy(pred, label)
+    if name == "f1":
+        return f1_score(pred, label, num_labels)
+    if name == "mcc":
+        return matthews_corrcoef(pred, label)
+    if name == "pearson":
+        return pearson(pred, label)
+    return spearman(pred, label)
+
+
 # fine-tuning one run
 
 
@@ -817,7 +839,42 @@ def encoded_splits(task: GlueTask, splits: dict, tokenizer, max_len: int, ctx: d
     return ctx["encoded"][key]
 
 
-# planning: tasks, settings, sweep grid; spreading runs over processes; the summary table
+def bench_glue(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict) -> dict:
+    """Fine-tuning examples/s with padded (length-grouped) and unpadded (cu_seqlens) batches, same model, data and
+    steps, side by side."""
+    device = ctx["device"]
+    steps, warmup = cfg.tasks["glue"].bench_steps, 3
+    model, _, _, train_enc, _, optimizer = start_run(cfg, run, task, source, splits, ctx)
+    plan = epoch_batches(train_enc, run.batch_size, run.seed, 0)[:steps + warmup]  # the same batches both ways
+    results = {}
+    for mode in ("padded", "unpadded"):
+        n = tokens = padded_tokens = 0
+        for i, idx in enumerate(plan):
+            if i == warmup:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0, n, tokens, padded_tokens = time.perf_counter(), 0, 0, 0
+            padded_tokens += train_batch(model, train_enc, idx, 1, mode == "unpadded", ctx)[1]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            n += len(idx)
+            tokens += int(train_enc.lengths[idx].sum())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        results[mode] = dict(examples_per_s=n / elapsed, tokens_per_s=tokens / elapsed,
+                             padding=1 - tokens / max(padded_tokens, 1), steps=len(plan) - warmup)
+    ratio = results["unpadded"]["examples_per_s"] / results["padded"]["examples_per_s"]
+    print(f"glue bench: {task.name}, batch {run.batch_size}, max_seq_length {run.max_seq_length}, {steps} steps, "
+          f"{device}, precision {ctx['precision']}")
+    print(f"{'batching':<10} {'examples/s':>11} {'real tokens/s':>14} {'padding':>8}")
+    for mode, r in results.items():
+        print(f"{mode:<10} {r['examples_per_s']:>11.1f} {r['tokens_per_s']:>14.0f} {100 * r['padding']:>7.1f}%")
+    print(f"speed-up of unpadded over padded: {ratio:.2f}x")
+    return dict(task=task.name, device=str(device), precision=ctx["precision"], ratio=ratio, **results)
+
+
+# the sweep: which tasks, each run's setting (the grid), which runs are finished, where transfer starts
 
 
 def parse_tasks(name: str) -> list[str]:
@@ -835,28 +892,6 @@ def parse_tasks(name: str) -> list[str]:
         names.remove("mnli")
         names.insert(0, "mnli")
     return list(dict.fromkeys(names))
-
-
-def load_glue_config(argv: list):
-    """CONFIG [overrides] -> (Config with cfg.tasks["glue"], the dotted keys given on the command line).
-    --glue.tasks.<task>.<key> v and --glue.sweep.<key> v1,v2 reach one level below load_config's section.key: they
-    go into the glue section's plain form, which the same converter (train.build_section) builds again."""
-    overrides = train.parse_overrides(argv[1:])
-    flat = [arg for key, value in overrides if key.count(".") < 2 for arg in (f"--{key}", value)]
-    cfg = train.load_config(argv[0], flat, extra_sections={"glue": GlueConfig})
-    deep = [(key.split("."), value) for key, value in overrides if key.count(".") >= 2]
-    if deep:
-        raw = train.config_to_dict(cfg)["glue"]
-        for parts, value in deep:
-            if parts[:2] == ["glue", "tasks"] and len(parts) == 4:
-                raw["tasks"].setdefault(parts[2], {})[parts[3]] = value
-            elif parts[:2] == ["glue", "sweep"] and len(parts) == 3:
-                raw["sweep"][parts[2]] = value
-            else:
-                raise UserError(f"unknown override {'.'.join(parts)!r}; use section.key, glue.tasks.<task>.<key> or "
-                                "glue.sweep.<key>")
-        cfg.tasks["glue"] = train.build_section("glue", GlueConfig, raw)
-    return cfg, {key for key, _ in overrides}
 
 
 def plan_runs(cfg, tasks: list, cli: set) -> list[GlueRun]:
@@ -881,6 +916,34 @@ def plan_runs(cfg, tasks: list, cli: set) -> list[GlueRun]:
                                 "max_seq_length >= 8")
             runs.append(run)
     return runs
+
+
+def _finished(cfg, run: GlueRun, source) -> bool:
+    res = read_results(run_dir(cfg, run))
+    if res is None:
+        return False
+    want = run_fingerprint(cfg, run, source)
+    diff = [k for k in want if res.get("fingerprint", {}).get(k) != want[k]]
+    if diff == ["source"] and run.task in TRANSFER_TASKS and cfg.tasks["glue"].transfer_from_task:
+        data.warn(f"{run_dir(cfg, run)}: the best MNLI model is now {source}; running it again from there")
+        return False
+    if diff:
+        raise UserError(f"{run_dir(cfg, run)} holds a finished run made with another {diff[0]} "
+                        f"({res.get('fingerprint', {}).get(diff[0])!r}, now {want[diff[0]]!r}); choose another "
+                        "trainer.output_dir, or delete that run to redo it")
+    return True
+
+
+def _best_mnli(cfg) -> Optional[Path]:
+    """The best/ checkpoint of the highest-scoring finished MNLI run under output_dir (the transfer source)."""
+    root = Path(cfg.trainer.output_dir) / "glue" / "mnli"
+    found = [(r["best"]["score"], r["run"]) for r in (read_results(d) for d in sorted(root.glob("*/"))) if r]
+    if not found:
+        return None
+    return root / max(found)[1] / "best"
+
+
+# report: per task the best setting over the sweep, the GLUE score, beside the paper's numbers
 
 
 def summarize_glue(cfg, runs: list, tasks: dict) -> dict:
@@ -936,7 +999,7 @@ def results_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# the command
+# entry point: processes, the model to start from, every task's data, then the runs phase by phase
 
 
 def _distributed():
@@ -1100,66 +1163,6 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _finished(cfg, run: GlueRun, source) -> bool:
-    res = read_results(run_dir(cfg, run))
-    if res is None:
-        return False
-    want = run_fingerprint(cfg, run, source)
-    diff = [k for k in want if res.get("fingerprint", {}).get(k) != want[k]]
-    if diff == ["source"] and run.task in TRANSFER_TASKS and cfg.tasks["glue"].transfer_from_task:
-        data.warn(f"{run_dir(cfg, run)}: the best MNLI model is now {source}; running it again from there")
-        return False
-    if diff:
-        raise UserError(f"{run_dir(cfg, run)} holds a finished run made with another {diff[0]} "
-                        f"({res.get('fingerprint', {}).get(diff[0])!r}, now {want[diff[0]]!r}); choose another "
-                        "trainer.output_dir, or delete that run to redo it")
-    return True
-
-
-def _best_mnli(cfg) -> Optional[Path]:
-    """The best/ checkpoint of the highest-scoring finished MNLI run under output_dir (the transfer source)."""
-    root = Path(cfg.trainer.output_dir) / "glue" / "mnli"
-    found = [(r["best"]["score"], r["run"]) for r in (read_results(d) for d in sorted(root.glob("*/"))) if r]
-    if not found:
-        return None
-    return root / max(found)[1] / "best"
-
-
-def bench_glue(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict) -> dict:
-    """Fine-tuning examples/s with padded (length-grouped) and unpadded (cu_seqlens) batches, same model, data and
-    steps, side by side."""
-    device = ctx["device"]
-    steps, warmup = cfg.tasks["glue"].bench_steps, 3
-    model, _, _, train_enc, _, optimizer = start_run(cfg, run, task, source, splits, ctx)
-    plan = epoch_batches(train_enc, run.batch_size, run.seed, 0)[:steps + warmup]  # the same batches both ways
-    results = {}
-    for mode in ("padded", "unpadded"):
-        n = tokens = padded_tokens = 0
-        for i, idx in enumerate(plan):
-            if i == warmup:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t0, n, tokens, padded_tokens = time.perf_counter(), 0, 0, 0
-            padded_tokens += train_batch(model, train_enc, idx, 1, mode == "unpadded", ctx)[1]
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            n += len(idx)
-            tokens += int(train_enc.lengths[idx].sum())
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
-        results[mode] = dict(examples_per_s=n / elapsed, tokens_per_s=tokens / elapsed,
-                             padding=1 - tokens / max(padded_tokens, 1), steps=len(plan) - warmup)
-    ratio = results["unpadded"]["examples_per_s"] / results["padded"]["examples_per_s"]
-    print(f"glue bench: {task.name}, batch {run.batch_size}, max_seq_length {run.max_seq_length}, {steps} steps, "
-          f"{device}, precision {ctx['precision']}")
-    print(f"{'batching':<10} {'examples/s':>11} {'real tokens/s':>14} {'padding':>8}")
-    for mode, r in results.items():
-        print(f"{mode:<10} {r['examples_per_s']:>11.1f} {r['tokens_per_s']:>14.0f} {100 * r['padding']:>7.1f}%")
-    print(f"speed-up of unpadded over padded: {ratio:.2f}x")
-    return dict(task=task.name, device=str(device), precision=ctx["precision"], ratio=ratio, **results)
 
 
 GLUE_USAGE = """usage: python evaluate.py glue [CONFIG] [--bench] [--section.key value ...]  (CONFIG: configs/glue.yaml)

@@ -1016,14 +1016,6 @@ def _distributed():
     return rank, world, device
 
 
-def _broadcast(obj, world: int):
-    if world == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def auto_output_dir(init_from: Optional[str]) -> str:
     """trainer.output_dir: auto -> beside the model it scores: the run directory of a training checkpoint (a run dir,
     or its model_checkpoints/<step>), else runs/<the folder's name or the hub id with _ for />."""
@@ -1135,14 +1127,15 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
                 start = _best_mnli(cfg)
                 if rank == 0:
                     print(f"transfer: {', '.join(sorted({r.task for r in phase}))} start from {start}")
-            todo = None
+            todo = [None]
             if rank == 0:
-                todo = [i for i, run in enumerate(phase) if not _finished(cfg, run, start)]
-                done = len(phase) - len(todo)
+                todo = [[i for i, run in enumerate(phase) if not _finished(cfg, run, start)]]
+                done = len(phase) - len(todo[0])
                 if done:
                     print(f"skipping {done} finished run{'s' if done > 1 else ''} (their results.json exist)")
-            todo = _broadcast(todo, world)
-            for i in todo[rank::world]:  # round-robin: each process its own runs, on its own device
+            if world > 1:
+                dist.broadcast_object_list(todo, src=0)  # rank 0's list of runs to do, to every process
+            for i in todo[0][rank::world]:  # round-robin: each process its own runs, on its own device
                 run = phase[i]
                 res = finetune(cfg, run, tasks[run.task], start, splits[run.task], ctx, id2labels[run.task])
                 who = f"[rank {rank}] " if world > 1 else ""

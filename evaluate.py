@@ -253,49 +253,38 @@ def _columns(table: dict, names, path, what: str) -> list:
     return [table[n] for n in names]
 
 
-def _make_split(table: dict, text_names, label_name, path, to_label) -> Split:
+def _make_split(table: dict, text_names, label_name, path, num_labels: int, names: tuple, hint: str) -> Split:
+    """The texts and labels of one split; rows without a label are skipped, with a warning."""
     texts = list(zip(*[[("" if v is None else str(v)) for v in col] for col in _columns(table, text_names, path,
                                                                                         "text")]))
     (raw,) = _columns(table, [label_name], path, "label")
-    if not texts:
-        raise UserError(f"{path} holds no examples (an empty split)")
-    labels, keep = [], []
-    for i, value in enumerate(raw):
-        label = to_label(value, i)
-        if label is not None:
-            labels.append(label)
-            keep.append(i)
+    labels = [_label(value, i, path, num_labels, names, hint) for i, value in enumerate(raw)]
+    keep = [i for i, label in enumerate(labels) if label is not None]
     if len(keep) < len(texts):
         data.warn(f"{path}: skipped {len(texts) - len(keep)} rows without a gold label")
-        texts = [texts[i] for i in keep]
-    if not texts:
+    if not keep:
         raise UserError(f"{path} holds no labelled examples")
-    return Split(texts, np.asarray(labels), str(path))
+    return Split([texts[i] for i in keep], np.asarray([labels[i] for i in keep]), str(path))
 
 
-def _glue_label(task: GlueTask, path):
-    """value -> label id (or float for STS-B) for both layouts: parquet ints, TSV strings ('entailment', '1')."""
-    def convert(value, row):
-        if task.num_labels == 1:
-            try:
-                return float(value)
-            except (TypeError, ValueError):
-                raise UserError(f"{path} row {row + 1}: label {value!r} is not a number") from None
-        if isinstance(value, str):
-            if value in task.labels:
-                return task.labels.index(value)
-            if value.strip() in ("-", ""):  # MNLI's no-consensus marker
-                return None
-        try:
-            label = int(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{path} row {row + 1}: label {value!r} is not one of {', '.join(task.labels)}") \
-                from None
-        if not 0 <= label < task.num_labels:
-            raise UserError(f"{path} row {row + 1}: label {label} is outside 0..{task.num_labels - 1} "
-                            f"({task.name} has {task.num_labels} labels)")
-        return label
-    return convert
+def _label(value, row: int, path, num_labels: int, names: tuple, hint: str):
+    """One raw label (parquet ints, TSV/CSV strings such as 'entailment' or '1') -> a class id (the index of its
+    name in `names`, or the integer it is), a float for a regression (num_labels 1), or None when there is none."""
+    if _no_label(value):
+        return None
+    number = _number(value)
+    if num_labels == 1:
+        if number is None:
+            raise UserError(f"{path} row {row + 1}: label {value!r} is not a number (a regression: {hint})")
+        return number
+    if str(value) in names:
+        return names.index(str(value))
+    if number is None or not number.is_integer():
+        raise UserError(f"{path} row {row + 1}: label {value!r} is neither one of {', '.join(names)} nor an id "
+                        f"0..{num_labels - 1}")
+    if not 0 <= number < num_labels:
+        raise UserError(f"{path} row {row + 1}: label {int(number)} is outside 0..{num_labels - 1} ({hint})")
+    return int(number)
 
 
 def _hub_parquet(task: GlueTask, split: str, g: GlueConfig) -> Path:
@@ -345,7 +334,8 @@ def load_glue_task(task: GlueTask, g: GlueConfig) -> dict:
         else:
             table = read_examples(paths[0])
             names, label = task.tsv_columns, task.tsv_label
-        out[split] = _make_split(table, names, label, path, _glue_label(task, path))
+        out[split] = _make_split(table, names, label, path, task.num_labels, task.labels,
+                                 f"{task.name} has {task.num_labels} label{'s' if task.num_labels > 1 else ''}")
     return out
 
 
@@ -391,31 +381,16 @@ def load_custom_task(g: GlueConfig) -> tuple[dict, int, Optional[dict]]:
             raise UserError(f"glue.num_labels={num_labels} but the data has {len(names)} distinct labels "
                             f"({', '.join(names[:10])}); set glue.num_labels: {len(names)} or leave it null")
         id2label = {i: names[i] if i < len(names) else f"LABEL_{i}" for i in range(num_labels)}  # one name per id
-    label2id = {v: k for k, v in (id2label or {}).items()}
-
-    def convert(value, row, path):
-        if _no_label(value):
-            return None
-        if num_labels == 1:
-            if _number(value) is None:
-                raise UserError(f"{path} row {row + 1}: label {value!r} is not a number (glue.num_labels is 1, a "
-                                "regression)")
-            return _number(value)
-        if id2label is not None:
-            return label2id[str(value)]
-        label = int(_number(value))
-        if not 0 <= label < num_labels:
-            raise UserError(f"{path} row {row + 1}: label {label} is outside 0..{num_labels - 1} "
-                            f"(glue.num_labels={num_labels}); fix the data or raise glue.num_labels")
-        return label
-
-    splits = {s: _make_split(tables[s], g.text_columns, g.label_column, paths[s],
-                             lambda v, i, p=paths[s]: convert(v, i, p)) for s in paths}
+    names = tuple(id2label.values()) if id2label else ()
+    hint = f"glue.num_labels={num_labels}; fix the data or change glue.num_labels"
+    splits = {s: _make_split(tables[s], g.text_columns, g.label_column, paths[s], num_labels, names, hint)
+              for s in paths}
     return splits, num_labels, id2label
 
 
 def _no_label(value) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())
+    """None, an empty string, or "-" (MNLI's marker for no consensus)."""
+    return value is None or (isinstance(value, str) and value.strip() in ("", "-"))
 
 
 def _number(value) -> Optional[float]:

@@ -360,6 +360,22 @@ def count_encodes(monkeypatch):
     return calls
 
 
+def test_summary_is_table_4(scored):  # before the test below, which rewrites results.json
+    s, out = scored
+    on_disk = json.loads((out / "mteb" / "results.json").read_text())
+    assert on_disk["tasks"] == s["tasks"] and on_disk["average"] == s["average"]
+    for name in ("DocSTS", "DocRetrieval", "DocClassification"):  # x100 of mteb's main score, from its own file
+        result = mteb.TaskResult.from_disk(Path(s["results_dir"]) / f"{name}.json")
+        assert s["tasks"][name]["score"] == pytest.approx(100 * result.get_score(), abs=1e-3)
+    scores = [r["score"] for r in s["tasks"].values()]
+    assert s["average"] == pytest.approx(sum(scores) / 3, abs=1e-3)
+    assert s["types"]["STS"]["score"] == pytest.approx(s["tasks"]["DocSTS"]["score"], abs=1e-3)
+    md = (out / "mteb" / "results.md").read_text()
+    assert "| Model | Class. | Clust. | PairClass. | Rerank. | Retr. | STS | Summ. | Avg. |" in md
+    assert "| 61.6 | 40.8 | 76.2 | 51.2 | 31.6 | 74.8 | 30.7 | 51.3 |" in md
+    assert f"| {s['average']:.1f} |" in md
+
+
 def test_rerun_skips_scored_tasks_and_checkpoints_never_share(run, cls_run, scored, monkeypatch):
     first, out = scored
     assert first["tasks_scored"] == 3
@@ -383,22 +399,6 @@ def test_rerun_skips_scored_tasks_and_checkpoints_never_share(run, cls_run, scor
     evaluate.run_mteb(load_cfg("--mteb.model", str(run), "--mteb.output_dir", str(out), "--mteb.overwrite", "true"),
                       progress=False)
     assert calls  # overwrite: scored again although its file is there
-
-
-def test_summary_is_table_4(scored):
-    s, out = scored
-    on_disk = json.loads((out / "mteb" / "results.json").read_text())
-    assert on_disk["tasks"] == s["tasks"] and on_disk["average"] == s["average"]
-    for name in ("DocSTS", "DocRetrieval", "DocClassification"):  # x100 of mteb's main score, from its own file
-        result = mteb.TaskResult.from_disk(Path(s["results_dir"]) / f"{name}.json")
-        assert s["tasks"][name]["score"] == pytest.approx(100 * result.get_score(), abs=1e-3)
-    scores = [r["score"] for r in s["tasks"].values()]
-    assert s["average"] == pytest.approx(sum(scores) / 3, abs=1e-3)
-    assert s["types"]["STS"]["score"] == pytest.approx(s["tasks"]["DocSTS"]["score"], abs=1e-3)
-    md = (out / "mteb" / "results.md").read_text()
-    assert "| Model | Class. | Clust. | PairClass. | Rerank. | Retr. | STS | Summ. | Avg. |" in md
-    assert "| 61.6 | 40.8 | 76.2 | 51.2 | 31.6 | 74.8 | 30.7 | 51.3 |" in md
-    assert f"| {s['average']:.1f} |" in md
 
 
 def ndcg_at_10(q_emb, d_emb):

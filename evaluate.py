@@ -1018,16 +1018,22 @@ def _random_source(cfg, ctx) -> Path:
     return path
 
 
-def _check_model(cfg, source, ctx):
-    """Loads the starting checkpoint once before any work: a missing one, no tokenizer, or a max_seq_length beyond
-    its positions stops here."""
-    model, info = train.load_pretrained(source, head="encoder")
+def _check_model(cfg, source, runs: list):
+    """The tokenizer of the starting checkpoint, loaded once before any work: a missing checkpoint, no tokenizer, or
+    a max_seq_length beyond its positions stops here."""
+    _, info = train.load_pretrained(source, head="encoder")
     tokenizer = info.tokenizer
     if tokenizer is None:
         tokenizer = data.load_tokenizer(cfg.tokenizer)  # e.g. a folder with only config.json + weights
     data.special_token_ids(tokenizer)
     data.check_vocab(tokenizer, info.model_config.vocab_size)
-    return info.model_config, tokenizer
+    positions = info.model_config.max_position_embeddings
+    for run in runs:
+        if run.max_seq_length > positions:
+            raise UserError(f"{run.task}: max_seq_length={run.max_seq_length} exceeds the model's "
+                            f"max_position_embeddings={positions}; lower glue.max_seq_length (or "
+                            "glue.tasks.<task>.max_seq_length)")
+    return tokenizer
 
 
 def load_tasks(names: list, g: GlueConfig, rank: int, world: int) -> tuple[dict, dict, dict]:
@@ -1059,6 +1065,7 @@ def load_tasks(names: list, g: GlueConfig, rank: int, world: int) -> tuple[dict,
 def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
     g, t = cfg.tasks["glue"], cfg.trainer
     names = parse_tasks(g.task_name)
+    runs = plan_runs(cfg, names, cli)
     rank, world, device = _distributed()
     try:
         precision = train.resolve_precision(t.mixed_precision, device, warn=data.warn if rank == 0 else None)
@@ -1068,16 +1075,9 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
         if t.output_dir == "auto":
             t.output_dir = auto_output_dir(g.init_from)
         source = g.init_from if g.init_from is not None else _random_source(cfg, ctx)
-        model_config, ctx["tokenizer"] = _check_model(cfg, source, ctx)
+        ctx["tokenizer"] = _check_model(cfg, source, runs)
         ctx["pad_id"] = data.special_token_ids(ctx["tokenizer"])["pad"]
-
         tasks, splits, id2labels = load_tasks(names, g, rank, world)
-        runs = plan_runs(cfg, names, cli)
-        for run in runs:
-            if run.max_seq_length > model_config.max_position_embeddings:
-                raise UserError(f"{run.task}: max_seq_length={run.max_seq_length} exceeds the model's "
-                                f"max_position_embeddings={model_config.max_position_embeddings}; lower "
-                                "glue.max_seq_length (or glue.tasks.<task>.max_seq_length)")
         if bench:
             return bench_glue(cfg, runs[0], tasks[runs[0].task], source, splits[runs[0].task], ctx)
 

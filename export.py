@@ -228,31 +228,16 @@ class NeoBERTForSequenceClassification(NeoBERTPreTrainedModel):
 # finding and reading a checkpoint
 
 
-def missing_files(folder: Path) -> list:
-    return [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
-
-
 def find_checkpoint(path: Path) -> Path:
-    """A model checkpoint folder from a checkpoint folder, a run's output_dir, or its model_checkpoints folder."""
-    if not path.exists():
-        raise ExportError(f"{path} does not exist")
-    if not path.is_dir():
-        raise ExportError(f"{path} is not a folder: pass a run directory or a model checkpoint directory")
-    if (path / "model.safetensors").exists() or (path / "config.yaml").exists():
-        if missing := missing_files(path):
-            raise ExportError(f"{path} is not a complete model checkpoint: {', '.join(missing)} missing")
-        return path
-    root = path / "model_checkpoints" if (path / "model_checkpoints").is_dir() else path
-    latest = root / "latest"
-    if latest.is_file():
-        step = latest.read_text().strip()
-        if step.isdigit() and (root / step).is_dir() and not missing_files(root / step):
-            return root / step
-    steps = sorted((int(p.name), p) for p in root.iterdir() if p.is_dir() and p.name.isdigit() and not missing_files(p))
-    if steps:
-        return steps[-1][1]
-    raise ExportError(f"no model checkpoint in {path}: expected a run directory with model_checkpoints/<step>/ or a "
-                      f"checkpoint directory holding {', '.join(CHECKPOINT_FILES)}")
+    """The model checkpoint `path` names, by the rule every loader uses (neobert.resolve_model_dir): a run's output_dir
+    or its model_checkpoints folder gives the newest complete one. Local training checkpoints only: export needs the
+    training config and tokenizer, so no hub ids and no Hugging Face folders."""
+    try:
+        return neobert.resolve_model_dir(path, needs=tuple((name,) for name in CHECKPOINT_FILES), hub=False,
+                                         what=f"a run directory or a model checkpoint directory holding "
+                                              f"{', '.join(CHECKPOINT_FILES)}")
+    except FileNotFoundError as e:
+        raise ExportError(str(e)) from None
 
 
 def run_dir_of(checkpoint: Path):

@@ -15,6 +15,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
@@ -580,16 +581,65 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict):
     module.load_state_dict(state_dict, strict=True)
 
 
-def resolve_model_dir(path_or_id: str, revision: Optional[str] = None) -> str:
-    """A local folder as is; otherwise a hub repo id fetched (config, weights, tokenizer) with huggingface_hub."""
-    if os.path.isdir(path_or_id):
-        return path_or_id
-    if os.path.exists(path_or_id) or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1:
-        raise FileNotFoundError(f"{path_or_id} is not a model folder (it needs config.json and model.safetensors)")
+# which folder a model source names: the one rule for every loader (from_pretrained here, train.load_pretrained and
+# so trainer.init_from / evaluate.py, export.py)
+MODEL_SOURCES = ("a run directory, a model_checkpoints/<step> or checkpoints/<step> directory, a Hugging Face folder "
+                 "with config.json and model.safetensors, or a hub id such as chandar-lab/NeoBERT")
+MODEL_FILES = (("model.safetensors", "model.safetensors.index.json"), ("config.yaml", "config.json"))  # weights, config
+HUB_FILES = ["config.json", "config.yaml", "*.safetensors", "*.safetensors.index.json", "tokenizer*",
+             "special_tokens_map.json", "vocab.txt", "modules.json", "1_Pooling/config.json"]
+
+
+def missing_model_files(folder, needs=MODEL_FILES) -> list:
+    """The entries of `needs` (each a tuple of alternative file names) that `folder` lacks, as `a or b` strings."""
+    return [" or ".join(names) for names in needs if not any((Path(folder) / n).is_file() for n in names)]
+
+
+def resolve_model_dir(source, revision: Optional[str] = None, needs=MODEL_FILES, hub: bool = True,
+                      what: str = MODEL_SOURCES) -> Path:
+    """The folder holding the model that `source` names. A run directory (or its model_checkpoints/) gives the step
+    model_checkpoints/latest names, or the newest complete step when `latest` is lost or stale; checkpoints/<step>
+    (resume state) gives the model_checkpoints/<step> beside it; a folder holding `needs` is itself; an owner/name that
+    is no local path is fetched with huggingface_hub (if `hub`). Else FileNotFoundError: one line naming the source and
+    `what` to pass (callers turn it into their own error)."""
+    source = str(source)
+    p = Path(source).expanduser()
+    if not p.exists():
+        if hub and source.count("/") == 1 and not source.startswith((".", "/", "~")) and not source.endswith("/"):
+            return _download(source, revision, needs, what)
+        raise FileNotFoundError(f"{source} is not a model folder: it does not exist; pass {what}")
+    if not p.is_dir():
+        raise FileNotFoundError(f"{source} is a file, not a model folder; pass {what}")
+    if p.parent.name == "checkpoints" and (p.parent.parent / "model_checkpoints" / p.name).is_dir():
+        p = p.parent.parent / "model_checkpoints" / p.name  # resume state: its weights sit beside it
+    if p.name != "model_checkpoints" and (p / "model_checkpoints").is_dir():
+        p = p / "model_checkpoints"  # a run directory
+    if p.name == "model_checkpoints":
+        latest = p / "latest"
+        step = latest.read_text().strip() if latest.is_file() else ""
+        if step.isdigit() and not missing_model_files(p / step, needs):
+            return p / step
+        steps = [int(d.name) for d in p.iterdir() if d.name.isdigit() and not missing_model_files(d, needs)]
+        if steps:  # `latest` lost, or naming a step that is gone or incomplete
+            return p / str(max(steps))
+        names = ", ".join(alternatives[0] for alternatives in needs)
+        raise FileNotFoundError(f"no model checkpoint in {p}: the run has saved no complete model checkpoint yet "
+                                f"(model_checkpoints/<step>/ with {names})")
+    if missing := missing_model_files(p, needs):
+        raise FileNotFoundError(f"{p} is not a model folder (it has no {' and no '.join(missing)}); pass {what}")
+    return p
+
+
+def _download(repo_id: str, revision: Optional[str], needs, what: str) -> Path:
     from huggingface_hub import snapshot_download
-    return snapshot_download(path_or_id, revision=revision,
-                             allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*",
-                                             "special_tokens_map.json"])
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+    except Exception as e:  # offline, unknown repo, gated
+        raise FileNotFoundError(f"cannot get {repo_id} from the Hugging Face Hub ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:200]}); pass a local folder instead: {what}") from None
+    if missing := missing_model_files(folder, needs):
+        raise FileNotFoundError(f"hub repo {repo_id} has no {' and no '.join(missing)}: is it a NeoBERT model?")
+    return folder
 
 
 def read_safetensors(folder: str) -> dict:
@@ -612,7 +662,8 @@ def _from_pretrained(cls, path_or_id, revision, config_overrides, **head_kwargs)
     folder = resolve_model_dir(path_or_id, revision)
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"no config.json in {folder}")
+        raise FileNotFoundError(f"no config.json in {folder}: a training checkpoint loads with train.load_pretrained, "
+                                "or export it first (python export.py --out HF_DIR RUN_DIR)")
     with open(cfg_path) as f:
         hf_config = json.load(f)
     config = NeoBERTConfig.from_hf_dict(hf_config, **config_overrides)

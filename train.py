@@ -489,55 +489,16 @@ def load_weights(model, path) -> None:
 # loading a trained model, the same way everywhere (trainer.init_from, evaluate.py glue | mteb, ...):
 # a run dir, model_checkpoints/<step>, checkpoints/<step>, an exported / released folder (config.json), or a hub id
 
-MODEL_SOURCES = ("a run directory, a model_checkpoints/<step> or checkpoints/<step> directory, a Hugging Face folder "
-                 "with config.json and model.safetensors, or a hub id such as chandar-lab/NeoBERT")
-
-
-def _is_model_folder(p: Path) -> bool:
-    weights = (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
-    return weights and ((p / "config.yaml").is_file() or (p / "config.json").is_file())
+MODEL_SOURCES = neobert.MODEL_SOURCES
 
 
 def resolve_model_source(source) -> Path:
-    """The folder holding the model that `source` names (see MODEL_SOURCES); a run dir gives its newest checkpoint."""
-    source = str(source)
-    p = Path(source).expanduser()
-    if not p.exists():
-        if source.count("/") == 1 and not source.startswith((".", "/", "~")) and not source.endswith("/"):
-            return _download(source)  # owner/name
-        raise UserError(f"{source} does not exist; pass {MODEL_SOURCES}")
-    if p.parent.name == "checkpoints" and (p.parent.parent / "model_checkpoints" / p.name).is_dir():
-        p = p.parent.parent / "model_checkpoints" / p.name  # a resume dir: its weights sit beside it
-    if p.name != "model_checkpoints" and (p / "model_checkpoints").is_dir():
-        p = p / "model_checkpoints"  # a run dir
-    if p.name == "model_checkpoints":
-        latest = p / "latest"
-        step = latest.read_text().strip() if latest.is_file() else ""
-        steps = sorted((int(d.name) for d in p.iterdir() if d.name.isdigit() and _is_model_folder(d)), reverse=True)
-        if step.isdigit() and _is_model_folder(p / step):
-            return p / step
-        if steps:  # `latest` lost or stale: the newest complete step
-            return p / str(steps[0])
-        raise UserError(f"{p} holds no complete model checkpoint yet (model_checkpoints/<step>/ with "
-                        "model.safetensors and config.yaml)")
-    if not _is_model_folder(p):
-        raise UserError(f"{p} is not a model folder (it needs model.safetensors and config.yaml or config.json); "
-                        f"pass {MODEL_SOURCES}")
-    return p
-
-
-def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    patterns = ["config.json", "config.yaml", "*.safetensors", "*.safetensors.index.json", "tokenizer*",
-                "special_tokens_map.json", "vocab.txt", "modules.json", "1_Pooling/config.json"]
+    """The folder holding the model that `source` names (neobert.resolve_model_dir: a run dir gives its newest
+    complete checkpoint); a bad source is a UserError."""
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:  # offline, unknown repo, gated
-        raise UserError(f"cannot get {repo_id} from the Hugging Face Hub ({type(e).__name__}: "
-                        f"{' '.join(str(e).split())[:200]}); pass a local folder instead: {MODEL_SOURCES}") from None
-    if not _is_model_folder(folder):
-        raise UserError(f"hub repo {repo_id} has no config.json with model.safetensors: is it a NeoBERT model?")
-    return folder
+        return neobert.resolve_model_dir(source)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
 
 
 @dataclass

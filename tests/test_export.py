@@ -215,6 +215,11 @@ def test_newest_complete_checkpoint(run, tmp_path, tokenizer):
     assert export.find_checkpoint(other) == other / "model_checkpoints" / "5"
     (other / "model_checkpoints" / "latest").write_text("42\n")  # names a step that is gone: the newest complete
     assert export.find_checkpoint(other) == other / "model_checkpoints" / "7"
+    (other / "checkpoints" / "5").mkdir(parents=True)  # resume state: the model checkpoint beside it, as init_from
+    assert export.find_checkpoint(other / "checkpoints" / "5") == other / "model_checkpoints" / "5"
+    # the rule is neobert's, but export takes local training checkpoints only: an owner/name is never fetched
+    with pytest.raises(export.ExportError, match="someone/model is not a model folder: it does not exist"):
+        export.find_checkpoint(Path("someone/model"))
 
 
 # -----------------------------------------------------------------------------

@@ -595,6 +595,14 @@ def test_from_pretrained_hub_id_goes_through_huggingface_hub(tmp_path, monkeypat
     assert calls[0][0] == "chandar-lab/NeoBERT" and "config.json" in calls[0][1]
     assert torch.equal(m.decoder.bias, src.decoder.bias)
 
+    def offline(repo_id, **kw):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)  # one line naming the repo, not a traceback
+    with pytest.raises(FileNotFoundError, match="cannot get someone/model from the Hugging Face Hub") as e:
+        nb.NeoBERT.from_pretrained("someone/model")
+    assert "\n" not in str(e.value) and "pass a local folder" in str(e.value)
+
 
 def test_loading_a_different_shape_names_the_tensor(tmp_path):
     src = nb.NeoBERTLMHead(small_config(intermediate_size=512))

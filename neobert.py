@@ -373,9 +373,11 @@ class NeoBERT(nn.Module):
             if attention_mask is not None:  # left padding: real tokens still sit at 0..len-1 (right padding: shift 0)
                 first = attention_mask.long().argmax(dim=-1, keepdim=True)
                 position_ids = (position_ids - first).clamp(min=0)
-        if S > self.config.max_position_embeddings or (cu_seqlens is not None and max_seqlen is not None
-                                                       and max_seqlen > self.config.max_position_embeddings):
-            raise ValueError(f"sequence length {S} exceeds max_position_embeddings={self.config.max_position_embeddings}")
+        # packed rows restart positions in each segment: only the longest segment must fit (S when it is not given)
+        longest = int(max_seqlen) if cu_seqlens is not None and max_seqlen is not None else S
+        if longest > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {longest} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
         if not self.config.rope:
             x = x + self.positional_embedding(position_ids)
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]  # (B, S, hd/2)

@@ -641,6 +641,13 @@ def test_too_long_input_is_refused():
     m = nb.NeoBERT(small_config(max_position_embeddings=8))
     with pytest.raises(ValueError, match="max_position_embeddings=8"):
         m(torch.ones(1, 9, dtype=torch.long))
+    # a packed row restarts positions in each segment: 12 tokens in segments of 6 fit, one segment of 9 does not
+    ids = torch.arange(1, 13).unsqueeze(0) % 90 + 1
+    out = m(ids, cu_seqlens=torch.tensor([0, 6, 12], dtype=torch.int32), max_seqlen=6)
+    first = m(ids[:, :6])
+    assert torch.allclose(out[:, :6], first, atol=1e-5) and torch.allclose(out[:, 6:], m(ids[:, 6:]), atol=1e-5)
+    with pytest.raises(ValueError, match="sequence length 9 exceeds max_position_embeddings=8"):
+        m(ids, cu_seqlens=torch.tensor([0, 9, 12], dtype=torch.int32), max_seqlen=9)
 
 
 # -----------------------------------------------------------------------------

@@ -705,6 +705,11 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict,
     sched = dataclasses.replace(cfg.scheduler, warmup_steps=round(g.warmup_ratio * total), decay_steps=None)
     evaluations, best, best_state, bad_evals = [], None, None, 0
     metrics_file = open(out / "metrics.jsonl", "w")
+
+    def log(record: dict):
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+
     bar = tqdm(total=total, desc=f"{run.task} {run.name}", disable=t.disable_tqdm, dynamic_ncols=True, leave=False,
                position=ctx["rank"])  # under torchrun: one line per process
     t0, examples, stopped_early, step = time.perf_counter(), 0, False, 0
@@ -730,18 +735,14 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict,
             last = step + 1 == total
             if (step + 1) % t.logging_steps == 0 or last:
                 elapsed = time.perf_counter() - t0
-                metrics_file.write(json.dumps(dict(step=step + 1, epoch=(step + 1) / steps_per_epoch, loss=loss, lr=lr,
-                                                   grad_norm=grad_norm, examples_per_s=examples / elapsed,
-                                                   elapsed=elapsed)) + "\n")
-                metrics_file.flush()
+                log(dict(step=step + 1, epoch=(step + 1) / steps_per_epoch, loss=loss, lr=lr, grad_norm=grad_norm,
+                         examples_per_s=examples / elapsed, elapsed=elapsed))
             if (step + 1) % eval_every == 0 or last:
                 metrics = evaluate_task(model, task, val, ctx)
                 score = glue_task_score(task, metrics)
                 record = dict(step=step + 1, epoch=(step + 1) / steps_per_epoch, score=score, **metrics)
                 evaluations.append(record)
-                metrics_file.write(json.dumps({**{f"eval_{k}": v for k, v in record.items() if k != "step"},
-                                               "step": step + 1}) + "\n")
-                metrics_file.flush()
+                log({**{f"eval_{k}": v for k, v in record.items() if k != "step"}, "step": step + 1})
                 if best is None or score > best["score"]:
                     best, bad_evals = record, 0
                     best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -1082,10 +1083,9 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
             return bench_glue(cfg, runs[0], tasks[runs[0].task], source, splits[runs[0].task], ctx)
 
         # phase 1: everything that does not start from MNLI; phase 2: the transfer tasks, from MNLI's best model
-        transfer = g.transfer_from_task
-        phases = [[r for r in runs if not (transfer and r.task in TRANSFER_TASKS)],
-                  [r for r in runs if transfer and r.task in TRANSFER_TASKS]]
-        if transfer and phases[1] and "mnli" not in names and _best_mnli(cfg) is None:
+        moved = [r for r in runs if g.transfer_from_task and r.task in TRANSFER_TASKS]
+        phases = [[r for r in runs if r not in moved], moved]
+        if phases[1] and "mnli" not in names and _best_mnli(cfg) is None:
             raise UserError(f"glue.transfer_from_task starts {', '.join(sorted({r.task for r in phases[1]}))} from "
                             f"the best MNLI model, and {Path(t.output_dir) / 'glue' / 'mnli'} holds no finished "
                             "MNLI run: add mnli to glue.task_name (all includes it) or run it first")

@@ -200,8 +200,16 @@ def _read_tsv(path: Path, header: Optional[tuple] = None) -> tuple[list, list]:
     return list(header), good
 
 
-def read_table(path: Path) -> dict:
-    """{column: list of values} of a .parquet, .jsonl, .csv or .tsv file (csv/tsv with a header row)."""
+def read_examples(path: Path, tsv_header: Optional[tuple] = None) -> dict:
+    """{column: list of values} of a .parquet, .jsonl, .csv or .tsv file (csv/tsv with a header row, or a .tsv with
+    the columns tsv_header); an empty split is an error (nothing to train on or to score)."""
+    table = _read_table(path, tsv_header)
+    if not any(len(v) for v in table.values()):
+        raise UserError(f"{path} holds no examples (an empty split)")
+    return table
+
+
+def _read_table(path: Path, tsv_header: Optional[tuple]) -> dict:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -234,16 +242,8 @@ def read_table(path: Path) -> dict:
         if bad:
             raise UserError(f"{path} row {bad[0] + 2} has {len(rows[bad[0]])} fields but the header has {len(header)}")
     else:
-        header, rows = _read_tsv(path)
+        header, rows = _read_tsv(path, tsv_header)
     return {c: [r[i] for r in rows] for i, c in enumerate(header)}
-
-
-def read_examples(path: Path) -> dict:
-    """read_table, and an empty split is an error (nothing to train on or to score)."""
-    table = read_table(path)
-    if not table or not any(len(v) for v in table.values()):
-        raise UserError(f"{path} holds no examples (an empty split)")
-    return table
 
 
 def _columns(table: dict, names, path, what: str) -> list:
@@ -327,12 +327,8 @@ def load_glue_task(task: GlueTask, g: GlueConfig) -> dict:
             tables = [read_examples(p) for p in paths]
             table = {c: [v for t in tables for v in t.get(c, [])] for c in tables[0]}
             names, label = task.columns, "label"
-        elif task.name == "cola":
-            header, rows = _read_tsv(paths[0], header=COLA_TSV_COLUMNS)
-            table = {c: [r[i] for r in rows] for i, c in enumerate(header)}
-            names, label = task.tsv_columns, task.tsv_label
         else:
-            table = read_examples(paths[0])
+            table = read_examples(paths[0], COLA_TSV_COLUMNS if task.name == "cola" else None)
             names, label = task.tsv_columns, task.tsv_label
         out[split] = _make_split(table, names, label, path, task.num_labels, task.labels,
                                  f"{task.name} has {task.num_labels} label{'s' if task.num_labels > 1 else ''}")

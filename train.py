@@ -1127,6 +1127,7 @@ def _train(cfg: Config, rank: int, world_size: int, device, master: bool, print0
         record = dict(step=0, **{f"eval_{k}": v for k, v in start.items()})
         if master:
             metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
             if wandb_run is not None:
                 wandb_run.log(record, step=0)
     stop = StopRequest().install()

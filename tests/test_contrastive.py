@@ -345,6 +345,46 @@ def test_sources_formats_mixing_and_single_source_batches(tmp_path, pretrained):
     assert one == two
 
 
+def test_hub_source_reads_its_subset_and_split_and_prefixes_the_instruction(tmp_path, monkeypatch, pretrained):
+    """A hub dataset in the sentence-transformers layout (<subset>/<split>-*.parquet), served by stand-ins for
+    huggingface_hub's listing and download (no network here): only the named subset and split are read."""
+    import huggingface_hub
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    root, repo = tmp_path / "hub", "sentence-transformers/all-nli"
+    tables = {"triplet/train-00000-of-00001.parquet": 30, "triplet/dev-00000-of-00001.parquet": 5,
+              "pair/train-00000-of-00001.parquet": 7}
+    for name, n in tables.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        rows = [{"anchor": f"a man plays {i}", "positive": f"someone plays {i}", "negative": f"nobody sleeps {i}"}
+                for i in range(n)]
+        pq.write_table(pa.Table.from_pylist(rows), root / name)
+    downloads = []
+
+    def list_repo_files(self, repo_id, repo_type=None, revision=None, **kw):
+        assert repo_id == repo and repo_type == "dataset"
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*.parquet")) if revision is None else []
+
+    def hf_hub_download(repo_id, filename, repo_type=None, revision=None, **kw):
+        downloads.append(filename)
+        return str(root / filename)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    _, info = train.load_pretrained(pretrained)
+    source = {"name": repo, "config": "triplet", "query_column": "anchor", "positive_column": "positive",
+              "negative_columns": ["negative"], "instruction": "Given a premise, retrieve a hypothesis."}
+    cc = data.ContrastiveConfig(sources=[source], path=str(tmp_path / "prepared"), validation_split=0.0,
+                                num_workers=1)
+    data.prepare_pairs(cc, info.tokenizer, progress=False)
+    assert downloads == ["triplet/train-00000-of-00001.parquet"]
+    man = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
+    assert man["sources"][0]["rows"] == {"train": 30, "val": 0} and man["sources"][0]["negatives"] == 1
+    loader = data.PairLoader(cc.path, cc, micro_batch_size=4, prefetch=0)
+    b = loader.next_step()[0]
+    prefix = info.tokenizer.encode(source["instruction"], add_special_tokens=False).ids
+    assert all(row[1:1 + len(prefix)].tolist() == prefix for row in b["query_ids"])
+
+
 def test_prepared_pairs_are_reused_refused_and_checked(tmp_path, pretrained, pairs):
     _, info = train.load_pretrained(pretrained)
     man = pairs / "manifest.json"

@@ -271,6 +271,23 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
             assert torch.allclose(got["grads"][k], want[k], atol=1e-6, rtol=1e-5), (chunk, k)
 
 
+def test_torchrun_training_run_equals_one_process(tmp_path, pretrained, pairs):
+    """The whole loop under torchrun (2 gloo processes x 4 pairs) against one process with 8: the same losses,
+    held-out metrics (each process embeds half, then gathers) and weights."""
+    kw = {"trainer.max_steps": 3, "trainer.eval_steps": 3, "contrastive.chunk_size": 3}
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert train.main(run_args(pretrained, pairs, one, **kw)) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    proc = subprocess.run(cmd + run_args(pretrained, pairs, two, **kw, **{"trainer.per_device_train_batch_size": 4}),
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for a, b in zip(metrics(one), metrics(two), strict=True):
+        for k in ("loss", "accuracy", "pos_cosine", "neg_cosine", "eval_recall@10", "eval_mrr@10"):
+            assert (k in a) == (k in b) and a.get(k, 0) == pytest.approx(b.get(k, 0), abs=1e-5), k
+    wa, wb = (load_file(str(d / "model_checkpoints/3/model.safetensors")) for d in (one, two))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
 def _ddp_worker(out_dir):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP

@@ -865,6 +865,15 @@ def contrastive_model_config(cfg: Config, ckpt: Optional[Path]):
     return cfg, tokenizer
 
 
+def prepare_pairs_only(cfg: Config) -> None:
+    """`python train.py CONFIG --prepare-only` (= `python data.py CONFIG`) of a contrastive config: the pair sources
+    tokenized into contrastive.path with the tokenizer of the checkpoint the run will start from."""
+    cfg, tokenizer = contrastive_model_config(cfg, None)
+    out = data.prepare_pairs(cfg.contrastive, tokenizer)
+    rows = [s["rows"]["train"] for s in data.read_pairs_manifest(out)["sources"]]
+    print(f"{out}: {len(rows)} pair source(s), {sum(rows):,} training pairs ready")
+
+
 def check_resume_objective(ckpt: Path, objective: str) -> None:
     """A contrastive run resumes only from contrastive checkpoints, and an MLM run only from MLM ones."""
     saved = json.loads((ckpt / "train_state.json").read_text()).get("config", {})
@@ -1226,6 +1235,8 @@ def main(argv=None) -> int:
         if not args:
             raise UserError("no config file: python train.py CONFIG [--prepare-only] [--section.key value ...]")
         cfg = load_config(args[0], args[1:])
+        if flags and cfg.trainer.objective == "contrastive":
+            return prepare_pairs_only(cfg)
         return data.prepare_only(cfg, bench="--bench" in flags) if flags else train(cfg)
 
     return data.run_main(argv, __doc__, work)

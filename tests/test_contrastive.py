@@ -427,6 +427,14 @@ def test_prepared_pairs_are_reused_refused_and_checked(tmp_path, pretrained, pai
     assert json.loads((copy / "manifest.json").read_text())["sources"] == json.loads(man.read_text())["sources"]
 
 
+def test_prepare_only_makes_the_pairs_without_training(tmp_path, pretrained, capsys):
+    """`python data.py CONFIG` (= train.py --prepare-only) of a contrastive config prepares contrastive.path."""
+    out, path = tmp_path / "run", tmp_path / "pairs"
+    assert train.main(run_args(pretrained, path, out) + ["--prepare-only"]) == 0
+    assert "training pairs ready" in capsys.readouterr().out
+    assert data.read_pairs_manifest(path)["sources"][0]["rows"]["train"] > 0 and not out.exists()
+
+
 def dict_cc(cc, path):
     import dataclasses
     return dataclasses.replace(cc, path=str(path))

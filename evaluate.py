@@ -977,15 +977,7 @@ def results_markdown(summary: dict) -> str:
 def _distributed():
     """(rank, world size, device). Under torchrun each process fine-tunes its own runs on its own GPU; a gloo group
     (with a long timeout: runs take hours) only carries barriers and the list of runs to do."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-    return rank, world, device
+    return train.setup_distributed("gloo", timeout=datetime.timedelta(days=7))
 
 
 def auto_output_dir(init_from: Optional[str]) -> str:
@@ -1653,12 +1645,10 @@ def run_mteb(cfg, progress: bool = True) -> Optional[dict]:
     mteb = import_mteb()
     tasks = select_tasks(mc)  # every rank checks everything before any work, so all fail alike
     instructions = load_instructions(mc.instructions, mc.use_instructions)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     model, info = train.load_pretrained(mc.model, head="encoder")
     if info.tokenizer is None:
         raise UserError(f"{info.path} has no tokenizer.json; the model folder needs its tokenizer")
-    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    rank, world, device = _distributed()  # each process scores its share of the tasks; gloo carries one barrier
     precision = train.resolve_precision(cfg.trainer.mixed_precision, device)
     pooling = info.pooling if mc.pooling == "auto" else mc.pooling
     encoder = SentenceEncoder(model, info.tokenizer, pooling, mc.max_seq_length, mc.batch_size, device, precision)
@@ -1668,9 +1658,6 @@ def run_mteb(cfg, progress: bool = True) -> Optional[dict]:
     out.mkdir(parents=True, exist_ok=True)
     cache = mteb.ResultCache(cache_path=out)
     wrapped = mteb_encoder(encoder, meta, instructions, show_progress_bar=progress and rank == 0)
-    if world > 1 and not dist.is_initialized():
-        # gloo: only a barrier is needed, and a benchmark share can take hours (the default timeout is 30 min)
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(days=7))
     mine = tasks[rank::world]
     for i, task in enumerate(mine):
         print(f"[rank {rank}] {task.metadata.name} ({task.metadata.type}) {i + 1}/{len(mine)}", file=sys.stderr,

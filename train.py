@@ -981,17 +981,26 @@ def truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def train(cfg: Config) -> dict:
-    """Runs the training described by cfg; returns the last metrics record."""
+def setup_distributed(backend: Optional[str] = None, timeout=None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment, or (0, 1, cuda:0 | cpu) for one process. Under torchrun
+    the process group is started: nccl on GPUs and gloo on CPU, unless `backend` says otherwise (evaluate.py's
+    processes run their own tasks and need only gloo barriers, with a long `timeout`)."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    ddp, master = world_size > 1, rank == 0
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if world_size > 1 and not dist.is_initialized():
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend, **({"timeout": timeout} if timeout is not None else {}))
+    return rank, world_size, device
+
+
+def train(cfg: Config) -> dict:
+    """Runs the training described by cfg; returns the last metrics record."""
+    rank, world_size, device = setup_distributed()
+    ddp, master = world_size > 1, rank == 0
     print0 = print if master else (lambda *a, **k: None)
     try:
         return _train(cfg, rank, world_size, device, master, print0)

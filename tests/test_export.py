@@ -72,13 +72,16 @@ def randomize(model, seed=0):
     return model.eval()
 
 
-def write_checkpoint(run_dir: Path, step: int, model, tokenizer, latest=True) -> Path:
+def write_checkpoint(run_dir: Path, step: int, model, tokenizer, latest=True, extra=None) -> Path:
+    """RUN/model_checkpoints/<step> as train.py writes it (the GLUE and MTEB tests use it too); `extra` adds or
+    replaces top-level sections of its config.yaml."""
     d = run_dir / "model_checkpoints" / str(step)
     d.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"),
               metadata={"format": "pt"})
     full = {"model": model.config.to_dict(), "tokenizer": {"train": True, "vocab_size": 300},
-            "dataset": {"name": "toy-sentences", "max_seq_length": 64}, "trainer": {"max_steps": step}}
+            "dataset": {"name": "toy-sentences", "max_seq_length": 64}, "trainer": {"max_steps": step},
+            **(extra or {})}
     (d / "config.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
     tokenizer.save(str(d / "tokenizer.json"))
     if latest:

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -25,6 +25,7 @@ import data  # noqa: E402
 import evaluate  # noqa: E402
 import neobert  # noqa: E402
 import train  # noqa: E402
+from test_export import write_checkpoint as write_model_checkpoint  # noqa: E402
 from test_model import write_released_folder  # noqa: E402
 
 FILL = [f"w{c}{d}" for c in "abcdefgh" for d in "xyz"]
@@ -63,15 +64,7 @@ def tiny_config(tokenizer, **kw):
 
 
 def write_checkpoint(run_dir: Path, model, tokenizer, step=5) -> Path:
-    d = run_dir / "model_checkpoints" / str(step)
-    d.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
-    full = {"model": model.config.to_dict(), "tokenizer": {"train": True, "vocab_size": 200},
-            "dataset": {"name": "toy"}, "trainer": {"max_steps": step}}
-    (d / "config.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
-    tokenizer.save(str(d / "tokenizer.json"))
-    (run_dir / "model_checkpoints" / "latest").write_text(f"{step}\n")
-    return d
+    return write_model_checkpoint(run_dir, step, model, tokenizer, extra={"dataset": {"name": "toy"}})
 
 
 @pytest.fixture(scope="session")

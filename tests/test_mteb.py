@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -26,6 +25,7 @@ import data  # noqa: E402
 import evaluate  # noqa: E402
 import neobert  # noqa: E402
 import train  # noqa: E402
+from test_export import write_checkpoint as write_model_checkpoint  # noqa: E402
 
 mteb = pytest.importorskip("mteb")
 from datasets import Dataset, DatasetDict  # noqa: E402  (an mteb dependency)
@@ -125,17 +125,8 @@ def write_checkpoint(run_dir: Path, step: int, tokenizer, seed: int, pooling=Non
     with torch.no_grad():  # away from the init, so that different seeds give clearly different embeddings
         for name, p in model.named_parameters():
             p.add_(0.05 * torch.randn_like(p)) if not name.endswith("norm.weight") else p.mul_(1.2)
-    d = run_dir / "model_checkpoints" / str(step)
-    d.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"),
-              metadata={"format": "pt"})
-    full = {"model": config.to_dict(), "trainer": {"max_steps": step}}
-    if pooling:
-        full.update(trainer={"max_steps": step, "objective": "contrastive"}, contrastive={"pooling": pooling})
-    (d / "config.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
-    tokenizer.save(str(d / "tokenizer.json"))
-    (run_dir / "model_checkpoints" / "latest").write_text(f"{step}\n")
-    return d
+    extra = {"trainer": {"max_steps": step, "objective": "contrastive"}, "contrastive": {"pooling": pooling}}
+    return write_model_checkpoint(run_dir, step, model, tokenizer, extra=extra if pooling else None)
 
 
 @pytest.fixture(scope="module")

@@ -607,7 +607,9 @@ def resolve_model_dir(source, revision: Optional[str] = None, needs=MODEL_FILES,
     source = str(source)
     p = Path(source).expanduser()
     if not p.exists():
-        if hub and source.count("/") == 1 and not source.startswith((".", "/", "~")) and not source.endswith("/"):
+        # owner/name goes to the hub, unless `owner` is a local folder (runs/mistyped is a missing run, not a repo)
+        if (hub and source.count("/") == 1 and not source.startswith((".", "/", "~")) and not source.endswith("/")
+                and not p.parent.is_dir()):
             return _download(source, revision, needs, what)
         raise FileNotFoundError(f"{source} is not a model folder: it does not exist; pass {what}")
     if not p.is_dir():

@@ -691,7 +691,7 @@ def mlm_run(tmp_path):
     return run_dir, cfg, new
 
 
-def test_resolve_model_source_layouts(mlm_run, tmp_path, capsys):
+def test_resolve_model_source_layouts(mlm_run, tmp_path, capsys, monkeypatch):
     run_dir, _, _ = mlm_run
     step2 = run_dir / "model_checkpoints" / "2"
     for source in [run_dir, str(run_dir), run_dir / "model_checkpoints", step2, run_dir / "checkpoints" / "2"]:
@@ -708,6 +708,12 @@ def test_resolve_model_source_layouts(mlm_run, tmp_path, capsys):
     (tmp_path / "empty_run" / "model_checkpoints").mkdir(parents=True)
     with pytest.raises(data.UserError, match="no complete model checkpoint"):
         train.resolve_model_source(tmp_path / "empty_run")
+    # runs/mistyped (relative, owner/name-shaped) is a missing run when runs/ exists, never a hub repo to fetch
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda *a, **k: pytest.fail("went to the hub"))
+    with pytest.raises(data.UserError, match="runs/mistyped is not a model folder: it does not exist"):
+        train.resolve_model_source("runs/mistyped")
 
 
 def test_load_pretrained_mlm_and_encoder_from_a_run(mlm_run):

@@ -462,24 +462,10 @@ def encode(tokenizer, split: Split, max_len: int) -> Encoded:
     return Encoded(ids, offsets, split.labels)
 
 
-def row_pieces(enc: Encoded, idx, unpadded: bool, max_positions: int) -> list:
-    """An unpadded batch is one row of all its tokens, which the encoder accepts up to its max_position_embeddings:
-    longer batches go through in consecutive pieces (gradient accumulation), each within that length."""
-    idx = np.asarray(idx)
-    if not unpadded:
-        return [idx]
-    pieces, start, used = [], 0, 0
-    for i, n in enumerate(enc.lengths[idx]):
-        if used + n > max_positions and i > start:
-            pieces.append(idx[start:i])
-            start, used = i, 0
-        used += n
-    return pieces + [idx[start:]]
-
-
 def make_batch(enc: Encoded, idx, pad_id: int, unpadded: bool) -> dict:
     """Padded: input_ids/attention_mask (B, S) with S the longest row. Unpadded: one (1, N) row of the examples back
-    to back with cu_seqlens, for the varlen attention path (no compute on padding)."""
+    to back with cu_seqlens, for the varlen attention path (no compute on padding; positions restart per example, so
+    the row may be longer than max_position_embeddings)."""
     idx = np.asarray(idx)
     starts, ends = enc.offsets[idx], enc.offsets[idx + 1]
     labels = torch.from_numpy(enc.labels[idx])
@@ -614,17 +600,16 @@ def to_device(batch: dict, device) -> dict:
 
 
 def train_batch(model, enc: Encoded, idx, accum: int, unpadded: bool, ctx: dict) -> tuple[float, int]:
-    """Forward and backward of one batch in `accum` micro-batches (each cut into row_pieces when unpadded), the loss
-    weighted by examples so the gradient is the batch mean's. Returns (loss, token slots fed, padding included)."""
+    """Forward and backward of one batch in `accum` micro-batches, the loss weighted by examples so the gradient is
+    the batch mean's. Returns (loss, token slots fed, padding included)."""
     loss, slots = torch.zeros((), device=ctx["device"]), 0
     for micro in np.array_split(idx, min(accum, len(idx))):
-        for piece in row_pieces(enc, micro, unpadded, model.config.max_position_embeddings):
-            batch = make_batch(enc, piece, ctx["pad_id"], unpadded)
-            slots += batch["input_ids"].numel()
-            with ctx["amp"]:
-                piece_loss = model(**to_device(batch, ctx["device"])).loss * (len(piece) / len(idx))
-            piece_loss.backward()
-            loss += piece_loss.detach().float()
+        batch = make_batch(enc, micro, ctx["pad_id"], unpadded)
+        slots += batch["input_ids"].numel()
+        with ctx["amp"]:
+            micro_loss = model(**to_device(batch, ctx["device"])).loss * (len(micro) / len(idx))
+        micro_loss.backward()
+        loss += micro_loss.detach().float()
     return loss.item(), slots
 
 
@@ -634,9 +619,7 @@ def predict(model, enc: Encoded, batch_size: int, pad_id: int, unpadded: bool, d
     model.eval()
     order = np.argsort(enc.lengths, kind="stable")
     out = np.empty(len(enc), dtype=np.float64)
-    pieces = [p for i in range(0, len(order), batch_size)
-              for p in row_pieces(enc, order[i:i + batch_size], unpadded, model.config.max_position_embeddings)]
-    for idx in pieces:
+    for idx in (order[i:i + batch_size] for i in range(0, len(order), batch_size)):
         batch = make_batch(enc, idx, pad_id, unpadded)
         batch.pop("labels")
         with amp:

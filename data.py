@@ -3,16 +3,12 @@ Data for NeoBERT pretraining: corpus -> tokenizer -> memory-mapped token shards 
 
     python data.py CONFIG [--section.key value ...]     # prepare dataset.path (tokenizer.json, shards, manifest)
 
-Reading order of this file:
-  1. errors and the config sections (TokenizerConfig, DatasetConfig, DataCollatorConfig)
-  2. tokenizer: load from a file / the hub, or train a BERT-style WordPiece vocabulary
-  3. sources: local .txt/.jsonl/.parquet, hub parquet files, the embedded stdlib-docstring corpus
-  4. shards: on-disk format, writer, validated memory-mapped reader
-  5. prepare(): corpus -> tokenizer.json + train/ + val/ + manifest.json (idempotent, crash-safe)
-  6. MLM masking and collation (packed and padded)
-  7. MLMLoader (from shards) and StreamingMLMLoader (tokenize on the fly), both exactly resumable
-  8. pairs for contrastive fine-tuning: ContrastiveConfig, prepare_pairs, PairLoader (one source per step)
-  9. build_loader / bench_loader / prepare_only (the prepare command; its command line is train.py's)
+Reading order: 1. config sections  2. tokenizer (a file, the hub, or trained WordPiece)  3. sources: local files,
+hub parquet, stdlib docstrings and pairs; one row reader for .txt .jsonl .csv .tsv .parquet, shared with
+contrastive.py  4. tokenizing in worker processes  5. shards: format, writer, validated memory-mapped reader
+6. prepare() (idempotent, crash-safe; write_shards and is_prepared serve the pairs too)  7. MLM masking and
+collation  8. loaders: MLMLoader (shards), StreamingMLMLoader (on the fly), both exactly resumable
+9. build_loader, bench_loader, prepare_only (the prepare command; its command line is train.py's)
 
 Determinism contract. A step's global batch (all rows of all ranks and micro-steps) is a function of
 (seed, epoch, row position) only; rank r takes rows [r*B_r, (r+1)*B_r) of it and micro-step m the m-th
@@ -47,24 +43,11 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-
-class UserError(Exception):
-    """A mistake the user can fix (bad path, bad config value, corrupt file). Scripts print `error: msg`, exit 2."""
-
-
-def warn(msg):
-    print(f"warning: {msg}", file=sys.stderr, flush=True)
-
-
-def require(ok, msg):
-    """How a config section checks its own values: a UserError with msg unless ok."""
-    if not ok:
-        raise UserError(msg)
-
+from config import UserError, require, warn, write_atomic
+from neobert import batch_sequences
 
 # -----------------------------------------------------------------------------
-# config sections (train.py composes them into the full config and parses YAML/overrides over them); each checks its
-# own values when built, written `ok` first so that a NaN fails too
+# config sections (train.py composes them); each checks its values when built, written `ok` first so NaN fails too
 
 @dataclass
 class TokenizerConfig:
@@ -131,7 +114,7 @@ def dataset_dir(ds):
     return Path("data_cache") / "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
 
 
-def _num_workers(n):
+def worker_count(n):
     if n > 0:
         return n
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -210,22 +193,20 @@ def check_vocab(tokenizer, model_vocab_size):
 
 
 def _all_special_ids(tokenizer):
-    ids = set(special_token_ids(tokenizer).values())
-    for tid, added in tokenizer.get_added_tokens_decoder().items():
-        if added.special:
-            ids.add(tid)
-    return sorted(ids)
+    added = tokenizer.get_added_tokens_decoder().items()
+    return sorted(set(special_token_ids(tokenizer).values()) | {tid for tid, tok in added if tok.special})
 
 
 # -----------------------------------------------------------------------------
-# sources: a list of files read one by one; each yields its documents in a fixed order.
-# A document's position is (file index, row index within the file); rows are counted before dropping empties.
+# sources: a list of files read one by one; each yields its rows in a fixed order. A row's position is (file index,
+# row index within the file); rows are counted before dropping empties. One reader serves the pretraining corpus
+# (one column: the text) and contrastive.py's pair sources (query, positive and negative columns).
 
 @dataclass
 class ReadStats:
     bad_bytes: int = 0          # undecodable bytes skipped
     bad_lines: int = 0          # lines that held undecodable bytes
-    bad_records: int = 0        # .jsonl lines that are not a JSON object, or a non-string text
+    bad_records: int = 0        # .jsonl lines that are not a JSON object; records without a column; non-string text
     skipped_files: int = 0      # .py files that do not parse
     empty_documents: int = 0
 
@@ -233,7 +214,7 @@ class ReadStats:
 @dataclass
 class SourceFile:
     name: str                   # shown in messages
-    kind: str                   # txt | jsonl | parquet | py
+    kind: str                   # txt | jsonl | csv | tsv | parquet | py (its docstrings) | stdlib-pairs
     local: Optional[str] = None  # local path, or None for a hub file fetched on first read
     repo: Optional[str] = None
     revision: Optional[str] = None
@@ -250,10 +231,10 @@ class SourceFile:
 
 
 KINDS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
-_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
 
-def _py_files(root, skip):
+def py_files(root, skip=SKIP_DIRS):
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in skip and not d.startswith(".")]
@@ -261,7 +242,8 @@ def _py_files(root, skip):
     return sorted(out)
 
 
-def _local_files(patterns, kinds=KINDS, key="dataset.data_files", label=".txt, .jsonl or .parquet"):
+def local_files(patterns, kinds=KINDS, key="dataset.data_files", label=".txt, .jsonl or .parquet"):
+    """The files that local paths, globs and directories name, each once, in sorted order per pattern."""
     files, seen = [], set()
     for pat in patterns:
         if has_magic(pat):
@@ -295,46 +277,44 @@ def _match_hub_parquet(files, config, split):
         files = [f for f in files if f.startswith("data/")]
     elif any(f.startswith("default/") for f in files):
         files = [f for f in files if f.startswith("default/")]
-
-    def is_split(f):
-        parts = f.split("/")
-        base = parts[-1]
-        return base.startswith(f"{split}-") or base == f"{split}.parquet" or split in parts[1:-1]
-    return sorted(f for f in files if is_split(f))
+    parts = {f: f.split("/") for f in files}
+    return sorted(f for f, p in parts.items()
+                  if p[-1].startswith(f"{split}-") or p[-1] == f"{split}.parquet" or split in p[1:-1])
 
 
-def _hub_files(ds, hint="check dataset.name, or use dataset.data_files for local files"):
+def hub_files(name, config, split, hint="check dataset.name, or use dataset.data_files for local files"):
+    """The parquet files of a hub dataset's config and split (listed, not downloaded), or of its parquet
+    conversion branch."""
     import huggingface_hub
     api = huggingface_hub.HfApi()
     listed = []
     for revision in (None, "refs/convert/parquet"):
         try:
-            files = api.list_repo_files(ds.name, repo_type="dataset", revision=revision)
+            files = api.list_repo_files(name, repo_type="dataset", revision=revision)
         except Exception as e:
             if revision is None:
-                raise UserError(f"cannot list dataset {ds.name!r} on the Hugging Face Hub ({type(e).__name__}); "
+                raise UserError(f"cannot list dataset {name!r} on the Hugging Face Hub ({type(e).__name__}); "
                                 f"{hint}") from None
             continue
         listed += [f for f in files if f.endswith(".parquet")]
-        matched = _match_hub_parquet(files, ds.config, ds.train_split)
+        matched = _match_hub_parquet(files, config, split)
         if matched:
-            return [SourceFile(f, "parquet", repo=ds.name, revision=revision) for f in matched]
-    raise UserError(f"dataset {ds.name!r} has no parquet files for config {ds.config!r} split {ds.train_split!r}; "
+            return [SourceFile(f, "parquet", repo=name, revision=revision) for f in matched]
+    raise UserError(f"dataset {name!r} has no parquet files for config {config!r} split {split!r}; "
                     f"its parquet files: {sorted(set(listed))[:10] or 'none'}")
 
 
 def source_files(ds):
     """The corpus's files in reading order (sorted; deterministic)."""
     if ds.data_files:
-        return _local_files(ds.data_files)
+        return local_files(ds.data_files)
     if ds.name in ("stdlib", "stdlib+packages"):
-        root = sysconfig.get_paths()["stdlib"]
-        files = _py_files(root, _SKIP_DIRS)
+        files = py_files(sysconfig.get_paths()["stdlib"])
         if ds.name == "stdlib+packages":
             for sp in sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}):
-                files += _py_files(sp, _SKIP_DIRS - {"site-packages", "dist-packages"})
+                files += py_files(sp, SKIP_DIRS - {"site-packages", "dist-packages"})
         return [SourceFile(f, "py", local=f) for f in files]
-    return _hub_files(ds)
+    return hub_files(ds.name, ds.config, ds.train_split)
 
 
 def _decode(raw, stats):
@@ -347,54 +327,61 @@ def _decode(raw, stats):
         return s
 
 
-@lru_cache(maxsize=None)
-def _py_docstrings(path):
+def _parse_py(path):
     try:
-        tree = ast.parse(Path(path).read_bytes())
+        return ast.parse(Path(path).read_bytes())
     except (SyntaxError, ValueError, UnicodeDecodeError):
         return None
-    docs = []
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            doc = ast.get_docstring(node, clean=True)
-            if doc:
-                docs.append(doc)
-    return tuple(docs)
 
 
-JSONL_PROBE = 1000      # .jsonl: this many leading records without dataset.text_column make it an error
+@lru_cache(maxsize=None)
+def _py_docstrings(path):
+    """The docstrings of a .py file (module, classes, functions), or None when it does not parse."""
+    tree = _parse_py(path)
+    if tree is None:
+        return None
+    nodes = (n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                                          ast.AsyncFunctionDef)))
+    return tuple(doc for doc in (ast.get_docstring(n, clean=True) for n in nodes) if doc)
 
 
-def _no_text_column(sf, ds, columns, lacking):
-    raise UserError(f"{sf.name}: no column {ds.text_column!r} in any of its first {lacking} records; their "
-                    f"columns: {sorted(columns)} (set dataset.text_column)")
+def stdlib_pairs(root):
+    """Real pairs from the Python standard library, offline: a public function's qualified name and signature
+    (query) -> its docstring (positive); the docstring of the next documented function of the same module is a hard
+    negative. Modules in sorted order, functions in source order: deterministic."""
+    for path in py_files(root):
+        tree = _parse_py(path)
+        if tree is None:
+            continue
+        module = os.path.relpath(path, root)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+        found = []
+
+        def visit(node, prefix):
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.ClassDef) and not child.name.startswith("_"):
+                    visit(child, f"{prefix}.{child.name}")
+                elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) and not child.name.startswith("_"):
+                    doc = ast.get_docstring(child, clean=True)
+                    if doc and len(doc) >= 20:
+                        found.append((f"{prefix}.{child.name}({ast.unparse(child.args)})", doc))
+        visit(tree, module)
+        for j, (query, doc) in enumerate(found):
+            negatives = [d for _, d in found[j + 1:] + found[:j] if d != doc]
+            if negatives:
+                yield {"query": query, "positive": doc, "negative": negatives[0]}
 
 
-def _jsonl_records(sf, stats, skip=0):
-    """(line index, record) of the JSON-object lines of a .jsonl file from line `skip` on; other lines are counted."""
-    with open(sf.fetch(), "rb") as f:
-        for row, raw in enumerate(f):
-            if row < skip or not raw.strip():
-                continue
-            try:
-                rec = json.loads(_decode(raw, stats))
-            except json.JSONDecodeError:
-                stats.bad_records += 1
-                continue
-            if not isinstance(rec, dict):
-                stats.bad_records += 1
-                continue
-            yield row, rec
-
-
-def _read_rows(sf, ds, stats, skip=0):
-    """(row index, text) of one file from row `skip` on. .txt: documents are separated by blank lines."""
+def read_rows(sf, columns, stats, skip=0, hint="set dataset.text_column"):
+    """(row index, [value of each of `columns`]) of one file from row `skip` on. A .txt file (documents separated
+    by blank lines) and a .py file (its docstrings) give one text per row, whatever the columns. A value may be None
+    or not a string: the caller decides. A column the file lacks is an error listing those it has (`hint` names the
+    setting to fix)."""
     if sf.kind == "py":
         docs = _py_docstrings(sf.local)
         if docs is None:
             stats.skipped_files += 1
             return
-        yield from enumerate(docs[skip:], start=skip) if skip else enumerate(docs)
+        yield from ((row, [doc]) for row, doc in enumerate(docs[skip:], start=skip))
     elif sf.kind == "txt":
         row, lines = 0, []
         with open(sf.fetch(), "rb") as f:
@@ -404,66 +391,103 @@ def _read_rows(sf, ds, stats, skip=0):
                     lines.append(line)
                 elif lines:
                     if row >= skip:
-                        yield row, "".join(lines).strip()
+                        yield row, ["".join(lines).strip()]
                     row, lines = row + 1, []
         if lines and row >= skip:
-            yield row, "".join(lines).strip()
-    elif sf.kind == "jsonl":
-        # a record without the column is skipped and counted (real corpora have a few); a file in which none of
-        # the first JSONL_PROBE records has it (a wrong dataset.text_column) is an error listing the columns
-        seen, lacking, columns = False, 0, set()
-        for row, rec in _jsonl_records(sf, stats, skip):
-            if ds.text_column not in rec:
-                lacking += 1
-                columns.update(rec)
-                if not seen and lacking >= JSONL_PROBE:
-                    _no_text_column(sf, ds, columns, lacking)
-                stats.bad_records += 1
-                continue
-            seen = True
-            text = rec[ds.text_column]
-            if text is not None and not isinstance(text, str):
-                stats.bad_records += 1
-                continue
-            yield row, text or ""
-        if lacking and not seen:
-            _no_text_column(sf, ds, columns, lacking)
+            yield row, ["".join(lines).strip()]
     elif sf.kind == "parquet":
-        import pyarrow.parquet as pq
-        try:
-            pf = pq.ParquetFile(sf.fetch())
-        except Exception as e:
-            raise UserError(f"{sf.name} is not a readable parquet file ({e})") from None
-        import pyarrow as pa
-        names = pf.schema_arrow.names
-        if ds.text_column not in names:
-            raise UserError(f"{sf.name} has no column {ds.text_column!r}; its columns: {names} "
-                            f"(set dataset.text_column)")
-        textual = [f.name for f in pf.schema_arrow if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
-                   or pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) or pa.types.is_null(f.type)]
-        if ds.text_column not in textual:
-            raise UserError(f"{sf.name}: column {ds.text_column!r} holds {pf.schema_arrow.field(ds.text_column).type}, "
-                            f"not text; its text columns: {textual} (set dataset.text_column)")
-        row = 0
-        for batch in pf.iter_batches(batch_size=1024, columns=[ds.text_column]):
-            n = batch.num_rows
-            if row + n <= skip:
-                row += n
-                continue
-            for i, v in enumerate(batch.column(0).to_pylist()):
-                if row + i >= skip:
-                    if isinstance(v, bytes):
-                        v = _decode(v, stats)
-                    yield row + i, v or ""
-            row += n
+        yield from _parquet_rows(sf, columns, stats, skip, hint)
+    else:
+        yield from _record_rows(sf, columns, stats, skip, hint)
 
 
-def check_sources(files, ds):
-    """Read the first record of every local .jsonl/.parquet file, so that a wrong dataset.text_column (or an
-    unreadable file) late in the list fails before any work rather than after the files before it were read."""
+def _no_column(sf, columns, names, hint, where=""):
+    missing = next((c for c in columns if c not in names), columns[0])
+    raise UserError(f"{sf.name} has no column {missing!r}{where}; its columns: {list(names)} ({hint})")
+
+
+def _records(sf, stats, skip):
+    """(row index, record) of a .jsonl/.csv/.tsv file or of the stdlib pairs from row `skip` on; a .jsonl line
+    that is not a JSON object is counted."""
+    if sf.kind == "stdlib-pairs":
+        yield from islice(enumerate(stdlib_pairs(sf.local)), skip, None)
+    elif sf.kind == "jsonl":
+        with open(sf.fetch(), "rb") as f:
+            for row, raw in islice(enumerate(f), skip, None):
+                if not raw.strip():
+                    continue
+                try:
+                    rec = json.loads(_decode(raw, stats))
+                except json.JSONDecodeError:
+                    rec = None
+                if isinstance(rec, dict):
+                    yield row, rec
+                else:
+
+                    stats.bad_records += 1
+    else:
+        import csv
+        with open(sf.fetch(), newline="", encoding="utf-8", errors="replace") as f:
+            # a .tsv is read without quoting: an unbalanced quote must not swallow the lines after it
+            tsv = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if sf.kind == "tsv" else {}
+            yield from islice(enumerate(csv.DictReader(f, **tsv)), skip, None)
+
+
+RECORD_PROBE = 1000     # this many leading records without a wanted column make a file an error
+
+
+def _record_rows(sf, columns, stats, skip, hint):
+    # a record without a wanted column is skipped and counted (real corpora have a few); a file in which none of
+    # the first RECORD_PROBE records has them all (a wrong column setting) is an error listing the columns
+    seen, lacking, names = False, 0, {}
+    for row, rec in _records(sf, stats, skip):
+        if all(c in rec for c in columns):
+
+            seen = True
+            yield row, [rec[c] for c in columns]
+            continue
+        lacking += 1
+        names.update(dict.fromkeys(rec))
+        stats.bad_records += 1
+        if not seen and lacking >= RECORD_PROBE:
+            break
+    if lacking and not seen:
+        _no_column(sf, columns, names, hint, f" in any of its first {lacking} records")
+
+
+def _parquet_rows(sf, columns, stats, skip, hint):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path = sf.fetch()
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise UserError(f"{sf.name} is not a readable parquet file ({e})") from None
+    schema = pf.schema_arrow
+    if any(c not in schema.names for c in columns):
+        _no_column(sf, columns, schema.names, hint)
+    text_types = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary,
+                  pa.types.is_null)
+    textual = [f.name for f in schema if any(is_text(f.type) for is_text in text_types)]
+    for c in columns:
+        if c not in textual:
+            raise UserError(f"{sf.name}: column {c!r} holds {schema.field(c).type}, not text; its text columns: "
+                            f"{textual} ({hint})")
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024, columns=list(dict.fromkeys(columns))):
+        if row + batch.num_rows > skip:
+            values = [batch.column(c).to_pylist() for c in columns]
+            for i in range(max(skip - row, 0), batch.num_rows):
+                yield row + i, [_decode(v[i], stats) if isinstance(v[i], bytes) else v[i] for v in values]
+        row += batch.num_rows
+
+
+def check_sources(files, columns, hint="set dataset.text_column"):
+    """Read the first row of every local file that has columns, so that a wrong column setting (or an unreadable
+    file) late in the list fails before any work rather than after the files before it were read."""
     for sf in files:
-        if sf.local is not None and sf.kind in ("jsonl", "parquet"):
-            rows = _read_rows(sf, ds, ReadStats())
+        if sf.local is not None and sf.kind not in ("txt", "py"):
+            rows = read_rows(sf, columns, ReadStats(), hint=hint)
             next(rows, None)
             rows.close()
 
@@ -474,11 +498,20 @@ def iter_documents(ds, files=None, start=(0, 0), stats=None):
     files = source_files(ds) if files is None else files
     stats = ReadStats() if stats is None else stats
     for fi in range(start[0], len(files)):
-        for ri, text in _read_rows(files[fi], ds, stats, skip=start[1] if fi == start[0] else 0):
-            if not text or not text.strip():
+        for ri, (text,) in read_rows(files[fi], [ds.text_column], stats, skip=start[1] if fi == start[0] else 0):
+            if text is not None and not isinstance(text, str):
+                stats.bad_records += 1
+            elif not text or not text.strip():
                 stats.empty_documents += 1
-                continue
-            yield fi, ri, text
+            else:
+                yield fi, ri, text
+
+
+def held_out(position, fraction):
+    """Whether the row at `position` (e.g. "file:row") is held out: a hash of it below `fraction`, so the choice
+    is the same on every run and does not depend on the rows around it."""
+    h = hashlib.blake2b(position.encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < fraction
 
 
 def _is_validation(ds, fi, ri, ordinal):
@@ -486,10 +519,7 @@ def _is_validation(ds, fi, ri, ordinal):
     validation_split fraction chosen by a hash of the document's (file, row) position."""
     if ds.eval_samples > 0:
         return ordinal < ds.eval_samples
-    if ds.validation_split <= 0:
-        return False
-    h = hashlib.blake2b(f"{fi}:{ri}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2**64 < ds.validation_split
+    return held_out(f"{fi}:{ri}", ds.validation_split)
 
 
 def iter_split(ds, split, files=None, start=(0, 0, 0), stats=None):
@@ -569,15 +599,10 @@ class Encoder:
             self.pool = None
 
 
-def _chunked(it, n):
-    buf = []
-    for x in it:
-        buf.append(x)
-        if len(buf) == n:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
+def chunked(items, n):
+    """Lists of n items (the last one shorter) from an iterable, read lazily."""
+    it = iter(items)
+    return iter(lambda: list(islice(it, n)), [])
 
 
 # -----------------------------------------------------------------------------
@@ -737,21 +762,81 @@ def _tokenizer_spec(tok_cfg, ds):
     return {"name": tok_cfg.name}
 
 
-def _spec_diff(old, new, prefix):
+def spec_diff(old, new, prefix):
+    """What differs between two specs, as `prefix.key: old -> new`; nested specs (the trained tokenizer's corpus,
+    the list of pair sources) name their leaf keys."""
     out = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):   # e.g. the trained tokenizer's corpus: name the leaf keys
-            out += _spec_diff(a, b, f"{prefix}.{k}")
+        if isinstance(a, list) and isinstance(b, list) and all(isinstance(x, dict) for x in a + b):
+            a, b = dict(enumerate(a)), dict(enumerate(b))
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += spec_diff(a, b, f"{prefix}.{k}")
         elif a != b:
             out.append(f"{prefix}.{k}: {a!r} -> {b!r}")
     return out
 
 
-def _write_json(path, obj):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+def is_prepared(out, changes, made_from, key):
+    """Whether `out` is a finished prepared directory (manifest.json is written last). One made from another spec
+    (changes(manifest) lists the differences) is refused: reading it would silently train on other data."""
+    if not (Path(out) / "manifest.json").is_file():
+        return False
+    diff = changes(read_manifest(out))
+    require(not diff, f"{out} was prepared from {made_from} ({'; '.join(diff)}); delete it or set another {key}")
+    return True
+
+
+def write_json(path, obj):
+    write_atomic(Path(path), json.dumps(obj, indent=2) + "\n")
+
+
+def save_tokenizer(tok, out):
+    write_atomic(Path(out) / "tokenizer.json", tok.to_str(pretty=True))
+
+
+def write_shards(out, rows, fields, tokenizer, num_workers, *, shard_tokens=SHARD_TOKENS, desc, unit, progress):
+    """Tokenize rows (is_val, [text of each field]) in worker processes into token shards, out/<split>/ for the one
+    unnamed field of a corpus (fields [""]), out/<split>.<field>/ for pairs; row i of a split is document i of each
+    of its fields. A row with a text of no tokens is dropped. -> (shard info per directory, rows per split, rows
+    dropped)."""
+    dtype = token_dtype(tokenizer.get_vocab_size(with_added_tokens=True))
+    dirs = {(s, f): f"{s}.{f}" if f else s for s in ("train", "val") for f in fields}
+    for d in dirs.values():              # leftovers of an interrupted run
+        shutil.rmtree(out / d, ignore_errors=True)
+    writers = {key: ShardWriter(out / d, dtype, shard_tokens) for key, d in dirs.items()}
+    # a chunk's texts go field by field (all queries, all positives, ...) so one encode call serves them all
+    chunks = ((np.asarray([v for v, _ in c], dtype=bool), [texts[k] for k in range(len(fields)) for _, texts in c])
+              for c in chunked(rows, 256))
+    encoder = Encoder(tokenizer, num_workers)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(desc=desc, unit=unit, unit_scale=True, file=sys.stderr, mininterval=0.5)
+    t0, n_tok, counts, dropped = time.time(), 0, {"train": 0, "val": 0}, 0
+    try:
+        for is_val, lengths, ids in encoder.map(chunks):
+            lengths = lengths.reshape(len(fields), len(is_val))
+            keep = (lengths > 0).all(axis=0)
+            dropped += int((~keep).sum())
+            starts = np.concatenate([[0], np.cumsum(lengths.sum(axis=1))])
+            for split, sel in (("train", ~is_val & keep), ("val", is_val & keep)):
+                counts[split] += int(sel.sum())
+                for k, f in enumerate(fields):
+                    field_ids = ids[starts[k]:starts[k + 1]]
+                    if sel.all():
+                        writers[split, f].write_docs(lengths[k], field_ids)
+                    elif sel.any():
+                        writers[split, f].write_docs(lengths[k][sel], field_ids[np.repeat(sel, lengths[k])])
+            n_tok += int(lengths.sum())
+            if bar is not None:
+                bar.update(len(is_val))
+                bar.set_postfix_str(f"{n_tok / max(time.time() - t0, 1e-9):,.0f} tokens/s", refresh=False)
+    finally:
+        encoder.close()
+        if bar is not None:
+            bar.close()
+    return {dirs[key]: w.finish() for key, w in writers.items()}, counts, dropped
 
 
 def _prepare_tokenizer(ds, tok_cfg, out, files, stats):
@@ -769,9 +854,8 @@ def _prepare_tokenizer(ds, tok_cfg, out, files, stats):
     else:
         tok = _tokenizer_from_spec(tok_cfg)
     special_token_ids(tok)
-    tok.save(str(out / "tokenizer.json.tmp"))
-    os.replace(out / "tokenizer.json.tmp", tok_path)
-    _write_json(spec_path, spec)
+    save_tokenizer(tok, out)
+    write_json(spec_path, spec)
     return tok
 
 
@@ -789,84 +873,52 @@ def prepare(ds, tok_cfg, *, shard_tokens=SHARD_TOKENS, progress=True):
     from the same source and tokenizer); an interrupted one is rebuilt. With dataset.streaming only the tokenizer
     is prepared. Call it on one rank only (then barrier)."""
     out = dataset_dir(ds)
-    man_path = out / "manifest.json"
-    if man_path.is_file():
-        man = read_manifest(out)
-        diff = (_spec_diff(man["source"], _source_spec(ds), "dataset")
-                + _spec_diff(man["tokenizer"]["spec"], _tokenizer_spec(tok_cfg, ds), "tokenizer"))
-        if diff:
-            raise UserError(f"{out} was prepared from another source or tokenizer ({'; '.join(diff)}); "
-                            f"delete it or set another dataset.path")
+
+    def changes(man):
+        return (spec_diff(man["source"], _source_spec(ds), "dataset")
+                + spec_diff(man["tokenizer"]["spec"], _tokenizer_spec(tok_cfg, ds), "tokenizer"))
+    if is_prepared(out, changes, "another source or tokenizer", "dataset.path"):
         return out
     files = source_files(ds)                # bad paths and globs fail here, before any work
-    check_sources(files, ds)                # and a text_column missing from a local file
+    check_sources(files, [ds.text_column])  # and a text_column missing from a local file
     out.mkdir(parents=True, exist_ok=True)
     tok = _prepare_tokenizer(ds, tok_cfg, out, files, ReadStats())
     if ds.streaming:
         return out
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    dtype = token_dtype(vocab_size)
-    for split in ("train", "val"):          # leftovers of an interrupted run
-        shutil.rmtree(out / split, ignore_errors=True)
-    writers = {s: ShardWriter(out / s, dtype, shard_tokens) for s in ("train", "val")}
-    stats = ReadStats()
-    docs = ((_is_validation(ds, fi, ri, ordinal), text)
+    stats, t0 = ReadStats(), time.time()
+    rows = ((_is_validation(ds, fi, ri, ordinal), [text])
             for fi, ri, ordinal, text in iter_split(ds, None, files, stats=stats))
-    chunks = ((np.asarray([v for v, _ in c], dtype=bool), [t for _, t in c]) for c in _chunked(docs, 256))
-    encoder = Encoder(tok, _num_workers(ds.num_workers))
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(desc=f"tokenize {out}", unit=" docs", unit_scale=True, file=sys.stderr, mininterval=0.5)
-    t0, n_docs, n_tok, n_empty = time.time(), 0, 0, 0
-    try:
-        for is_val, lengths, ids in encoder.map(chunks):
-            keep = lengths > 0
-            n_empty += int((~keep).sum())
-            for split, sel in (("train", ~is_val & keep), ("val", is_val & keep)):
-                if sel.all():
-                    writers[split].write_docs(lengths, ids)
-                elif sel.any():
-                    writers[split].write_docs(lengths[sel], ids[np.repeat(sel, lengths)])
-            n_docs += len(lengths)
-            n_tok += int(lengths.sum())
-            if bar is not None:
-                bar.update(len(lengths))
-                bar.set_postfix_str(f"{n_tok / max(time.time() - t0, 1e-9):,.0f} tokens/s", refresh=False)
-    finally:
-        encoder.close()
-        if bar is not None:
-            bar.close()
-    splits = {s: w.finish() for s, w in writers.items()}
+    splits, _, n_empty = write_shards(out, rows, [""], tok, worker_count(ds.num_workers), shard_tokens=shard_tokens,
+                                      desc=f"tokenize {out}", unit=" docs", progress=progress)
     if splits["train"]["documents"] == 0:
         raise UserError(f"the corpus is empty: no training documents with text in {dataset_label(ds)}"
                         + (f" ({stats.empty_documents} empty)" if stats.empty_documents else ""))
-    _report_stats(stats, ds)
+    report_stats(stats, [ds.text_column])
     stats.empty_documents += n_empty
-    man = {
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    write_json(out / "manifest.json", {
         "format_version": FORMAT_VERSION,
         "source": _source_spec(ds),
         "tokenizer": {"spec": _tokenizer_spec(tok_cfg, ds), "vocab_size": vocab_size,
                       "sha256": hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest(),
                       "special_ids": special_token_ids(tok), "all_special_ids": _all_special_ids(tok)},
-        "dtype": dtype.name,
+        "dtype": token_dtype(vocab_size).name,
         "splits": splits,
         "skipped": asdict(stats),
         "seconds": round(time.time() - t0, 2),
-    }
-    _write_json(man_path, man)
-    s = splits
-    print(f"prepared {out}: train {s['train']['documents']:,} docs / {s['train']['tokens']:,} tokens, "
-          f"val {s['val']['documents']:,} docs / {s['val']['tokens']:,} tokens in {time.time() - t0:.1f}s", flush=True)
+    })
+    t, v = splits["train"], splits["val"]
+    print(f"prepared {out}: train {t['documents']:,} docs / {t['tokens']:,} tokens, "
+          f"val {v['documents']:,} docs / {v['tokens']:,} tokens in {time.time() - t0:.1f}s", flush=True)
     return out
 
 
-def _report_stats(stats, ds):
+def report_stats(stats, columns):
     if stats.bad_bytes:
         warn(f"skipped {stats.bad_bytes} undecodable bytes in {stats.bad_lines} lines (not UTF-8)")
     if stats.bad_records:
-        warn(f"skipped {stats.bad_records} records that were not JSON objects with a string {ds.text_column!r} "
-             f"(including records without that column)")
+        warn(f"skipped {stats.bad_records} records that were not JSON objects with a string "
+             f"{' and '.join(map(repr, columns))} (including records without one)")
     if stats.skipped_files:
         warn(f"skipped {stats.skipped_files} .py files that do not parse")
 
@@ -877,7 +929,7 @@ def _report_stats(stats, ds):
 PERM_STREAM, MASK_STREAM = 0x7065726D, 0x6D61736B    # keep the permutation and mask RNG streams apart
 
 
-def _rng(*key):
+def seeded_rng(*key):
     return np.random.default_rng([int(k) % 2**63 for k in key])
 
 
@@ -910,7 +962,7 @@ def collate_packed(rows, masker, pin=False):
     [N+1] over the flattened B*S tokens, max_seqlen (python int). Every row start is a segment start."""
     inputs, labels, positions, segs = [], [], [], []
     for ids, row_segs, key in rows:
-        x, y = masker(ids, _rng(*key))
+        x, y = masker(ids, seeded_rng(*key))
         inputs.append(x)
         labels.append(y)
         positions.append(np.concatenate([np.arange(n) for n in row_segs]))
@@ -922,26 +974,21 @@ def collate_packed(rows, masker, pin=False):
         "cu_seqlens": torch.from_numpy(np.concatenate([[0], np.cumsum(segs)]).astype(np.int32)),
         "max_seqlen": int(max(segs)),
     }
-    return _pin(batch) if pin else batch
+    return pin_batch(batch) if pin else batch
 
 
 def collate_padded(rows, masker, pad_id, seq_len, multiple, pin=False):
     """rows: (ids int64 [n <= S], rng key). -> input_ids, labels, attention_mask [B, L], L = the longest row
     rounded up to `multiple` (at most S). Masks depend only on the row, not on the padding."""
-    width = max(len(ids) for ids, _ in rows)
-    width = min(seq_len, -(-width // multiple) * multiple) if width < seq_len else width
-    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    labels = np.full((len(rows), width), -100, dtype=np.int64)
-    attention_mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, (ids, key) in enumerate(rows):
-        x, y = masker(ids, _rng(*key))
-        input_ids[i, :len(ids)], labels[i, :len(ids)], attention_mask[i, :len(ids)] = x, y, 1
-    batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-             "attention_mask": torch.from_numpy(attention_mask)}
-    return _pin(batch) if pin else batch
+    masked = [masker(ids, seeded_rng(*key)) for ids, key in rows]
+    inputs = batch_sequences([x for x, _ in masked], pad_id, multiple=multiple)
+    labels = batch_sequences([y for _, y in masked], -100, multiple=multiple)["input_ids"]
+    batch = {"input_ids": inputs["input_ids"][:, :seq_len].contiguous(), "labels": labels[:, :seq_len].contiguous(),
+             "attention_mask": inputs["attention_mask"][:, :seq_len].contiguous()}
+    return pin_batch(batch) if pin else batch
 
 
-def _pin(batch):
+def pin_batch(batch):
     return {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
@@ -949,12 +996,15 @@ def _pin(batch):
 # loaders
 
 class _Prefetcher:
-    """Runs a generator in a daemon thread, `depth` items ahead."""
+    """Runs a generator `depth` items ahead in a daemon thread (depth 0: in the caller's thread, on demand). An
+    error in the generator is raised to the consumer, and again on every later get(): the generator is finished."""
 
     def __init__(self, gen, depth):
-        self.q, self.stop, self.error = queue.Queue(depth), threading.Event(), None
-        self.thread = threading.Thread(target=self._run, args=(gen,), daemon=True)
-        self.thread.start()
+        self.gen, self.error, self.thread = gen, None, None
+        if depth > 0:
+            self.q, self.stop = queue.Queue(depth), threading.Event()
+            self.thread = threading.Thread(target=self._run, daemon=True)
+            self.thread.start()
 
     def _put(self, item):
         while not self.stop.is_set():
@@ -965,33 +1015,38 @@ class _Prefetcher:
                 pass
         return False
 
-    def _run(self, gen):
+    def _run(self):
         try:
-            for item in gen:
+            for item in self.gen:
                 if not self._put(item):
                     return
         except BaseException as e:      # handed to the consumer, raised there
             self._put(e)
 
     def get(self):
-        if self.error is not None:          # the thread has ended: raise again rather than wait forever
+        if self.error is not None:
             raise self.error
-        item = self.q.get()
+        try:
+            item = self.q.get() if self.thread is not None else next(self.gen)
+        except Exception as e:
+            item = e
         if isinstance(item, BaseException):
             self.error = item
             raise item
         return item
 
     def close(self):
-        self.stop.set()
-        self.thread.join(timeout=10)
+        if self.thread is not None:
+            self.stop.set()
+            self.thread.join(timeout=10)
 
 
-class _Loader:
-    """Rank / micro-step slicing of global batches, background prefetch and the JSON state, shared by both loaders.
-    Subclasses define _steps(state) -> iterator of (this rank's micro-batches, state after the step)."""
+class StepLoader:
+    """Rank / micro-step slicing of global batches, background prefetch and the JSON state, shared by every loader.
+    A subclass sets its state with _start(settings, position) (a state saved under other settings is refused) and
+    defines _steps(state) -> iterator of (this rank's micro-batches, state after the step)."""
 
-    def __init__(self, micro_batch_size, grad_accum_steps, rank, world_size, prefetch, pin_memory):
+    def __init__(self, micro_batch_size, grad_accum_steps=1, rank=0, world_size=1, prefetch=2, pin_memory=None):
         if micro_batch_size < 1 or grad_accum_steps < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise UserError(f"bad batch layout: micro_batch_size {micro_batch_size}, grad_accum_steps "
                             f"{grad_accum_steps}, rank {rank} of world_size {world_size}")
@@ -1004,25 +1059,16 @@ class _Loader:
                            for m in range(grad_accum_steps)]
         self.prefetch = prefetch
         self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self._state, self._gen, self._prefetcher, self._error = None, None, None, None
+        self._prefetcher = None
+
+    def _start(self, settings, position):
+        self._state, self._must_match = {**settings, **position}, tuple(settings)
 
     def next_step(self):
         """The grad_accum_steps micro-batches of this rank for the next optimizer step."""
-        if self.prefetch > 0:
-            if self._prefetcher is None:
-                self._prefetcher = _Prefetcher(self._steps(dict(self._state)), self.prefetch)
-            batches, state = self._prefetcher.get()
-        else:
-            if self._gen is None:
-                self._gen = self._steps(dict(self._state))
-            if self._error is not None:         # a failed generator is finished: raise again
-                raise self._error
-            try:
-                batches, state = next(self._gen)
-            except Exception as e:
-                self._error = e
-                raise
-        self._state = state
+        if self._prefetcher is None:
+            self._prefetcher = _Prefetcher(self._steps(dict(self._state)), self.prefetch)
+        batches, self._state = self._prefetcher.get()
         return batches
 
     def __iter__(self):
@@ -1041,24 +1087,28 @@ class _Loader:
             if k in self._must_match and state[k] != v:
                 raise UserError(f"loader state was saved with {k} = {state[k]!r}, this run has {v!r}; "
                                 f"resume with the same setting")
-        self._stop()
+        StepLoader.close(self)          # the thread only: a subclass's close() may free what the loader still needs
         self._state = {k: state[k] for k in self._state}
-
-    def _stop(self):
-        if self._prefetcher is not None:
-            self._prefetcher.close()
-            self._prefetcher = None
-        self._gen, self._error = None, None
 
     def close(self):
         """Stop the background thread (a later next_step() restarts it)."""
-        self._stop()
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
 
     def __del__(self):
         try:
             self.close()
         except Exception:
             pass
+
+
+def _epoch_units(lengths, seq_len, packed):
+    """(cumulative unit ends, rows) of documents of these lengths in this order. Packed, a unit is [CLS] doc [SEP]
+    and the units' tokens are cut into rows of seq_len; padded, a unit is the rows a document's chunks take."""
+    cum_end = np.cumsum(lengths + 2 if packed else -(-lengths // (seq_len - 2)))
+    total = int(cum_end[-1]) if len(cum_end) else 0
+    return cum_end, total // seq_len if packed else total
 
 
 @dataclass
@@ -1068,40 +1118,30 @@ class _EpochPlan:
     n_rows: int
 
 
-class MLMLoader(_Loader):
-    """MLM batches from prepared shards.
+class MLMLoader(StepLoader):
+    """MLM batches from prepared shards. Packed (collator_cfg.pack_sequences): each epoch concatenates [CLS] doc
+    [SEP] units in a seeded document permutation and cuts the stream into rows of exactly seq_len tokens; a unit
+    crossing a row boundary continues the next row as a new segment (positions restart at 0). Nothing is padded.
+    Row r is found by a binary search in the cumulative unit ends, so rows are random access and only the document
+    index and the epoch's permutation are in RAM. Padded: one [CLS] chunk [SEP] per row, a document longer than
+    seq_len - 2 split into several chunks. Position = (epoch, row); a step that does not fit into the epoch's rows
+    starts the next epoch (new permutation) at row 0, so an epoch's tail shorter than a global batch is dropped."""
 
-    Packed (collator_cfg.pack_sequences): each epoch concatenates [CLS] doc [SEP] units in a seeded document
-    permutation and cuts the stream into rows of exactly seq_len tokens; a unit crossing a row boundary continues
-    at the start of the next row as a new segment (positions restart at 0). Nothing is padded; the tail of an
-    epoch shorter than one global batch is dropped. Row r is found by a binary search in the cumulative unit
-    lengths, so rows are random access and only the document index and the epoch's permutation are in RAM.
-    Padded: one [CLS] chunk [SEP] per row, a document longer than seq_len - 2 split into several chunks.
-
-    Position = (epoch, row). A step takes global_batch_rows rows from there; when they do not fit into the
-    epoch, the next epoch (new permutation) starts at row 0. Masks are seeded by (seed, epoch, row)."""
-
-    def __init__(self, data_dir, split="train", *, seq_len, micro_batch_size, grad_accum_steps=1, rank=0,
-                 world_size=1, seed=0, collator_cfg=None, prefetch=2, pin_memory=None):
-        super().__init__(micro_batch_size, grad_accum_steps, rank, world_size, prefetch, pin_memory)
+    def __init__(self, data_dir, split="train", *, seq_len, seed=0, collator_cfg=None, **batch):
+        super().__init__(**batch)           # micro_batch_size, grad_accum_steps, rank, world_size, prefetch, ...
         self.cfg = collator_cfg or DataCollatorConfig()
         self.store = TokenStore(data_dir, split)
         if self.store.n_docs == 0:
             raise UserError(f"the {split} split of {data_dir} has no documents")
-        if seq_len < 8:
-            raise UserError(f"dataset.max_seq_length must be >= 8, got {seq_len}")
-        man = self.store.manifest
-        sp = man["tokenizer"]["special_ids"]
-        self.pad_id, self.cls_id, self.sep_id = sp["pad"], sp["cls"], sp["sep"]
-        self.vocab_size = man["tokenizer"]["vocab_size"]
-        self.masker = Masker(self.cfg, sp["mask"], man["tokenizer"]["all_special_ids"], self.vocab_size)
-        self.seq_len, self.seed, self.split = seq_len, seed, split
+        tok = self.store.manifest["tokenizer"]
+        sp, self.vocab_size = tok["special_ids"], tok["vocab_size"]
+        self.masker = Masker(self.cfg, sp["mask"], tok["all_special_ids"], self.vocab_size)
+        self.seq_len, self.seed, self.split, self.pad_id = seq_len, seed, split, sp["pad"]
         self.packed = self.cfg.pack_sequences
-        self._cls, self._sep = np.array([self.cls_id], np.int64), np.array([self.sep_id], np.int64)
+        self._cls, self._sep = np.array([sp["cls"]], np.int64), np.array([sp["sep"]], np.int64)
         self._plans, self._plans_lock = {}, threading.Lock()
-        self._state = {"kind": "packed" if self.packed else "padded", "split": split, "seed": seed,
-                       "seq_len": seq_len, "documents": self.store.n_docs, "epoch": 0, "row": 0}
-        self._must_match = ("kind", "split", "seed", "seq_len", "documents")
+        self._start({"kind": "packed" if self.packed else "padded", "split": split, "seed": seed, "seq_len": seq_len,
+                     "documents": self.store.n_docs}, {"epoch": 0, "row": 0})
         if self.plan(0).n_rows < self.global_batch_rows:
             raise UserError(f"the {split} split of {data_dir} gives {self.plan(0).n_rows} rows of {seq_len} tokens "
                             f"per epoch, fewer than one global batch of {self.global_batch_rows} rows; use more "
@@ -1114,22 +1154,13 @@ class MLMLoader(_Loader):
     def plan(self, epoch):
         """The epoch's document permutation and cumulative unit ends (cached for two epochs)."""
         with self._plans_lock:
-            return self._plan(epoch)
-
-    def _plan(self, epoch):
-        if epoch not in self._plans:
-            perm = _rng(PERM_STREAM, self.seed, epoch).permutation(self.store.n_docs)
-            lengths = self.store.lengths[perm]
-            if self.packed:
-                cum_end = np.cumsum(lengths + 2)
-                n_rows = int(cum_end[-1]) // self.seq_len
-            else:
-                cum_end = np.cumsum(-(-lengths // (self.seq_len - 2)))
-                n_rows = int(cum_end[-1])
-            if len(self._plans) >= 2:
-                self._plans.pop(min(self._plans))
-            self._plans[epoch] = _EpochPlan(perm, cum_end, n_rows)
-        return self._plans[epoch]
+            if epoch not in self._plans:
+                perm = seeded_rng(PERM_STREAM, self.seed, epoch).permutation(self.store.n_docs)
+                if len(self._plans) >= 2:
+                    self._plans.pop(min(self._plans))
+                self._plans[epoch] = _EpochPlan(perm, *_epoch_units(self.store.lengths[perm], self.seq_len,
+                                                                     self.packed))
+            return self._plans[epoch]
 
     def _unit_slice(self, d, a, b):
         """Tokens [a, b) of the unit [CLS] doc_d [SEP]."""
@@ -1185,51 +1216,41 @@ class MLMLoader(_Loader):
             yield batches, {**state, "epoch": epoch, "row": row}
 
 
-class StreamingMLMLoader(_Loader):
-    """Packed MLM batches tokenized on the fly from the source files (dataset.streaming: true).
+class StreamingMLMLoader(StepLoader):
+    """Packed MLM batches tokenized on the fly from the source files (dataset.streaming: true). The split's
+    documents, in reading order, are grouped into windows of dataset.shuffle_buffer_size; each window is tokenized
+    by the worker processes, shuffled by a permutation seeded by (seed, epoch, window) and packed into rows as
+    MLMLoader packs them. At the end of the source the next epoch starts again with new window permutations.
 
-    Documents of the split are read in the fixed reading order (sorted files, rows in file order) and grouped into
-    windows of dataset.shuffle_buffer_size documents; each window is tokenized by the worker processes and
-    shuffled by a permutation seeded by (seed, epoch, window); the [CLS] doc [SEP] units are packed into rows of
-    seq_len exactly as MLMLoader packs them (no padding, a unit crossing a row boundary continues in the next row).
-    At the end of the source the next epoch starts from the first file with new window permutations.
+    State: epoch, the source position (file, row, ordinal) where the current window starts, the window number,
+    the document within the shuffled window, the token offset within its unit, rows emitted. Resuming re-reads and
+    re-tokenizes only the current window and continues from the saved token, so it yields exactly the batches of
+    the uninterrupted run (every document once per epoch) as long as the source files, seed, shuffle_buffer_size,
+    max_seq_length and tokenizer are unchanged (checked where possible); batch and world size may change. Every rank
+    reads and tokenizes the whole stream and keeps its own rows; give each rank enough dataset.num_workers."""
 
-    The state is (epoch, source position (file, row, ordinal) where the current window starts, window number,
-    document index within the shuffled window, token offset within that document's unit, rows emitted). Resuming
-    re-reads and re-tokenizes only the current window and continues from the saved token: the resumed run yields
-    exactly the batches (rows, order, masks) the uninterrupted run would have, so within an epoch every document
-    is used once, none repeated and none skipped. This holds as long as the source files, seed,
-    shuffle_buffer_size, max_seq_length and tokenizer are unchanged (checked where possible); the global batch
-    size and world size may change. Masks are seeded by (seed, global row number).
-    Every rank reads and tokenizes the whole stream and keeps its own rows, so the global batch does not depend on
-    the world size; give each rank enough dataset.num_workers to keep up."""
-
-    def __init__(self, ds, tokenizer, split="train", *, seq_len, micro_batch_size, grad_accum_steps=1, rank=0,
-                 world_size=1, seed=0, collator_cfg=None, prefetch=2, pin_memory=None):
-        super().__init__(micro_batch_size, grad_accum_steps, rank, world_size, prefetch, pin_memory)
+    def __init__(self, ds, tokenizer, split="train", *, seq_len, seed=0, collator_cfg=None, **batch):
+        super().__init__(**batch)
         self.cfg = collator_cfg or DataCollatorConfig()
         if not self.cfg.pack_sequences:
             raise UserError("dataset.streaming supports packed rows only: set datacollator.pack_sequences: true")
-        if seq_len < 8:
-            raise UserError(f"dataset.max_seq_length must be >= 8, got {seq_len}")
         self.ds, self.split, self.seq_len, self.seed = ds, split, seq_len, seed
         self.files = source_files(ds)
-        check_sources(self.files, ds)
+        check_sources(self.files, [ds.text_column])
         sp = special_token_ids(tokenizer)
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.masker = Masker(self.cfg, sp["mask"], _all_special_ids(tokenizer), self.vocab_size)
         self._cls, self._sep = np.array([sp["cls"]], np.int64), np.array([sp["sep"]], np.int64)
         self.stats = ReadStats()
         files_digest = hashlib.sha256("\n".join(f.name for f in self.files).encode()).hexdigest()[:16]
-        self._state = {"kind": "streaming", "split": split, "seed": seed, "seq_len": seq_len,
-                       "shuffle_buffer_size": ds.shuffle_buffer_size, "files": files_digest,
-                       "epoch": 0, "file": 0, "row": 0, "ordinal": 0, "window": 0, "doc": 0, "offset": 0, "rows": 0}
-        self._must_match = ("kind", "split", "seed", "seq_len", "shuffle_buffer_size", "files")
-        self.encoder = Encoder(tokenizer, _num_workers(ds.num_workers))
+        self._start({"kind": "streaming", "split": split, "seed": seed, "seq_len": seq_len,
+                     "shuffle_buffer_size": ds.shuffle_buffer_size, "files": files_digest},
+                    {"epoch": 0, "file": 0, "row": 0, "ordinal": 0, "window": 0, "doc": 0, "offset": 0, "rows": 0})
+        self.encoder = Encoder(tokenizer, worker_count(ds.num_workers))
 
     def _tokenize(self, texts):
         docs = []
-        for _, lengths, ids in self.encoder.map((None, c) for c in _chunked(texts, 256)):
+        for _, lengths, ids in self.encoder.map((None, c) for c in chunked(texts, 256)):
             ids = ids.astype(np.int64)
             docs += np.split(ids, np.cumsum(lengths)[:-1])
         return docs
@@ -1243,17 +1264,16 @@ class StreamingMLMLoader(_Loader):
             if not items:
                 if pos == (0, 0, 0):
                     raise UserError(f"streaming: the {self.split} split of {dataset_label(self.ds)} has no documents")
-                _report_stats(self.stats, self.ds)
+                report_stats(self.stats, [self.ds.text_column])
                 self.stats = ReadStats()
                 epoch, pos, w = epoch + 1, (0, 0, 0), 0
                 docs_iter = iter_split(self.ds, self.split, self.files, start=pos, stats=self.stats)
                 continue
-            fi, ri, ordinal, _ = items[-1]
-            next_pos = (fi, ri + 1, ordinal + 1)
             docs = self._tokenize([text for *_, text in items])
-            order = _rng(PERM_STREAM, self.seed, epoch, w).permutation(len(docs))
-            yield epoch, pos, w, [docs[j] for j in order], next_pos
-            pos, w = next_pos, w + 1
+            order = seeded_rng(PERM_STREAM, self.seed, epoch, w).permutation(len(docs))
+            yield epoch, pos, w, [docs[j] for j in order]
+            fi, ri, ordinal, _ = items[-1]
+            pos, w = (fi, ri + 1, ordinal + 1), w + 1
 
     def _steps(self, state):
         S, G = self.seq_len, self.global_batch_rows
@@ -1261,7 +1281,8 @@ class StreamingMLMLoader(_Loader):
         rows_done, batch_len, own = state["rows"], 0, {}
         pieces, segs, filled = [], [], 0
         first = True
-        for epoch, pos, w, docs, next_pos in self._windows(state):
+        for epoch, pos, w, docs in self._windows(state):
+
             i0, off0 = (state["doc"], state["offset"]) if first else (0, 0)
             first = False
             for i in range(i0, len(docs)):
@@ -1280,17 +1301,12 @@ class StreamingMLMLoader(_Loader):
                     pieces, segs, filled = [], [], 0
                     if batch_len < G:
                         continue
-                    # where the next token comes from: this unit, the next one, or the next window
-                    if off < len(unit):
-                        src, where = pos, {"window": w, "doc": i, "offset": off}
-                    elif i + 1 < len(docs):
-                        src, where = pos, {"window": w, "doc": i + 1, "offset": 0}
-                    else:
-                        src, where = next_pos, {"window": w + 1, "doc": 0, "offset": 0}
-                    where.update(file=src[0], row=src[1], ordinal=src[2])
+                    # the next token: offset `off` of unit i of window w (an offset at a unit's end moves on)
+                    where = dict(zip(("file", "row", "ordinal"), pos), window=w, doc=i, offset=off)
                     batches = [collate_packed([own[g] for g in idx], self.masker, self.pin) for idx in self.micro_rows]
                     yield batches, {**state, **where, "epoch": epoch, "rows": rows_done}
                     batch_len, own = 0, {}
+
 
     def close(self):
         """Stop the prefetch thread and the tokenizer processes."""
@@ -1299,454 +1315,6 @@ class StreamingMLMLoader(_Loader):
             self.encoder.close()
             self.encoder = None
 
-
-# -----------------------------------------------------------------------------
-# pairs for contrastive fine-tuning (train.py, trainer.objective: contrastive)
-#   sources (local .jsonl/.csv/.parquet, hub parquet, the offline stdlib pairs) -> contrastive.path:
-#     manifest.json           written last: format version, the sources' spec, tokenizer sha256, rows per source
-#     tokenizer.json          the tokenizer the pairs were made with
-#     source_00/ ...          one prepared dir per source, in the pretraining layout (its own manifest.json, written
-#                             last) with one split per field: train.query/ train.positive/ train.negative0/ ...
-#                             val.query/ ...; row i of a source is document i of every one of its fields
-# A step's global batch comes from ONE source, picked with probability ∝ rows^alpha from (seed, step); rows are
-# taken in a seeded per-source permutation from that source's cursor. State = (step, every source's cursor).
-
-@dataclass
-class PairSourceConfig:
-    name: str = ""                      # hub dataset repo id, or "stdlib" (offline function -> docstring pairs)
-    config: Optional[str] = None        # hub subset (config name), e.g. "triplet"
-    split: str = "train"                # hub split
-    data_files: list[str] = field(default_factory=list)  # local .jsonl/.csv/.parquet files, globs or directories
-    query_column: str = "query"
-    positive_column: str = "positive"
-    negative_columns: list[str] = field(default_factory=list)  # hard negatives, zero or more columns
-    instruction: str = ""               # prefixed to every query, e.g. "Given a question, retrieve its answer."
-    max_rows: int = 0                   # read at most this many rows (0 = all)
-
-    @property
-    def label(self):
-        return self.name or ",".join(self.data_files)
-
-
-@dataclass
-class ContrastiveConfig:
-    sources: list[dict] = field(default_factory=list)  # PairSourceConfig mappings (keys above); held as such
-    temperature: float = 0.07           # InfoNCE on cosine / temperature
-    pooling: str = "mean"               # mean | cls: the sentence embedding, in training, eval and export
-    alpha: float = 0.5                  # a step's source is picked with probability ∝ rows^alpha
-    hard_negatives: int = 1             # hard negatives per query (at most a source's negative_columns)
-    chunk_size: int = 0                 # gradient caching: rows per forward; 0 = a process's whole batch at once
-    max_query_length: int = 64          # tokens, with [CLS] and [SEP]
-    max_document_length: int = 256
-    path: Optional[str] = None          # the prepared pairs; default data_cache/pairs
-    validation_split: float = 0.01      # fraction of each source's rows held out (by a hash of the row position)
-    eval_pairs: int = 1000              # held-out pairs per source in one evaluation (0 = evaluation off)
-    num_workers: int = 0                # tokenizer processes; 0 = all cores
-
-    def __post_init__(self):
-        self.sources = [_pair_source(s, i) for i, s in enumerate(self.sources)]
-        checks = [
-            (self.temperature > 0, f"contrastive.temperature must be > 0, got {self.temperature}"),
-            (self.pooling in ("mean", "cls"), f"contrastive.pooling: {self.pooling!r} is not one of mean, cls"),
-            (self.alpha >= 0, f"contrastive.alpha must be >= 0, got {self.alpha}"),
-            (self.hard_negatives >= 0, f"contrastive.hard_negatives must be >= 0, got {self.hard_negatives}"),
-            (self.chunk_size >= 0, f"contrastive.chunk_size must be >= 0 (0 = no caching), got {self.chunk_size}"),
-            (min(self.max_query_length, self.max_document_length) >= 3,
-             "contrastive.max_query_length and contrastive.max_document_length must be >= 3"),
-            (0 <= self.validation_split < 1, f"contrastive.validation_split must be in [0, 1), got "
-                                             f"{self.validation_split}"),
-            (self.eval_pairs >= 0, f"contrastive.eval_pairs must be >= 0, got {self.eval_pairs}"),
-            (self.num_workers >= 0, f"contrastive.num_workers must be >= 0, got {self.num_workers}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(msg)
-
-
-def _pair_source(raw, i):
-    """One contrastive.sources entry (a mapping, or a PairSourceConfig) -> PairSourceConfig, strictly typed."""
-    if isinstance(raw, PairSourceConfig):
-        return raw
-    where = f"contrastive.sources[{i}]"
-    if not isinstance(raw, dict):
-        raise UserError(f"{where} must be a mapping (name:, query_column:, ...), got {raw!r}")
-    kinds = {"name": str, "config": (str, type(None)), "split": str, "data_files": list, "query_column": str,
-             "positive_column": str, "negative_columns": list, "instruction": str, "max_rows": int}
-    for key, value in raw.items():
-        if key not in kinds:
-            raise UserError(f"unknown key {where}.{key}; valid keys: {', '.join(kinds)}")
-        if key in ("data_files", "negative_columns") and isinstance(value, str):
-            raw = {**raw, key: [value]}
-            continue
-        ok = isinstance(value, kinds[key]) and not isinstance(value, bool)
-        if ok and isinstance(value, list):
-            ok = all(isinstance(v, str) for v in value)
-        if not ok:
-            expected = {"data_files": "a list of str", "negative_columns": "a list of str", "max_rows": "int",
-                        "config": "str or null"}.get(key, "str")
-            raise UserError(f"{where}.{key}: expected {expected}, got {value!r}")
-    src = PairSourceConfig(**raw)
-    if not src.name and not src.data_files:
-        raise UserError(f"{where} needs a name (a hub dataset id, or stdlib) or data_files")
-    if src.max_rows < 0:
-        raise UserError(f"{where}.max_rows must be >= 0 (0 = all), got {src.max_rows}")
-    return src
-
-
-def pairs_dir(cc):
-    return Path(cc.path) if cc.path else Path("data_cache") / "pairs"
-
-
-PAIR_KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
-STDLIB_PAIR_COLUMNS = ["query", "positive", "negative"]
-
-
-def _hub_where():
-    from huggingface_hub import constants
-    return f"{constants.ENDPOINT}, cache {constants.HF_HUB_CACHE}"
-
-
-def pair_source_files(src, i=0):
-    """The files of one pair source in reading order; a hub source is listed (not downloaded) here."""
-    if src.data_files:
-        return _local_files(src.data_files, PAIR_KINDS, f"contrastive.sources[{i}].data_files", ".jsonl, .csv or .parquet")
-    if src.name == "stdlib":
-        return [SourceFile("stdlib", "stdlib-pairs", local=sysconfig.get_paths()["stdlib"])]
-    hub = type("HubSpec", (), dict(name=src.name, config=src.config, train_split=src.split))
-    try:
-        return _hub_files(hub, hint=f"looked at {_hub_where()}; check the name, or (offline) download its parquet "
-                                    f"files and list them in data_files")
-    except UserError as e:
-        raise UserError(f"contrastive.sources[{i}]: {e}") from None
-
-
-def _stdlib_pairs(root):
-    """Real pairs from the Python standard library, offline: a public function's qualified name and signature
-    (query) -> its docstring (positive); the docstring of the next documented function of the same module is a hard
-    negative. Modules in sorted order, functions in source order: deterministic."""
-    for path in _py_files(root, _SKIP_DIRS):
-        try:
-            tree = ast.parse(Path(path).read_bytes())
-        except (SyntaxError, ValueError, UnicodeDecodeError):
-            continue
-        module = os.path.relpath(path, root)[:-3].replace(os.sep, ".").removesuffix(".__init__")
-        found = []
-
-        def visit(node, prefix):
-            for child in ast.iter_child_nodes(node):
-                if isinstance(child, ast.ClassDef) and not child.name.startswith("_"):
-                    visit(child, f"{prefix}.{child.name}")
-                elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) and not child.name.startswith("_"):
-                    doc = ast.get_docstring(child, clean=True)
-                    if doc and len(doc) >= 20:
-                        found.append((f"{prefix}.{child.name}({ast.unparse(child.args)})", doc))
-        visit(tree, module)
-        for j, (query, doc) in enumerate(found):
-            negatives = [d for _, d in found[j + 1:] + found[:j] if d != doc]
-            if negatives:
-                yield {"query": query, "positive": doc, "negative": negatives[0]}
-
-
-def _missing_columns(where, name, wanted, columns):
-    missing = [c for c in wanted if c not in columns]
-    if missing:
-        raise UserError(f"{where}: {name} has no column {missing[0]!r}; its columns: {list(columns)} (set "
-                        f"query_column, positive_column and negative_columns)")
-
-
-def _read_pair_rows(sf, wanted, where, stats):
-    """(row index, [value of each wanted column]) of one pair file; a missing column is an error listing those
-    that exist. Values may be None (the row is skipped by the caller)."""
-    if sf.kind == "stdlib-pairs":
-        _missing_columns(where, "the stdlib pair source", wanted, STDLIB_PAIR_COLUMNS)
-        for row, rec in enumerate(_stdlib_pairs(sf.local)):
-            yield row, [rec[c] for c in wanted]
-    elif sf.kind == "jsonl":
-        checked = False
-        for row, rec in _jsonl_records(sf, stats):
-            if not checked:             # the first record names the columns; later ones may lack a value
-                _missing_columns(where, sf.name, wanted, rec)
-                checked = True
-            yield row, [rec.get(c) for c in wanted]
-    elif sf.kind == "csv":
-        import csv
-        with open(sf.fetch(), newline="", encoding="utf-8", errors="replace") as f:
-            reader = csv.DictReader(f)
-            _missing_columns(where, sf.name, wanted, reader.fieldnames or [])
-            for row, rec in enumerate(reader):
-                yield row, [rec.get(c) for c in wanted]
-    elif sf.kind == "parquet":
-        import pyarrow.parquet as pq
-        try:
-            pf = pq.ParquetFile(sf.fetch())
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"{where}: {sf.name} is not a readable parquet file ({e})") from None
-        _missing_columns(where, sf.name, wanted, pf.schema_arrow.names)
-        row = 0
-        for batch in pf.iter_batches(batch_size=1024, columns=wanted):
-            cols = [batch.column(j).to_pylist() for j in range(len(wanted))]
-            for k in range(batch.num_rows):
-                yield row + k, [c[k] for c in cols]
-            row += batch.num_rows
-
-
-def _pair_spec(src, cc):
-    return {"name": src.name, "config": src.config, "split": src.split, "data_files": list(src.data_files),
-            "query_column": src.query_column, "positive_column": src.positive_column,
-            "negative_columns": list(src.negative_columns), "instruction": src.instruction, "max_rows": src.max_rows,
-            "validation_split": cc.validation_split}
-
-
-def _tokenizer_sha(tokenizer):
-    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
-
-
-def _pair_row_is_val(fi, ri, fraction):
-    h = hashlib.blake2b(f"pair:{fi}:{ri}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2**64 < fraction
-
-
-def _prepare_pair_source(src, i, cc, files, tokenizer, out, progress):
-    """One source -> out/ (its own manifest written last). Returns the manifest."""
-    where = f"contrastive.sources[{i}] ({src.label})"
-    spec = dict(_pair_spec(src, cc), tokenizer_sha256=_tokenizer_sha(tokenizer))
-    if (out / "manifest.json").is_file():
-        man = read_manifest(out)
-        if man.get("source") == spec:
-            return man                  # a finished source of an interrupted multi-source prepare
-    shutil.rmtree(out, ignore_errors=True)
-    fields = ["query", "positive"] + [f"negative{j}" for j in range(len(src.negative_columns))]
-    wanted = [src.query_column, src.positive_column, *src.negative_columns]
-    dtype = token_dtype(tokenizer.get_vocab_size(with_added_tokens=True))
-    writers = {(s, f): ShardWriter(out / f"{s}.{f}", dtype) for s in ("train", "val") for f in fields}
-    stats, skipped = ReadStats(), 0
-    prefix = src.instruction.strip() + " " if src.instruction.strip() else ""
-
-    def rows():
-        nonlocal skipped
-        n = 0
-        for fi, sf in enumerate(files):
-            for ri, values in _read_pair_rows(sf, wanted, where, stats):
-                if src.max_rows and n >= src.max_rows:
-                    return
-                n += 1
-                if not all(isinstance(v, str) and v.strip() for v in values):
-                    skipped += 1        # a missing or empty query, positive or negative
-                    continue
-                yield _pair_row_is_val(fi, ri, cc.validation_split), [prefix + values[0], *values[1:]]
-
-    encoder = Encoder(tokenizer, _num_workers(cc.num_workers))
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(desc=f"tokenize {where}", unit=" pairs", unit_scale=True, file=sys.stderr, mininterval=0.5)
-    counts = {"train": 0, "val": 0}
-    try:
-        # a chunk's texts go field by field (all queries, all positives, ...) so one encode call serves them all
-        chunks = ((np.asarray([v for v, _ in c], dtype=bool), [vals[k] for k in range(len(fields)) for _, vals in c])
-                  for c in _chunked(rows(), 256))
-        for is_val, lengths, ids in encoder.map(chunks):
-            n = len(is_val)
-            lengths = lengths.reshape(len(fields), n)
-            keep = (lengths > 0).all(axis=0)       # a text with no tokens left would give an empty embedding
-            skipped += int((~keep).sum())
-            starts = np.concatenate([[0], np.cumsum(lengths.sum(axis=1))])
-            for k, f in enumerate(fields):
-                field_ids = ids[starts[k]:starts[k + 1]]
-                for split, sel in (("train", ~is_val & keep), ("val", is_val & keep)):
-                    if sel.any():
-                        writers[split, f].write_docs(lengths[k][sel], field_ids[np.repeat(sel, lengths[k])])
-            counts["train"] += int((~is_val & keep).sum())
-            counts["val"] += int((is_val & keep).sum())
-            if bar is not None:
-                bar.update(n)
-    finally:
-        encoder.close()
-        if bar is not None:
-            bar.close()
-    if counts["train"] == 0:
-        raise UserError(f"{where} has no rows with a non-empty {', '.join(wanted)}"
-                        + (f" ({skipped} rows skipped)" if skipped else "") + "; check its files and columns")
-    _report_stats(stats, DatasetConfig())
-    splits = {f"{s}.{f}": w.finish() for (s, f), w in writers.items()}
-    man = {"format_version": FORMAT_VERSION, "source": spec, "dtype": dtype.name, "fields": fields,
-           "rows": counts, "skipped_rows": skipped, "splits": splits}
-    _write_json(out / "manifest.json", man)
-    return man
-
-
-def prepare_pairs(cc, tokenizer, *, progress=True):
-    """contrastive.path: every source tokenized once (see the layout above). A finished directory made from the
-    same sources and tokenizer returns at once; one made from others is refused, naming what differs; an interrupted
-    one is completed (finished sources are kept). Call it on one rank only (then barrier)."""
-    if not cc.sources:
-        raise UserError("contrastive.sources is empty: list at least one source (name: or data_files:, with "
-                        "query_column, positive_column, negative_columns)")
-    out = pairs_dir(cc)
-    spec = {"sources": [_pair_spec(s, cc) for s in cc.sources], "tokenizer_sha256": _tokenizer_sha(tokenizer)}
-    if (out / "manifest.json").is_file():
-        man = read_manifest(out)
-        diff = _spec_diff({"sources": dict(enumerate(man["spec"]["sources"])),
-                           "tokenizer_sha256": man["spec"]["tokenizer_sha256"]},
-                          {"sources": dict(enumerate(spec["sources"])), "tokenizer_sha256": spec["tokenizer_sha256"]},
-                          "contrastive")
-        if diff:
-            raise UserError(f"{out} was prepared from other pair sources or another tokenizer ({'; '.join(diff)}); "
-                            f"delete it or set another contrastive.path")
-        return out
-    files = [pair_source_files(s, i) for i, s in enumerate(cc.sources)]    # bad paths / hub ids fail before work
-    for i, (src, fs) in enumerate(zip(cc.sources, files)):                   # and columns missing from local files
-        wanted = [src.query_column, src.positive_column, *src.negative_columns]
-        for sf in fs:
-            if sf.local is not None:
-                rows = _read_pair_rows(sf, wanted, f"contrastive.sources[{i}] ({src.label})", ReadStats())
-                next(rows, None)
-                rows.close()
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(out / "tokenizer.json.tmp"))
-    os.replace(out / "tokenizer.json.tmp", out / "tokenizer.json")
-    summary = []
-    for i, (src, fs) in enumerate(zip(cc.sources, files)):
-        man = _prepare_pair_source(src, i, cc, fs, tokenizer, out / f"source_{i:02d}", progress)
-        summary.append({"dir": f"source_{i:02d}", "label": src.label, "rows": man["rows"],
-                        "negatives": len(man["fields"]) - 2})
-        print(f"pairs: {src.label}: {man['rows']['train']:,} train / {man['rows']['val']:,} held-out rows",
-              flush=True)
-    _write_json(out / "manifest.json", {"format_version": FORMAT_VERSION, "kind": "pairs", "spec": spec,
-                                        "special_ids": special_token_ids(tokenizer), "sources": summary})
-    return out
-
-
-def read_pairs_manifest(data_dir):
-    man = read_manifest(data_dir)
-    if man.get("kind") != "pairs":
-        raise UserError(f"{data_dir} holds pretraining shards, not prepared pairs; set contrastive.path to another "
-                        f"directory")
-    return man
-
-
-class PairSource:
-    """One prepared source's split: a TokenStore per field; row i = document i of each."""
-
-    def __init__(self, data_dir, entry, split):
-        d = Path(data_dir) / entry["dir"]
-        self.label, self.num_negatives = entry["label"], entry["negatives"]
-        fields = ["query", "positive"] + [f"negative{j}" for j in range(self.num_negatives)]
-        self.stores = [TokenStore(d, f"{split}.{f}") for f in fields]
-        self.rows = self.stores[0].n_docs
-        if any(s.n_docs != self.rows for s in self.stores):
-            raise UserError(f"{d}: its fields hold different numbers of rows; delete {data_dir} and prepare again")
-
-
-def pad_rows(seqs, max_len, cls_id, sep_id, pad_id, multiple=8):
-    """[CLS] tokens[:max_len-2] [SEP] per row, right-padded to the longest row (rounded up to `multiple`, at most
-    max_len) -> input_ids, attention_mask int64 [B, L]."""
-    body = max_len - 2
-    width = max(min(len(s), body) for s in seqs) + 2
-    width = min(max_len, -(-width // multiple) * multiple)
-    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), width), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        s = s[:body]
-        ids[i, 0], ids[i, 1:len(s) + 1], ids[i, len(s) + 1] = cls_id, s, sep_id
-        mask[i, :len(s) + 2] = 1
-    return torch.from_numpy(ids), torch.from_numpy(mask)
-
-
-SOURCE_STREAM = 0x736F7572
-
-
-def source_probabilities(rows, alpha):
-    """P(source k) ∝ rows_k^alpha (alpha 0: uniform, 1: proportional to size)."""
-    w = np.asarray(rows, dtype=np.float64) ** alpha
-    return w / w.sum()
-
-
-def pick_source(seed, step, probs):
-    """The source of global step `step`: a function of (seed, step) only, so resuming needs no RNG state."""
-    u = _rng(SOURCE_STREAM, seed, step).random()
-    return min(int(np.searchsorted(np.cumsum(probs), u, side="right")), len(probs) - 1)
-
-
-class PairLoader(_Loader):
-    """Contrastive batches from prepared pairs. next_step() -> [one dict for this process]: query_ids/query_mask
-    [B, Lq], doc_ids/doc_mask [B*(1+h), Ld] (the B positives, then each row's h hard negatives row by row),
-    num_negatives h, source (index). B = micro_batch_size * grad_accum_steps rows: the process's share of the
-    global batch (rows [rank*B, (rank+1)*B)), so the global batch is the same for any world size and split; the
-    trainer chunks it (gradient caching), since the loss needs the whole global batch at once."""
-
-    def __init__(self, data_dir, cc, split="train", *, micro_batch_size, grad_accum_steps=1, rank=0, world_size=1,
-                 seed=0, prefetch=2, pin_memory=None):
-        super().__init__(micro_batch_size * grad_accum_steps, 1, rank, world_size, prefetch, pin_memory)
-        man = read_pairs_manifest(data_dir)
-        self.cc, self.seed, self.split = cc, seed, split
-        self.sources = [PairSource(data_dir, e, split) for e in man["sources"]]
-        sp = man["special_ids"]
-        self.cls_id, self.sep_id, self.pad_id = sp["cls"], sp["sep"], sp["pad"]
-        G = self.global_batch_rows
-        for k, s in enumerate(self.sources):
-            if s.rows < G:
-                raise UserError(f"pair source {k} ({s.label}) has {s.rows} {split} rows, fewer than one global batch "
-                                f"of {G}; use a smaller batch or drop the source")
-        self.probs = source_probabilities([s.rows for s in self.sources], cc.alpha)
-        digest = hashlib.sha256(json.dumps([[s.label, s.rows] for s in self.sources]).encode()).hexdigest()[:16]
-        self._state = {"kind": "pairs", "split": split, "seed": seed, "sources": digest, "step": 0,
-                       "cursors": [[0, 0] for _ in self.sources]}
-        self._must_match = ("kind", "split", "seed", "sources")
-        self._perms = {}
-
-    def _perm(self, k, epoch):
-        if (k, epoch) not in self._perms:
-            if len(self._perms) >= 2 * len(self.sources):
-                self._perms.pop(next(iter(self._perms)))
-            self._perms[k, epoch] = _rng(PERM_STREAM, self.seed, k, epoch).permutation(self.sources[k].rows)
-        return self._perms[k, epoch]
-
-    def _batch(self, k, rows):
-        src, h = self.sources[k], min(self.cc.hard_negatives, self.sources[k].num_negatives)
-        q = [src.stores[0].doc(r).astype(np.int64) for r in rows]
-        docs = [src.stores[1].doc(r).astype(np.int64) for r in rows]
-        docs += [src.stores[2 + j].doc(r).astype(np.int64) for r in rows for j in range(h)]
-        query_ids, query_mask = pad_rows(q, self.cc.max_query_length, self.cls_id, self.sep_id, self.pad_id)
-        doc_ids, doc_mask = pad_rows(docs, self.cc.max_document_length, self.cls_id, self.sep_id, self.pad_id)
-        batch = {"query_ids": query_ids, "query_mask": query_mask, "doc_ids": doc_ids, "doc_mask": doc_mask,
-                 "num_negatives": h, "source": k}
-        return _pin(batch) if self.pin else batch
-
-    def _steps(self, state):
-        step, cursors, G = state["step"], [list(c) for c in state["cursors"]], self.global_batch_rows
-        mine = self.micro_rows[0]
-        while True:
-            k = pick_source(self.seed, step, self.probs)
-            epoch, row = cursors[k]
-            if row + G > self.sources[k].rows:
-                epoch, row = epoch + 1, 0
-            rows = self._perm(k, epoch)[row:row + G]
-            cursors[k] = [epoch, row + G]
-            step += 1
-            yield [self._batch(k, [int(rows[i]) for i in mine])], {**state, "step": step,
-                                                                   "cursors": [list(c) for c in cursors]}
-
-
-def held_out_pairs(data_dir, max_per_source):
-    """(queries, positives, source index) token arrays of the first max_per_source held-out rows of every source."""
-    man = read_pairs_manifest(data_dir)
-    queries, positives, source = [], [], []
-    for k, entry in enumerate(man["sources"]):
-        if entry["rows"]["val"] == 0:
-            continue
-        src = PairSource(data_dir, entry, "val")
-        for r in range(min(src.rows, max_per_source)):
-            queries.append(src.stores[0].doc(r).astype(np.int64))
-            positives.append(src.stores[1].doc(r).astype(np.int64))
-            source.append(k)
-    return queries, positives, np.asarray(source, dtype=np.int64)
-
-
-# -----------------------------------------------------------------------------
-# entry points for train.py / bench.py
 
 def build_loader(ds, tok_cfg, collator_cfg, split="train", *, micro_batch_size, grad_accum_steps=1, rank=0,
                  world_size=1, seed=0, prefetch=2, pin_memory=None):
@@ -1768,11 +1336,7 @@ def split_rows(data_dir, split, seq_len, pack_sequences=True):
     """The number of rows of seq_len tokens one epoch of a prepared split gives (0 for an empty split): what
     MLMLoader would cut, so a caller can size its batch before building one."""
     store = TokenStore(data_dir, split)
-    if store.n_docs == 0:
-        return 0
-    if pack_sequences:
-        return int((store.lengths + 2).sum()) // seq_len
-    return int((-(-store.lengths // (seq_len - 2))).sum())
+    return _epoch_units(store.lengths, seq_len, pack_sequences)[1]
 
 
 def bench_loader(loader, steps=50, warmup=3):
@@ -1799,22 +1363,6 @@ def packing_stats(loader):
     return {"real_token_fraction": 1.0, "epoch_tokens_used": used / int(loader.plan(0).cum_end[-1])}
 
 
-def run_main(argv, usage: str, work) -> int:
-    """The main() of every script: usage on no arguments or -h; a UserError is printed as `error: ...` and exits 2
-    (no traceback: it is the user's to fix); Ctrl-C before a loop takes the signal over exits 130."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage, file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else 2
-    try:
-        work(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
 
 
 def prepare_only(cfg, bench=False):
@@ -1842,7 +1390,9 @@ def prepare_only(cfg, bench=False):
 
 
 if __name__ == "__main__":
-    # `python data.py CONFIG [--bench] [...]` is `python train.py CONFIG --prepare-only [...]`: train.py owns the config
-    # schema and imports this module, so the command line is its; this module itself never imports train.py
-    import train
-    sys.exit(train.main(sys.argv[1:] + ["--prepare-only"]))
+    # `python data.py CONFIG [--bench] [...]` is `python train.py CONFIG --prepare-only [...]`: the prepare command
+    # belongs to train.py, which knows every objective's data. This file is handed over, not imported: the module
+    # data never imports train.
+    import runpy
+    sys.argv = [str(Path(__file__).with_name("train.py"))] + sys.argv[1:] + ["--prepare-only"]
+    runpy.run_path(sys.argv[0], run_name="__main__")

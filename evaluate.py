@@ -1,11 +1,27 @@
-"""Evaluate NeoBERT checkpoints: fine-tune and score on GLUE, or embed and score on MTEB.
+"""Evaluate NeoBERT checkpoints: fine-tune and score on GLUE here, or embed and score on MTEB (mteb_eval.py).
 
     python evaluate.py glue [CONFIG] [--section.key value ...]     # CONFIG defaults to configs/glue.yaml
     python evaluate.py mteb [CONFIG] [--section.key value ...]     # CONFIG defaults to configs/mteb.yaml
     torchrun --nproc_per_node 8 evaluate.py glue|mteb [...]        # runs / tasks spread over the processes
 
 A model may be a run directory, a model_checkpoints/<step> directory, an exported HF folder or a hub id.
-Read top to bottom: GLUE (tasks, data, metrics, fine-tuning, sweep, report) -> MTEB (encoder, tasks, report) -> main.
+
+GLUE follows the NeoBERT paper's protocol (Appendix C): the released head on [CLS], AdamW with linear warmup and decay,
+at most trainer.num_train_epochs epochs, an evaluation every min(500, steps_per_epoch // 10) steps, early stopping
+after trainer.early_stopping evaluations without improvement, the best evaluation is the run's score. RTE, MRPC,
+STS-B and QNLI may start from the best MNLI model (glue.transfer_from_task). A sweep is a grid of runs; every run
+writes <output_dir>/glue/<task>/<run>/results.json when it is done, so the same command continues a stopped sweep.
+
+Reading order:
+  1. config: GlueConfig (glue.tasks.<task>, glue.sweep), load_glue_config
+  2. tasks: the GLUE table with the paper's numbers
+  3. data: a file's rows -> Split (texts, labels), from the hub parquet, the GLUE TSV download or custom files
+  4. tokens: encode ([CLS] A [SEP] B [SEP]), make_batch (padded or unpadded), epoch_batches
+  5. metrics (numpy, float64)
+  6. one run: Context, start_run, train_batch, evaluate_task, train_loop, finetune (results.json last), bench_glue
+  7. the sweep: parse_tasks, plan_runs, finished runs, the MNLI model transfer starts from
+  8. report: summarize_glue, results_markdown
+  9. entry: glue(), glue_main, main (glue | mteb)
 """
 
 import csv
@@ -15,7 +31,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,20 +42,15 @@ import torch
 import torch.distributed as dist
 import yaml
 
+import config
 import data
+import mteb_eval
 import neobert
 import train
-from data import UserError
+from config import UserError
 
 # -----------------------------------------------------------------------------
-# GLUE
-# (section owned by the GLUE work; entry point: glue_main(argv) -> int)
-#
-# The NeoBERT paper's protocol (Appendix C): the released head on [CLS], AdamW with linear warmup and decay, at most
-# trainer.num_train_epochs epochs, an evaluation every min(500, steps_per_epoch // 10) steps, early stopping after
-# trainer.early_stopping evaluations without improvement, the best evaluation is the run's score. RTE, MRPC, STS-B
-# and QNLI may start from the best MNLI model (glue.transfer_from_task). A sweep is a grid of runs; every run
-# writes <output_dir>/glue/<task>/<run>/results.json when it is done, so the same command continues a stopped sweep.
+# config
 
 
 @dataclass
@@ -63,7 +73,7 @@ class SweepConfig:
 
     def __post_init__(self):
         for key, values in vars(self).items():
-            data.require(values is None or len(values) > 0, f"glue.sweep.{key} is empty; give at least one value")
+            config.require(values is None or len(values) > 0, f"glue.sweep.{key} is empty; give at least one value")
 
 
 @dataclass
@@ -79,7 +89,7 @@ class GlueConfig:
     classifier_init_range: float = 0.02
     warmup_ratio: float = 0.1  # linear warmup over this fraction of a run's steps (replaces scheduler.warmup_steps)
     transfer_from_task: bool = False  # RTE, MRPC, STS-B, QNLI start from the best MNLI model (the paper does)
-    tasks: Optional[dict] = field(default_factory=dict)  # {task: TaskSettings mapping}
+    tasks: dict[str, TaskSettings] = field(default_factory=dict)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     batching: Literal["auto", "padded", "unpadded"] = "auto"  # auto: unpadded on GPU, length-grouped padded on CPU
     text_columns: list[str] = field(default_factory=list)  # custom: one or two columns
@@ -88,52 +98,42 @@ class GlueConfig:
     bench_steps: int = 20  # --bench: timed steps per batching mode
 
     def __post_init__(self):
-        for task in self.tasks or {}:
-            data.require(task in GLUE_TASKS or task == "custom",
-                         f"glue.tasks.{task}: unknown task; choose from {', '.join([*GLUE_TASKS, 'custom'])}")
-        self.tasks = {task: s if isinstance(s, TaskSettings) else train.build_section(f"glue.tasks.{task}",
-                                                                                      TaskSettings, s)
-                      for task, s in (self.tasks or {}).items()}
-        data.require(0.0 <= self.warmup_ratio < 1.0 and 0.0 <= self.classifier_dropout < 1.0,
-                     "glue.warmup_ratio and glue.classifier_dropout must be in [0, 1)")
-        data.require(self.init_from is not None or self.allow_random_weights,
-                     "glue.init_from is null: pass a checkpoint (a run dir, model_checkpoints/<step>, an exported "
-                     "folder or a hub id such as chandar-lab/NeoBERT), or set glue.allow_random_weights: true to "
-                     "fine-tune random weights")
+        for task in self.tasks:
+            config.require(task in GLUE_TASKS or task == "custom",
+                           f"glue.tasks.{task}: unknown task; choose from {', '.join([*GLUE_TASKS, 'custom'])}")
+        config.require(0.0 <= self.warmup_ratio < 1.0 and 0.0 <= self.classifier_dropout < 1.0,
+                       "glue.warmup_ratio and glue.classifier_dropout must be in [0, 1)")
+        config.require(self.init_from is not None or self.allow_random_weights,
+                       "glue.init_from is null: pass a checkpoint (a run dir, model_checkpoints/<step>, an exported "
+                       "folder or a hub id such as chandar-lab/NeoBERT), or set glue.allow_random_weights: true to "
+                       "fine-tune random weights")
+        metrics = self.metric_names
+        config.require(self.metric is None or (metrics and set(metrics) <= set(METRICS)),
+                       f"glue.metric={self.metric!r}: choose from {', '.join(METRICS)} (or a comma list of them)")
+
+    @property
+    def metric_names(self) -> tuple:
+        return tuple(m.strip() for m in (self.metric or "").split(",") if m.strip())
 
 
 def load_glue_config(argv: list):
-    """CONFIG [overrides] -> (Config with cfg.tasks["glue"], the dotted keys given on the command line).
-    --glue.tasks.<task>.<key> v and --glue.sweep.<key> v1,v2 reach one level below load_config's section.key: they
-    go into the glue section's plain form, which the same converter (train.build_section) builds again."""
-    overrides = train.parse_overrides(argv[1:])
-    flat = [arg for key, value in overrides if key.count(".") < 2 for arg in (f"--{key}", value)]
-    cfg = train.load_config(argv[0], flat, extra_sections={"glue": GlueConfig})
-    deep = [(key.split("."), value) for key, value in overrides if key.count(".") >= 2]
-    if deep:
-        raw = train.config_to_dict(cfg)["glue"]
-        for parts, value in deep:
-            if parts[:2] == ["glue", "tasks"] and len(parts) == 4:
-                raw["tasks"].setdefault(parts[2], {})[parts[3]] = value
-            elif parts[:2] == ["glue", "sweep"] and len(parts) == 3:
-                raw["sweep"][parts[2]] = value
-            else:
-                raise UserError(f"unknown override {'.'.join(parts)!r}; use section.key, glue.tasks.<task>.<key> or "
-                                "glue.sweep.<key>")
-        cfg.tasks["glue"] = train.build_section("glue", GlueConfig, raw)
-    return cfg, {key for key, _ in overrides}
+    """CONFIG [overrides] -> (Config with cfg.tasks["glue"], the dotted keys given on the command line)."""
+    cfg = train.load_config(argv[0], argv[1:], extra_sections={"glue": GlueConfig})
+    return cfg, {key for key, _ in config.parse_overrides(argv[1:])}
+
+
+# -----------------------------------------------------------------------------
+# tasks
 
 
 @dataclass(frozen=True)
 class GlueTask:
     name: str
-    title: str
+    title: str  # also the GLUE download's folder
     columns: tuple  # text columns of the nyu-mll/glue parquet files
     labels: tuple  # id -> name, as in the parquet files; () for regression
     metrics: tuple  # the task's numbers; its score is their mean
-    tsv_dir: str  # the GLUE download's folder
-    tsv_columns: tuple  # its text columns
-    tsv_label: str  # its label column
+    tsv: tuple = ((), "label")  # the GLUE download's text columns (() = the parquet's) and label column
     val_splits: tuple = ("validation",)
     paper: Optional[float] = None  # NeoBERT's score in the paper (Table 3, validation)
 
@@ -142,34 +142,29 @@ class GlueTask:
         return len(self.labels) or 1
 
 
+PAIR = ("sentence1", "sentence2")
 GLUE_TASKS = {t.name: t for t in [
-    GlueTask("cola", "CoLA", ("sentence",), ("unacceptable", "acceptable"), ("mcc",), "CoLA", ("sentence",), "label",
-             paper=66.2),
-    GlueTask("sst2", "SST-2", ("sentence",), ("negative", "positive"), ("accuracy",), "SST-2", ("sentence",),
-             "label", paper=95.6),
-    GlueTask("mrpc", "MRPC", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("f1", "accuracy"),
-             "MRPC", ("#1 String", "#2 String"), "Quality", paper=93.4),
-    GlueTask("qqp", "QQP", ("question1", "question2"), ("not_duplicate", "duplicate"), ("f1", "accuracy"), "QQP",
-             ("question1", "question2"), "is_duplicate", paper=90.7),
-    GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), (), ("pearson", "spearman"), "STS-B",
-             ("sentence1", "sentence2"), "score", paper=91.8),
+    GlueTask("cola", "CoLA", ("sentence",), ("unacceptable", "acceptable"), ("mcc",), paper=66.2),
+    GlueTask("sst2", "SST-2", ("sentence",), ("negative", "positive"), ("accuracy",), paper=95.6),
+    GlueTask("mrpc", "MRPC", PAIR, ("not_equivalent", "equivalent"), ("f1", "accuracy"),
+             (("#1 String", "#2 String"), "Quality"), paper=93.4),
+    GlueTask("qqp", "QQP", ("question1", "question2"), ("not_duplicate", "duplicate"), ("f1", "accuracy"),
+             ((), "is_duplicate"), paper=90.7),
+    GlueTask("stsb", "STS-B", PAIR, (), ("pearson", "spearman"), ((), "score"), paper=91.8),
     GlueTask("mnli", "MNLI", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
-             ("accuracy_matched", "accuracy_mismatched"), "MNLI", ("sentence1", "sentence2"), "gold_label",
-             val_splits=("validation_matched", "validation_mismatched"), paper=89.0),
-    GlueTask("qnli", "QNLI", ("question", "sentence"), ("entailment", "not_entailment"), ("accuracy",), "QNLI",
-             ("question", "sentence"), "label", paper=93.7),
-    GlueTask("rte", "RTE", ("sentence1", "sentence2"), ("entailment", "not_entailment"), ("accuracy",), "RTE",
-             ("sentence1", "sentence2"), "label", paper=91.3),
-    GlueTask("wnli", "WNLI", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",), "WNLI",
-             ("sentence1", "sentence2"), "label"),
+             ("accuracy_matched", "accuracy_mismatched"), (PAIR, "gold_label"),
+             ("validation_matched", "validation_mismatched"), paper=89.0),
+    GlueTask("qnli", "QNLI", ("question", "sentence"), ("entailment", "not_entailment"), ("accuracy",), paper=93.7),
+    GlueTask("rte", "RTE", PAIR, ("entailment", "not_entailment"), ("accuracy",), paper=91.3),
+    GlueTask("wnli", "WNLI", PAIR, ("not_entailment", "entailment"), ("accuracy",)),
 ]}
 PAPER_EIGHT = ("mnli", "qnli", "qqp", "rte", "sst2", "mrpc", "cola", "stsb")  # the paper's column order
 PAPER_GLUE_SCORE = 89.0
 TRANSFER_TASKS = ("rte", "mrpc", "stsb", "qnli")
 COLA_TSV_COLUMNS = ("source", "label", "original_label", "sentence")  # CoLA's TSV has no header row
-METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman")
 
 
+# -----------------------------------------------------------------------------
 # data: every split becomes texts (a list of 1- or 2-tuples) and labels (int64 ids, or float32 for regression)
 
 
@@ -180,70 +175,63 @@ class Split:
     source: str  # the file it came from, for messages
 
 
-def _read_tsv(path: Path, header: Optional[tuple] = None) -> tuple[list, list]:
-    """(column names, rows) of a tab-separated file, read with no quoting at all: GLUE's QQP and MNLI hold unbalanced
-    quote characters that a CSV reader would swallow across lines. Only \\n ends a line. Fields past the header's
-    count (trailing extras, as in some STS-B rows) are ignored, as csv.DictReader does; rows with fewer fields than
-    the header (a few in QQP's train.tsv) are skipped and counted in a warning."""
-    with open(path, encoding="utf-8-sig", newline="\n") as f:
-        lines = [ln.rstrip("\n").removesuffix("\r") for ln in f]
-    lines = [ln for ln in lines if ln.strip()]
-    if header is None:
-        if not lines:
-            raise UserError(f"{path} is empty")
-        header, lines = tuple(lines[0].split("\t")), lines[1:]
-    rows = [ln.split("\t") for ln in lines]
-    good = [r[:len(header)] for r in rows if len(r) >= len(header)]
-    if len(good) < len(rows):
-        data.warn(f"{path}: skipped {len(rows) - len(good)} malformed rows (fewer than {len(header)} tab-separated "
-                  "fields)")
-    return list(header), good
-
-
 def read_examples(path: Path, tsv_header: Optional[tuple] = None) -> dict:
     """{column: list of values} of a .parquet, .jsonl, .csv or .tsv file (csv/tsv with a header row, or a .tsv with
     the columns tsv_header); an empty split is an error (nothing to train on or to score)."""
-    table = _read_table(path, tsv_header)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+        try:
+            table = pq.read_table(path).to_pydict()
+        except Exception as e:
+            raise UserError(f"cannot read {path} as parquet: {' '.join(str(e).split())[:200]}") from None
+    elif suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as f:
+            records = [_json_object(line, path, i) for i, line in enumerate(f, 1) if line.strip()]
+        table = {c: [r.get(c) for r in records] for c in dict.fromkeys(k for r in records for k in r)}
+    else:
+        header, rows = _read_delimited(path, tsv_header)
+        table = {c: [r[i] for r in rows] for i, c in enumerate(header)}
     if not any(len(v) for v in table.values()):
         raise UserError(f"{path} holds no examples (an empty split)")
     return table
 
 
-def _read_table(path: Path, tsv_header: Optional[tuple]) -> dict:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-        try:
-            return pq.read_table(path).to_pydict()
-        except Exception as e:
-            raise UserError(f"cannot read {path} as parquet: {' '.join(str(e).split())[:200]}") from None
-    if suffix in (".jsonl", ".json"):
-        records = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{path} line {i} is not JSON ({e.msg}); one object per line is expected") \
-                            from None
-                    if not isinstance(rec, dict):
-                        raise UserError(f"{path} line {i} is not a JSON object")
-                    records.append(rec)
-        columns = list(dict.fromkeys(k for r in records for k in r))
-        return {c: [r.get(c) for r in records] for c in columns}
-    if suffix == ".csv":
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            rows = list(csv.reader(f))
+def _json_object(line: str, path: Path, i: int) -> dict:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} line {i} is not JSON ({e.msg}); one object per line is expected") from None
+    if not isinstance(rec, dict):
+        raise UserError(f"{path} line {i} is not a JSON object")
+    return rec
+
+
+def _read_delimited(path: Path, header: Optional[tuple]) -> tuple[list, list]:
+    """(column names, rows) of a .csv, or of a .tsv read with no quoting at all: GLUE's QQP and MNLI hold unbalanced
+    quote characters that a CSV reader would swallow across lines (only \\n ends a TSV line). TSV fields past the
+    header's count (trailing extras, as in some STS-B rows) are ignored, as csv.DictReader does; rows with fewer
+    fields (a few in QQP's train.tsv) are skipped and counted in a warning. A CSV row of another width is an error."""
+    tsv = path.suffix.lower() != ".csv"
+    with open(path, encoding="utf-8-sig", newline="\n" if tsv else "") as f:
+        if tsv:
+            rows = [ln.rstrip("\n").removesuffix("\r").split("\t") for ln in f if ln.strip()]
+        else:
+            rows = [r for r in csv.reader(f) if r]
+    if header is None:
         if not rows:
             raise UserError(f"{path} is empty")
-        header, rows = rows[0], [r for r in rows[1:] if r]
-        bad = [i for i, r in enumerate(rows) if len(r) != len(header)]
+        header, rows = rows[0], rows[1:]
+    width = len(header)
+    if not tsv:
+        bad = [i for i, r in enumerate(rows) if len(r) != width]
         if bad:
-            raise UserError(f"{path} row {bad[0] + 2} has {len(rows[bad[0]])} fields but the header has {len(header)}")
-    else:
-        header, rows = _read_tsv(path, tsv_header)
-    return {c: [r[i] for r in rows] for i, c in enumerate(header)}
+            raise UserError(f"{path} row {bad[0] + 2} has {len(rows[bad[0]])} fields but the header has {width}")
+    good = [r[:width] for r in rows if len(r) >= width]
+    if len(good) < len(rows):
+        config.warn(f"{path}: skipped {len(rows) - len(good)} malformed rows (fewer than {width} tab-separated "
+                    "fields)")
+    return list(header), good
 
 
 def _columns(table: dict, names, path, what: str) -> list:
@@ -261,7 +249,7 @@ def _make_split(table: dict, text_names, label_name, path, num_labels: int, name
     labels = [_label(value, i, path, num_labels, names, hint) for i, value in enumerate(raw)]
     keep = [i for i, label in enumerate(labels) if label is not None]
     if len(keep) < len(texts):
-        data.warn(f"{path}: skipped {len(texts) - len(keep)} rows without a gold label")
+        config.warn(f"{path}: skipped {len(texts) - len(keep)} rows without a gold label")
     if not keep:
         raise UserError(f"{path} holds no labelled examples")
     return Split([texts[i] for i in keep], np.asarray([labels[i] for i in keep]), str(path))
@@ -287,6 +275,36 @@ def _label(value, row: int, path, num_labels: int, names: tuple, hint: str):
     return int(number)
 
 
+def load_glue_task(task: GlueTask, g: GlueConfig) -> dict:
+    """{split: Split} with train and the task's validation split(s), from glue.data_dir (hub parquet layout
+    <task>/<split>-*.parquet, or the GLUE download's <Task>/train.tsv, dev.tsv) or from the hub."""
+    splits = ("train", *task.val_splits)
+    hint = f"{task.name} has {task.num_labels} label{'s' if task.num_labels > 1 else ''}"
+    if g.data_dir is None:
+        parquet = {s: [_hub_parquet(task, s, g)] for s in splits}
+    else:
+        root = Path(g.data_dir)
+        parquet = {s: sorted((root / task.name).glob(f"{s}-*.parquet")) for s in splits}
+        tsv = {s: root / task.title / ("train.tsv" if s == "train" else "dev" + s.removeprefix("validation") + ".tsv")
+               for s in splits}
+        if not all(parquet.values()):
+            if not all(p.is_file() for p in tsv.values()):
+                raise UserError(f"glue.data_dir={root} holds neither {task.name}/<split>-*.parquet for "
+                                f"{', '.join(splits)} nor the GLUE TSV files "
+                                f"{', '.join(str(p.relative_to(root)) for p in tsv.values())}; set glue.data_dir to a "
+                                "folder with one of those layouts, or to null for the hub")
+            header = COLA_TSV_COLUMNS if task.name == "cola" else None
+            return {s: _make_split(read_examples(p, header), task.tsv[0] or task.columns, task.tsv[1], p,
+                                   task.num_labels, task.labels, hint) for s, p in tsv.items()}
+    out = {}
+    for split, paths in parquet.items():
+        tables = [read_examples(p) for p in paths]
+        table = {c: [v for t in tables for v in t.get(c, [])] for c in tables[0]}
+        path = paths[0] if len(paths) == 1 else paths[0].parent / f"{split}-*.parquet"
+        out[split] = _make_split(table, task.columns, "label", path, task.num_labels, task.labels, hint)
+    return out
+
+
 def _hub_parquet(task: GlueTask, split: str, g: GlueConfig) -> Path:
     from huggingface_hub import hf_hub_download
     filename = f"{task.name}/{split}-00000-of-00001.parquet"
@@ -295,70 +313,27 @@ def _hub_parquet(task: GlueTask, split: str, g: GlueConfig) -> Path:
     except Exception as e:  # offline, blocked, renamed
         raise UserError(f"cannot download {filename} of the hub dataset nyu-mll/glue ({type(e).__name__}: "
                         f"{' '.join(str(e).split())[:160]}); download GLUE and set glue.data_dir to a folder holding "
-                        f"{task.name}/{split}-00000-of-00001.parquet or the GLUE TSV layout ({task.tsv_dir}/train.tsv, "
-                        f"{task.tsv_dir}/dev.tsv)") from None
-
-
-def load_glue_task(task: GlueTask, g: GlueConfig) -> dict:
-    """{split: Split} with train and the task's validation split(s), from glue.data_dir (hub parquet layout
-    <task>/<split>-*.parquet, or the GLUE download's <Task>/train.tsv, dev.tsv) or from the hub."""
-    splits = ("train", *task.val_splits)
-    files = {}
-    if g.data_dir is not None:
-        root = Path(g.data_dir)
-        parquet = {s: sorted((root / task.name).glob(f"{s}-*.parquet")) for s in splits}
-        tsv_dir = root / task.tsv_dir
-        tsv = {s: tsv_dir / ("train.tsv" if s == "train" else "dev" + s.removeprefix("validation") + ".tsv")
-               for s in splits}
-        if all(parquet.values()):
-            files = {s: ("parquet", parquet[s]) for s in splits}
-        elif all(p.is_file() for p in tsv.values()):
-            files = {s: ("tsv", [tsv[s]]) for s in splits}
-        else:
-            raise UserError(f"glue.data_dir={root} holds neither {task.name}/<split>-*.parquet for {', '.join(splits)} "
-                            f"nor the GLUE TSV files {', '.join(str(p.relative_to(root)) for p in tsv.values())}; "
-                            "set glue.data_dir to a folder with one of those layouts, or to null for the hub")
-    else:
-        files = {s: ("parquet", [_hub_parquet(task, s, g)]) for s in splits}
-    out = {}
-    for split, (kind, paths) in files.items():
-        path = paths[0] if len(paths) == 1 else paths[0].parent / f"{split}-*.parquet"
-        if kind == "parquet":
-            tables = [read_examples(p) for p in paths]
-            table = {c: [v for t in tables for v in t.get(c, [])] for c in tables[0]}
-            names, label = task.columns, "label"
-        else:
-            table = read_examples(paths[0], COLA_TSV_COLUMNS if task.name == "cola" else None)
-            names, label = task.tsv_columns, task.tsv_label
-        out[split] = _make_split(table, names, label, path, task.num_labels, task.labels,
-                                 f"{task.name} has {task.num_labels} label{'s' if task.num_labels > 1 else ''}")
-    return out
-
-
-def _custom_file(root: Path, stems) -> Path:
-    for stem in stems:
-        for ext in (".tsv", ".csv", ".jsonl", ".parquet"):
-            if (root / (stem + ext)).is_file():
-                return root / (stem + ext)
-    raise UserError(f"glue.data_dir={root} has no {stems[0]}.tsv/.csv/.jsonl/.parquet"
-                    f"{' (or ' + stems[1] + '.*)' if len(stems) > 1 else ''}; a custom task needs train.* and "
-                    "validation.* (or dev.*) there")
+                        f"{filename} or the GLUE TSV layout ({task.title}/train.tsv, {task.title}/dev.tsv)") from None
 
 
 def load_custom_task(g: GlueConfig) -> tuple[dict, int, Optional[dict]]:
     """A user's dataset: ({train, validation}, num_labels, id2label). String labels become ids in sorted order."""
-    if g.data_dir is None:
-        raise UserError("glue.task_name=custom needs glue.data_dir: a folder with train.* and validation.* "
-                        "(tsv, csv, jsonl or parquet)")
-    root = Path(g.data_dir)
-    if not root.is_dir():
-        raise UserError(f"glue.data_dir={root} is not a directory")
+    if g.data_dir is None or not Path(g.data_dir).is_dir():
+        raise UserError(f"glue.task_name=custom needs glue.data_dir (now {g.data_dir}): a folder with train.* and "
+                        "validation.* (tsv, csv, jsonl or parquet)")
     if not 1 <= len(g.text_columns) <= 2:
         raise UserError(f"glue.text_columns must name one or two columns for a custom task, got {g.text_columns}")
-    paths = {"train": _custom_file(root, ["train"]), "validation": _custom_file(root, ["validation", "dev"])}
+    root, paths = Path(g.data_dir), {}
+    for split, stems in (("train", ["train"]), ("validation", ["validation", "dev"])):
+        found = [root / (stem + ext) for stem in stems for ext in (".tsv", ".csv", ".jsonl", ".parquet")]
+        paths[split] = next((p for p in found if p.is_file()), None)
+        if paths[split] is None:
+            alt = " (or dev.*)" if len(stems) > 1 else ""
+            raise UserError(f"glue.data_dir={root} has no {split}.tsv/.csv/.jsonl/.parquet{alt}; a custom task needs "
+                            "train.* and validation.* (or dev.*) there")
     tables = {s: read_examples(p) for s, p in paths.items()}
-    raw = {s: _columns(t, [g.label_column], paths[s], "label")[0] for s, t in tables.items()}
-    values = [v for s in raw for v in raw[s] if not _no_label(v)]
+    values = [v for s, t in tables.items() for v in _columns(t, [g.label_column], paths[s], "label")[0]
+              if not _no_label(v)]
     numbers = [_number(v) for v in values]  # CSV/TSV labels are strings: "1", "2.5"
     numeric = all(n is not None for n in numbers)
     id2label = None
@@ -398,23 +373,16 @@ def _number(value) -> Optional[float]:
 
 
 def custom_task(g: GlueConfig, num_labels: int) -> GlueTask:
-    if g.metric is not None:
-        metrics = tuple(m.strip() for m in g.metric.split(",") if m.strip())
-    else:
-        metrics = ("pearson", "spearman") if num_labels == 1 else ("accuracy",)
-    bad = [m for m in metrics if m not in METRICS]
-    if bad or not metrics:
-        raise UserError(f"glue.metric={g.metric!r}: choose from {', '.join(METRICS)} (or a comma list of them)")
-    correlations = {"pearson", "spearman"}  # for a regression, and only there
-    if (num_labels == 1) != (set(metrics) <= correlations):
+    metrics = g.metric_names or (("pearson", "spearman") if num_labels == 1 else ("accuracy",))
+    if (num_labels == 1) != (set(metrics) <= {"pearson", "spearman"}):  # correlations for a regression, only there
         kind = "regression" if num_labels == 1 else "classification"
         raise UserError(f"glue.metric={','.join(metrics)} does not fit a {kind} task: use pearson/spearman for "
                         "num_labels 1, accuracy/f1/mcc otherwise")
     labels = tuple(str(i) for i in range(num_labels)) if num_labels > 1 else ()
-    return GlueTask("custom", f"custom ({Path(g.data_dir).name})", tuple(g.text_columns), labels, metrics, "",
-                    (), "")
+    return GlueTask("custom", f"custom ({Path(g.data_dir).name})", tuple(g.text_columns), labels, metrics)
 
 
+# -----------------------------------------------------------------------------
 # tokenization: [CLS] A [SEP] or [CLS] A [SEP] B [SEP], truncated longest-first
 
 
@@ -445,16 +413,14 @@ def truncate_pair(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
 def encode(tokenizer, split: Split, max_len: int) -> Encoded:
     special = data.special_token_ids(tokenizer)
     cls, sep = special["cls"], special["sep"]
-    columns = list(zip(*split.texts))
-    pieces = [[e.ids for e in tokenizer.encode_batch(list(col), add_special_tokens=False)] for col in columns]
+    pieces = [[e.ids for e in tokenizer.encode_batch(list(col), add_special_tokens=False)] for col in zip(*split.texts)]
     seqs = []
-    if len(pieces) == 1:
-        for a in pieces[0]:
+    for a, *b in zip(*pieces):
+        if b:
+            la, lb = truncate_pair(len(a), len(b[0]), max_len - 3)
+            seqs.append([cls, *a[:la], sep, *b[0][:lb], sep])
+        else:
             seqs.append([cls, *a[:max_len - 2], sep])
-    else:
-        for a, b in zip(*pieces):
-            la, lb = truncate_pair(len(a), len(b), max_len - 3)
-            seqs.append([cls, *a[:la], sep, *b[:lb], sep])
     lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
     offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -463,25 +429,14 @@ def encode(tokenizer, split: Split, max_len: int) -> Encoded:
 
 
 def make_batch(enc: Encoded, idx, pad_id: int, unpadded: bool) -> dict:
-    """Padded: input_ids/attention_mask (B, S) with S the longest row. Unpadded: one (1, N) row of the examples back
-    to back with cu_seqlens, for the varlen attention path (no compute on padding; positions restart per example, so
-    the row may be longer than max_position_embeddings)."""
+    """The examples idx as model inputs (neobert.batch_sequences) with their labels. Padded: input_ids and a bool
+    attention_mask (B, S), S the longest row (no rounding). Unpadded: one (1, N) row with cu_seqlens."""
     idx = np.asarray(idx)
-    starts, ends = enc.offsets[idx], enc.offsets[idx + 1]
-    labels = torch.from_numpy(enc.labels[idx])
-    if unpadded:
-        flat = np.concatenate([enc.ids[s:e] for s, e in zip(starts, ends)])
-        cu = np.zeros(len(idx) + 1, dtype=np.int32)
-        np.cumsum(ends - starts, out=cu[1:])
-        return dict(input_ids=torch.from_numpy(flat.astype(np.int64))[None], cu_seqlens=torch.from_numpy(cu),
-                    max_seqlen=int((ends - starts).max()), labels=labels)
-    width = int((ends - starts).max())
-    ids = np.full((len(idx), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(idx), width), dtype=bool)
-    for r, (s, e) in enumerate(zip(starts, ends)):
-        ids[r, :e - s] = enc.ids[s:e]
-        mask[r, :e - s] = True
-    return dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), labels=labels)
+    batch = neobert.batch_sequences([enc.ids[enc.offsets[i]:enc.offsets[i + 1]] for i in idx], pad_id, unpadded)
+    if not unpadded:
+        batch["attention_mask"] = batch["attention_mask"].bool()  # bool: it selects the real tokens
+    batch["labels"] = torch.from_numpy(enc.labels[idx])
+    return batch
 
 
 def epoch_batches(enc: Encoded, batch_size: int, seed: int, epoch: int) -> list:
@@ -497,6 +452,8 @@ def epoch_batches(enc: Encoded, batch_size: int, seed: int, epoch: int) -> list:
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+
+# -----------------------------------------------------------------------------
 # metrics, in numpy (float64). Scores are fractions here and percentages in the report.
 
 
@@ -551,18 +508,15 @@ def spearman(x, y) -> float:
     return pearson(average_ranks(x), average_ranks(y))
 
 
+METRIC_FNS = dict(accuracy=accuracy, f1=f1_score, mcc=matthews_corrcoef, pearson=pearson, spearman=spearman)
+METRICS = tuple(METRIC_FNS)
+
+
 def compute_metric(name: str, pred, label, num_labels: int) -> float:
-    if name == "accuracy":
-        return accuracy(pred, label)
-    if name == "f1":
-        return f1_score(pred, label, num_labels)
-    if name == "mcc":
-        return matthews_corrcoef(pred, label)
-    if name == "pearson":
-        return pearson(pred, label)
-    return spearman(pred, label)
+    return f1_score(pred, label, num_labels) if name == "f1" else METRIC_FNS[name](pred, label)
 
 
+# -----------------------------------------------------------------------------
 # fine-tuning one run
 
 
@@ -599,15 +553,31 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def train_batch(model, enc: Encoded, idx, accum: int, unpadded: bool, ctx: dict) -> tuple[float, int]:
+@dataclass
+class Context:
+    """What every run of one `evaluate.py glue` shares: this process, its device and precision, the batching, the
+    starting model's tokenizer, and the encoded data of the task at hand (kept for the runs of a sweep)."""
+    rank: int
+    world: int
+    device: torch.device
+    precision: str  # "bf16" or "no"
+    amp: object  # its autocast context
+    unpadded: bool  # cu_seqlens batches, else length-grouped padded ones
+    eval_batch_size: int
+    tokenizer: object = None
+    pad_id: int = 0
+    encoded: dict = field(default_factory=dict)
+
+
+def train_batch(model, enc: Encoded, idx, accum: int, unpadded: bool, ctx: Context) -> tuple[float, int]:
     """Forward and backward of one batch in `accum` micro-batches, the loss weighted by examples so the gradient is
     the batch mean's. Returns (loss, token slots fed, padding included)."""
-    loss, slots = torch.zeros((), device=ctx["device"]), 0
+    loss, slots = torch.zeros((), device=ctx.device), 0
     for micro in np.array_split(idx, min(accum, len(idx))):
-        batch = make_batch(enc, micro, ctx["pad_id"], unpadded)
+        batch = make_batch(enc, micro, ctx.pad_id, unpadded)
         slots += batch["input_ids"].numel()
-        with ctx["amp"]:
-            micro_loss = model(**to_device(batch, ctx["device"])).loss * (len(micro) / len(idx))
+        with ctx.amp:
+            micro_loss = model(**to_device(batch, ctx.device)).loss * (len(micro) / len(idx))
         micro_loss.backward()
         loss += micro_loss.detach().float()
     return loss.item(), slots
@@ -630,19 +600,16 @@ def predict(model, enc: Encoded, batch_size: int, pad_id: int, unpadded: bool, d
     return out
 
 
-def evaluate_task(model, task: GlueTask, val: dict, ctx: dict) -> dict:
-    """{metric: value} on the validation split(s); MNLI's accuracy_matched / accuracy_mismatched."""
+def evaluate_task(model, task: GlueTask, val: dict, ctx: Context) -> dict:
+    """{metric: value} on the validation split(s); MNLI: the accuracy of each (accuracy_matched / _mismatched)."""
     result = {}
     for split, enc in val.items():
-        pred = predict(model, enc, ctx["eval_batch_size"], ctx["pad_id"], ctx["unpadded"], ctx["device"], ctx["amp"])
-        label = enc.labels
-        if task.num_labels > 1:
-            pred = pred.astype(np.int64)
-        if len(task.val_splits) > 1:  # MNLI: the same metric on each
-            result[f"accuracy_{split.removeprefix('validation_')}"] = accuracy(pred, label)
+        pred = predict(model, enc, ctx.eval_batch_size, ctx.pad_id, ctx.unpadded, ctx.device, ctx.amp)
+        pred = pred.astype(np.int64) if task.num_labels > 1 else pred
+        if len(task.val_splits) > 1:
+            result[f"accuracy_{split.removeprefix('validation_')}"] = accuracy(pred, enc.labels)
         else:
-            for m in task.metrics:
-                result[m] = compute_metric(m, pred, label, task.num_labels)
+            result.update({m: compute_metric(m, pred, enc.labels, task.num_labels) for m in task.metrics})
     return result
 
 
@@ -650,113 +617,100 @@ def glue_task_score(task: GlueTask, metrics: dict) -> float:
     return float(np.mean([metrics[m] for m in task.metrics]))
 
 
-def start_run(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict):
+def start_run(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Context):
     """What a run (and --bench) starts from: the checkpoint with a classifier head (a new one seeded by run.seed) on
-    ctx's device, its tokenizer, the encoded splits and the optimizer."""
-    g, t, o = cfg.tasks["glue"], cfg.trainer, cfg.optimizer
+    ctx's device, its tokenizer, the encoded splits (cached in ctx per task, tokenizer and length, one task at a
+    time in memory) and the optimizer."""
+    g = cfg.tasks["glue"]
     torch.manual_seed(run.seed)  # the new head's init
-    model, info = train.load_pretrained(source, head="classifier", num_labels=task.num_labels,
-                                        classifier_dropout=g.classifier_dropout,
-                                        classifier_init_range=g.classifier_init_range, new_head_if_mismatch=True)
-    tokenizer = info.tokenizer if info.tokenizer is not None else ctx["tokenizer"]
-    train_enc, val = encoded_splits(task, splits, tokenizer, run.max_seq_length, ctx)
-    model.model.gradient_checkpointing = t.gradient_checkpointing
-    model.to(ctx["device"])
-    optimizer = torch.optim.AdamW(neobert.param_groups(model, run.weight_decay), lr=run.lr, betas=o.betas, eps=o.eps,
-                                  fused=ctx["device"].type == "cuda")
-    return model, info, tokenizer, train_enc, val, optimizer
+    model, info = config.load_pretrained(source, head="classifier", num_labels=task.num_labels,
+                                         classifier_dropout=g.classifier_dropout,
+                                         classifier_init_range=g.classifier_init_range, new_head_if_mismatch=True)
+    tokenizer = info.tokenizer if info.tokenizer is not None else ctx.tokenizer
+    key = (task.name, hashlib.sha1(tokenizer.to_str().encode()).hexdigest(), run.max_seq_length)
+    if key not in ctx.encoded:
+        enc = {s: encode(tokenizer, sp, run.max_seq_length) for s, sp in splits.items()}
+        ctx.encoded = {key: (enc["train"], {s: enc[s] for s in task.val_splits})}
+    model.model.gradient_checkpointing = cfg.trainer.gradient_checkpointing
+    model.to(ctx.device)
+    optimizer = train.build_optimizer(model, cfg.optimizer, ctx.device, lr=run.lr, weight_decay=run.weight_decay)
+    return model, info, tokenizer, *ctx.encoded[key], optimizer
 
 
-def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict, id2label: Optional[dict]) -> dict:
-    """Fine-tunes one run from `source`, writes its run dir (metrics.jsonl, best/, results.json last) and returns the
+def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Context, id2label: Optional[dict]) -> dict:
+    """Fine-tunes one run from `source`: a batch per step (dropout seeded by (run.seed, step)), an evaluation every
+    eval_every steps and at the last, early stopping after trainer.early_stopping evaluations without improvement.
+    Writes the run dir (metrics.jsonl, best/, results.json last: then the run counts as finished) and returns the
     results. Randomness (head init, data order, dropout) comes from run.seed only, so any process gives the same run."""
     from tqdm import tqdm
-    g, t = cfg.tasks["glue"], cfg.trainer
-    out = run_dir(cfg, run)
+    t, out = cfg.trainer, run_dir(cfg, run)
     out.mkdir(parents=True, exist_ok=True)
     model, info, tokenizer, train_enc, val, optimizer = start_run(cfg, run, task, source, splits, ctx)
-    train_model = torch.compile(model, dynamic=True) if t.torch_compile else model
     steps_per_epoch = math.ceil(len(train_enc) / run.batch_size)
     total = run.num_train_epochs * steps_per_epoch
-    if t.max_steps > 0:
-        total = min(total, t.max_steps)
-    eval_every = t.eval_steps if t.eval_steps > 0 else max(1, min(500, steps_per_epoch // 10))
-    sched = dataclasses.replace(cfg.scheduler, warmup_steps=round(g.warmup_ratio * total), decay_steps=None)
-    evaluations, best, best_state, bad_evals = [], None, None, 0
-    metrics_file = open(out / "metrics.jsonl", "w")
-
-    def log(record: dict):
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-
+    total = min(total, t.max_steps) if t.max_steps > 0 else total
+    eval_every = t.eval_steps if t.eval_steps > 0 else max(1, min(500, steps_per_epoch // 10))  # the paper's
+    sched = dataclasses.replace(cfg.scheduler, warmup_steps=round(cfg.tasks["glue"].warmup_ratio * total),
+                                decay_steps=None)
+    train_model = torch.compile(model, dynamic=True) if t.torch_compile else model
+    evaluations, best, best_state, bad_evals, stopped_early = [], None, None, 0, False
+    t0, examples = time.perf_counter(), 0
     bar = tqdm(total=total, desc=f"{run.task} {run.name}", disable=t.disable_tqdm, dynamic_ncols=True, leave=False,
-               position=ctx["rank"])  # under torchrun: one line per process
-    t0, examples, stopped_early, step = time.perf_counter(), 0, False, 0
-    try:
+               position=ctx.rank)  # under torchrun: one line per process
+    with bar, open(out / "metrics.jsonl", "w", buffering=1) as log:  # line-buffered: each record lands whole
         for step in range(total):
             epoch, i = divmod(step, steps_per_epoch)
             if i == 0:
                 batches = epoch_batches(train_enc, run.batch_size, run.seed, epoch)
+            torch.manual_seed(train.dropout_seed(run.seed, step))
+            loss, _ = train_batch(train_model, train_enc, batches[i], t.gradient_accumulation_steps, ctx.unpadded, ctx)
             lr = train.get_lr(step, run.lr, sched, total)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            torch.manual_seed((run.seed * 1_000_003 + step) * 1_009)  # dropout, from (seed, step)
-            idx = batches[i]
-            loss, _ = train_batch(train_model, train_enc, idx, t.gradient_accumulation_steps, ctx["unpadded"], ctx)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.gradient_clipping or float("inf")).item()
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise UserError(f"{run.task} {run.name}: non-finite loss ({loss}) at step {step + 1}; lower the lr "
-                                "or set trainer.gradient_clipping")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            examples += len(idx)
+            grad_norm = train.optimizer_step(model, optimizer, lr, t.gradient_clipping, loss,
+                                             f"at step {step + 1} of {run.task} {run.name}; lower the lr or set "
+                                             "trainer.gradient_clipping")
+            examples += len(batches[i])
             bar.update(1)
-            last = step + 1 == total
-            if (step + 1) % t.logging_steps == 0 or last:
+            done, last = step + 1, step + 1 == total
+            if done % t.logging_steps == 0 or last:
                 elapsed = time.perf_counter() - t0
-                log(dict(step=step + 1, epoch=(step + 1) / steps_per_epoch, loss=loss, lr=lr, grad_norm=grad_norm,
-                         examples_per_s=examples / elapsed, elapsed=elapsed))
-            if (step + 1) % eval_every == 0 or last:
+                print(json.dumps(dict(step=done, epoch=done / steps_per_epoch, loss=loss, lr=lr, grad_norm=grad_norm,
+                                      examples_per_s=examples / elapsed, elapsed=elapsed)), file=log)
+            if done % eval_every == 0 or last:
                 metrics = evaluate_task(model, task, val, ctx)
-                score = glue_task_score(task, metrics)
-                record = dict(step=step + 1, epoch=(step + 1) / steps_per_epoch, score=score, **metrics)
+                record = dict(step=done, epoch=done / steps_per_epoch, score=glue_task_score(task, metrics), **metrics)
                 evaluations.append(record)
-                log({**{f"eval_{k}": v for k, v in record.items() if k != "step"}, "step": step + 1})
-                if best is None or score > best["score"]:
+                if best is None or record["score"] > best["score"]:  # keep the best weights, on the CPU
                     best, bad_evals = record, 0
                     best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                 else:
                     bad_evals += 1
-                bar.set_postfix(score=f"{100 * score:.2f}", best=f"{100 * best['score']:.2f}", refresh=False)
+                print(json.dumps({**{f"eval_{k}": v for k, v in record.items() if k != "step"}, "step": done}),
+                      file=log)
+                bar.set_postfix(score=f"{100 * record['score']:.2f}", best=f"{100 * best['score']:.2f}", refresh=False)
                 if t.early_stopping and bad_evals >= t.early_stopping and not last:
                     stopped_early = True
                     break
-    finally:
-        bar.close()
-        metrics_file.close()
     model.load_state_dict(best_state)
     save_classifier(out / "best", model, info, cfg, tokenizer, task, id2label, run)
-    results = dict(task=run.task, run=run.name, setting=dataclasses.asdict(run), config=train.config_to_dict(cfg),
-                   source=str(source), process=ctx["rank"],
-                   model_path=str(info.path), fingerprint=run_fingerprint(cfg, run, source),
-                   steps=step + 1, total_steps=total, steps_per_epoch=steps_per_epoch, eval_every=eval_every,
-                   stopped_early=stopped_early, evaluations=evaluations, best=best,
-                   wall_time_s=time.perf_counter() - t0, train_examples=len(train_enc),
-                   id2label={str(k): v for k, v in id2label.items()} if id2label else None, device=str(ctx["device"]),
-                   precision=ctx["precision"], batching="unpadded" if ctx["unpadded"] else "padded")
-    write_atomic(out / "results.json", json.dumps(results, indent=1))  # last: the run counts as finished now
+    results = dict(task=run.task, run=run.name, setting=dataclasses.asdict(run), config=config.config_to_dict(cfg),
+                   source=str(source), process=ctx.rank, model_path=str(info.path),
+                   fingerprint=run_fingerprint(cfg, run, source), steps=done, total_steps=total,
+                   steps_per_epoch=steps_per_epoch, eval_every=eval_every, stopped_early=stopped_early,
+                   evaluations=evaluations, best=best, wall_time_s=time.perf_counter() - t0, device=str(ctx.device),
+                   train_examples=len(train_enc), id2label={str(k): v for k, v in (id2label or {}).items()} or None,
+                   precision=ctx.precision, batching="unpadded" if ctx.unpadded else "padded")
+    config.write_atomic(out / "results.json", json.dumps(results, indent=1))  # last: the run counts as finished now
     return results
 
 
 def save_classifier(path: Path, model, info, cfg, tokenizer, task: GlueTask, id2label, run: GlueRun) -> None:
-    """The checkpoint layout (model.safetensors, config.yaml with model: and classifier:, tokenizer.json), written
-    under a temporary name and renamed: export.py turns it into a folder transformers loads with its labels.
-    config.yaml keeps the pretraining sections of the checkpoint it started from (what the model card reports) and
-    adds the fine-tuning's glue: section, with this run's setting."""
+    """The checkpoint layout, which export.py turns into a folder transformers loads with its labels. config.yaml
+    keeps the pretraining sections of the checkpoint it started from (what the model card reports) and adds the
+    glue: section with this run's setting, and classifier:."""
     g = cfg.tasks["glue"]
     full = dict(info.full_config) if (info.path / "config.yaml").is_file() else {}
     full["model"] = dataclasses.asdict(model.config)
-    full["glue"] = {**train.config_to_dict(cfg)["glue"], "task_name": task.name, "run": dataclasses.asdict(run)}
+    full["glue"] = {**config.config_to_dict(cfg)["glue"], "task_name": task.name, "run": dataclasses.asdict(run)}
     full["classifier"] = dict(num_labels=task.num_labels, id2label=dict(id2label) if id2label else None,
                               classifier_dropout=g.classifier_dropout, classifier_init_range=g.classifier_init_range)
     save_model_dir(path, model, full, tokenizer)
@@ -772,7 +726,7 @@ def save_model_dir(path: Path, model, full_config: dict, tokenizer) -> None:
         (d / "config.yaml").write_text(yaml.safe_dump(full_config, sort_keys=False))
         tokenizer.save(str(d / "tokenizer.json"))
 
-    train._write_dir(path, write)
+    config.write_dir(path, write)
 
 
 def run_fingerprint(cfg, run: GlueRun, source) -> dict:
@@ -785,20 +739,10 @@ def run_fingerprint(cfg, run: GlueRun, source) -> dict:
                 metric=g.metric, num_labels=g.num_labels)
 
 
-def encoded_splits(task: GlueTask, splits: dict, tokenizer, max_len: int, ctx: dict):
-    """(train Encoded, {val split: Encoded}); cached per task, tokenizer and length for the runs of a sweep."""
-    key = (task.name, hashlib.sha1(tokenizer.to_str().encode()).hexdigest(), max_len)
-    if key not in ctx["encoded"]:
-        enc = {s: encode(tokenizer, sp, max_len) for s, sp in splits.items()}
-        ctx["encoded"] = {key: (enc["train"], {s: enc[s] for s in task.val_splits})}  # one task at a time in memory
-    return ctx["encoded"][key]
-
-
-def bench_glue(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dict) -> dict:
-    """Fine-tuning examples/s with padded (length-grouped) and unpadded (cu_seqlens) batches, same model, data and
-    steps, side by side."""
-    device = ctx["device"]
-    steps, warmup = cfg.tasks["glue"].bench_steps, 3
+def bench_glue(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Context) -> dict:
+    """Fine-tuning examples/s with padded (length-grouped) and unpadded (cu_seqlens) batches: the same model, data
+    and steps, side by side."""
+    device, steps, warmup = ctx.device, cfg.tasks["glue"].bench_steps, 3
     model, _, _, train_enc, _, optimizer = start_run(cfg, run, task, source, splits, ctx)
     plan = epoch_batches(train_enc, run.batch_size, run.seed, 0)[:steps + warmup]  # the same batches both ways
     results = {}
@@ -809,11 +753,9 @@ def bench_glue(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dic
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0, n, tokens, padded_tokens = time.perf_counter(), 0, 0, 0
-            padded_tokens += train_batch(model, train_enc, idx, 1, mode == "unpadded", ctx)[1]
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            n += len(idx)
-            tokens += int(train_enc.lengths[idx].sum())
+            loss, slots = train_batch(model, train_enc, idx, 1, mode == "unpadded", ctx)
+            train.optimizer_step(model, optimizer, run.lr, cfg.trainer.gradient_clipping, loss, "in glue --bench")
+            n, tokens, padded_tokens = n + len(idx), tokens + int(train_enc.lengths[idx].sum()), padded_tokens + slots
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
@@ -821,14 +763,15 @@ def bench_glue(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: dic
                              padding=1 - tokens / max(padded_tokens, 1), steps=len(plan) - warmup)
     ratio = results["unpadded"]["examples_per_s"] / results["padded"]["examples_per_s"]
     print(f"glue bench: {task.name}, batch {run.batch_size}, max_seq_length {run.max_seq_length}, {steps} steps, "
-          f"{device}, precision {ctx['precision']}")
+          f"{device}, precision {ctx.precision}")
     print(f"{'batching':<10} {'examples/s':>11} {'real tokens/s':>14} {'padding':>8}")
     for mode, r in results.items():
         print(f"{mode:<10} {r['examples_per_s']:>11.1f} {r['tokens_per_s']:>14.0f} {100 * r['padding']:>7.1f}%")
     print(f"speed-up of unpadded over padded: {ratio:.2f}x")
-    return dict(task=task.name, device=str(device), precision=ctx["precision"], ratio=ratio, **results)
+    return dict(task=task.name, device=str(device), precision=ctx.precision, ratio=ratio, **results)
 
 
+# -----------------------------------------------------------------------------
 # the sweep: which tasks, each run's setting (the grid), which runs are finished, where transfer starts
 
 
@@ -880,7 +823,7 @@ def _finished(cfg, run: GlueRun, source) -> bool:
     want = run_fingerprint(cfg, run, source)
     diff = [k for k in want if res.get("fingerprint", {}).get(k) != want[k]]
     if diff == ["source"] and run.task in TRANSFER_TASKS and cfg.tasks["glue"].transfer_from_task:
-        data.warn(f"{run_dir(cfg, run)}: the best MNLI model is now {source}; running it again from there")
+        config.warn(f"{run_dir(cfg, run)}: the best MNLI model is now {source}; running it again from there")
         return False
     if diff:
         raise UserError(f"{run_dir(cfg, run)} holds a finished run made with another {diff[0]} "
@@ -898,6 +841,8 @@ def _best_mnli(cfg) -> Optional[Path]:
     return root / max(found)[1] / "best"
 
 
+
+# -----------------------------------------------------------------------------
 # report: per task the best setting over the sweep, the GLUE score, beside the paper's numbers
 
 
@@ -905,28 +850,30 @@ def summarize_glue(cfg, runs: list, tasks: dict) -> dict:
     """Per task: the best setting (mean score over seeds), its mean ± std per metric, the paper's number."""
     table = {}
     for name, task in tasks.items():
-        finished = [r for r in (read_results(run_dir(cfg, run)) for run in runs if run.task == name) if r]
-        if not finished:
-            continue
         by_setting = {}
-        for r in finished:
-            s = r["setting"]
-            by_setting.setdefault((s["batch_size"], s["lr"], s["weight_decay"]), []).append(r)
+        for r in (read_results(run_dir(cfg, run)) for run in runs if run.task == name):
+            if r:
+                s = r["setting"]
+                by_setting.setdefault((s["batch_size"], s["lr"], s["weight_decay"]), []).append(r)
+        if not by_setting:
+            continue
         setting, chosen = max(by_setting.items(), key=lambda kv: np.mean([r["best"]["score"] for r in kv[1]]))
-        scores = np.array([r["best"]["score"] for r in chosen])
-        row = dict(title=task.title, metrics={}, score=float(scores.mean()),
-                   score_std=float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
-                   setting=dict(batch_size=setting[0], lr=setting[1], weight_decay=setting[2]),
-                   seeds=sorted(r["setting"]["seed"] for r in chosen), runs=len(finished),
-                   best_run=max(chosen, key=lambda r: r["best"]["score"])["run"], paper=task.paper)
-        for m in task.metrics:
-            vals = np.array([r["best"][m] for r in chosen])
-            row["metrics"][m] = dict(mean=float(vals.mean()), std=float(vals.std(ddof=1)) if len(vals) > 1 else 0.0)
-        table[name] = row
+        score = _mean_std([r["best"]["score"] for r in chosen])
+        table[name] = dict(title=task.title, metrics={m: _mean_std([r["best"][m] for r in chosen])
+                                                      for m in task.metrics}, score=score["mean"],
+                           score_std=score["std"], setting=dict(zip(("batch_size", "lr", "weight_decay"), setting)),
+                           seeds=sorted(r["setting"]["seed"] for r in chosen), runs=sum(map(len, by_setting.values())),
+                           best_run=max(chosen, key=lambda r: r["best"]["score"])["run"], paper=task.paper)
     scored = [table[n]["score"] for n in PAPER_EIGHT if n in table]
     glue_score = float(np.mean(scored)) if len(scored) == len(PAPER_EIGHT) else None
     return dict(model=cfg.tasks["glue"].init_from, split="validation", tasks=table, glue_score=glue_score,
                 glue_tasks_done=len(scored), paper_glue_score=PAPER_GLUE_SCORE)
+
+
+def _mean_std(values) -> dict:
+    """The mean and the sample std (0 for one value) over the seeds."""
+    v = np.array(values, dtype=np.float64)
+    return dict(mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else 0.0)
 
 
 METRIC_NAMES = dict(accuracy="acc", f1="F1", mcc="MCC", pearson="Pearson", spearman="Spearman",
@@ -954,13 +901,21 @@ def results_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+
+def write_report(cfg, runs: list, tasks: dict) -> dict:
+    """<output_dir>/glue/results.json and results.md of every finished run (rank 0)."""
+    summary = summarize_glue(cfg, runs, tasks)
+    out = Path(cfg.trainer.output_dir) / "glue"
+    out.mkdir(parents=True, exist_ok=True)
+    config.write_atomic(out / "results.json", json.dumps(summary, indent=1))
+    config.write_atomic(out / "results.md", results_markdown(summary))
+    print(results_markdown(summary), end="")
+    print(f"written: {out / 'results.md'}, {out / 'results.json'}")
+    return summary
+
+
+# -----------------------------------------------------------------------------
 # entry point: processes, the model to start from, every task's data, then the runs phase by phase
-
-
-def _distributed():
-    """(rank, world size, device). Under torchrun each process fine-tunes its own runs on its own GPU; a gloo group
-    (with a long timeout: runs take hours) only carries barriers and the list of runs to do."""
-    return train.setup_distributed("gloo", timeout=datetime.timedelta(days=7))
 
 
 def auto_output_dir(init_from: Optional[str]) -> str:
@@ -976,16 +931,16 @@ def auto_output_dir(init_from: Optional[str]) -> str:
     return str(Path("runs") / (p.name if p.exists() else init_from.strip("/").replace("/", "_")))
 
 
-def _random_source(cfg, ctx) -> Path:
+def _random_source(cfg, ctx: Context) -> Path:
     """glue.allow_random_weights with no init_from: a randomly initialised model.* written once as a checkpoint, so
     every run starts from the same weights through the same loading code."""
     path = Path(cfg.trainer.output_dir) / "glue" / "random_init"
-    if not (path / "model.safetensors").is_file() and ctx["rank"] == 0:
+    if not (path / "model.safetensors").is_file() and ctx.rank == 0:
         torch.manual_seed(cfg.trainer.seed)
         tokenizer = data.load_tokenizer(cfg.tokenizer)
         data.check_vocab(tokenizer, cfg.model.vocab_size)
         save_model_dir(path, neobert.NeoBERTLMHead(cfg.model), {"model": dataclasses.asdict(cfg.model)}, tokenizer)
-    if ctx["world"] > 1:
+    if ctx.world > 1:
         dist.barrier()
     return path
 
@@ -993,7 +948,7 @@ def _random_source(cfg, ctx) -> Path:
 def _check_model(cfg, source, runs: list):
     """The tokenizer of the starting checkpoint, loaded once before any work: a missing checkpoint, no tokenizer, or
     a max_seq_length beyond its positions stops here."""
-    _, info = train.load_pretrained(source, head="encoder")
+    _, info = config.load_pretrained(source, head="encoder")
     tokenizer = info.tokenizer
     if tokenizer is None:
         tokenizer = data.load_tokenizer(cfg.tokenizer)  # e.g. a folder with only config.json + weights
@@ -1012,93 +967,87 @@ def load_tasks(names: list, g: GlueConfig, rank: int, world: int) -> tuple[dict,
     """({name: GlueTask}, {name: {split: Split}}, {name: id2label}) for every task, read and checked before any
     fine-tuning. Under torchrun rank 0 reads (and downloads) first; the others then read its cache."""
     tasks, splits, id2labels = {}, {}, {}
-    for turn in ((0,), tuple(range(1, world))) if world > 1 else ((0,),):
-        if rank in turn:
-            for name in names:
-                if name == "custom":
-                    splits[name], num_labels, id2labels[name] = load_custom_task(g)
-                    tasks[name] = custom_task(g, num_labels)
-                else:
-                    task = tasks[name] = GLUE_TASKS[name]
-                    if g.num_labels is not None and g.num_labels != task.num_labels:
-                        raise UserError(f"glue.num_labels={g.num_labels} contradicts {name}, which has "
-                                        f"{task.num_labels} label{'s' if task.num_labels > 1 else ''}; leave "
-                                        "glue.num_labels null for GLUE tasks")
-                    splits[name] = load_glue_task(task, g)
-                    id2labels[name] = dict(enumerate(task.labels)) if task.labels else None
-                if rank == 0:
-                    sizes = ", ".join(f"{split} {len(sp.texts)}" for split, sp in splits[name].items())
-                    print(f"{name}: {sizes} examples ({Path(splits[name]['train'].source).parent})", flush=True)
-        if world > 1:
-            dist.barrier()
+    if rank > 0:
+        dist.barrier()
+    for name in names:
+        if name == "custom":
+            splits[name], num_labels, id2labels[name] = load_custom_task(g)
+            tasks[name] = custom_task(g, num_labels)
+        else:
+            task = tasks[name] = GLUE_TASKS[name]
+            if g.num_labels is not None and g.num_labels != task.num_labels:
+                raise UserError(f"glue.num_labels={g.num_labels} contradicts {name}, which has {task.num_labels} "
+                                f"label{'s' if task.num_labels > 1 else ''}; leave glue.num_labels null for GLUE tasks")
+            splits[name] = load_glue_task(task, g)
+            id2labels[name] = dict(enumerate(task.labels)) if task.labels else None
+        if rank == 0:
+            sizes = ", ".join(f"{split} {len(sp.texts)}" for split, sp in splits[name].items())
+            print(f"{name}: {sizes} examples ({Path(splits[name]['train'].source).parent})", flush=True)
+    if rank == 0 and world > 1:
+        dist.barrier()
     return tasks, splits, id2labels
+
+
+def run_phase(cfg, phase: list, start, tasks: dict, splits: dict, id2labels: dict, ctx: Context) -> None:
+    """The runs of a phase that are not finished yet (rank 0 decides), round-robin over the processes: each process
+    fine-tunes its own runs on its own device."""
+    todo = [None]
+    if ctx.rank == 0:
+        todo = [[i for i, run in enumerate(phase) if not _finished(cfg, run, start)]]
+        if len(todo[0]) < len(phase):
+            done = len(phase) - len(todo[0])
+            print(f"skipping {done} finished run{'s' if done > 1 else ''} (their results.json exist)")
+    if ctx.world > 1:
+        dist.broadcast_object_list(todo, src=0)  # rank 0's list of runs to do, to every process
+    for i in todo[0][ctx.rank::ctx.world]:
+        run = phase[i]
+        res = finetune(cfg, run, tasks[run.task], start, splits[run.task], ctx, id2labels[run.task])
+        print(f"{f'[rank {ctx.rank}] ' if ctx.world > 1 else ''}{run.task} {run.name}: best "
+              f"{100 * res['best']['score']:.2f} at step {res['best']['step']} ({res['steps']} steps, "
+              f"{res['wall_time_s']:.0f}s)", flush=True)
+    if ctx.world > 1:
+        dist.barrier()
 
 
 def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
     g, t = cfg.tasks["glue"], cfg.trainer
     names = parse_tasks(g.task_name)
     runs = plan_runs(cfg, names, cli)
-    rank, world, device = _distributed()
+    # under torchrun each process fine-tunes its own runs on its own GPU; a gloo group (with a long timeout: runs take
+    # hours) only carries barriers and the list of runs to do
+    rank, world, device = config.setup_distributed("gloo", timeout=datetime.timedelta(days=7))
     try:
-        precision = train.resolve_precision(t.mixed_precision, device, warn=data.warn if rank == 0 else None)
-        ctx = dict(rank=rank, world=world, device=device, precision=precision, amp=train.autocast(device, precision),
-                   unpadded=g.batching == "unpadded" or (g.batching == "auto" and device.type == "cuda"),
-                   eval_batch_size=t.per_device_eval_batch_size, encoded={})
+        precision = config.resolve_precision(t.mixed_precision, device, warn=config.warn if rank == 0 else None)
+        ctx = Context(rank, world, device, precision, config.autocast(device, precision),
+                      unpadded=g.batching == "unpadded" or (g.batching == "auto" and device.type == "cuda"),
+                      eval_batch_size=t.per_device_eval_batch_size)
         if t.output_dir == "auto":
             t.output_dir = auto_output_dir(g.init_from)
         source = g.init_from if g.init_from is not None else _random_source(cfg, ctx)
-        ctx["tokenizer"] = _check_model(cfg, source, runs)
-        ctx["pad_id"] = data.special_token_ids(ctx["tokenizer"])["pad"]
+        ctx.tokenizer = _check_model(cfg, source, runs)
+        ctx.pad_id = data.special_token_ids(ctx.tokenizer)["pad"]
         tasks, splits, id2labels = load_tasks(names, g, rank, world)
         if bench:
             return bench_glue(cfg, runs[0], tasks[runs[0].task], source, splits[runs[0].task], ctx)
-
         # phase 1: everything that does not start from MNLI; phase 2: the transfer tasks, from MNLI's best model
         moved = [r for r in runs if g.transfer_from_task and r.task in TRANSFER_TASKS]
-        phases = [[r for r in runs if r not in moved], moved]
-        if phases[1] and "mnli" not in names and _best_mnli(cfg) is None:
-            raise UserError(f"glue.transfer_from_task starts {', '.join(sorted({r.task for r in phases[1]}))} from "
+        if moved and "mnli" not in names and _best_mnli(cfg) is None:
+            raise UserError(f"glue.transfer_from_task starts {', '.join(sorted({r.task for r in moved}))} from "
                             f"the best MNLI model, and {Path(t.output_dir) / 'glue' / 'mnli'} holds no finished "
                             "MNLI run: add mnli to glue.task_name (all includes it) or run it first")
         if rank == 0:
             print(f"glue: {len(runs)} run{'s' if len(runs) > 1 else ''} of {', '.join(names)} over {world} "
                   f"process{'es' if world > 1 else ''} ({device}, {'bf16 autocast' if precision == 'bf16' else 'fp32'},"
-                  f" {'unpadded' if ctx['unpadded'] else 'length-grouped padded'} batches) -> "
+                  f" {'unpadded' if ctx.unpadded else 'length-grouped padded'} batches) -> "
                   f"{Path(t.output_dir) / 'glue'}", flush=True)
-        for phase_no, phase in enumerate(phases):
-            if not phase:
-                continue
-            start = source
-            if phase_no == 1:
-                start = _best_mnli(cfg)
-                if rank == 0:
-                    print(f"transfer: {', '.join(sorted({r.task for r in phase}))} start from {start}")
-            todo = [None]
+        if len(moved) < len(runs):
+            run_phase(cfg, [r for r in runs if r not in moved], source, tasks, splits, id2labels, ctx)
+        if moved:
+            start = _best_mnli(cfg)
             if rank == 0:
-                todo = [[i for i, run in enumerate(phase) if not _finished(cfg, run, start)]]
-                done = len(phase) - len(todo[0])
-                if done:
-                    print(f"skipping {done} finished run{'s' if done > 1 else ''} (their results.json exist)")
-            if world > 1:
-                dist.broadcast_object_list(todo, src=0)  # rank 0's list of runs to do, to every process
-            for i in todo[0][rank::world]:  # round-robin: each process its own runs, on its own device
-                run = phase[i]
-                res = finetune(cfg, run, tasks[run.task], start, splits[run.task], ctx, id2labels[run.task])
-                who = f"[rank {rank}] " if world > 1 else ""
-                print(f"{who}{run.task} {run.name}: best {100 * res['best']['score']:.2f} at step "
-                      f"{res['best']['step']} ({res['steps']} steps, {res['wall_time_s']:.0f}s)", flush=True)
-            if world > 1:
-                dist.barrier()
-        summary = None
-        if rank == 0:
-            summary = summarize_glue(cfg, runs, tasks)
-            out = Path(t.output_dir) / "glue"
-            out.mkdir(parents=True, exist_ok=True)
-            write_atomic(out / "results.json", json.dumps(summary, indent=1))  # the MTEB section's writer
-            write_atomic(out / "results.md", results_markdown(summary))
-            print(results_markdown(summary), end="")
-            print(f"written: {out / 'results.md'}, {out / 'results.json'}")
-        return summary
+                print(f"transfer: {', '.join(sorted({r.task for r in moved}))} start from {start}")
+            run_phase(cfg, moved, start, tasks, splits, id2labels, ctx)
+        return write_report(cfg, runs, tasks) if rank == 0 else None
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -1112,598 +1061,22 @@ GLUE_USAGE = """usage: python evaluate.py glue [CONFIG] [--bench] [--section.key
 
 
 def glue_main(argv) -> int:
-    argv = list(argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(GLUE_USAGE)
-        return 0
-    if not argv or argv[0].startswith("--") or "=" in argv[0]:  # no CONFIG: the default one
-        argv.insert(0, str(Path(__file__).resolve().parent / "configs" / "glue.yaml"))
     bench = "--bench" in argv
     argv = [a for a in argv if a != "--bench"]
+    if argv[:1] not in (["-h"], ["--help"]) and (not argv or argv[0].startswith("--") or "=" in argv[0]):
+        argv.insert(0, str(Path(__file__).resolve().parent / "configs" / "glue.yaml"))  # no CONFIG: the default one
+    return config.run_main(argv, GLUE_USAGE, lambda args: glue(*load_glue_config(args), bench=bench))
 
-    def work(args):
-        cfg, cli = load_glue_config(args)
-        glue(cfg, cli, bench=bench)
-    return data.run_main(argv, GLUE_USAGE, work)
 
-
-# === GLUE SECTION END ===
-
-# -----------------------------------------------------------------------------
-# MTEB
-# (section owned by the MTEB work; entry point: mteb_main(argv) -> int)
-# Embed texts with a checkpoint (its own pooling, sorted by length, unpadded on GPU, bf16 on GPU) behind mteb 2.x's
-# encoder protocol; let mteb run its evaluators and write its result files; summarise like Table 4 of the paper.
-# Read: config -> encoder -> instructions -> mteb adapter (model meta) -> tasks (registry, BEIR) -> run -> report.
-# mteb is imported only inside the functions that need it (it is optional, and importing it takes seconds).
-
-import importlib.util
-import typing
-from typing import Literal
-
-MTEB_INSTALL = "pip install -r requirements-eval.txt (mteb)"
-MTEB_TYPES = ("Classification", "Clustering", "PairClassification", "Reranking", "Retrieval", "STS", "Summarization")
-MTEB_TYPE_LABELS = {"Classification": "Class.", "Clustering": "Clust.", "PairClassification": "PairClass.",
-                    "Reranking": "Rerank.", "Retrieval": "Retr.", "STS": "STS", "Summarization": "Summ."}
-# NeoBERT (after contrastive fine-tuning) on MTEB(eng, v1), arXiv:2502.19587 Table 4; the average is over the 56 tasks
-PAPER_MTEB = {"Classification": 61.6, "Clustering": 40.8, "PairClassification": 76.2, "Reranking": 51.2,
-              "Retrieval": 31.6, "STS": 74.8, "Summarization": 30.7, "Average": 51.3}
-BEIR_FILES = ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv")
-
-
-@dataclass
-class MtebConfig:
-    model: Optional[str] = None         # run dir | model_checkpoints/<step> | exported HF folder | hub id
-    benchmark: str = "MTEB(eng, v1)"    # mteb benchmark, used when neither tasks nor beir_dir is given
-    tasks: list[str] = field(default_factory=list)       # mteb task names (a benchmark's own subsets where it has them)
-    task_types: list[str] = field(default_factory=list)  # keep only these types (STS, Retrieval, ...)
-    beir_dir: Optional[str] = None      # a BEIR folder (corpus.jsonl queries.jsonl qrels/test.tsv), or a parent of some
-    pooling: Literal["auto", "mean", "cls"] = "auto"     # auto: the checkpoint's (contrastive.pooling / 1_Pooling)
-    max_seq_length: int = 1024          # longer inputs are truncated (the paper: 1024)
-    batch_size: int = 64                # texts per forward pass
-    instructions: Optional[str] = "configs/mteb_instructions.yaml"  # per-task query / document instructions
-    use_instructions: bool = True
-    output_dir: Optional[str] = None    # null: the model's run directory (a training run or checkpoint), else runs/mteb
-    overwrite: bool = False             # re-score tasks that already have results for this checkpoint
-
-    def __post_init__(self):
-        if self.max_seq_length < 2 or self.batch_size < 1:
-            raise ValueError("mteb.max_seq_length must be >= 2 and mteb.batch_size >= 1")
-
-
-# -----------------------------------------------------------------------------
-# the encoder: texts -> (N, H) float32 embeddings
-
-
-def pool_packed(hidden, cu_seqlens, mode: str):
-    """neobert.pool for a packed batch: hidden (T, H) of concatenated sequences -> (n, H)."""
-    if mode == "cls":
-        return hidden[cu_seqlens[:-1].long()]
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seg = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)
-    sums = hidden.new_zeros(len(lengths), hidden.shape[-1]).index_add_(0, seg, hidden)
-    return sums / lengths.unsqueeze(-1).to(hidden.dtype)
-
-
-class SentenceEncoder:
-    """A NeoBERT encoder and its tokenizer as a text embedder. Texts are truncated to max_seq_length tokens and run
-    longest first in batches of similar length: unpadded (cu_seqlens, the varlen kernels) when packed, else padded."""
-
-    def __init__(self, model, tokenizer, pooling: str, max_seq_length: int, batch_size: int, device, precision: str,
-                 packed: Optional[bool] = None):
-        from tokenizers import Tokenizer
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: truncation is set on it
-        self.max_seq_length = min(max_seq_length, model.config.max_position_embeddings)
-        self.tokenizer.enable_truncation(self.max_seq_length)
-        self.tokenizer.no_padding()
-        self.pad_id = data.special_token_ids(self.tokenizer)["pad"]
-        self.pooling, self.batch_size, self.precision = pooling, batch_size, precision
-        # padded batches on CPU: there the packed path masks a (T, T) block-diagonal matrix
-        self.packed = self.device.type == "cuda" if packed is None else packed
-        self.dim = model.config.hidden_size
-
-    @torch.no_grad()
-    def encode(self, texts, show_progress_bar: bool = True, desc: str = "embedding") -> np.ndarray:
-        from tqdm.auto import tqdm
-        ids = [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=True)]
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first: OOM shows up at once
-        out = np.zeros((len(ids), self.dim), dtype=np.float32)
-        starts = range(0, len(order), self.batch_size)
-        for start in tqdm(starts, desc=desc, disable=not show_progress_bar, leave=False):
-            rows = order[start:start + self.batch_size]
-            out[rows] = self._embed([ids[i] for i in rows]).float().cpu().numpy()
-        return out
-
-    def _packed_rows(self, seqs):
-        """Whole sequences end to end in rows of at most max_position_embeddings tokens, the layout of the trainer's
-        packed batches: (input_ids (R, W), cu_seqlens over the flattened rows, the segment of each sequence). A row's
-        unused tail is a segment of its own, of padding."""
-        width = min(self.model.config.max_position_embeddings, sum(len(s) for s in seqs))
-        tokens, bounds, segment_of, used = [], [0], [], 0
-        for s in seqs:
-            if used + len(s) > width:  # close the row
-                if used < width:
-                    tokens += [self.pad_id] * (width - used)
-                    bounds.append(len(tokens))
-                used = 0
-            segment_of.append(len(bounds) - 1)
-            tokens += s
-            bounds.append(len(tokens))
-            used += len(s)
-        if used < width:
-            tokens += [self.pad_id] * (width - used)
-            bounds.append(len(tokens))
-        return torch.tensor(tokens).view(-1, width), torch.tensor(bounds, dtype=torch.int32), segment_of
-
-    def _embed(self, seqs):
-        with train.autocast(self.device, self.precision):
-            if self.packed:
-                input_ids, cu, segment_of = self._packed_rows(seqs)
-                max_seqlen = int((cu[1:] - cu[:-1]).max())
-                input_ids, cu = input_ids.to(self.device), cu.to(self.device)
-                hidden = self.model(input_ids, cu_seqlens=cu, max_seqlen=max_seqlen)  # (R, W, H)
-                return pool_packed(hidden.flatten(0, 1).float(), cu, self.pooling)[segment_of]
-            width = max(len(s) for s in seqs)
-            input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for i, s in enumerate(seqs):
-                input_ids[i, :len(s)] = torch.tensor(s)
-                mask[i, :len(s)] = 1
-            input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-            hidden = self.model(input_ids, mask)
-            return neobert.pool(hidden.float(), mask, self.pooling)
-
-
-# -----------------------------------------------------------------------------
-# instructions: per task (or per task type) a query instruction and an optional document instruction
-
-
-@dataclass
-class Instructions:
-    """From a YAML file:
-        query_template: "{instruction} "      # how an instruction prefixes a query (as contrastive training does)
-        document_template: "{instruction} "
-        tasks:
-          ArguAna: Given a claim, find passages that argue against it.   # a query instruction
-          QuoraRetrieval: {query: ..., document: ...}                     # both sides
-          STS: Retrieve semantically similar text.                       # a task type: its tasks without an entry
-    Queries (prompt_type query) and inputs of symmetric tasks (STS, classification, ...: no prompt_type) get the
-    query instruction; documents get the document instruction, or nothing."""
-    tasks: dict = field(default_factory=dict)  # name or type -> {"query": str, "document": str}
-    query_template: str = "{instruction} "
-    document_template: str = "{instruction} "
-    digest: str = "none"  # of the file's content, so changed instructions never reuse cached scores
-
-    def prefix(self, task_name: str, task_type: str, prompt_type=None) -> str:
-        entry = self.tasks.get(task_name) or self.tasks.get(task_type) or {}
-        side = "document" if str(getattr(prompt_type, "value", prompt_type)) == "document" else "query"
-        text = entry.get(side)
-        if not text:
-            return ""
-        return (self.document_template if side == "document" else self.query_template).format(instruction=text)
-
-
-def _repo_relative(path: str) -> Path:
-    """A path as given, else relative to this repository (so the shipped configs work from any directory)."""
-    p = Path(path).expanduser()
-    if not p.exists() and not p.is_absolute() and (Path(__file__).resolve().parent / p).exists():
-        return Path(__file__).resolve().parent / p
-    return p
-
-
-def load_instructions(path: Optional[str], use: bool = True) -> Instructions:
-    if not use or not path:
-        return Instructions()
-    p = _repo_relative(path)
-    if not p.is_file():
-        raise UserError(f"mteb.instructions: {path} not found; pass a YAML file of per-task instructions, or "
-                        "--mteb.use_instructions false")
-    text = p.read_text()
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"mteb.instructions: {p} is not valid YAML: {' '.join(str(e).split())}") from None
-    known = ("tasks", "query_template", "document_template")
-    if not isinstance(raw, dict) or set(raw) - set(known) or not isinstance(raw.get("tasks", {}), dict):
-        raise UserError(f"mteb.instructions: {p} must be a mapping with keys {', '.join(known)} (tasks: a mapping of "
-                        "task name or type -> instruction)")
-    tasks = {}
-    for name, entry in (raw.get("tasks") or {}).items():
-        if isinstance(entry, str):
-            entry = {"query": entry}
-        if not isinstance(entry, dict) or set(entry) - {"query", "document"} or \
-                not all(isinstance(v, str) for v in entry.values()):
-            raise UserError(f"mteb.instructions: {p}: tasks.{name} must be an instruction string or "
-                            "{query: str, document: str}")
-        tasks[str(name)] = entry
-    out = Instructions(tasks=tasks, digest=hashlib.sha256(text.encode()).hexdigest()[:12])
-    for key in ("query_template", "document_template"):
-        template = raw.get(key, getattr(out, key))
-        if not isinstance(template, str) or "{instruction}" not in template:
-            raise UserError(f"mteb.instructions: {p}: {key} must be a string holding {{instruction}}")
-        setattr(out, key, template)
-    return out
-
-
-# -----------------------------------------------------------------------------
-# the mteb side: model meta (who produced these scores), the encoder protocol, tasks
-
-
-def import_mteb():
-    # mteb.evaluate imports sentence-transformers even for our own encoder; the mteb-core package lacks it
-    if importlib.util.find_spec("mteb") is None or importlib.util.find_spec("sentence_transformers") is None:
-        raise UserError(f"evaluate.py mteb needs the mteb package (with sentence-transformers): {MTEB_INSTALL}")
-    import mteb
-    return mteb
-
-
-def weights_digest(folder: Path) -> str:
-    """sha256 of the weight files: the revision under which mteb files a checkpoint's results."""
-    h = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def model_identity(source: str, path: Path) -> str:
-    """The name mteb files results under: a hub id as is; a checkpoint as local/<run>-step<N>; a folder by its name."""
-    if not Path(source).expanduser().exists():
-        return source  # a hub id, downloaded
-    if path.parent.name == "model_checkpoints" and path.name.isdigit():
-        return f"local/{path.parent.parent.resolve().name}-step{path.name}"
-    return f"local/{path.resolve().name}"
-
-
-def model_meta(name: str, revision: str, n_parameters: int, encoder: SentenceEncoder, instructions: Instructions,
-               use_instructions: bool):
-    from mteb.models.model_meta import ModelMeta
-    # experiment_kwargs: settings that change the embeddings file results apart (results/<name>/<rev>/experiments/..)
-    settings = dict(pooling=encoder.pooling, max_seq_length=encoder.max_seq_length, precision=encoder.precision,
-                    instructions=instructions.digest if use_instructions else "none")
-    return ModelMeta(
-        loader=None, name=name, revision=revision, release_date=None, languages=None, n_parameters=n_parameters,
-        memory_usage_mb=None, max_tokens=encoder.max_seq_length, embed_dim=encoder.dim, license=None,
-        open_weights=True, public_training_code=None, public_training_data=None, framework=["PyTorch"],
-        similarity_fn_name="cosine", use_instructions=use_instructions, training_datasets=None,
-        experiment_kwargs=settings)
-
-
-def mteb_encoder(encoder: SentenceEncoder, meta, instructions: Instructions, show_progress_bar: bool = True):
-    """The encoder behind mteb's protocol (mteb.models.abs_encoder.AbsEncoder). Similarities are cosine: the meta's
-    similarity_fn_name picks mteb's cos_sim in AbsEncoder.similarity / similarity_pairwise."""
-    from mteb.models.abs_encoder import AbsEncoder
-
-    class NeoBERTEncoder(AbsEncoder):
-        def __init__(self):
-            self.model, self.mteb_model_meta, self.instructions = encoder, meta, instructions
-
-        def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs):
-            texts = [text for batch in inputs for text in batch["text"]]
-            prefix = self.instructions.prefix(task_metadata.name, task_metadata.type, prompt_type)
-            side = {"query": "queries", "document": "documents"}.get(getattr(prompt_type, "value", None), "texts")
-            return self.model.encode([prefix + t for t in texts], desc=f"{task_metadata.name} {side}",
-                                     show_progress_bar=show_progress_bar and kwargs.get("show_progress_bar", True))
-
-    return NeoBERTEncoder()
-
-
-def _read_jsonl(path: Path, what: str) -> list:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{i}: not a JSON object; each line of {what} is one") from None
-            if not isinstance(row, dict) or "_id" not in row or not isinstance(row.get("text", ""), str):
-                raise UserError(f"{path}:{i}: a {what} line needs \"_id\" and \"text\" (BEIR format)")
-            rows.append(row)
-    return rows
-
-
-def read_beir(folder: Path):
-    """(corpus, queries, qrels) of a BEIR folder: corpus.jsonl {_id, title, text}, queries.jsonl {_id, text},
-    qrels/test.tsv (query-id, corpus-id, score; a header line)."""
-    missing = [f for f in BEIR_FILES if not (folder / f).is_file()]
-    if missing:
-        raise UserError(f"mteb.beir_dir: {folder} lacks {', '.join(missing)}; a BEIR folder holds "
-                        f"{', '.join(BEIR_FILES)}")
-    corpus = _read_jsonl(folder / "corpus.jsonl", "corpus.jsonl")
-    queries = _read_jsonl(folder / "queries.jsonl", "queries.jsonl")
-    qrels = {}
-    with open(folder / "qrels" / "test.tsv", encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            parts = line.rstrip("\n").split("\t")
-            if i == 1 and parts[-1].strip().lower() == "score" or not line.strip():
-                continue  # the header
-            try:
-                qid, did, score = parts[0], parts[-2], int(float(parts[-1]))
-            except (IndexError, ValueError):
-                raise UserError(f"{folder / 'qrels' / 'test.tsv'}:{i}: expected query-id<TAB>corpus-id<TAB>score") \
-                    from None
-            qrels.setdefault(qid, {})[did] = score
-    doc_ids = {str(r["_id"]) for r in corpus}
-    qrels = {q: {d: s for d, s in docs.items() if d in doc_ids} for q, docs in qrels.items()}
-    queries = [r for r in queries if str(r["_id"]) in qrels and qrels[str(r["_id"])]]
-    if not corpus or not queries:
-        raise UserError(f"mteb.beir_dir: {folder} has no queries with judged documents of its corpus "
-                        "(qrels/test.tsv ids must match queries.jsonl and corpus.jsonl)")
-    return corpus, queries, qrels
-
-
-def beir_task(folder: Path):
-    """A local BEIR folder as an mteb retrieval task (named after the folder; nDCG@10 as BEIR and MTEB report)."""
-    from datasets import Dataset
-    from mteb.abstasks.retrieval import AbsTaskRetrieval
-    from mteb.abstasks.task_metadata import TaskMetadata
-
-    corpus, queries, qrels = read_beir(folder)  # read up front: a broken folder fails before any model work
-    h = hashlib.sha256()
-    for f in BEIR_FILES:
-        h.update((folder / f).read_bytes())
-
-    class BEIRFolderTask(AbsTaskRetrieval):
-        metadata = TaskMetadata(
-            name=folder.resolve().name, description=f"the local BEIR folder {folder.resolve()}",
-            dataset={"path": str(folder.resolve()), "revision": h.hexdigest()[:16]}, type="Retrieval",
-            category="t2t", modalities=["text"], eval_splits=["test"], eval_langs=["eng-Latn"],
-            main_score="ndcg_at_10")
-
-        def load_data(self, num_proc=None, **kwargs):
-            split = dict(
-                corpus=Dataset.from_list([{"id": str(r["_id"]), "title": str(r.get("title") or ""),
-                                           "text": r.get("text") or ""} for r in corpus]),
-                queries=Dataset.from_list([{"id": str(r["_id"]), "text": r.get("text") or ""} for r in queries]),
-                relevant_docs=qrels, top_ranked=None)
-            self.dataset = {"default": {"test": split}}
-            self.data_loaded = True
-
-    return BEIRFolderTask()
-
-
-def beir_tasks(beir_dir: str) -> list:
-    root = Path(beir_dir).expanduser()
-    if not root.is_dir():
-        raise UserError(f"mteb.beir_dir: {beir_dir} is not a directory; pass a BEIR folder ({', '.join(BEIR_FILES)})")
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and (d / "corpus.jsonl").is_file())
-    if (root / "corpus.jsonl").is_file() or not subdirs:
-        return [beir_task(root)]
-    return [beir_task(d) for d in subdirs]  # a folder of BEIR folders (as the BEIR download unpacks)
-
-
-def _closest(name: str, choices, what: str) -> str:
-    import difflib
-    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
-    return f"unknown {what} {name!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
-
-
-def select_tasks(mc: MtebConfig) -> list:
-    """The tasks to run: mteb.tasks (a benchmark's own version where it has the task: e.g. STS17 en-en only in
-    MTEB(eng, v1)), plus mteb.beir_dir folders; neither given: the benchmark's tasks. task_types filters them."""
-    mteb = import_mteb()
-    from mteb.abstasks.task_metadata import TaskType
-    bad = [t for t in mc.task_types if t not in typing.get_args(TaskType)]
-    if bad:
-        raise UserError(f"mteb.task_types: {_closest(bad[0], typing.get_args(TaskType), 'task type')} "
-                        f"(types: {', '.join(MTEB_TYPES)}, ...)")
-    bench = None
-    if mc.benchmark and (mc.tasks or not mc.beir_dir):  # the source of tasks, or of their benchmark versions
-        try:
-            bench = mteb.get_benchmark(mc.benchmark)
-        except (KeyError, ValueError) as e:
-            raise UserError(f"mteb.benchmark: {e.args[0] if e.args else e}") from None
-    if mc.tasks or mc.beir_dir:
-        own = {t.metadata.name: t for t in bench.tasks} if bench is not None else {}
-        from_registry = [n for n in mc.tasks if n not in own]
-        try:
-            found = {t.metadata.name: t for t in mteb.get_tasks(tasks=from_registry)} if from_registry else {}
-        except (KeyError, ValueError) as e:
-            raise UserError(f"mteb.tasks: {str(e.args[0] if e.args else e).removeprefix('KeyError: ')}") from None
-        tasks = [own.get(n) or found[n] for n in mc.tasks]
-        tasks += beir_tasks(mc.beir_dir) if mc.beir_dir else []
-    elif bench is not None:
-        tasks = list(bench.tasks)
-    else:
-        raise UserError("no tasks: set --mteb.tasks, --mteb.benchmark or --mteb.beir_dir")
-    if mc.task_types:
-        tasks = [t for t in tasks if t.metadata.type in mc.task_types]
-        if not tasks:
-            raise UserError(f"mteb.task_types {','.join(mc.task_types)}: none of the selected tasks has these types")
-    names = [t.metadata.name for t in tasks]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise UserError(f"task names given twice: {', '.join(dup)} (BEIR folders are named after their folder)")
-    return tasks
-
-
-def _is_unreachable(e: BaseException) -> bool:
-    """Whether an exception from loading a task's data means the hub (or network) could not be reached."""
-    names = {c.__name__ for c in type(e).__mro__}
-    return bool(names & {"ConnectionError", "TimeoutError", "OfflineModeIsEnabled", "LocalEntryNotFoundError",
-                         "DatasetNotFoundError", "HfHubHTTPError"})
-
-
-def score_task(mteb, model, task, cache, overwrite: bool):
-    name = task.metadata.name
-    # mteb's only-missing keeps a result whose dataset revision differs; a BEIR folder's revision is its content hash,
-    # so an edited folder is scored again instead of being handed the old scores
-    cached = None if overwrite else cache.load_task_result(name, model.mteb_model_meta)
-    stale = cached is not None and cached.dataset_revision != task.metadata.revision
-    try:
-        mteb.evaluate(model, task, cache=cache, overwrite_strategy="always" if overwrite or stale else "only-missing",
-                      co2_tracker=False, raise_error=True, show_progress_bar=False,
-                      encode_kwargs={"batch_size": model.model.batch_size})
-    except UserError:
-        raise
-    except Exception as e:
-        if _is_unreachable(e):
-            raise UserError(f"task {name}: its data could not be fetched from the Hugging Face Hub "
-                            f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); MTEB tasks need the hub (or "
-                            "their datasets already in the HF cache); to score a local corpus offline, pass a BEIR "
-                            "folder with --mteb.beir_dir DIR") from None
-        raise
-
-
-def task_score(task, result) -> Optional[float]:
-    """The task's main score x 100: the mean over its eval splits and (benchmark-selected) subsets."""
-    if result is None:
-        return None
-    values = [s["main_score"] for split in task.eval_splits for s in result.scores.get(split, [])
-              if s.get("hf_subset") in task.hf_subsets]
-    return 100.0 * float(np.mean(values)) if values else None
-
-
-# -----------------------------------------------------------------------------
-# report: per task, per type, overall, beside the paper's row (Table 4 of arXiv:2502.19587)
-
-
-def summarize(tasks, cache, meta, info: dict) -> dict:
-    rows = {}
-    for task in tasks:
-        score = task_score(task, cache.load_task_result(task.metadata.name, meta))
-        rows[task.metadata.name] = dict(type=task.metadata.type, main_score=task.metadata.main_score,
-                                        score=None if score is None else round(score, 4))
-    by_type = {}
-    for row in rows.values():
-        if row["score"] is not None:
-            by_type.setdefault(row["type"], []).append(row["score"])
-    scored = [r["score"] for r in rows.values() if r["score"] is not None]
-    return dict(**info, tasks=rows,
-                types={t: dict(score=round(float(np.mean(v)), 4), tasks=len(v)) for t, v in by_type.items()},
-                average=round(float(np.mean(scored)), 4) if scored else None, tasks_scored=len(scored),
-                tasks_total=len(rows), paper={"model": "NeoBERT (paper, MTEB(eng, v1))", **PAPER_MTEB})
-
-
-def render_markdown(s: dict) -> str:
-    fmt = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
-    types = [t for t in MTEB_TYPES] + sorted(t for t in s["types"] if t not in MTEB_TYPES)
-    head = "| Model | " + " | ".join(MTEB_TYPE_LABELS.get(t, t) for t in types) + " | Avg. |"
-    ours = [fmt(s["types"].get(t, {}).get("score")) for t in types]
-    lines = [f"# MTEB: {s['model']}", "",
-             f"`{s['source']}` ({s['path']}), revision {s['revision']}; pooling {s['pooling']}, max_seq_length "
-             f"{s['max_seq_length']}, precision {s['precision']}, instructions {s['instructions']}. "
-             f"{s['tasks_scored']}/{s['tasks_total']} tasks scored; main score x 100.", "",
-             head, "|" + " --- |" * (len(types) + 2),
-             "| " + " | ".join([s["model"], *ours, fmt(s["average"])]) + " |",
-             "| " + " | ".join([s["paper"]["model"], *(fmt(s["paper"].get(t)) for t in types),
-                                fmt(s["paper"]["Average"])]) + " |",
-             "| tasks | " + " | ".join(str(s["types"].get(t, {}).get("tasks", 0)) for t in types)
-             + f" | {s['tasks_scored']} |", "",
-             "Per type: the mean of its tasks; Avg.: the mean over all tasks scored (the paper's: over the 56 tasks "
-             "of MTEB(eng, v1)).", "", "| Task | Type | Main score | Score |", "| --- | --- | --- | --- |"]
-    for name, row in s["tasks"].items():
-        lines.append(f"| {name} | {row['type']} | {row['main_score']} | {fmt(row['score'])} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-# -----------------------------------------------------------------------------
-# the run: every process scores its share of the tasks; rank 0 writes the summary once all are done
-
-
-def mteb_output_dir(mc: MtebConfig, path: Path) -> Path:
-    if mc.output_dir:
-        return Path(mc.output_dir).expanduser()
-    if path.parent.name == "model_checkpoints":  # a training checkpoint: beside it, in its run directory
-        return path.parent.parent
-    return Path("runs/mteb")
-
-
-def run_mteb(cfg, progress: bool = True) -> Optional[dict]:
-    """Score cfg.tasks["mteb"].model; returns the summary on rank 0 (None elsewhere)."""
-    mc = cfg.tasks["mteb"]
-    if not mc.model:
-        raise UserError(f"mteb.model is not set; pass --mteb.model with {train.MODEL_SOURCES}")
-    mteb = import_mteb()
-    tasks = select_tasks(mc)  # every rank checks everything before any work, so all fail alike
-    instructions = load_instructions(mc.instructions, mc.use_instructions)
-    model, info = train.load_pretrained(mc.model, head="encoder")
-    if info.tokenizer is None:
-        raise UserError(f"{info.path} has no tokenizer.json; the model folder needs its tokenizer")
-    rank, world, device = _distributed()  # each process scores its share of the tasks; gloo carries one barrier
-    precision = train.resolve_precision(cfg.trainer.mixed_precision, device)
-    pooling = info.pooling if mc.pooling == "auto" else mc.pooling
-    encoder = SentenceEncoder(model, info.tokenizer, pooling, mc.max_seq_length, mc.batch_size, device, precision)
-    name, revision = model_identity(mc.model, info.path), weights_digest(info.path)
-    meta = model_meta(name, revision, neobert.num_params(model), encoder, instructions, mc.use_instructions)
-    out = mteb_output_dir(mc, info.path) / "mteb"
-    out.mkdir(parents=True, exist_ok=True)
-    cache = mteb.ResultCache(cache_path=out)
-    wrapped = mteb_encoder(encoder, meta, instructions, show_progress_bar=progress and rank == 0)
-    mine = tasks[rank::world]
-    for i, task in enumerate(mine):
-        print(f"[rank {rank}] {task.metadata.name} ({task.metadata.type}) {i + 1}/{len(mine)}", file=sys.stderr,
-              flush=True)
-        score_task(mteb, wrapped, task, cache, mc.overwrite)
-    if world > 1:
-        dist.barrier()
-    if rank != 0:
-        return None
-    info_row = dict(model=name, revision=revision, source=mc.model, path=str(info.path), pooling=pooling,
-                    max_seq_length=encoder.max_seq_length, precision=precision,
-                    instructions=f"{mc.instructions} ({instructions.digest})" if mc.use_instructions else "off",
-                    mteb_version=mteb.__version__, results_dir=str(cache.get_task_result_path("TASK", meta).parent))
-    summary = summarize(tasks, cache, meta, info_row)
-    write_atomic(out / "results.json", json.dumps(summary, indent=2) + "\n")
-    write_atomic(out / "results.md", render_markdown(summary))
-    print(render_markdown(summary))
-    print(f"wrote {out / 'results.md'} and results.json; mteb's files: {summary['results_dir']}", file=sys.stderr)
-    return summary
-
-
-MTEB_USAGE = """usage: python evaluate.py mteb [CONFIG] --mteb.model RUN_DIR|CHECKPOINT|HF_DIR|HUB_ID [--s.key v ...]
-  CONFIG: configs/mteb.yaml
-  --mteb.tasks STSBenchmark,SciFact | --mteb.benchmark "MTEB(eng, v1)" | --mteb.beir_dir DIR
-  --mteb.task_types STS,Retrieval (keeps only these types of the tasks above)
-  --mteb.pooling auto|mean|cls  --mteb.max_seq_length 1024  --mteb.batch_size 64  --mteb.use_instructions true|false
-  torchrun --nproc_per_node N evaluate.py mteb ...: the tasks are spread over the processes
-  results: mteb's files and results.md / results.json under <mteb.output_dir>/mteb/"""
-
-
-def load_mteb_config(argv):
-    if not argv or argv[0].startswith("--") or "=" in argv[0]:  # no CONFIG: the default one
-        argv = [str(Path(__file__).resolve().parent / "configs" / "mteb.yaml"), *argv]
-    return train.load_config(argv[0], argv[1:], extra_sections={"mteb": MtebConfig})
-
-
-def mteb_main(argv) -> int:
-    argv = list(argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(MTEB_USAGE)
-        return 0
-    try:
-        return data.run_main(argv, MTEB_USAGE, lambda args: run_mteb(load_mteb_config(args)))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# === MTEB SECTION END ===
-
-# -----------------------------------------------------------------------------
-# main
-
-USAGE = __doc__
+USAGE = __doc__[:__doc__.index("\n\nGLUE follows")]  # the command lines that open this docstring
 
 
 def main(argv=None) -> int:
+    """python evaluate.py glue|mteb ...; anything else: the usage (run_main's rules: -h prints it and exits 0)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("glue", "mteb"):
-        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    command, rest = argv[0], argv[1:]
-    return glue_main(rest) if command == "glue" else mteb_main(rest)
+    if argv[:1] in (["glue"], ["mteb"]):
+        return glue_main(argv[1:]) if argv[0] == "glue" else mteb_eval.main(argv[1:])
+    return config.run_main(argv if argv[:1] in (["-h"], ["--help"]) else [], USAGE, None)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ Conventions used everywhere below:
   at 0 in each segment. No token attends across a segment boundary.
 """
 
+import contextlib
 import importlib.util
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -26,13 +26,12 @@ from torch.utils.checkpoint import checkpoint
 ATTN_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
 ATTN_BACKEND_ALIASES = {"flash_attn_varlen": "flash_attn"}  # the NeoBERT training guide's name for it
 HIDDEN_ACTS = ("swiglu", "gelu")
+FIELD_KINDS = {int: (int, "an integer"), float: ((int, float), "a number"), bool: (bool, "true or false"),
+               str: (str, "a string")}  # NeoBERTConfig's field types: what each accepts, as the error names it
 
 # -----------------------------------------------------------------------------
 # the optional varlen kernels (CUDA only), imported on first use: torch.nn.attention.varlen pulls in torch._dynamo,
 # seconds of start-up on every command, and only a packed batch on CUDA needs either kernel
-
-KERNEL_MODULES = {"flash_attn": "flash_attn", "torch_varlen": "torch.nn.attention.varlen"}
-
 
 def _module_exists(name: str) -> bool:
     try:
@@ -42,24 +41,23 @@ def _module_exists(name: str) -> bool:
 
 
 # found, not imported (milliseconds); found once here so that torch.compile never traces a failing import
-KERNEL_INSTALLED = {backend: _module_exists(module) for backend, module in KERNEL_MODULES.items()}
+KERNEL_INSTALLED = {"flash_attn": _module_exists("flash_attn"),
+                    "torch_varlen": _module_exists("torch.nn.attention.varlen")}
 _kernels = {}
 
 
 def varlen_kernel(backend: str):
     """flash_attn.flash_attn_varlen_func or torch.nn.attention.varlen.varlen_attn, or None if it cannot be imported."""
-    if backend not in _kernels:
-        fn = None
-        if KERNEL_INSTALLED[backend]:
-            try:
-                if backend == "flash_attn":
-                    from flash_attn import flash_attn_varlen_func as fn
-                else:
-                    from torch.nn.attention.varlen import varlen_attn as fn
-            except Exception:  # built for another torch, or another CUDA
-                fn = None
+    if backend not in _kernels and KERNEL_INSTALLED[backend]:
+        try:
+            if backend == "flash_attn":
+                from flash_attn import flash_attn_varlen_func as fn
+            else:
+                from torch.nn.attention.varlen import varlen_attn as fn
+        except Exception:  # built for another torch, or another CUDA
+            fn = None
         _kernels[backend] = fn
-    return _kernels[backend]
+    return _kernels.get(backend)
 
 
 # -----------------------------------------------------------------------------
@@ -90,18 +88,12 @@ class NeoBERTConfig:
     decoder_chunk_size: int = 0  # 0: one decoder matmul; N: decoder + cross-entropy fused, N positions at a time
 
     def __post_init__(self):
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.type in (int, "int") and (isinstance(v, bool) or not isinstance(v, int)):
-                raise ValueError(f"model.{f.name} must be an integer, got {v!r}")
-            if f.type in (float, "float"):
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise ValueError(f"model.{f.name} must be a number, got {v!r}")
+        for f in fields(self):  # a bool is an int to isinstance: only a bool field takes one
+            v, (types, kind) = getattr(self, f.name), FIELD_KINDS[f.type]
+            if not isinstance(v, types) or (isinstance(v, bool) and f.type is not bool):
+                raise ValueError(f"model.{f.name} must be {kind}, got {v!r}")
+            if f.type is float:
                 setattr(self, f.name, float(v))
-            if f.type in (bool, "bool") and not isinstance(v, bool):
-                raise ValueError(f"model.{f.name} must be true or false, got {v!r}")
-            if f.type in (str, "str") and not isinstance(v, str):
-                raise ValueError(f"model.{f.name} must be a string, got {v!r}")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                      "max_position_embeddings"):
             if getattr(self, name) <= 0:
@@ -110,18 +102,19 @@ class NeoBERTConfig:
             raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by "
                              f"model.num_attention_heads={self.num_attention_heads}")
         if self.rope and self.head_dim % 2:
-            raise ValueError(f"rotary embeddings need an even head dim; hidden_size/num_attention_heads = {self.head_dim}")
+            raise ValueError(f"rotary embeddings need an even head dim; hidden_size/num_attention_heads = "
+                             f"{self.head_dim}")
         self.hidden_act = self.hidden_act.lower()
-        if self.hidden_act not in HIDDEN_ACTS:
-            raise ValueError(f"model.hidden_act={self.hidden_act!r} is unknown; choose one of {', '.join(HIDDEN_ACTS)}")
         self.attn_backend = ATTN_BACKEND_ALIASES.get(self.attn_backend, self.attn_backend)
-        if self.attn_backend not in ATTN_BACKENDS:
-            raise ValueError(f"model.attn_backend={self.attn_backend!r} is unknown; choose one of {', '.join(ATTN_BACKENDS)}")
+        for name, allowed in (("hidden_act", HIDDEN_ACTS), ("attn_backend", ATTN_BACKENDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name}={getattr(self, name)!r} is unknown; choose one of {', '.join(allowed)}")
         if self.attn_backend == "flash_attn" and not KERNEL_INSTALLED["flash_attn"]:
             raise ValueError("model.attn_backend=flash_attn but the flash-attn package is not installed; "
                              "install it (CUDA only) or use attn_backend: auto")
         if self.attn_backend == "torch_varlen" and not KERNEL_INSTALLED["torch_varlen"]:
-            raise ValueError("model.attn_backend=torch_varlen needs torch.nn.attention.varlen (PyTorch >= 2.9); use auto")
+            raise ValueError("model.attn_backend=torch_varlen needs torch.nn.attention.varlen (PyTorch >= 2.9); "
+                             "use auto")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.norm_eps <= 0 or self.init_range <= 0:
@@ -131,7 +124,8 @@ class NeoBERTConfig:
         if self.decoder_chunk_size < 0:
             raise ValueError(f"model.decoder_chunk_size must be >= 0 (0 = off), got {self.decoder_chunk_size}")
         if not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"model.pad_token_id={self.pad_token_id} is outside the vocabulary (size {self.vocab_size})")
+            raise ValueError(f"model.pad_token_id={self.pad_token_id} is outside the vocabulary "
+                             f"(size {self.vocab_size})")
 
     @property
     def head_dim(self) -> int:
@@ -148,16 +142,15 @@ class NeoBERTConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict, **overrides) -> "NeoBERTConfig":
-        """Reads a released (chandar-lab/NeoBERT) or exported config.json; fields this model has no use for are ignored."""
-        d = dict(d)
-        if "max_length" in d and "max_position_embeddings" not in d:
-            d["max_position_embeddings"] = d.pop("max_length")
+        """A released (chandar-lab/NeoBERT) or exported config.json; fields this model has no use for are ignored."""
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
-        kwargs.update(overrides)
-        cfg = cls(**kwargs)
+        if "max_length" in d:
+            kwargs.setdefault("max_position_embeddings", d["max_length"])
+        cfg = cls(**{**kwargs, **overrides})
         if "dim_head" in d and d["dim_head"] != cfg.head_dim:
-            raise ValueError(f"config.json says dim_head={d['dim_head']} but hidden_size/num_attention_heads = {cfg.head_dim}")
+            raise ValueError(f"config.json says dim_head={d['dim_head']} but hidden_size/num_attention_heads = "
+                             f"{cfg.head_dim}")
         return cfg
 
 
@@ -247,10 +240,8 @@ def attention(q, k, v, config, attention_mask=None, cu_seqlens=None, max_seqlen=
         # exact path: a block-diagonal mask per row (segments never cross rows)
         seg = segment_ids(cu_seqlens, (B, S))
         mask = (seg[:, :, None] == seg[:, None, :]).unsqueeze(1)  # (B, 1, S, S)
-    elif attention_mask is not None:
-        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S): keys only
-    else:
-        mask = None
+    else:  # (B, 1, 1, S): keys only
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, dropout_p=dropout_p)
     return out.transpose(1, 2)
@@ -310,16 +301,17 @@ class EncoderBlock(nn.Module):
 def init_weights(module: nn.Module, init_range: float, recurse: bool = True):
     """The released initialisation, in one place: every nn.Linear and nn.Embedding weight ~ uniform(-r, r), every
     bias 0, every norm weight 1 (LayerNorm bias 0). The classification head overrides its own two layers
-    (init_classifier_layer). recurse=False: this module's own tensors only (transformers initialises module by module)."""
+    (init_classifier_layer). recurse=False: this module's own tensors only (transformers initialises module by
+    module)."""
     for m in module.modules() if recurse else (module,):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.uniform_(m.weight, -init_range, init_range)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
         elif isinstance(m, (RMSNorm, nn.LayerNorm)):
             nn.init.ones_(m.weight)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
+        else:
+            continue
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
 
 
 def init_classifier_layer(layer: nn.Linear, init_range: float):
@@ -389,9 +381,7 @@ class NeoBERT(nn.Module):
                 x = block(x, cos, sin, attention_mask, cu_seqlens, max_seqlen)
             if output_hidden_states:
                 hidden_states.append(x)
-        if output_hidden_states:
-            return self.layer_norm(x), tuple(hidden_states)
-        return self.layer_norm(x)
+        return (self.layer_norm(x), tuple(hidden_states)) if output_hidden_states else self.layer_norm(x)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, revision: Optional[str] = None, **config_overrides):
@@ -527,13 +517,11 @@ class NeoBERTForSequenceClassification(nn.Module):
         """Padded (B, S): logits (B, num_labels). Packed (cu_seqlens): one row of logits per segment, read at its
         first token (its [CLS]), so logits are (len(cu_seqlens) - 1, num_labels)."""
         logits = self.head(self.model(input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen), cu_seqlens)
-        loss = None
-        if labels is not None:
-            if self.num_labels == 1:
-                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
-            else:
-                loss = F.cross_entropy(logits.float(), labels.long())
-        return ClassifierOutput(logits=logits, loss=loss)
+        if labels is None:
+            return ClassifierOutput(logits)
+        if self.num_labels == 1:  # regression
+            return ClassifierOutput(logits, F.mse_loss(logits.squeeze(-1).float(), labels.float()))
+        return ClassifierOutput(logits, F.cross_entropy(logits.float(), labels.long()))
 
     def head(self, hidden, cu_seqlens=None):
         """Logits from the encoder's hidden states, read at each sequence's (or packed segment's) first token."""
@@ -563,6 +551,63 @@ def pool(hidden, attention_mask=None, mode: str = "mean"):
     return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
 
 
+def pool_packed(hidden, cu_seqlens, mode: str = "mean"):
+    """pool for a packed batch: hidden (T, H) of sequences back to back (bounds cu_seqlens) -> (n, H)."""
+    if mode == "cls":
+        return hidden[cu_seqlens[:-1].long()]
+    if mode != "mean":
+        raise ValueError(f"pooling mode {mode!r} is unknown; choose mean or cls")
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seg = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)
+    sums = hidden.new_zeros(len(lengths), hidden.shape[-1]).index_add_(0, seg, hidden)
+    return sums / lengths.unsqueeze(-1).to(hidden.dtype)
+
+
+def batch_sequences(seqs, pad_id: int, packed: bool = False, multiple: int = 1) -> dict:
+    """Token sequences (special tokens included) -> model inputs. Padded: input_ids and attention_mask (B, S), S the
+    longest sequence rounded up to `multiple`. Packed: one (1, N) row of the sequences back to back with cu_seqlens
+    and max_seqlen, for the varlen attention path (no compute on padding; positions restart per sequence, so the row
+    may be longer than max_position_embeddings)."""
+    lengths = [len(s) for s in seqs]
+    if packed:
+        flat = torch.cat([torch.as_tensor(s, dtype=torch.long) for s in seqs])
+        cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return dict(input_ids=flat[None], cu_seqlens=cu, max_seqlen=max(lengths))
+    width = -(-max(lengths) // multiple) * multiple
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+@torch.no_grad()
+def embed(encoder, seqs, pad_id: int, pooling: str = "mean", batch_size: int = 32, packed: bool = False,
+          amp=None, progress=None):
+    """Pooled float32 embeddings (n, H), in input order, of token sequences (special tokens included): longest first
+    (an out-of-memory shows at once, batches hold similar lengths), padded or packed (batch_sequences).
+    amp: an autocast context or None; progress: wraps the batch starts (e.g. a tqdm)."""
+    device = next(encoder.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    out = torch.zeros(len(seqs), encoder.config.hidden_size)
+    starts = range(0, len(order), batch_size)
+    was_training = encoder.training
+    encoder.eval()
+    for start in progress(starts) if progress else starts:
+        rows = order[start:start + batch_size]
+        batch = {k: v.to(device) if torch.is_tensor(v) else v
+                 for k, v in batch_sequences([seqs[i] for i in rows], pad_id, packed).items()}
+        with amp if amp is not None else contextlib.nullcontext():
+            hidden = encoder(**batch).float()
+        if packed:
+            out[rows] = pool_packed(hidden[0], batch["cu_seqlens"], pooling).cpu()
+        else:
+            out[rows] = pool(hidden, batch["attention_mask"], pooling).cpu()
+    encoder.train(was_training)
+    return out
+
+
 # -----------------------------------------------------------------------------
 # loading weights (released chandar-lab/NeoBERT folders, exported folders, training checkpoints)
 
@@ -576,14 +621,14 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict):
         raise ValueError(f"checkpoint has no tensor {missing[0]!r} ({len(missing)} missing); is it from another model?")
     if unexpected:
         raise ValueError(f"checkpoint tensor {unexpected[0]!r} is not in this model ({len(unexpected)} unexpected)")
-    for k, v in state_dict.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"checkpoint tensor {k!r} has shape {list(v.shape)} but the model expects "
-                             f"{list(own[k].shape)}: the checkpoint is from a different model shape")
+    for k, t in own.items():  # in the model's order: the embedding is named first
+        if tuple(state_dict[k].shape) != tuple(t.shape):
+            raise ValueError(f"checkpoint tensor {k!r} has shape {list(state_dict[k].shape)} but the model expects "
+                             f"{list(t.shape)}: the checkpoint is from a different model shape")
     module.load_state_dict(state_dict, strict=True)
 
 
-# which folder a model source names: the one rule for every loader (from_pretrained here, train.load_pretrained and
+# which folder a model source names: the one rule for every loader (from_pretrained here, config.load_pretrained and
 # so trainer.init_from / evaluate.py, export.py)
 MODEL_SOURCES = ("a run directory, a model_checkpoints/<step> or checkpoints/<step> directory, a Hugging Face folder "
                  "with config.json and model.safetensors, or a hub id such as chandar-lab/NeoBERT")
@@ -606,11 +651,19 @@ def resolve_model_dir(source, revision: Optional[str] = None, needs=MODEL_FILES,
     `what` to pass (callers turn it into their own error)."""
     source = str(source)
     p = Path(source).expanduser()
+    # owner/name goes to the hub, unless `owner` is a local folder (runs/mistyped is a missing run, not a repo)
+    if (hub and not p.exists() and source.count("/") == 1 and not source.startswith((".", "/", "~"))
+            and not source.endswith("/") and not p.parent.is_dir()):
+        from huggingface_hub import snapshot_download
+        try:
+            p = Path(snapshot_download(source, revision=revision, allow_patterns=HUB_FILES))
+        except Exception as e:  # offline, unknown repo, gated
+            raise FileNotFoundError(f"cannot get {source} from the Hugging Face Hub ({type(e).__name__}: "
+                                    f"{' '.join(str(e).split())[:200]}); pass a local folder instead: {what}") from None
+        if missing := missing_model_files(p, needs):
+            raise FileNotFoundError(f"hub repo {source} has no {' and no '.join(missing)}: is it a NeoBERT model?")
+        return p
     if not p.exists():
-        # owner/name goes to the hub, unless `owner` is a local folder (runs/mistyped is a missing run, not a repo)
-        if (hub and source.count("/") == 1 and not source.startswith((".", "/", "~")) and not source.endswith("/")
-                and not p.parent.is_dir()):
-            return _download(source, revision, needs, what)
         raise FileNotFoundError(f"{source} is not a model folder: it does not exist; pass {what}")
     if not p.is_dir():
         raise FileNotFoundError(f"{source} is a file, not a model folder; pass {what}")
@@ -619,8 +672,7 @@ def resolve_model_dir(source, revision: Optional[str] = None, needs=MODEL_FILES,
     if p.name != "model_checkpoints" and (p / "model_checkpoints").is_dir():
         p = p / "model_checkpoints"  # a run directory
     if p.name == "model_checkpoints":
-        latest = p / "latest"
-        step = latest.read_text().strip() if latest.is_file() else ""
+        step = (p / "latest").read_text().strip() if (p / "latest").is_file() else ""
         if step.isdigit() and not missing_model_files(p / step, needs):
             return p / step
         steps = [int(d.name) for d in p.iterdir() if d.name.isdigit() and not missing_model_files(d, needs)]
@@ -634,66 +686,44 @@ def resolve_model_dir(source, revision: Optional[str] = None, needs=MODEL_FILES,
     return p
 
 
-def _download(repo_id: str, revision: Optional[str], needs, what: str) -> Path:
-    from huggingface_hub import snapshot_download
-    try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
-    except Exception as e:  # offline, unknown repo, gated
-        raise FileNotFoundError(f"cannot get {repo_id} from the Hugging Face Hub ({type(e).__name__}: "
-                                f"{' '.join(str(e).split())[:200]}); pass a local folder instead: {what}") from None
-    if missing := missing_model_files(folder, needs):
-        raise FileNotFoundError(f"hub repo {repo_id} has no {' and no '.join(missing)}: is it a NeoBERT model?")
-    return folder
-
-
-def read_safetensors(folder: str) -> dict:
+def read_safetensors(folder) -> dict:
+    """model.safetensors, or the shards model.safetensors.index.json names, as one state dict."""
     from safetensors.torch import load_file
-    single = os.path.join(folder, "model.safetensors")
-    if os.path.exists(single):
-        return load_file(single)
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):  # sharded
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        sd = {}
-        for shard in shards:
-            sd.update(load_file(os.path.join(folder, shard)))
-        return sd
-    raise FileNotFoundError(f"no model.safetensors in {folder}")
+    folder = Path(folder)
+    if (folder / "model.safetensors").exists():
+        return load_file(str(folder / "model.safetensors"))
+    if not (folder / "model.safetensors.index.json").exists():
+        raise FileNotFoundError(f"no model.safetensors in {folder}")
+    shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
+    return {k: v for shard in sorted(shards) for k, v in load_file(str(folder / shard)).items()}
 
 
-def _from_pretrained(cls, path_or_id, revision, config_overrides, **head_kwargs):
+def _from_pretrained(cls, path_or_id, revision, config_overrides, num_labels=None, classifier_dropout=None):
     folder = resolve_model_dir(path_or_id, revision)
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"no config.json in {folder}: a training checkpoint loads with train.load_pretrained, "
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {folder}: a training checkpoint loads with config.load_pretrained, "
                                 "or export it first (python export.py --out HF_DIR RUN_DIR)")
-    with open(cfg_path) as f:
-        hf_config = json.load(f)
+    hf_config = json.loads((folder / "config.json").read_text())
     config = NeoBERTConfig.from_hf_dict(hf_config, **config_overrides)
     sd = read_safetensors(folder)
     if not any(k.startswith("model.") for k in sd):  # a bare encoder file
         sd = {"model." + k: v for k, v in sd.items()}
-    if cls is NeoBERTForSequenceClassification:
-        saved = sd["classifier.weight"].shape[0] if "classifier.weight" in sd else None
-        if head_kwargs["num_labels"] is None:
-            head_kwargs["num_labels"] = saved or 2
-        elif saved is not None and saved != head_kwargs["num_labels"]:
-            raise ValueError(f"{path_or_id} holds a classifier with {saved} labels but num_labels="
-                             f"{head_kwargs['num_labels']} was asked for; leave num_labels out to keep the saved head")
-        if head_kwargs["classifier_dropout"] is None:
-            saved_p = hf_config.get("classifier_dropout")
-            head_kwargs["classifier_dropout"] = 0.1 if saved_p is None else float(saved_p)
-    model = cls(config, **head_kwargs)
-    if cls is NeoBERT:
-        load_state_dict_strict(model, {k[6:]: v for k, v in sd.items() if k.startswith("model.")})
-    elif cls is NeoBERTLMHead:
-        load_state_dict_strict(model, sd)
-    else:  # a classifier from an MLM checkpoint: the encoder strictly, the head if the checkpoint has one
-        load_state_dict_strict(model.model, {k[6:]: v for k, v in sd.items() if k.startswith("model.")})
-        head = {k: v for k, v in sd.items() if k.split(".")[0] in ("dense", "classifier")}
-        if head:
-            model.load_state_dict(head, strict=False)
+    encoder_sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    if cls is not NeoBERTForSequenceClassification:
+        model = cls(config)
+        load_state_dict_strict(model, encoder_sd if cls is NeoBERT else sd)
+        return model
+    saved = sd["classifier.weight"].shape[0] if "classifier.weight" in sd else None
+    if saved is not None and num_labels not in (None, saved):
+        raise ValueError(f"{path_or_id} holds a classifier with {saved} labels but num_labels={num_labels} was asked "
+                         "for; leave num_labels out to keep the saved head")
+    if classifier_dropout is None:
+        classifier_dropout = hf_config.get("classifier_dropout")
+    model = cls(config, num_labels=num_labels if num_labels is not None else saved or 2,
+                classifier_dropout=0.1 if classifier_dropout is None else float(classifier_dropout))
+    # from an MLM checkpoint: the encoder strictly, the head if the checkpoint has one
+    load_state_dict_strict(model.model, encoder_sd)
+    model.load_state_dict({k: v for k, v in sd.items() if k.split(".")[0] in ("dense", "classifier")}, strict=False)
     return model
 
 
@@ -734,10 +764,7 @@ def peak_flops(device=None) -> Optional[float]:
     if device is None or device.type != "cuda" or not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16_FLOPS:
-        if key in name:
-            return value
-    return None
+    return next((value for key, value in PEAK_BF16_FLOPS if key in name), None)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list:

@@ -23,6 +23,8 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import config  # noqa: E402
+import contrastive  # noqa: E402
 import data  # noqa: E402
 import neobert  # noqa: E402
 import train  # noqa: E402
@@ -52,8 +54,8 @@ def pretrained(tmp_path_factory):
     """A run dir in the layout train.py writes (model_checkpoints/<step>, latest), tiny random weights and a WordPiece
     vocabulary trained on the pair texts, so trainer.init_from resolves it as it would a pretraining run."""
     run = tmp_path_factory.mktemp("pretrained") / "run"
-    sf = data.pair_source_files(data.PairSourceConfig(name="stdlib"))[0]
-    texts = [t for _, row in zip(range(3000), data._read_pair_rows(sf, ["query", "positive"], "t", data.ReadStats()))
+    sf = contrastive.pair_source_files(contrastive.PairSourceConfig(name="stdlib"))[0]
+    texts = [t for _, row in zip(range(3000), data.read_rows(sf, ["query", "positive"], data.ReadStats()))
              for t in row[1]]
     tokenizer = word_tokenizer(texts, vocab_size=1024)
     vocab = tokenizer.get_vocab_size()
@@ -65,7 +67,7 @@ def pretrained(tmp_path_factory):
     ckpt.mkdir(parents=True)
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
-    (ckpt / "config.yaml").write_text(train.config_to_yaml(cfg))
+    (ckpt / "config.yaml").write_text(config.config_to_yaml(cfg))
     tokenizer.save(str(ckpt / "tokenizer.json"))
     (run / "model_checkpoints" / "latest").write_text("0\n")
     return run
@@ -92,9 +94,9 @@ def word_tokenizer(texts, vocab_size):
 def pairs(pretrained, tmp_path_factory):
     """The prepared stdlib pairs (contrastive.path), shared by every run of the session."""
     path = tmp_path_factory.mktemp("pairs") / "stdlib"
-    cc = data.ContrastiveConfig(sources=[SOURCE], path=str(path), validation_split=0.15, num_workers=1)
-    _, info = train.load_pretrained(pretrained)
-    data.prepare_pairs(cc, info.tokenizer, progress=False)
+    cc = contrastive.ContrastiveConfig(sources=[SOURCE], path=str(path), validation_split=0.15, num_workers=1)
+    _, info = config.load_pretrained(pretrained)
+    contrastive.prepare_pairs(cc, info.tokenizer, progress=False)
     return path
 
 
@@ -159,23 +161,23 @@ def test_loss_with_hard_negatives_matches_float64_reference():
     torch.manual_seed(0)
     q, pos, neg = torch.randn(6, 16), torch.randn(6, 16), torch.randn(12, 16)
     pos[2] = q[2] * 3.0  # one easy positive, so top-1 accuracy is not trivially 0
-    loss_sum, sums = train.contrastive_loss(q, pos, neg, 0.07)
+    loss_sum, sums = contrastive.contrastive_loss(q, pos, neg, 0.07)
     assert abs(loss_sum.item() / 6 - reference_infonce(q, pos, neg, 0.07)) < 1e-5
     cos = F.normalize(q.double(), dim=-1) @ F.normalize(torch.cat([pos, neg]).double(), dim=-1).T
-    m = train.contrastive_metrics(sums.tolist(), 6)
+    m = contrastive.contrastive_metrics(sums.tolist(), 6)
     assert m["accuracy"] == pytest.approx(float((cos.argmax(1) == torch.arange(6)).double().mean()))
     assert m["pos_cosine"] == pytest.approx(float(cos.diagonal().mean()), abs=1e-6)
     off = cos.sum() - cos.diagonal().sum()
     assert m["neg_cosine"] == pytest.approx(float(off / (cos.numel() - 6)), abs=1e-6)
     # no hard negatives: in-batch only
-    loss_sum, _ = train.contrastive_loss(q, pos, neg[:0], 0.05)
+    loss_sum, _ = contrastive.contrastive_loss(q, pos, neg[:0], 0.05)
     assert abs(loss_sum.item() / 6 - reference_infonce(q, pos, neg[:0], 0.05)) < 1e-5
 
 
 def tiny_embedder(pooling="mean", seed=0):
     torch.manual_seed(seed)
     cfg = neobert.NeoBERTConfig(vocab_size=64, **TINY_MODEL)
-    return train.Embedder(neobert.NeoBERT(cfg), pooling)
+    return contrastive.Embedder(neobert.NeoBERT(cfg), pooling)
 
 
 def random_batch(rows, negatives, seed=1):
@@ -183,8 +185,8 @@ def random_batch(rows, negatives, seed=1):
     g = np.random.default_rng(seed)
     queries = [g.integers(5, 64, g.integers(5, 12)) for _ in range(rows)]
     docs = [g.integers(5, 64, g.integers(6, 20)) for _ in range(rows * (1 + negatives))]
-    qi, qm = data.pad_rows(queries, 16, 2, 3, 0)
-    di, dm = data.pad_rows(docs, 24, 2, 3, 0)
+    qi, qm = contrastive.pad_rows(queries, 16, 2, 3, 0)
+    di, dm = contrastive.pad_rows(docs, 24, 2, 3, 0)
     return {"query_ids": qi, "query_mask": qm, "doc_ids": di, "doc_mask": dm, "num_negatives": negatives,
             "source": 0}
 
@@ -204,7 +206,7 @@ def local_slice(batch, rank, world):
 
 def grads_of(model, batch, chunk_size, temperature=0.05):
     model.zero_grad(set_to_none=True)
-    loss_sum, n, _ = train.contrastive_forward_backward(model, batch, torch.device("cpu"), nullcontext(), temperature,
+    loss_sum, n, _ = contrastive.contrastive_forward_backward(model, batch, torch.device("cpu"), nullcontext(), temperature,
                                                         chunk_size)
     return loss_sum.item() / n, {k.removeprefix("model."): p.grad.clone() for k, p in model.named_parameters()
                                  if p.grad is not None}
@@ -297,7 +299,7 @@ def _ddp_worker(out_dir):
     local = local_slice(random_batch(8, 1), rank, world)
     for chunk in (0, 3):
         model.zero_grad(set_to_none=True)
-        loss_sum, n, _ = train.contrastive_forward_backward(model, local, torch.device("cpu"), nullcontext(), 0.05,
+        loss_sum, n, _ = contrastive.contrastive_forward_backward(model, local, torch.device("cpu"), nullcontext(), 0.05,
                                                             chunk, world, rank)
         dist.all_reduce(loss_sum)
         if rank == 0:
@@ -315,7 +317,7 @@ def test_sources_formats_mixing_and_single_source_batches(tmp_path, pretrained):
     ∝ rows^alpha; the global batch does not depend on the world size or the micro-batch split."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    _, info = train.load_pretrained(pretrained)
+    _, info = config.load_pretrained(pretrained)
     words = ["file", "list", "string"]  # whole tokens of the docstring vocabulary
     sizes = [40, 160, 640]
 
@@ -330,16 +332,16 @@ def test_sources_formats_mixing_and_single_source_batches(tmp_path, pretrained):
     pq.write_table(pa.Table.from_pylist(rows(words[2], sizes[2])), tmp_path / "c.parquet")
     sources = [{"data_files": [str(tmp_path / f)], "query_column": "q", "positive_column": "a",
                 "negative_columns": ["bad"]} for f in ("a.jsonl", "b.csv", "c.parquet")]
-    cc = data.ContrastiveConfig(sources=sources, path=str(tmp_path / "prepared"), alpha=0.5, validation_split=0.0,
+    cc = contrastive.ContrastiveConfig(sources=sources, path=str(tmp_path / "prepared"), alpha=0.5, validation_split=0.0,
                                 num_workers=1, max_query_length=16, max_document_length=16)
-    data.prepare_pairs(cc, info.tokenizer, progress=False)
+    contrastive.prepare_pairs(cc, info.tokenizer, progress=False)
     marker = {info.tokenizer.token_to_id(w): k for k, w in enumerate(words)}
 
-    loader = data.PairLoader(cc.path, cc, micro_batch_size=8, prefetch=0)
+    loader = contrastive.PairLoader(cc.path, cc, micro_batch_size=8, prefetch=0)
     want = np.asarray(sizes, dtype=float) ** 0.5
     want /= want.sum()
     assert np.allclose(loader.probs, want)
-    picks = np.bincount([data.pick_source(0, s, loader.probs) for s in range(20000)], minlength=3) / 20000
+    picks = np.bincount([contrastive.pick_source(0, s, loader.probs) for s in range(20000)], minlength=3) / 20000
     assert np.abs(picks - want).max() < 0.015  # ~3.5 sigma at n = 20000
     for _ in range(30):
         b = loader.next_step()[0]
@@ -356,8 +358,8 @@ def test_sources_formats_mixing_and_single_source_batches(tmp_path, pretrained):
             parts = [ld.next_step()[0] for ld in loaders]
             out.append([row[m.bool()].tolist() for p in parts for row, m in zip(p["query_ids"], p["query_mask"])])
         return out
-    one = rows_of([data.PairLoader(cc.path, cc, micro_batch_size=8, prefetch=0)])
-    two = rows_of([data.PairLoader(cc.path, cc, micro_batch_size=2, grad_accum_steps=2, rank=r, world_size=2,
+    one = rows_of([contrastive.PairLoader(cc.path, cc, micro_batch_size=8, prefetch=0)])
+    two = rows_of([contrastive.PairLoader(cc.path, cc, micro_batch_size=2, grad_accum_steps=2, rank=r, world_size=2,
                                    prefetch=0) for r in range(2)])
     assert one == two
 
@@ -387,43 +389,43 @@ def test_hub_source_reads_its_subset_and_split_and_prefixes_the_instruction(tmp_
         return str(root / filename)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
-    _, info = train.load_pretrained(pretrained)
+    _, info = config.load_pretrained(pretrained)
     source = {"name": repo, "config": "triplet", "query_column": "anchor", "positive_column": "positive",
               "negative_columns": ["negative"], "instruction": "Given a premise, retrieve a hypothesis."}
-    cc = data.ContrastiveConfig(sources=[source], path=str(tmp_path / "prepared"), validation_split=0.0,
+    cc = contrastive.ContrastiveConfig(sources=[source], path=str(tmp_path / "prepared"), validation_split=0.0,
                                 num_workers=1)
-    data.prepare_pairs(cc, info.tokenizer, progress=False)
+    contrastive.prepare_pairs(cc, info.tokenizer, progress=False)
     assert downloads == ["triplet/train-00000-of-00001.parquet"]
     man = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
     assert man["sources"][0]["rows"] == {"train": 30, "val": 0} and man["sources"][0]["negatives"] == 1
-    loader = data.PairLoader(cc.path, cc, micro_batch_size=4, prefetch=0)
+    loader = contrastive.PairLoader(cc.path, cc, micro_batch_size=4, prefetch=0)
     b = loader.next_step()[0]
     prefix = info.tokenizer.encode(source["instruction"], add_special_tokens=False).ids
     assert all(row[1:1 + len(prefix)].tolist() == prefix for row in b["query_ids"])
 
 
 def test_prepared_pairs_are_reused_refused_and_checked(tmp_path, pretrained, pairs):
-    _, info = train.load_pretrained(pretrained)
+    _, info = config.load_pretrained(pretrained)
     man = pairs / "manifest.json"
     before = man.stat().st_mtime_ns
-    cc = data.ContrastiveConfig(sources=[SOURCE], path=str(pairs), validation_split=0.15, num_workers=1)
-    assert data.prepare_pairs(cc, info.tokenizer, progress=False) == pairs and man.stat().st_mtime_ns == before
-    other = data.ContrastiveConfig(sources=[dict(SOURCE, instruction="Given a function, retrieve its docstring.")], path=str(pairs), validation_split=0.15)
-    with pytest.raises(data.UserError, match=r"prepared from other pair sources.*instruction"):
-        data.prepare_pairs(other, info.tokenizer, progress=False)
+    cc = contrastive.ContrastiveConfig(sources=[SOURCE], path=str(pairs), validation_split=0.15, num_workers=1)
+    assert contrastive.prepare_pairs(cc, info.tokenizer, progress=False) == pairs and man.stat().st_mtime_ns == before
+    other = contrastive.ContrastiveConfig(sources=[dict(SOURCE, instruction="Given a function, retrieve its docstring.")], path=str(pairs), validation_split=0.15)
+    with pytest.raises(config.UserError, match=r"prepared from other pair sources.*instruction"):
+        contrastive.prepare_pairs(other, info.tokenizer, progress=False)
     # a truncated shard is named when the loader opens it
     import shutil
     copy = tmp_path / "copy"
     shutil.copytree(pairs, copy)
     shard = copy / "source_00" / "train.positive" / "shard_00000.bin"
     shard.write_bytes(shard.read_bytes()[:-10])
-    with pytest.raises(data.UserError, match="shard_00000.bin is truncated"):
-        data.PairLoader(copy, dict_cc(cc, copy), micro_batch_size=4)
+    with pytest.raises(config.UserError, match="shard_00000.bin is truncated"):
+        contrastive.PairLoader(copy, dict_cc(cc, copy), micro_batch_size=4)
     # an interrupted prepare (no top-level manifest) is completed; the finished source is kept
     (copy / "manifest.json").unlink()
     shard.unlink()
     (copy / "source_00" / "manifest.json").unlink()
-    data.prepare_pairs(dict_cc(cc, copy), info.tokenizer, progress=False)
+    contrastive.prepare_pairs(dict_cc(cc, copy), info.tokenizer, progress=False)
     assert json.loads((copy / "manifest.json").read_text())["sources"] == json.loads(man.read_text())["sources"]
 
 
@@ -432,7 +434,7 @@ def test_prepare_only_makes_the_pairs_without_training(tmp_path, pretrained, cap
     out, path = tmp_path / "run", tmp_path / "pairs"
     assert train.main(run_args(pretrained, path, out) + ["--prepare-only"]) == 0
     assert "training pairs ready" in capsys.readouterr().out
-    assert data.read_pairs_manifest(path)["sources"][0]["rows"]["train"] > 0 and not out.exists()
+    assert contrastive.read_pairs_manifest(path)["sources"][0]["rows"]["train"] > 0 and not out.exists()
 
 
 def dict_cc(cc, path):
@@ -496,11 +498,11 @@ def test_retrieval_metrics_match_sklearn():
     p[:10] = q[:10] + 0.1 * torch.randn(10, 8)
     scores = (F.normalize(q.double(), dim=-1) @ F.normalize(p.double(), dim=-1).T).numpy()
     labels = np.arange(40)
-    got = train.retrieval_metrics(q, p, mrr_k=40)
+    got = contrastive.retrieval_metrics(q, p, mrr_k=40)
     assert got["recall@1"] == pytest.approx(top_k_accuracy_score(labels, scores, k=1, labels=labels))
     assert got["recall@10"] == pytest.approx(top_k_accuracy_score(labels, scores, k=10, labels=labels))
     assert got["mrr@40"] == pytest.approx(label_ranking_average_precision_score(np.eye(40), scores))
-    cut = train.retrieval_metrics(q, p)["mrr@10"]  # below rank 10 counts 0
+    cut = contrastive.retrieval_metrics(q, p)["mrr@10"]  # below rank 10 counts 0
     rank = (scores > scores.diagonal()[:, None]).sum(1)
     assert cut == pytest.approx(np.mean(np.where(rank < 10, 1 / (rank + 1), 0.0)))
 
@@ -518,9 +520,9 @@ def test_cls_pooling_is_honoured_through_export(tmp_path, pretrained, pairs):
     texts = ["json.dumps(obj)", "Return the number of items in a container, counting nested ones too."]
     got = st.SentenceTransformer(str(tmp_path / "hf"), trust_remote_code=True, device="cpu").encode(
         texts, convert_to_tensor=True)
-    model, info = train.load_pretrained(out, head="encoder")
+    model, info = config.load_pretrained(out, head="encoder")
     assert info.pooling == "cls"
-    ids, mask = data.pad_rows([np.asarray(e.ids[1:-1]) for e in info.tokenizer.encode_batch(texts)], 64,
+    ids, mask = contrastive.pad_rows([np.asarray(e.ids[1:-1]) for e in info.tokenizer.encode_batch(texts)], 64,
                               *(data.special_token_ids(info.tokenizer)[k] for k in ("cls", "sep", "pad")))
     with torch.no_grad():
         want = neobert.pool(model.eval()(ids, attention_mask=mask), mask, "cls")
@@ -562,12 +564,12 @@ def test_bad_input(tmp_path, capsys, monkeypatch, pretrained, pairs):
 
 def test_config_round_trip(tmp_path):
     cfg = train.load_config(ROOT / "configs" / "contrastive_smoke.yaml", ["contrastive.chunk_size=4"])
-    (tmp_path / "c.yaml").write_text(train.config_to_yaml(cfg))
-    assert train.config_to_dict(train.load_config(tmp_path / "c.yaml")) == train.config_to_dict(cfg)
-    d = train.config_to_dict(cfg)
+    (tmp_path / "c.yaml").write_text(config.config_to_yaml(cfg))
+    assert config.config_to_dict(train.load_config(tmp_path / "c.yaml")) == config.config_to_dict(cfg)
+    d = config.config_to_dict(cfg)
     assert d["contrastive"]["sources"][0]["name"] == "stdlib" and d["contrastive"]["chunk_size"] == 4
-    with pytest.raises(data.UserError, match="unknown key contrastive.sources.0..colums"):
-        data.ContrastiveConfig(sources=[{"name": "x", "colums": "a"}])
+    with pytest.raises(config.UserError, match="unknown config key contrastive.sources.0..colums"):
+        contrastive.ContrastiveConfig(sources=[{"name": "x", "colums": "a"}])
     for path in ("contrastive.yaml", "contrastive_smoke.yaml"):
         cfg = train.load_config(ROOT / "configs" / path)
         assert cfg.trainer.objective == "contrastive" and cfg.contrastive.sources

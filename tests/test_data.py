@@ -320,8 +320,8 @@ def test_refusal_names_the_changed_leaf_keys():
     """A trained tokenizer's spec nests the corpus spec: the refusal names the changed key, not two whole dicts."""
     old = {"train": True, "vocab_size": 512, "corpus": {"name": "local", "validation_split": 0.05}}
     new = {"train": True, "vocab_size": 512, "corpus": {"name": "local", "validation_split": 0.1}}
-    assert data._spec_diff(old, new, "tokenizer") == ["tokenizer.corpus.validation_split: 0.05 -> 0.1"]
-    assert data._spec_diff(old, {"path": "t.json"}, "tokenizer") == [
+    assert data.spec_diff(old, new, "tokenizer") == ["tokenizer.corpus.validation_split: 0.05 -> 0.1"]
+    assert data.spec_diff(old, {"path": "t.json"}, "tokenizer") == [
         "tokenizer.corpus: {'name': 'local', 'validation_split': 0.05} -> None", "tokenizer.path: None -> 't.json'",
         "tokenizer.train: True -> None", "tokenizer.vocab_size: 512 -> None"]
 

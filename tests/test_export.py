@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import config  # noqa: E402
 import data  # noqa: E402
 import export  # noqa: E402
 import neobert  # noqa: E402
@@ -221,7 +222,7 @@ def test_newest_complete_checkpoint(run, tmp_path, tokenizer):
     (other / "checkpoints" / "5").mkdir(parents=True)  # resume state: the model checkpoint beside it, as init_from
     assert export.find_checkpoint(other / "checkpoints" / "5") == other / "model_checkpoints" / "5"
     # the rule is neobert's, but export takes local training checkpoints only: an owner/name is never fetched
-    with pytest.raises(export.ExportError, match="someone/model is not a model folder: it does not exist"):
+    with pytest.raises(config.UserError, match="someone/model is not a model folder: it does not exist"):
         export.find_checkpoint(Path("someone/model"))
 
 
@@ -625,6 +626,7 @@ def test_command_line(run, tmp_path):
 def test_folder_runs_the_repos_neobert_py(folder):
     assert (folder / "neobert.py").read_bytes() == (ROOT / "neobert.py").read_bytes()
     thin = (folder / export.MODELING_FILE_NAME).read_text()
+    assert thin == (ROOT / export.MODELING_FILE_NAME).read_text()  # the repo's adapter, copied
     assert "from .neobert import" in thin  # transformers copies relative imports of remote code along with it
     for math in ("scaled_dot_product_attention", "rsqrt", "silu", "theta", "nn.Linear("):
         assert math not in thin, f"the modeling file computes {math} itself: the model belongs to neobert.py"

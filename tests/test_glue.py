@@ -21,10 +21,10 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import config  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import neobert  # noqa: E402
-import train  # noqa: E402
 from test_export import write_checkpoint as write_model_checkpoint  # noqa: E402
 from test_model import write_released_folder  # noqa: E402
 
@@ -304,7 +304,7 @@ def test_hub_download_and_offline_error(tmp_path, monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'\nsecond line")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(data.UserError) as e:
+    with pytest.raises(config.UserError) as e:
         evaluate.load_glue_task(evaluate.GLUE_TASKS["rte"], evaluate.GlueConfig())
     msg = str(e.value)
     assert "\n" not in msg and "nyu-mll/glue" in msg and "rte/train-00000-of-00001.parquet" in msg
@@ -365,7 +365,7 @@ def test_glue_tsv_layout(tmp_path, capsys):
     assert "QQP/train.tsv: skipped 1 malformed rows" in capsys.readouterr().err
     # no test.tsv is needed (its labels are hidden): scores are on dev; a missing dev file is a clear error
     (root / "RTE" / "dev.tsv").unlink()
-    with pytest.raises(data.UserError, match=r"RTE/dev\.tsv.*glue\.data_dir"):
+    with pytest.raises(config.UserError, match=r"RTE/dev\.tsv.*glue\.data_dir"):
         evaluate.load_glue_task(evaluate.GLUE_TASKS["rte"], evaluate.GlueConfig(data_dir=str(root)))
 
 
@@ -390,18 +390,18 @@ def test_pair_task_learns_and_writes_its_run(custom_run):
     assert cfg["glue"]["task_name"] == "custom" and cfg["glue"]["run"]["batch_size"] == 16
     assert "classifier.weight" in load_file(str(best / "model.safetensors"))
     # the saved model is the best evaluation's: reloading it and predicting gives its score back
-    model, info = train.load_pretrained(best, head="classifier")
+    model, info = config.load_pretrained(best, head="classifier")
     assert info.id2label == {0: "neg", 1: "pos"}
     tok = info.tokenizer
     splits, _, _ = evaluate.load_custom_task(evaluate.GlueConfig(data_dir=str(out.parent / "data"),
                                                                  text_columns=["premise", "hypothesis"]))
     enc = evaluate.encode(tok, splits["validation"], 32)
     pred = evaluate.predict(model, enc, 64, data.special_token_ids(tok)["pad"], False, torch.device("cpu"),
-                            train.autocast("cpu", "no"))
+                            config.autocast("cpu", "no"))
     assert evaluate.accuracy(pred.astype(int), enc.labels) == pytest.approx(res["best"]["accuracy"])
     # the unpadded path (one row, cu_seqlens: the GPU's varlen attention; an exact block mask here) agrees
     unpadded = evaluate.predict(model, enc, 64, data.special_token_ids(tok)["pad"], True, torch.device("cpu"),
-                                train.autocast("cpu", "no"))
+                                config.autocast("cpu", "no"))
     np.testing.assert_array_equal(unpadded, pred)
     summary = json.loads((out / "glue" / "results.json").read_text())
     assert summary["tasks"]["custom"]["score"] == pytest.approx(res["best"]["score"])
@@ -570,14 +570,14 @@ def write_tiny_glue(root: Path) -> Path:
 def test_mnli_to_rte_transfer_keeps_the_encoder_new_head(tmp_path, pretrained, monkeypatch):
     glue_dir = write_tiny_glue(tmp_path / "glue")
     loads = []
-    real = train.load_pretrained
+    real = config.load_pretrained
 
     def spy(source, **kw):
         model, info = real(source, **kw)
         loads.append((Path(source), kw.get("head"), {k: v.clone() for k, v in model.state_dict().items()}))
         return model, info
 
-    monkeypatch.setattr(train, "load_pretrained", spy)
+    monkeypatch.setattr(config, "load_pretrained", spy)
     out = tmp_path / "out"
     code = run_glue("--glue.task_name", "rte,mnli", "--glue.data_dir", glue_dir, "--glue.transfer_from_task", "true",
                     *glue_args(out, pretrained, "--trainer.max_steps", 6, "--trainer.eval_steps", 3,
@@ -689,7 +689,7 @@ def test_start_from_released_and_exported_folders(tmp_path, pretrained, tokenize
     export.export(pretrained, exported)
     data_dir = write_custom(tmp_path / "data", n_train=32, n_val=16)
     loads = []
-    real = train.load_pretrained
+    real = config.load_pretrained
 
     def spy(source, **kw):
         model, info = real(source, **kw)
@@ -697,7 +697,7 @@ def test_start_from_released_and_exported_folders(tmp_path, pretrained, tokenize
             loads.append({k: v.clone() for k, v in model.model.state_dict().items()})
         return model, info
 
-    monkeypatch.setattr(train, "load_pretrained", spy)
+    monkeypatch.setattr(config, "load_pretrained", spy)
     ckpt = load_file(str(pretrained / "model_checkpoints" / "5" / "model.safetensors"))
     want = {released: src.model.state_dict(),
             exported: {k.removeprefix("model."): v for k, v in ckpt.items() if k.startswith("model.")}}
@@ -723,7 +723,7 @@ def test_finetuned_classifier_exports_and_loads_in_transformers(custom_run, tmp_
     clf = transformers.AutoModelForSequenceClassification.from_pretrained(hf, trust_remote_code=True).eval()
     assert clf.config.num_labels == 2 and clf.config.id2label == {0: "neg", 1: "pos"}
     assert clf.config.label2id == {"neg": 0, "pos": 1}
-    ours, _ = train.load_pretrained(run / "best", head="classifier")
+    ours, _ = config.load_pretrained(run / "best", head="classifier")
     ours.eval()
     tok = transformers.AutoTokenizer.from_pretrained(hf)
     batch = tok(["wax wbx", "wcx"], ["omega wdx", "alpha"], padding=True, return_tensors="pt")

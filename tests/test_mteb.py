@@ -21,10 +21,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import config  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import mteb_eval  # noqa: E402
 import neobert  # noqa: E402
-import train  # noqa: E402
 from test_export import write_checkpoint as write_model_checkpoint  # noqa: E402
 
 mteb = pytest.importorskip("mteb")
@@ -164,14 +165,14 @@ def beir_root(tmp_path_factory):
 
 
 def load_cfg(*overrides):
-    return evaluate.load_mteb_config(["--trainer.mixed_precision", "no", *overrides])
+    return mteb_eval.load_mteb_config(["--trainer.mixed_precision", "no", *overrides])
 
 
 def encoder_for(run_dir, **kw):
-    model, info = train.load_pretrained(run_dir, head="encoder")
+    model, info = config.load_pretrained(run_dir, head="encoder")
     args = dict(pooling=info.pooling, max_seq_length=1024, batch_size=8, device="cpu", precision="no")
     args.update(kw)
-    return evaluate.SentenceEncoder(model, info.tokenizer, **args), model, info
+    return mteb_eval.SentenceEncoder(model, info.tokenizer, **args), model, info
 
 
 def main_scores(model_result):
@@ -211,10 +212,12 @@ def test_embeddings_match_a_float64_reference(run, cls_run, packed):
     for run_dir, pooling in ((run, "mean"), (cls_run, "cls")):
         enc, model, info = encoder_for(run_dir, max_seq_length=40, packed=packed)
         assert info.pooling == enc.pooling == pooling  # pooling from the checkpoint's training (contrastive.pooling)
-        if packed:  # rows of at most max_position_embeddings (128) tokens, each tail a padding segment
-            rows, cu, segment_of = enc._packed_rows([[5] * 40, [6] * 40, [7] * 30, [8] * 30, [9] * 10])
-            assert rows.shape == (2, 128) and cu.tolist() == [0, 40, 80, 110, 128, 158, 168, 256]
-            assert segment_of == [0, 1, 2, 4, 5]
+        if packed:  # a batch is one (1, N) row, here past max_position_embeddings (128): the same as padded
+            seqs = [[5] * 40, [6] * 40, [7] * 30, [8] * 30, [9] * 10]
+            row = neobert.batch_sequences(seqs, enc.pad_id, packed=True)
+            assert row["input_ids"].shape == (1, 150) and row["cu_seqlens"].tolist() == [0, 40, 80, 110, 140, 150]
+            np.testing.assert_allclose(neobert.embed(model, seqs, enc.pad_id, pooling, 8, packed=True),
+                                       neobert.embed(model, seqs, enc.pad_id, pooling, 8), atol=2e-5, rtol=1e-4)
         got = enc.encode(texts, show_progress_bar=False)
         assert got.shape == (len(texts), 32) and got.dtype == np.float32
         want = reference_embeddings(model, info.tokenizer, texts, pooling, max_len=40)
@@ -233,25 +236,25 @@ def test_pooling_override_and_truncation(cls_run):
 
 def test_model_meta_names_the_checkpoint(run, cls_run, tokenizer, tmp_path):
     enc, model, info = encoder_for(run)
-    instr = evaluate.load_instructions("configs/mteb_instructions.yaml")
-    name, rev = evaluate.model_identity(str(run), info.path), evaluate.weights_digest(info.path)
-    m = evaluate.model_meta(name, rev, neobert.num_params(model), enc, instr, True)
+    instr = mteb_eval.load_instructions("configs/mteb_instructions.yaml")
+    name, rev = mteb_eval.model_identity(str(run), info.path), mteb_eval.weights_digest(info.path)
+    m = mteb_eval.model_meta(name, rev, neobert.num_params(model), enc, instr, True)
     assert m.name == f"local/{run.name}-step10" and len(rev) == 16
     assert (m.n_parameters, m.embed_dim, m.max_tokens) == (neobert.num_params(model), 32, 128)
     assert m.similarity_fn_name.value == "cosine" and m.use_instructions
-    wrapped = evaluate.mteb_encoder(enc, m, instr)
+    wrapped = mteb_eval.mteb_encoder(enc, m, instr)
     assert isinstance(wrapped, mteb.models.abs_encoder.AbsEncoder) and wrapped.mteb_model_meta is m
     a, b = np.random.default_rng(0).normal(size=(2, 3, 32))
     cos = (a @ b.T) / np.linalg.norm(a, axis=1)[:, None] / np.linalg.norm(b, axis=1)[None]
     np.testing.assert_allclose(np.asarray(wrapped.similarity(a, b)), cos, atol=1e-6)
     np.testing.assert_allclose(np.asarray(wrapped.similarity_pairwise(a, b)), np.diag(cos), atol=1e-6)
-    assert evaluate.model_identity("chandar-lab/NeoBERT", tmp_path) == "chandar-lab/NeoBERT"  # a hub id: as is
+    assert mteb_eval.model_identity("chandar-lab/NeoBERT", tmp_path) == "chandar-lab/NeoBERT"  # a hub id: as is
     (tmp_path / "hf_dir").mkdir()
-    assert evaluate.model_identity(str(tmp_path / "hf_dir"), tmp_path / "hf_dir") == "local/hf_dir"  # an HF folder
+    assert mteb_eval.model_identity(str(tmp_path / "hf_dir"), tmp_path / "hf_dir") == "local/hf_dir"  # an HF folder
     # same weights under another folder: the same revision; other weights: another one
     other = write_checkpoint(tmp_path / "other", 10, tokenizer, seed=0)
-    assert evaluate.weights_digest(other) == rev
-    assert evaluate.weights_digest(cls_run / "model_checkpoints" / "10") != rev
+    assert mteb_eval.weights_digest(other) == rev
+    assert mteb_eval.weights_digest(cls_run / "model_checkpoints" / "10") != rev
 
 
 # -----------------------------------------------------------------------------
@@ -280,9 +283,9 @@ def test_scores_equal_sentence_transformers_on_the_exported_folder(cls_run, tmp_
                                        show_progress_bar=False, encode_kwargs={"batch_size": 8}))
     enc, model, info = encoder_for(folder)  # the exported folder itself, through load_pretrained
     assert enc.pooling == pooling  # read back from the folder's 1_Pooling/config.json
-    instr = evaluate.Instructions()
-    m = evaluate.model_meta("local/hf", "x", neobert.num_params(model), enc, instr, False)
-    ours = main_scores(mteb.evaluate(evaluate.mteb_encoder(enc, m, instr, False), custom_tasks(), cache=None,
+    instr = mteb_eval.Instructions()
+    m = mteb_eval.model_meta("local/hf", "x", neobert.num_params(model), enc, instr, False)
+    ours = main_scores(mteb.evaluate(mteb_eval.mteb_encoder(enc, m, instr, False), custom_tasks(), cache=None,
                                      co2_tracker=False, show_progress_bar=False, encode_kwargs={"batch_size": 8}))
     assert set(ours) == {"DocSTS", "DocRetrieval", "DocClassification"}
     for name in ours:
@@ -296,19 +299,19 @@ def test_scores_equal_sentence_transformers_on_the_exported_folder(cls_run, tmp_
 
 def test_instructions_reach_queries_only(run, monkeypatch, tmp_path):
     seen = []
-    real = evaluate.SentenceEncoder.encode
+    real = mteb_eval.SentenceEncoder.encode
 
     def recording(self, texts, **kw):
         seen.append((kw.get("desc"), list(texts)))
         return real(self, texts, **kw)
-    monkeypatch.setattr(evaluate.SentenceEncoder, "encode", recording)
-    monkeypatch.setattr(evaluate, "select_tasks", lambda mc: custom_tasks()[:2])
+    monkeypatch.setattr(mteb_eval.SentenceEncoder, "encode", recording)
+    monkeypatch.setattr(mteb_eval, "select_tasks", lambda mc: custom_tasks()[:2])
     instr = tmp_path / "instr.yaml"
     instr.write_text(yaml.safe_dump({"query_template": "Q[{instruction}] ", "tasks": {
         "DocRetrieval": "find the body", "STS": "same meaning?"}}))
     cfg = load_cfg("--mteb.model", str(run), "--mteb.instructions", str(instr), "--mteb.output_dir",
                    str(tmp_path / "out"))
-    evaluate.run_mteb(cfg, progress=False)
+    mteb_eval.run_mteb(cfg, progress=False)
     by_desc = {desc: texts for desc, texts in seen}
     queries, docs = by_desc["DocRetrieval queries"], by_desc["DocRetrieval documents"]
     assert queries and all(t.startswith("Q[find the body] ") for t in queries)
@@ -317,8 +320,8 @@ def test_instructions_reach_queries_only(run, monkeypatch, tmp_path):
     assert sts and all(t.startswith("Q[same meaning?] ") for t in sts)
     # off: nothing is prefixed, and the scores are filed apart from the instructed ones
     seen.clear()
-    monkeypatch.setattr(evaluate, "select_tasks", lambda mc: [DocSTS()])
-    evaluate.run_mteb(load_cfg("--mteb.model", str(run), "--mteb.instructions", str(instr), "--mteb.use_instructions",
+    monkeypatch.setattr(mteb_eval, "select_tasks", lambda mc: [DocSTS()])
+    mteb_eval.run_mteb(load_cfg("--mteb.model", str(run), "--mteb.instructions", str(instr), "--mteb.use_instructions",
                                "false", "--mteb.output_dir", str(tmp_path / "out")), progress=False)
     assert seen and not any(t.startswith("Q[") for _, texts in seen for t in texts)
 
@@ -327,16 +330,16 @@ def test_document_instruction_and_template_checks(tmp_path):
     p = tmp_path / "i.yaml"
     p.write_text(yaml.safe_dump({"document_template": "D: {instruction}\n",
                                  "tasks": {"Quora": {"query": "q-side.", "document": "d-side."}}}))
-    ins = evaluate.load_instructions(str(p))
+    ins = mteb_eval.load_instructions(str(p))
     assert ins.prefix("Quora", "Retrieval", mteb.types.PromptType.document) == "D: d-side.\n"
     assert ins.prefix("Quora", "Retrieval", mteb.types.PromptType.query) == "q-side. "
     assert ins.prefix("Other", "Retrieval", None) == ""
-    shipped = evaluate.load_instructions("configs/mteb_instructions.yaml")
+    shipped = mteb_eval.load_instructions("configs/mteb_instructions.yaml")
     v1 = [t.metadata.name for t in mteb.get_benchmark("MTEB(eng, v1)").tasks]
     assert all(t in shipped.tasks for t in v1)
     p.write_text("query_template: 'no placeholder'\n")
-    with pytest.raises(data.UserError, match="query_template"):
-        evaluate.load_instructions(str(p))
+    with pytest.raises(config.UserError, match="query_template"):
+        mteb_eval.load_instructions(str(p))
 
 
 # -----------------------------------------------------------------------------
@@ -348,15 +351,15 @@ def scored(run, tmp_path_factory):
     """The three stdlib tasks scored once for `run`: (summary, output_dir)."""
     out = tmp_path_factory.mktemp("scored")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evaluate, "select_tasks", lambda mc: custom_tasks())
-        summary = evaluate.run_mteb(load_cfg("--mteb.model", str(run), "--mteb.output_dir", str(out)), progress=False)
+        mp.setattr(mteb_eval, "select_tasks", lambda mc: custom_tasks())
+        summary = mteb_eval.run_mteb(load_cfg("--mteb.model", str(run), "--mteb.output_dir", str(out)), progress=False)
     return summary, out
 
 
 def count_encodes(monkeypatch):
     calls = []
-    real = evaluate.SentenceEncoder.encode
-    monkeypatch.setattr(evaluate.SentenceEncoder, "encode", lambda self, texts, **kw: calls.append(1) or
+    real = mteb_eval.SentenceEncoder.encode
+    monkeypatch.setattr(mteb_eval.SentenceEncoder, "encode", lambda self, texts, **kw: calls.append(1) or
                         real(self, texts, **kw))
     return calls
 
@@ -380,24 +383,24 @@ def test_summary_is_table_4(scored):  # before the test below, which rewrites re
 def test_rerun_skips_scored_tasks_and_checkpoints_never_share(run, cls_run, scored, monkeypatch):
     first, out = scored
     assert first["tasks_scored"] == 3
-    monkeypatch.setattr(evaluate, "select_tasks", lambda mc: custom_tasks())
+    monkeypatch.setattr(mteb_eval, "select_tasks", lambda mc: custom_tasks())
     calls = count_encodes(monkeypatch)
-    again = evaluate.run_mteb(load_cfg("--mteb.model", str(run), "--mteb.output_dir", str(out)), progress=False)
+    again = mteb_eval.run_mteb(load_cfg("--mteb.model", str(run), "--mteb.output_dir", str(out)), progress=False)
     assert not calls and again["tasks"] == first["tasks"]  # all three read back from mteb's files
-    monkeypatch.setattr(evaluate, "select_tasks", lambda mc: [DocSTS()])
-    other = evaluate.run_mteb(load_cfg("--mteb.model", str(cls_run), "--mteb.output_dir", str(out)), progress=False)
+    monkeypatch.setattr(mteb_eval, "select_tasks", lambda mc: [DocSTS()])
+    other = mteb_eval.run_mteb(load_cfg("--mteb.model", str(cls_run), "--mteb.output_dir", str(out)), progress=False)
     assert calls, "another checkpoint must be scored, not handed the first one's results"
     assert other["tasks"]["DocSTS"] != first["tasks"]["DocSTS"] and other["revision"] != first["revision"]
     files = sorted(p.relative_to(out / "mteb" / "results") for p in (out / "mteb" / "results").rglob("DocSTS.json"))
     assert len(files) == 2 and files[0].parts[:2] != files[1].parts[:2]
     calls.clear()  # an interrupted benchmark: a lost task file is the only one scored again
     Path(first["results_dir"], "DocRetrieval.json").unlink()
-    monkeypatch.setattr(evaluate, "select_tasks", lambda mc: custom_tasks())
-    evaluate.run_mteb(load_cfg("--mteb.model", str(run), "--mteb.output_dir", str(out)), progress=False)
+    monkeypatch.setattr(mteb_eval, "select_tasks", lambda mc: custom_tasks())
+    mteb_eval.run_mteb(load_cfg("--mteb.model", str(run), "--mteb.output_dir", str(out)), progress=False)
     assert len(calls) == 2  # queries and documents of DocRetrieval only
     calls.clear()
-    monkeypatch.setattr(evaluate, "select_tasks", lambda mc: [DocSTS()])
-    evaluate.run_mteb(load_cfg("--mteb.model", str(run), "--mteb.output_dir", str(out), "--mteb.overwrite", "true"),
+    monkeypatch.setattr(mteb_eval, "select_tasks", lambda mc: [DocSTS()])
+    mteb_eval.run_mteb(load_cfg("--mteb.model", str(run), "--mteb.output_dir", str(out), "--mteb.overwrite", "true"),
                       progress=False)
     assert calls  # overwrite: scored again although its file is there
 
@@ -425,7 +428,7 @@ def test_beir_folders_are_retrieval_tasks(run, beir_single, tmp_path, capsys):
     assert list(s["tasks"]) == ["alpha", "beta", "gamma"]
     assert {r["type"] for r in s["tasks"].values()} == {"Retrieval"}
     enc, _, _ = encoder_for(run)
-    ins = evaluate.load_instructions("configs/mteb_instructions.yaml")  # the Retrieval type's query instruction
+    ins = mteb_eval.load_instructions("configs/mteb_instructions.yaml")  # the Retrieval type's query instruction
     for k, name in enumerate(("alpha", "beta", "gamma")):
         docs = DOCS[k::3]
         queries = [ins.prefix(name, "Retrieval", mteb.types.PromptType.query) + f for _, f, _ in docs]
@@ -436,7 +439,7 @@ def test_beir_folders_are_retrieval_tasks(run, beir_single, tmp_path, capsys):
     line = error_line(capsys, ["--mteb.model", str(run), "--mteb.beir_dir", str(broken)])
     assert "qrels/test.tsv" in line and str(broken) in line
     single = write_beir(tmp_path / "one", DOCS[:5])  # a folder that is itself a BEIR folder
-    assert [t.metadata.name for t in evaluate.beir_tasks(str(single))] == ["one"]
+    assert [t.metadata.name for t in mteb_eval.beir_tasks(str(single))] == ["one"]
 
 
 def test_an_edited_beir_folder_is_scored_again(run, tmp_path):

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import config  # noqa: E402
 import data  # noqa: E402
 import neobert  # noqa: E402
 import train  # noqa: E402
@@ -103,7 +104,7 @@ def test_config_overrides_types_and_round_trip(tmp_path):
     assert train.load_config(SMOKE, ["trainer.resume_from_checkpoint=true"]).trainer.resume_from_checkpoint is True
     assert train.load_config(SMOKE, ["--optimizer.betas", "[0.8, 0.9]"]).optimizer.betas == (0.8, 0.9)
     # the resolved config saved with checkpoints reads back to the same config
-    (tmp_path / "c.yaml").write_text(train.config_to_yaml(cfg))
+    (tmp_path / "c.yaml").write_text(config.config_to_yaml(cfg))
     assert train.load_config(tmp_path / "c.yaml") == cfg
 
 
@@ -158,12 +159,12 @@ def test_sections_check_themselves_and_nested_sections(tmp_path):
     for build in (lambda: data.DatasetConfig(max_seq_length=4), lambda: data.DataCollatorConfig(mlm_probability=0.0),
                   lambda: train.OptimizerConfig(lr=float("nan")), lambda: train.SchedulerConfig(final_lr_ratio=2.0),
                   lambda: train.TrainerConfig(save_total_limit=0)):
-        with pytest.raises(data.UserError):
+        with pytest.raises(config.UserError):
             build()
     (tmp_path / "no.yaml").write_text("trainer:\n  mixed_precision: no\n")  # YAML 1.1: an unquoted no is false
     assert train.load_config(tmp_path / "no.yaml").trainer.mixed_precision == "no"
     (tmp_path / "nan.yaml").write_text("optimizer:\n  lr: .nan\n")
-    with pytest.raises(data.UserError, match="optimizer.lr must be a finite number"):
+    with pytest.raises(config.UserError, match="optimizer.lr must be a finite number"):
         train.load_config(tmp_path / "nan.yaml")
 
     @dataclasses.dataclass
@@ -172,7 +173,7 @@ def test_sections_check_themselves_and_nested_sections(tmp_path):
         weight: float = 1.0
 
         def __post_init__(self):
-            data.require(self.weight > 0, f"weight must be > 0, got {self.weight}")
+            config.require(self.weight > 0, f"weight must be > 0, got {self.weight}")
 
     @dataclasses.dataclass
     class Task:
@@ -182,12 +183,12 @@ def test_sections_check_themselves_and_nested_sections(tmp_path):
     (tmp_path / "t.yaml").write_text("task:\n  sources:\n    - {name: x}\n    - {name: y, weight: 2}\n")
     cfg = train.load_config(tmp_path / "t.yaml", ["task.mode=b"], extra_sections={"task": Task})
     assert cfg.tasks["task"] == Task(sources=[Source("x", 1.0), Source("y", 2.0)], mode="b")
-    assert train.config_to_dict(cfg)["task"]["sources"][1] == {"name": "y", "weight": 2.0}
+    assert config.config_to_dict(cfg)["task"]["sources"][1] == {"name": "y", "weight": 2.0}
     for text, fragment in [("- {name: x, wieght: 2}", "unknown config key task.sources[0].wieght"),
                            ("- {name: x}\n    - {weight: fast}", "task.sources[1].weight: expected float"),
                            ("- {weight: -1}", "task.sources[0]: weight must be > 0")]:
         (tmp_path / "t.yaml").write_text(f"task:\n  sources:\n    {text}\n")
-        with pytest.raises(data.UserError, match=re.escape(fragment)):
+        with pytest.raises(config.UserError, match=re.escape(fragment)):
             train.load_config(tmp_path / "t.yaml", extra_sections={"task": Task})
 
 
@@ -594,7 +595,7 @@ def test_init_from_a_resume_checkpoint_dir(data_dir, tmp_path):
 
 
 def fake_cpu(monkeypatch, flags, capability="AVX2"):
-    monkeypatch.setattr(train, "cpu_flags", lambda: set(flags))
+    monkeypatch.setattr(config, "cpu_flags", lambda: set(flags))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
 
 
@@ -611,7 +612,7 @@ def fake_cpu(monkeypatch, flags, capability="AVX2"):
 ])
 def test_resolve_precision_follows_the_hardware(monkeypatch, capsys, device, flags, asked, expected, warned):
     fake_cpu(monkeypatch, flags)
-    assert train.resolve_precision(asked, torch.device(device) if ":" in device else device) == expected
+    assert config.resolve_precision(asked, torch.device(device) if ":" in device else device) == expected
     err = capsys.readouterr().err
     assert ("0.27 GFLOP/s" in err and "no AVX512-BF16/AMX" in err and err.count("\n") == 1) == warned, err
 
@@ -620,21 +621,21 @@ def test_cpu_capability_and_cpuinfo_flags(monkeypatch, tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n\n"
                        "processor\t: 1\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n")
-    assert {"avx2", "avx512_bf16"} <= train.cpu_flags(cpuinfo) and "processor" not in train.cpu_flags(cpuinfo)
+    assert {"avx2", "avx512_bf16"} <= config.cpu_flags(cpuinfo) and "processor" not in config.cpu_flags(cpuinfo)
     cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16\nCPU implementer\t: 0x41\n")
-    assert "bf16" in train.cpu_flags(cpuinfo) and "0x41" not in train.cpu_flags(cpuinfo)
-    assert train.cpu_flags(tmp_path / "missing") == set()  # macOS, Windows: no file, fp32
+    assert "bf16" in config.cpu_flags(cpuinfo) and "0x41" not in config.cpu_flags(cpuinfo)
+    assert config.cpu_flags(tmp_path / "missing") == set()  # macOS, Windows: no file, fp32
     fake_cpu(monkeypatch, [], capability="AVX512")  # AVX512 alone says nothing about bf16 units
-    assert train.resolve_precision("auto", "cpu") == "no"
-    with pytest.raises(data.UserError, match="fp16"):
-        train.resolve_precision("fp16", "cpu")
+    assert config.resolve_precision("auto", "cpu") == "no"
+    with pytest.raises(config.UserError, match="fp16"):
+        config.resolve_precision("fp16", "cpu")
 
 
 def test_autocast_context():
     a, b = torch.randn(8, 8), torch.randn(8, 8)
-    with train.autocast("cpu", "bf16"):
+    with config.autocast("cpu", "bf16"):
         assert (a @ b).dtype == torch.bfloat16
-    with train.autocast(torch.device("cpu"), "no"):
+    with config.autocast(torch.device("cpu"), "no"):
         assert (a @ b).dtype == torch.float32
 
 
@@ -645,7 +646,7 @@ def test_trainer_uses_the_resolved_precision(data_dir, tmp_path, monkeypatch, ca
     assert "precision: fp32 (trainer.mixed_precision=auto)" in capsys.readouterr().out
     fake_cpu(monkeypatch, ["amx_bf16"])
     seen = []
-    real = train.autocast
+    real = config.autocast
     monkeypatch.setattr(train, "autocast", lambda device, precision: seen.append(precision) or real(device, precision))
     run(data_dir, tmp_path / "bf16", **{"trainer.max_steps": 1, "trainer.mixed_precision": "auto"})
     assert "precision: bf16 autocast" in capsys.readouterr().out and seen == ["bf16"]
@@ -664,7 +665,7 @@ def write_checkpoint(folder, model, cfg_dict, tokenizer=True):
     from tokenizers import Tokenizer, models
     folder.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    (folder / "config.yaml").write_text(train.yaml.safe_dump(cfg_dict))
+    (folder / "config.yaml").write_text(config.yaml.safe_dump(cfg_dict))
     if tokenizer:
         Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(folder / "tokenizer.json"))
     return folder
@@ -684,8 +685,8 @@ def mlm_run(tmp_path):
     torch.manual_seed(2)
     new = neobert.NeoBERTLMHead(cfg.model)
     run_dir = tmp_path / "run"
-    write_checkpoint(run_dir / "model_checkpoints" / "1", old, train.config_to_dict(cfg))
-    write_checkpoint(run_dir / "model_checkpoints" / "2", new, train.config_to_dict(cfg))
+    write_checkpoint(run_dir / "model_checkpoints" / "1", old, config.config_to_dict(cfg))
+    write_checkpoint(run_dir / "model_checkpoints" / "2", new, config.config_to_dict(cfg))
     (run_dir / "model_checkpoints" / "latest").write_text("2\n")
     (run_dir / "checkpoints" / "2").mkdir(parents=True)
     return run_dir, cfg, new
@@ -695,38 +696,38 @@ def test_resolve_model_source_layouts(mlm_run, tmp_path, capsys, monkeypatch):
     run_dir, _, _ = mlm_run
     step2 = run_dir / "model_checkpoints" / "2"
     for source in [run_dir, str(run_dir), run_dir / "model_checkpoints", step2, run_dir / "checkpoints" / "2"]:
-        assert train.resolve_model_source(source) == step2, source
-    assert train.resolve_model_source(run_dir / "model_checkpoints" / "1") == run_dir / "model_checkpoints" / "1"
+        assert config.resolve_model_source(source) == step2, source
+    assert config.resolve_model_source(run_dir / "model_checkpoints" / "1") == run_dir / "model_checkpoints" / "1"
     (run_dir / "model_checkpoints" / "latest").write_text("7\n")  # stale: the newest complete step
     (run_dir / "model_checkpoints" / "9").mkdir()  # an empty step dir is not complete
-    assert train.resolve_model_source(run_dir) == step2
+    assert config.resolve_model_source(run_dir) == step2
     for bad, fragments in [(tmp_path / "nope", ["nope", "does not exist", "run directory", "hub id"]),
                            ("./nope", ["does not exist", "hub id"]), (tmp_path, ["not a model folder"])]:
-        with pytest.raises(data.UserError) as e:
-            train.resolve_model_source(bad)
+        with pytest.raises(config.UserError) as e:
+            config.resolve_model_source(bad)
         assert all(f in str(e.value) for f in fragments) and "\n" not in str(e.value), e.value
     (tmp_path / "empty_run" / "model_checkpoints").mkdir(parents=True)
-    with pytest.raises(data.UserError, match="no complete model checkpoint"):
-        train.resolve_model_source(tmp_path / "empty_run")
+    with pytest.raises(config.UserError, match="no complete model checkpoint"):
+        config.resolve_model_source(tmp_path / "empty_run")
     # runs/mistyped (relative, owner/name-shaped) is a missing run when runs/ exists, never a hub repo to fetch
     (tmp_path / "runs").mkdir()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("huggingface_hub.snapshot_download", lambda *a, **k: pytest.fail("went to the hub"))
-    with pytest.raises(data.UserError, match="runs/mistyped is not a model folder: it does not exist"):
-        train.resolve_model_source("runs/mistyped")
+    with pytest.raises(config.UserError, match="runs/mistyped is not a model folder: it does not exist"):
+        config.resolve_model_source("runs/mistyped")
 
 
 def test_load_pretrained_mlm_and_encoder_from_a_run(mlm_run):
     run_dir, cfg, new = mlm_run
-    model, info = train.load_pretrained(run_dir)
+    model, info = config.load_pretrained(run_dir)
     assert type(model) is neobert.NeoBERTLMHead and same_weights(model, new)
     assert info.path == run_dir / "model_checkpoints" / "2" and info.model_config == cfg.model
     assert info.pooling == "mean" and info.num_labels is None and info.id2label is None
     assert info.full_config["trainer"]["max_steps"] == cfg.trainer.max_steps
     assert info.tokenizer.token_to_id("[PAD]") == 0
-    encoder, _ = train.load_pretrained(run_dir / "checkpoints" / "2", head="encoder")
+    encoder, _ = config.load_pretrained(run_dir / "checkpoints" / "2", head="encoder")
     assert type(encoder) is neobert.NeoBERT and same_weights(encoder, new.model)
-    overridden, info = train.load_pretrained(run_dir, attn_backend="sdpa")
+    overridden, info = config.load_pretrained(run_dir, attn_backend="sdpa")
     assert info.model_config.attn_backend == "sdpa" and overridden.config.attn_backend == "sdpa"
 
 
@@ -749,7 +750,7 @@ def test_load_pretrained_hf_folder_and_hub_id(mlm_run, tmp_path, monkeypatch):
     (hf / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": m.hidden_size,
                                                               "pooling_mode_cls_token": True,
                                                               "pooling_mode_mean_tokens": False}))
-    model, info = train.load_pretrained(hf)
+    model, info = config.load_pretrained(hf)
     assert same_weights(model, new) and info.model_config == m and info.pooling == "cls" and info.tokenizer is None
     assert info.full_config["max_length"] == m.max_position_embeddings
     calls = []
@@ -760,7 +761,7 @@ def test_load_pretrained_hf_folder_and_hub_id(mlm_run, tmp_path, monkeypatch):
 
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    model, info = train.load_pretrained("chandar-lab/NeoBERT", head="encoder")
+    model, info = config.load_pretrained("chandar-lab/NeoBERT", head="encoder")
     assert calls[0][0] == "chandar-lab/NeoBERT" and "1_Pooling/config.json" in calls[0][1]["allow_patterns"]
     assert same_weights(model, new.model) and info.path == hf
 
@@ -768,51 +769,51 @@ def test_load_pretrained_hf_folder_and_hub_id(mlm_run, tmp_path, monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(data.UserError, match="cannot get someone/model from the Hugging Face Hub"):
-        train.load_pretrained("someone/model")
+    with pytest.raises(config.UserError, match="cannot get someone/model from the Hugging Face Hub"):
+        config.load_pretrained("someone/model")
 
 
 def test_load_pretrained_classifier_heads(mlm_run, tmp_path):
     run_dir, cfg, new = mlm_run
     # from an MLM checkpoint: the encoder, a new head
     torch.manual_seed(0)
-    clf, info = train.load_pretrained(run_dir, head="classifier", num_labels=3, classifier_dropout=0.3)
+    clf, info = config.load_pretrained(run_dir, head="classifier", num_labels=3, classifier_dropout=0.3)
     assert type(clf) is neobert.NeoBERTForSequenceClassification and clf.classifier.out_features == 3
     assert same_weights(clf.model, new.model) and clf.dropout.p == 0.3 and info.num_labels is None
     # a fine-tuned classifier (contract 3: a `classifier:` section beside the training config) keeps its head
     with torch.no_grad():
         clf.classifier.weight.add_(1.0)
-    saved = {**train.config_to_dict(cfg), "classifier": {"num_labels": 3, "id2label": {0: "neg", 1: "neu", 2: "pos"},
+    saved = {**config.config_to_dict(cfg), "classifier": {"num_labels": 3, "id2label": {0: "neg", 1: "neu", 2: "pos"},
                                                        "classifier_dropout": 0.2, "classifier_init_range": 0.02}}
     ck = write_checkpoint(tmp_path / "clf" / "model_checkpoints" / "5", clf, saved)
     for num_labels in (None, 3):
-        back, info = train.load_pretrained(ck, head="classifier", num_labels=num_labels)
+        back, info = config.load_pretrained(ck, head="classifier", num_labels=num_labels)
         assert same_weights(back, clf) and back.dropout.p == 0.2
         assert info.num_labels == 3 and info.id2label == {0: "neg", 1: "neu", 2: "pos"}
-    with pytest.raises(data.UserError, match="3 labels but num_labels=5"):
-        train.load_pretrained(ck, head="classifier", num_labels=5)
-    other, info = train.load_pretrained(ck, head="classifier", num_labels=5, new_head_if_mismatch=True)
+    with pytest.raises(config.UserError, match="3 labels but num_labels=5"):
+        config.load_pretrained(ck, head="classifier", num_labels=5)
+    other, info = config.load_pretrained(ck, head="classifier", num_labels=5, new_head_if_mismatch=True)
     assert other.classifier.out_features == 5 and same_weights(other.model, clf.model) and info.num_labels is None
-    encoder, _ = train.load_pretrained(ck, head="encoder")
+    encoder, _ = config.load_pretrained(ck, head="encoder")
     assert same_weights(encoder, clf.model)
-    with pytest.raises(data.UserError, match="no MLM decoder"):
-        train.load_pretrained(ck)
+    with pytest.raises(config.UserError, match="no MLM decoder"):
+        config.load_pretrained(ck)
 
 
 def test_load_pretrained_contrastive_pooling_and_bad_files(mlm_run, tmp_path):
     run_dir, cfg, new = mlm_run
-    d = {**train.config_to_dict(cfg), "contrastive": {"pooling": "cls"}}
+    d = {**config.config_to_dict(cfg), "contrastive": {"pooling": "cls"}}
     d["trainer"]["objective"] = "contrastive"
     ck = write_checkpoint(tmp_path / "c", new, d, tokenizer=False)
-    model, info = train.load_pretrained(ck, head="encoder")
+    model, info = config.load_pretrained(ck, head="encoder")
     assert info.pooling == "cls" and info.tokenizer is None and same_weights(model, new.model)
     (ck / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes()[:100])  # truncated
-    with pytest.raises(data.UserError, match="cannot read the weights"):
-        train.load_pretrained(ck)
+    with pytest.raises(config.UserError, match="cannot read the weights"):
+        config.load_pretrained(ck)
     wide = write_checkpoint(tmp_path / "w", neobert.NeoBERTLMHead(tiny_cfg(**{"model.hidden_size": 64}).model),
-                            train.config_to_dict(cfg))  # config.yaml says hidden 32, weights are 64 wide
-    with pytest.raises(data.UserError, match="different model shape"):
-        train.load_pretrained(wide)
+                            config.config_to_dict(cfg))  # config.yaml says hidden 32, weights are 64 wide
+    with pytest.raises(config.UserError, match="different model shape"):
+        config.load_pretrained(wide)
 
 
 # -----------------------------------------------------------------------------
@@ -864,3 +865,113 @@ def test_guide_command_line_with_wandb_offline(data_dir, tmp_path):
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), list((out / "wandb").iterdir())
     assert (runs[0] / "run-" f"{runs[0].name.rsplit('-', 1)[1]}.wandb").stat().st_size > 0
+
+
+# -----------------------------------------------------------------------------
+# the objective interface: a third objective, written here, trains through train.py's loop unchanged
+
+THIRD_OBJECTIVE = '''
+"""A third objective for the test: pooled embeddings regressed (mean-squared error) onto a fixed random target per
+row, the mean of a seeded random vector per token. It reuses MLM's data (a subclass) and replaces the loss."""
+import sys
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, sys.argv.pop(1))  # the repo
+import config, neobert, train
+
+
+class Pooled(torch.nn.Module):
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, attention_mask):
+        return neobert.pool(self.encoder(input_ids, attention_mask=attention_mask), attention_mask, "mean")
+
+
+class PooledMSE(train.MLM):
+    name, eval_at_start = "pooled_mse", False
+
+    def load(self):
+        tokenizer = super().load()
+        self.eval_batch_size = None  # no held-out metric for this objective
+        g = torch.Generator().manual_seed(1234)
+        self.table = torch.randn(self.cfg.model.vocab_size, self.cfg.model.hidden_size, generator=g)
+        return tokenizer
+
+    def train_module(self, model):
+        return Pooled(model.model)
+
+    def forward_backward(self, module, micro_batches, amp):
+        rows = torch.tensor(float(sum(b["input_ids"].shape[0] for b in micro_batches)))
+        if self.world_size > 1:
+            dist.all_reduce(rows)
+        loss_sum = torch.zeros(())
+        for i, b in enumerate(micro_batches):
+            mask = b["attention_mask"]
+            target = neobert.pool(self.table[b["input_ids"]], mask, "mean")
+            sync = i == len(micro_batches) - 1 or self.world_size == 1
+            with (nullcontext() if sync else module.no_sync()), amp:
+                loss = ((module(b["input_ids"], mask).float() - target) ** 2).mean(-1).sum()
+                (loss * self.world_size / rows).backward()
+            loss_sum += loss.detach()
+        return loss_sum, rows.item(), torch.stack([loss_sum])
+
+    def metrics(self, sums, count):
+        return {"mse": sums[0] / count}
+
+    def flops(self, micro_batches):
+        return 0.0
+
+
+sys.exit(config.run_main(sys.argv[1:], "third objective",
+                         lambda a: train.train(train.load_config(a[0], a[1:]), objective=PooledMSE)))
+'''
+
+
+def test_a_third_objective_trains_through_the_same_loop(data_dir, tmp_path):
+    """The objective interface: a class defined outside train.py (pooled-embedding MSE) runs through train.train with
+    DDP (2 gloo processes == 1 process == accumulation), checkpoints, and resumes exactly after kill -9; its
+    checkpoints carry its name, so an MLM run refuses to resume them."""
+    script = tmp_path / "third.py"
+    script.write_text(THIRD_OBJECTIVE)
+    kw = {"trainer.max_steps": 6, "trainer.save_steps": 3, "trainer.resume_from_checkpoint": "auto",
+          "datacollator.pack_sequences": False}
+
+    def launch(out, nproc=1, env=None, **overrides):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        cmd = (launcher if nproc > 1 else [sys.executable]) + [str(script), str(ROOT)]
+        return subprocess.run(cmd + args(data_dir, out, **kw, **overrides), cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, env={**ENV, **(env or {})})
+
+    one = launch(tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    log = metrics(tmp_path / "one")
+    assert [m["step"] for m in log] == list(range(1, 7)) and all(m["mse"] == m["loss"] for m in log)
+    assert log[-1]["loss"] < log[0]["loss"]  # it learns
+    ddp = launch(tmp_path / "ddp", nproc=2, **{"trainer.per_device_train_batch_size": 2})
+    assert ddp.returncode == 0, ddp.stderr
+    acc = launch(tmp_path / "acc", **{"trainer.per_device_train_batch_size": 1,
+                                      "trainer.gradient_accumulation_steps": 4})
+    assert acc.returncode == 0, acc.stderr
+    ref = torch.tensor(losses(tmp_path / "one"))
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "ddp")), ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "acc")), ref, rtol=1e-5, atol=0)
+    wa, wb = weights(tmp_path / "one", 6), weights(tmp_path / "ddp", 6)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    # kill -9 right after the step-3 checkpoint, then resume: bitwise the same run
+    killed = launch(tmp_path / "resumed", env={"NEOBERT_TEST_KILL": "after_save:3"})
+    assert killed.returncode == -signal.SIGKILL and train.list_checkpoints(tmp_path / "resumed") == [3]
+    state = json.loads((tmp_path / "resumed" / "checkpoints" / "3" / "train_state.json").read_text())
+    assert state["objective"] == "pooled_mse"
+    resumed = launch(tmp_path / "resumed")
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "one")
+    wc = weights(tmp_path / "resumed", 6)
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+    # train.py's own command line (the MLM objective) refuses to resume another objective's checkpoints
+    r = run_cli(data_dir, tmp_path / "resumed", **{**kw, "trainer.max_steps": 8})
+    assert r.returncode == 2 and "trainer.objective=pooled_mse" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,561 @@
+"""Contrastive fine-tuning (trainer.objective: contrastive): pair data, the InfoNCE objective and its evaluation.
+
+Reading order:
+  1. config: ContrastiveConfig and its pair sources
+  2. pair data: sources (local files, hub parquet, stdlib pairs) -> prepared pairs, via data.py's reader and writer
+  3. PairLoader: one source per global batch, exactly resumable
+  4. the objective: InfoNCE over the global batch, gradient caching, gather across processes
+  5. evaluation: retrieval on held-out pairs
+"""
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import sysconfig
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+import neobert
+from config import UserError, build_section, load_pretrained, require, warn
+from data import (FORMAT_VERSION, PERM_STREAM, ReadStats, SourceFile, StepLoader, TokenStore, check_sources,
+                  held_out, hub_files, is_prepared, local_files, pin_batch, read_manifest, read_rows, report_stats,
+                  save_tokenizer, seeded_rng, spec_diff, special_token_ids, token_dtype, worker_count, write_json,
+                  write_shards)
+
+# -----------------------------------------------------------------------------
+# contrastive.path: manifest.json (written last: format version, the sources' spec, tokenizer sha256, rows per
+# source), tokenizer.json, and source_00/ ... : one prepared dir per source in the pretraining layout (its own
+# manifest.json, written last), one split per field (train.query/ train.positive/ train.negative0/ ... val.query/
+# ...); row i of a source is document i of every one of its fields.
+
+@dataclass
+class PairSourceConfig:
+    """One entry of contrastive.sources."""
+    name: str = ""                      # hub dataset repo id, or "stdlib" (offline function -> docstring pairs)
+    config: Optional[str] = None        # hub subset (config name), e.g. "triplet"
+    split: str = "train"                # hub split
+    data_files: list[str] = field(default_factory=list)  # local .jsonl/.csv/.tsv/.parquet files, globs or dirs
+    query_column: str = "query"
+    positive_column: str = "positive"
+    negative_columns: list[str] = field(default_factory=list)  # hard negatives, zero or more columns
+    instruction: str = ""               # prefixed to every query, e.g. "Given a question, retrieve its answer."
+    max_rows: int = 0                   # read at most this many rows (0 = all)
+
+    def __post_init__(self):
+        require(self.name or self.data_files, "needs a name (a hub dataset id, or stdlib) or data_files")
+        require(self.max_rows >= 0, f"max_rows must be >= 0 (0 = all), got {self.max_rows}")
+
+    @property
+    def label(self):
+        return self.name or ",".join(self.data_files)
+
+    @property
+    def columns(self):
+        return [self.query_column, self.positive_column, *self.negative_columns]
+
+
+@dataclass
+class ContrastiveConfig:
+    sources: list[PairSourceConfig] = field(default_factory=list)  # the pair sources (keys above)
+    temperature: float = 0.07           # InfoNCE on cosine / temperature
+    pooling: Literal["mean", "cls"] = "mean"  # the sentence embedding, in training, eval and export
+    alpha: float = 0.5                  # a step's source is picked with probability ∝ rows^alpha
+    hard_negatives: int = 1             # hard negatives per query (at most a source's negative_columns)
+    chunk_size: int = 0                 # gradient caching: rows per forward; 0 = a process's whole batch at once
+    max_query_length: int = 64          # tokens, with [CLS] and [SEP]
+    max_document_length: int = 256
+    path: Optional[str] = None          # the prepared pairs; default data_cache/pairs
+    validation_split: float = 0.01      # fraction of each source's rows held out (by a hash of the row position)
+    eval_pairs: int = 1000              # held-out pairs per source in one evaluation (0 = evaluation off)
+    num_workers: int = 0                # tokenizer processes; 0 = all cores
+
+    def __post_init__(self):
+        # load_config builds the entries; mappings given in code go through the same converter
+        self.sources = [build_section(f"contrastive.sources[{i}]", PairSourceConfig, s)
+                        if not isinstance(s, PairSourceConfig) else s for i, s in enumerate(self.sources)]
+        require(self.temperature > 0, f"contrastive.temperature must be > 0, got {self.temperature}")
+        for key in ("alpha", "hard_negatives", "chunk_size", "eval_pairs", "num_workers"):
+            require(getattr(self, key) >= 0, f"contrastive.{key} must be >= 0, got {getattr(self, key)}")
+        require(min(self.max_query_length, self.max_document_length) >= 3,
+                "contrastive.max_query_length and contrastive.max_document_length must be >= 3")
+        require(0 <= self.validation_split < 1,
+                f"contrastive.validation_split must be in [0, 1), got {self.validation_split}")
+
+
+
+def pairs_dir(cc):
+    return Path(cc.path) if cc.path else Path("data_cache") / "pairs"
+
+
+PAIR_KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+COLUMN_HINT = "set contrastive.sources[{}].query_column, positive_column or negative_columns"
+
+
+def pair_source_files(src, i=0):
+    """The files of one pair source in reading order; a hub source is listed (not downloaded) here."""
+    if src.data_files:
+        return local_files(src.data_files, PAIR_KINDS, f"contrastive.sources[{i}].data_files",
+                           ".jsonl, .csv, .tsv or .parquet")
+    if src.name == "stdlib":
+        return [SourceFile("stdlib", "stdlib-pairs", local=sysconfig.get_paths()["stdlib"])]
+    from huggingface_hub import constants
+    try:
+        return hub_files(src.name, src.config, src.split,
+                         hint=f"looked at {constants.ENDPOINT}, cache {constants.HF_HUB_CACHE}; check the name, or "
+                              f"(offline) download its parquet files and list them in data_files")
+    except UserError as e:
+        raise UserError(f"contrastive.sources[{i}]: {e}") from None
+
+
+def _prepare_pair_source(src, i, cc, spec, files, tokenizer, out, progress):
+    """One source -> out/ (its own manifest, written last, holds its spec). Returns the manifest."""
+    where = f"contrastive.sources[{i}] ({src.label})"
+    if (out / "manifest.json").is_file() and read_manifest(out).get("source") == spec:
+        return read_manifest(out)       # a finished source of an interrupted multi-source prepare
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    fields = ["query", "positive"] + [f"negative{j}" for j in range(len(src.negative_columns))]
+    stats, skipped = ReadStats(), 0
+    prefix = src.instruction.strip() + " " if src.instruction.strip() else ""
+
+    def rows():
+        nonlocal skipped
+        n = 0
+        for fi, sf in enumerate(files):
+            for ri, values in read_rows(sf, src.columns, stats, hint=COLUMN_HINT.format(i)):
+                if src.max_rows and n >= src.max_rows:
+                    return
+                n += 1
+                if not all(isinstance(v, str) and v.strip() for v in values):
+                    skipped += 1        # a missing or empty query, positive or negative
+                    continue
+                yield held_out(f"pair:{fi}:{ri}", cc.validation_split), [prefix + values[0], *values[1:]]
+
+    splits, counts, dropped = write_shards(out, rows(), fields, tokenizer, worker_count(cc.num_workers),
+                                           desc=f"tokenize {where}", unit=" pairs", progress=progress)
+    skipped += dropped                  # a text with no tokens left would give an empty embedding
+    if counts["train"] == 0:
+        raise UserError(f"{where} has no rows with a non-empty {', '.join(src.columns)}"
+                        + (f" ({skipped} rows skipped)" if skipped else "") + "; check its files and columns")
+    report_stats(stats, src.columns)
+    man = {"format_version": FORMAT_VERSION, "source": spec, "fields": fields, "rows": counts, "skipped_rows": skipped,
+           "dtype": token_dtype(tokenizer.get_vocab_size(with_added_tokens=True)).name, "splits": splits}
+    write_json(out / "manifest.json", man)
+    return man
+
+
+def prepare_pairs(cc, tokenizer, *, progress=True):
+    """contrastive.path: every source tokenized once (see the layout above). A finished directory made from the
+    same sources and tokenizer returns at once; one made from others is refused, naming what differs; an interrupted
+    one is completed (finished sources are kept). Call it on one rank only (then barrier)."""
+    if not cc.sources:
+        raise UserError("contrastive.sources is empty: list at least one source (name: or data_files:, with "
+                        "query_column, positive_column, negative_columns)")
+    out = pairs_dir(cc)
+    sha = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+    spec = {"sources": [dict(dataclasses.asdict(s), validation_split=cc.validation_split) for s in cc.sources],
+            "tokenizer_sha256": sha}
+    if is_prepared(out, lambda man: spec_diff(man["spec"], spec, "contrastive"),
+                   "other pair sources or another tokenizer", "contrastive.path"):
+        return out
+    files = [pair_source_files(s, i) for i, s in enumerate(cc.sources)]    # bad paths / hub ids fail before work
+    for i, (src, fs) in enumerate(zip(cc.sources, files)):                   # and columns missing from local files
+        check_sources(fs, src.columns, COLUMN_HINT.format(i))
+    out.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tokenizer, out)
+    summary = []
+    for i, (src, fs) in enumerate(zip(cc.sources, files)):
+        man = _prepare_pair_source(src, i, cc, dict(spec["sources"][i], tokenizer_sha256=sha), fs, tokenizer,
+                                   out / f"source_{i:02d}", progress)
+
+        summary.append({"dir": f"source_{i:02d}", "label": src.label, "rows": man["rows"],
+                        "negatives": len(man["fields"]) - 2})
+        print(f"pairs: {src.label}: {man['rows']['train']:,} train / {man['rows']['val']:,} held-out rows",
+              flush=True)
+    write_json(out / "manifest.json", {"format_version": FORMAT_VERSION, "kind": "pairs", "spec": spec,
+                                        "special_ids": special_token_ids(tokenizer), "sources": summary})
+    return out
+
+
+def read_pairs_manifest(data_dir):
+    man = read_manifest(data_dir)
+    if man.get("kind") != "pairs":
+        raise UserError(f"{data_dir} holds pretraining shards, not prepared pairs; set contrastive.path to another "
+                        f"directory")
+    return man
+
+
+class PairSource:
+    """One prepared source's split: a TokenStore per field; row i = document i of each (write_shards writes every
+    field of a row together, and each store checks its index against its manifest)."""
+
+    def __init__(self, data_dir, entry, split):
+        self.label, self.num_negatives = entry["label"], entry["negatives"]
+        fields = ["query", "positive"] + [f"negative{j}" for j in range(self.num_negatives)]
+        self.stores = [TokenStore(Path(data_dir) / entry["dir"], f"{split}.{f}") for f in fields]
+        self.rows = self.stores[0].n_docs
+
+
+def pad_rows(seqs, max_len, cls_id, sep_id, pad_id, multiple=8):
+    """[CLS] tokens[:max_len-2] [SEP] per row, right-padded to the longest row (rounded up to `multiple`, at most
+    max_len) -> input_ids, attention_mask int64 [B, L]."""
+    rows = [np.concatenate([[cls_id], s[:max_len - 2], [sep_id]]).astype(np.int64) for s in seqs]
+    batch = neobert.batch_sequences(rows, pad_id, multiple=multiple)
+    return batch["input_ids"][:, :max_len].contiguous(), batch["attention_mask"][:, :max_len].contiguous()
+
+
+SOURCE_STREAM = 0x736F7572
+
+
+def source_probabilities(rows, alpha):
+    """P(source k) ∝ rows_k^alpha (alpha 0: uniform, 1: proportional to size)."""
+    w = np.asarray(rows, dtype=np.float64) ** alpha
+    return w / w.sum()
+
+
+def pick_source(seed, step, probs):
+    """The source of global step `step`: a function of (seed, step) only, so resuming needs no RNG state."""
+    u = seeded_rng(SOURCE_STREAM, seed, step).random()
+    return min(int(np.searchsorted(np.cumsum(probs), u, side="right")), len(probs) - 1)
+
+
+class PairLoader(StepLoader):
+    """Contrastive batches from prepared pairs. next_step() -> [one dict for this process]: query_ids/query_mask
+    [B, Lq], doc_ids/doc_mask [B*(1+h), Ld] (the B positives, then each row's h hard negatives row by row),
+    num_negatives h, source (index). B = micro_batch_size * grad_accum_steps rows: the process's share of the
+    global batch (rows [rank*B, (rank+1)*B)), so the global batch is the same for any world size and split; the
+    trainer chunks it (gradient caching), since the loss needs the whole global batch at once."""
+
+    def __init__(self, data_dir, cc, split="train", *, micro_batch_size, grad_accum_steps=1, seed=0, **batch):
+        super().__init__(micro_batch_size * grad_accum_steps, 1, **batch)   # rank, world_size, prefetch, pin_memory
+        man = read_pairs_manifest(data_dir)
+        self.cc, self.seed, self.split = cc, seed, split
+        self.sources = [PairSource(data_dir, e, split) for e in man["sources"]]
+        self.special = [man["special_ids"][k] for k in ("cls", "sep", "pad")]     # what pad_rows takes
+        G = self.global_batch_rows
+        for k, s in enumerate(self.sources):
+            if s.rows < G:
+                raise UserError(f"pair source {k} ({s.label}) has {s.rows} {split} rows, fewer than one global batch "
+                                f"of {G}; use a smaller batch or drop the source")
+        self.probs = source_probabilities([s.rows for s in self.sources], cc.alpha)
+        digest = hashlib.sha256(json.dumps([[s.label, s.rows] for s in self.sources]).encode()).hexdigest()[:16]
+        self._start({"kind": "pairs", "split": split, "seed": seed, "sources": digest},
+                    {"step": 0, "cursors": [[0, 0] for _ in self.sources]})
+        self._perms = {}
+
+    def _perm(self, k, epoch):
+        if (k, epoch) not in self._perms:
+            if len(self._perms) >= 2 * len(self.sources):
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[k, epoch] = seeded_rng(PERM_STREAM, self.seed, k, epoch).permutation(self.sources[k].rows)
+        return self._perms[k, epoch]
+
+    def _batch(self, k, rows):
+        src, h = self.sources[k], min(self.cc.hard_negatives, self.sources[k].num_negatives)
+        q = [src.stores[0].doc(r).astype(np.int64) for r in rows]
+        docs = [src.stores[1].doc(r).astype(np.int64) for r in rows]
+        docs += [src.stores[2 + j].doc(r).astype(np.int64) for r in rows for j in range(h)]
+        query_ids, query_mask = pad_rows(q, self.cc.max_query_length, *self.special)
+        doc_ids, doc_mask = pad_rows(docs, self.cc.max_document_length, *self.special)
+        batch = {"query_ids": query_ids, "query_mask": query_mask, "doc_ids": doc_ids, "doc_mask": doc_mask,
+                 "num_negatives": h, "source": k}
+        return pin_batch(batch) if self.pin else batch
+
+    def _steps(self, state):
+        step, cursors, G = state["step"], [list(c) for c in state["cursors"]], self.global_batch_rows
+        mine = self.micro_rows[0]
+        while True:
+            k = pick_source(self.seed, step, self.probs)
+            epoch, row = cursors[k]
+            if row + G > self.sources[k].rows:
+                epoch, row = epoch + 1, 0
+            rows = self._perm(k, epoch)[row:row + G]
+            cursors[k] = [epoch, row + G]
+            step += 1
+            yield [self._batch(k, [int(rows[i]) for i in mine])], {**state, "step": step,
+                                                                   "cursors": [list(c) for c in cursors]}
+
+
+def held_out_pairs(data_dir, max_per_source):
+    """(queries, positives, source index) token arrays of the first max_per_source held-out rows of every source."""
+    man = read_pairs_manifest(data_dir)
+    queries, positives, source = [], [], []
+    for k, entry in enumerate(man["sources"]):
+        if entry["rows"]["val"] == 0:
+            continue
+        src = PairSource(data_dir, entry, "val")
+        for r in range(min(src.rows, max_per_source)):
+            queries.append(src.stores[0].doc(r).astype(np.int64))
+            positives.append(src.stores[1].doc(r).astype(np.int64))
+            source.append(k)
+    return queries, positives, np.asarray(source, dtype=np.int64)
+
+
+# -----------------------------------------------------------------------------
+# entry points for train.py / bench.py
+
+
+
+# -----------------------------------------------------------------------------
+# contrastive objective (trainer.objective: contrastive): InfoNCE over the global batch, gradient caching, retrieval
+# evaluation. The model stays a NeoBERTLMHead, so checkpoints keep the MLM layout; only its encoder is trained.
+
+
+class Embedder(torch.nn.Module):
+    """Encoder + pooling: the module contrastive training runs (and compiles, and wraps in DDP), so the MLM decoder,
+    which gets no gradient, is not part of it."""
+
+    def __init__(self, encoder, pooling: str):
+        super().__init__()
+        self.encoder, self.pooling = encoder, pooling
+
+    def forward(self, input_ids, attention_mask, doc_ids=None, doc_mask=None):
+        emb = neobert.pool(self.encoder(input_ids, attention_mask=attention_mask), attention_mask, self.pooling)
+        if doc_ids is None:
+            return emb
+        # queries and documents in one call: one forward per backward, as DDP expects
+        return emb, neobert.pool(self.encoder(doc_ids, attention_mask=doc_mask), doc_mask, self.pooling)
+
+
+def gather_with_grad(x):
+    """Every process's rows, in rank order, differentiably: torch.distributed.nn's all_gather sums, in the backward,
+    every process's gradient for a slice into the process that owns it."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    import torch.distributed.nn.functional as dist_nn
+    return torch.cat(dist_nn.all_gather(x.contiguous()))
+
+
+def contrastive_loss(q, pos, neg, temperature: float, rank: int = 0):
+    """InfoNCE of this process's queries q (B, H) against every positive and every hard negative of the global batch
+    (pos (B, H) and neg (B*h, H) are this process's rows, gathered from all). Cosine similarity / temperature.
+    Returns (the sum of the B queries' losses, logging sums [top-1 correct, positive cosine, negative cosine,
+    number of negative pairs])."""
+    q, pos, neg = (F.normalize(x.float(), dim=-1) for x in (q, pos, neg))
+    docs = gather_with_grad(pos)  # (N, H): the other positives are in-batch negatives
+    if neg.numel():  # every process has the same h in a step (one source per global batch)
+        docs = torch.cat([docs, gather_with_grad(neg)])  # (N + N*h, H)
+    cos = q @ docs.T  # (B, N + N*h)
+    target = rank * q.size(0) + torch.arange(q.size(0), device=q.device)
+    loss_sum = F.cross_entropy(cos / temperature, target, reduction="sum")
+    with torch.no_grad():
+        pos_cos = cos.gather(1, target[:, None]).sum()
+        sums = torch.stack([(cos.argmax(-1) == target).sum().float(), pos_cos, cos.sum() - pos_cos,
+                            torch.tensor(float(cos.numel() - q.size(0)), device=cos.device)])
+    return loss_sum, sums
+
+
+def contrastive_metrics(sums, num_queries: float) -> dict:
+    """Logging record from contrastive_loss's sums (all-reduced over processes)."""
+    correct, pos, neg, n_neg = (float(v) for v in sums)
+    return dict(accuracy=correct / num_queries, pos_cosine=pos / num_queries, neg_cosine=neg / max(n_neg, 1.0))
+
+
+def _rng_state(device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device, state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def contrastive_forward_backward(model, batch: dict, device, amp, temperature: float, chunk_size: int = 0,
+                                 world_size: int = 1, rank: int = 0):
+    """Forward and backward of one step's InfoNCE over the global batch (model: an Embedder, maybe compiled or in
+    DDP; batch: this process's rows from contrastive.PairLoader). Returns (this process's loss sum, the global number of
+    queries, logging sums). The loss is the mean over the global batch's queries, scaled by world_size against
+    DDP's averaging, so the gradients equal one process holding the whole batch.
+
+    chunk_size 0: one forward of the process's rows, graph kept. chunk_size > 0: gradient caching (Gao et al. 2021,
+    https://arxiv.org/abs/2101.06983): 1. embed chunk_size rows at a time with no graph; 2. the loss and its gradient
+    with respect to the embeddings; 3. each chunk again with its graph, backpropagating its slice of that gradient.
+    Same gradients as the whole batch at once; activations are held for chunk_size rows only."""
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    qi, qm, di, dm = batch["query_ids"], batch["query_mask"], batch["doc_ids"], batch["doc_mask"]
+    B = qi.size(0)
+    scale = world_size / (B * world_size)
+    if not chunk_size:
+        with amp:
+            q, d = model(qi, qm, di, dm)
+        loss_sum, sums = contrastive_loss(q, d[:B], d[B:], temperature, rank)
+        (loss_sum * scale).backward()
+        return loss_sum.detach(), B * world_size, sums
+    chunks = [(ids[i:i + chunk_size], mask[i:i + chunk_size])
+              for ids, mask in ((qi, qm), (di, dm)) for i in range(0, ids.size(0), chunk_size)]
+    embs, states = [], []
+    with torch.no_grad():  # 1.
+        for ids, mask in chunks:
+            states.append(_rng_state(device))  # the re-run draws the same dropout
+            with amp:
+                embs.append(model(ids, mask).float())
+    n_q = -(-B // chunk_size)
+    q = torch.cat(embs[:n_q]).requires_grad_()
+    d = torch.cat(embs[n_q:]).requires_grad_()
+    loss_sum, sums = contrastive_loss(q, d[:B], d[B:], temperature, rank)  # 2.
+    (loss_sum * scale).backward()
+    grads = list(q.grad.split(chunk_size)) + list(d.grad.split(chunk_size))
+    for i, ((ids, mask), grad, state) in enumerate(zip(chunks, grads, states)):  # 3.
+        sync = i == len(chunks) - 1 or world_size == 1
+        with nullcontext() if sync else model.no_sync():  # DDP all-reduces once, after the last chunk
+            _set_rng_state(device, state)
+            with amp:
+                emb = model(ids, mask)
+            (emb.float() * grad).sum().backward()
+    return loss_sum.detach(), B * world_size, sums
+
+
+def contrastive_step_flops(model_cfg, batch: dict, cached: bool) -> float:
+    """Training FLOPs of one process's contrastive step (no decoder); gradient caching adds one forward (x 4/3)."""
+    total = sum(ids.numel() * neobert.flops_per_token(model_cfg, ids.shape[-1], 0.0)
+                for ids in (batch["query_ids"], batch["doc_ids"]))
+    return total * (4 / 3 if cached else 1.0)
+
+
+def retrieval_metrics(q, p, mrr_k: int = 10) -> dict:
+    """Query i's relevant document is p[i]; every query is ranked against all of p by cosine.
+    -> recall@1, recall@10, MRR@mrr_k (a relevant document ranked below mrr_k scores 0)."""
+    q, p = F.normalize(q.double(), dim=-1), F.normalize(p.double(), dim=-1)
+    scores = q @ p.T
+    rank = (scores > scores.diagonal()[:, None]).sum(-1)  # 0 = first
+    rr = torch.where(rank < mrr_k, 1.0 / (rank + 1).double(), torch.zeros((), dtype=torch.float64))
+    return {"recall@1": (rank < 1).double().mean().item(), "recall@10": (rank < 10).double().mean().item(),
+            f"mrr@{mrr_k}": rr.mean().item()}
+
+
+@torch.no_grad()
+def evaluate_retrieval(encoder, held_out, cc, special: dict, batch_size: int, device, amp) -> dict:
+    """Retrieval on held-out pairs: every query against all held-out positives. Each process embeds a contiguous
+    slice ([CLS] tokens [SEP], through neobert.embed); the embeddings are gathered, so every process returns the
+    same metrics."""
+    n = len(held_out[0])
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    per = -(-n // world)
+    lo, hi = min(rank * per, n), min((rank + 1) * per, n)
+    q, p = (neobert.embed(encoder, [[special["cls"], *s[:max_len - 2], special["sep"]] for s in seqs[lo:hi]],
+                          special["pad"], cc.pooling, batch_size, amp=amp).to(device)
+            for seqs, max_len in ((held_out[0], cc.max_query_length), (held_out[1], cc.max_document_length)))
+    if world > 1:  # pad every slice to `per` rows, gather, drop the padding
+        both = torch.cat([q, p], dim=1)
+        both = torch.cat([both, both.new_zeros(per - both.size(0), both.size(1))])
+        parts = [torch.empty_like(both) for _ in range(world)]
+        dist.all_gather(parts, both)
+        both = torch.cat([part[:max(0, min(per, n - r * per))] for r, part in enumerate(parts)])
+        q, p = both.split(q.size(1), dim=1)
+    return retrieval_metrics(q, p)
+
+
+def contrastive_eval_set(cfg, data_dir, master: bool = True):
+    """(held-out pairs, per-process eval batch size), or (None, None) when evaluation is off (a warning says why)."""
+    t, cc = cfg.trainer, cfg.contrastive
+    if t.eval_steps == 0 or cc.eval_pairs == 0:
+        return None, None
+    held_out = held_out_pairs(data_dir, cc.eval_pairs)
+    if len(held_out[0]) < 2:
+        if master:
+            warn(f"the pair sources hold {len(held_out[0])} held-out rows: retrieval evaluation is off (raise "
+                      f"contrastive.validation_split, then prepare again into a new contrastive.path)")
+        return None, None
+    return held_out, t.per_device_eval_batch_size
+
+
+def contrastive_model_config(cfg, ckpt: Optional[Path]):
+    """A contrastive run takes its model config from the checkpoint it resumes (ckpt) or starts from
+    (trainer.init_from), so the config.yaml it saves describes the weights; -> (cfg with that model section, the
+    checkpoint's tokenizer)."""
+    t, cc = cfg.trainer, cfg.contrastive
+    if not cc.sources:
+        raise UserError("trainer.objective is contrastive but contrastive.sources is empty; list the pair sources "
+                        "(see configs/contrastive.yaml)")
+    tokenizer = None
+    source = ckpt.parent.parent / "model_checkpoints" / ckpt.name if ckpt is not None else t.init_from
+    if source:
+        try:
+            _, info = load_pretrained(source, head="mlm")
+        except UserError as e:
+            if Path(source).exists():
+                raise
+            raise UserError(f"trainer.init_from={source}: no such directory, and not on the hub either ({e}). "
+                            "Contrastive fine-tuning starts from a pretrained model; for "
+                            "configs/contrastive_smoke.yaml run `python train.py configs/smoke.yaml` first") from None
+        keep = {"attn_backend": cfg.model.attn_backend}  # how to compute, not what the weights are
+        model_cfg = dataclasses.replace(info.model_config, **keep)
+        cfg = dataclasses.replace(cfg, model=model_cfg)
+        tokenizer = info.tokenizer
+    if tokenizer is None:
+        tokenizer = data.load_tokenizer(cfg.tokenizer)
+    longest = max(cc.max_query_length, cc.max_document_length)
+    if longest > cfg.model.max_position_embeddings:
+        raise UserError(f"contrastive.max_query_length/max_document_length {longest} exceeds the model's "
+                        f"max_position_embeddings {cfg.model.max_position_embeddings}")
+    return cfg, tokenizer
+
+
+def prepare_pairs_only(cfg) -> None:
+    """`python train.py CONFIG --prepare-only` (= `python data.py CONFIG`) of a contrastive config: the pair sources
+    tokenized into contrastive.path with the tokenizer of the checkpoint the run will start from."""
+    cfg, tokenizer = contrastive_model_config(cfg, None)
+    out = prepare_pairs(cfg.contrastive, tokenizer)
+    rows = [s["rows"]["train"] for s in read_pairs_manifest(out)["sources"]]
+    print(f"{out}: {len(rows)} pair source(s), {sum(rows):,} training pairs ready")
+
+
+# -----------------------------------------------------------------------------
+# the objective: what train.py's loop needs of contrastive training (the interface is described beside train.MLM)
+
+
+class Contrastive:
+    """InfoNCE over the global batch of one pair source per step. The model stays a NeoBERTLMHead, so checkpoints
+    keep the MLM layout; only its encoder (with pooling: Embedder) is trained. Gradient accumulation is gradient
+    caching in micro-batch chunks."""
+    name, eval_at_start = "contrastive", True
+
+    def __init__(self, cfg, rank: int, world_size: int, device, resume: Optional[Path] = None):
+        cfg, self.init_tokenizer = contrastive_model_config(cfg, resume)  # the model of the checkpoint it starts from
+        self.cfg, self.cc, self.rank, self.world_size, self.device = cfg, cfg.contrastive, rank, world_size, device
+        self.data_dir, self.eval_batch_size, self.held_out = pairs_dir(self.cc), None, None
+        t = cfg.trainer
+        self.chunk = self.cc.chunk_size or (t.per_device_train_batch_size if t.gradient_accumulation_steps > 1 else 0)
+        if rank == 0:
+            print(f"contrastive: model {cfg.model.hidden_size} x {cfg.model.num_hidden_layers} from "
+                  f"{resume or t.init_from or 'a random init'}")
+
+    def prepare(self):
+        prepare_pairs(self.cc, self.init_tokenizer)
+
+    def load(self):
+        self.tokenizer = data.load_tokenizer(self.cfg.tokenizer, self.data_dir)
+        self.held_out, self.eval_batch_size = contrastive_eval_set(self.cfg, self.data_dir, self.rank == 0)
+        return self.tokenizer
+
+    def train_module(self, model):
+        return Embedder(model.model, self.cc.pooling)
+
+    def loader(self, split: str, micro_batch_size: int, grad_accum_steps: int, prefetch: int = 2):
+        return PairLoader(self.data_dir, self.cc, split, micro_batch_size=micro_batch_size,
+                          grad_accum_steps=grad_accum_steps, rank=self.rank, world_size=self.world_size,
+                          seed=self.cfg.trainer.seed, prefetch=prefetch)
+
+    def forward_backward(self, module, micro_batches: list[dict], amp):
+        return contrastive_forward_backward(module, micro_batches[0], self.device, amp, self.cc.temperature,
+                                            self.chunk, self.world_size, self.rank)
+
+    def metrics(self, sums: list, count: float) -> dict:
+        return contrastive_metrics(sums, count)
+
+    def evaluate(self, model, amp) -> dict:
+        special = special_token_ids(self.tokenizer)
+        return evaluate_retrieval(model.model, self.held_out, self.cc, special, self.eval_batch_size, self.device, amp)
+
+    def flops(self, micro_batches: list[dict]) -> float:
+        return contrastive_step_flops(self.cfg.model, micro_batches[0], self.chunk > 0)

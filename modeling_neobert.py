@@ -1,0 +1,185 @@
+"""NeoBERT for Hugging Face transformers (4.5x and 5.x): export.py copies this file, byte for byte, into the folder.
+
+The model is neobert.py, the file beside this one, byte for byte the training code. This file only adapts it to
+transformers: a PretrainedConfig holding neobert.NeoBERTConfig's fields, and PreTrainedModel classes whose modules are
+neobert.py's own, under the released chandar-lab/NeoBERT tensor names (model.*, decoder.*; GLUE head: dense.*,
+classifier.*). Load with AutoModel, AutoModelForMaskedLM or AutoModelForSequenceClassification, trust_remote_code=True.
+Only this file imports transformers; nothing else in the project does.
+"""
+
+import importlib
+from dataclasses import fields
+
+import torch
+import torch.nn.functional as F
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
+
+try:  # in an exported folder: neobert.py beside this file (transformers copies relative imports along)
+    from .neobert import NeoBERT as Encoder
+    from .neobert import NeoBERTConfig as ModelConfig
+    from .neobert import NeoBERTForSequenceClassification as Classifier
+    from .neobert import NeoBERTLMHead as LMHead
+    from .neobert import init_classifier_layer, init_weights
+except ImportError:  # in the repo (tests, editors, linters), where neobert.py is a top-level module. transformers
+    # skips try blocks when it lists the packages a remote file needs (4.5x: up to `except ...:` only, so importlib
+    # rather than an import statement here): a `neobert` package is never asked for
+    _neobert = importlib.import_module("neobert")
+    Encoder, ModelConfig, LMHead = _neobert.NeoBERT, _neobert.NeoBERTConfig, _neobert.NeoBERTLMHead
+    Classifier = _neobert.NeoBERTForSequenceClassification
+    init_classifier_layer, init_weights = _neobert.init_classifier_layer, _neobert.init_weights
+
+
+class NeoBERTConfig(PretrainedConfig):
+    model_type = "neobert"
+
+    def __init__(self, classifier_dropout=0.1, classifier_init_range=0.02, **kwargs):
+        max_length = kwargs.pop("max_length", None)  # the released config.json's name for the context length
+        if max_length is not None and "max_position_embeddings" not in kwargs:
+            kwargs["max_position_embeddings"] = max_length
+        model = {f.name: kwargs.pop(f.name, f.default) for f in fields(ModelConfig)}
+        kwargs.setdefault("tie_word_embeddings", False)  # the MLM decoder is its own matrix
+        super().__init__(pad_token_id=model["pad_token_id"], **kwargs)
+        for name, value in model.items():
+            setattr(self, name, value)
+        self.classifier_dropout = classifier_dropout
+        self.classifier_init_range = classifier_init_range
+
+    def model_config(self):
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in fields(ModelConfig)})
+
+
+class NeoBERTPreTrainedModel(PreTrainedModel):
+    config_class = NeoBERTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True  # transformers sets neobert.NeoBERT.gradient_checkpointing
+    _no_split_modules = ["EncoderBlock"]
+    _supports_sdpa = True  # neobert.py always runs PyTorch SDPA (or a varlen kernel): attn_implementation="sdpa" is it
+    # the Trainer passes num_items_in_batch to a forward with **kwargs and then leaves the loss unscaled for gradient
+    # accumulation: only the MLM head uses it, the others say no and the Trainer divides itself
+    accepts_loss_kwargs = False
+    _keys_to_ignore_on_load_unexpected = [r"^(decoder|dense|classifier)\."]  # another head's tensors in the folder
+
+    def get_input_embeddings(self):
+        return self.model.encoder
+
+    def set_input_embeddings(self, value):
+        self.model.encoder = value
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """neobert.py's initialisation of what a checkpoint does not hold (a new head, from_config); transformers
+        skips the loaded tensors. The rotary tables are derived and never saved: transformers 5 builds the model on
+        the meta device and fills only the saved tensors, so they are recomputed here."""
+        if isinstance(module, Encoder):
+            module.init_rope_tables()
+        elif any(module is getattr(self, name, None) for name in ("dense", "classifier")):
+            init_classifier_layer(module, self.config.classifier_init_range)
+        else:
+            init_weights(module, self.config.init_range, recurse=False)
+
+    def encode(self, input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen, inputs_embeds,
+               output_hidden_states):
+        want = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        out = self.model(input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen, inputs_embeds, bool(want))
+        if want:
+            return BaseModelOutput(last_hidden_state=out[0], hidden_states=out[1])
+        return BaseModelOutput(last_hidden_state=out)
+
+    def returns_dict(self, return_dict):
+        if return_dict is not None:
+            return return_dict
+        return getattr(self.config, "return_dict", True) and not getattr(self.config, "torchscript", False)
+
+
+class NeoBERT(NeoBERTPreTrainedModel):
+    """The encoder: last_hidden_state (B, S, H) after the final norm; hidden_states: the embeddings, every block."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = Encoder(config.model_config())
+        self.post_init()
+
+    # token_type_ids (BERT-style callers) and output_attentions (SDPA computes no weights) are accepted and unused
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, cu_seqlens=None,
+                max_seqlen=None, inputs_embeds=None, output_hidden_states=None, output_attentions=None,
+                return_dict=None, **kwargs):
+        out = self.encode(input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen, inputs_embeds,
+                          output_hidden_states)
+        return out if self.returns_dict(return_dict) else out.to_tuple()
+
+
+class NeoBERTLMHead(NeoBERTPreTrainedModel):
+    """neobert.NeoBERTLMHead's modules; logits at every position, loss = mean cross-entropy over labels != -100."""
+
+    accepts_loss_kwargs = True  # the loss divides by num_items_in_batch when the Trainer gives it
+
+    def __init__(self, config):
+        super().__init__(config)
+        head = LMHead(config.model_config())
+        self.model, self.decoder = head.model, head.decoder
+        self.post_init()
+
+    def get_output_embeddings(self):  # so resize_token_embeddings resizes the (untied) decoder too
+        return self.decoder
+
+    def set_output_embeddings(self, value):
+        self.decoder = value
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, cu_seqlens=None,
+                max_seqlen=None, inputs_embeds=None, labels=None, output_hidden_states=None, output_attentions=None,
+                return_dict=None, num_items_in_batch=None, **kwargs):
+        h = self.encode(input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen, inputs_embeds,
+                        output_hidden_states)
+        logits = self.decoder(h.last_hidden_state)
+        loss = None
+        if labels is not None:
+            flat_logits, flat_labels = logits.view(-1, logits.size(-1)).float(), labels.view(-1).to(logits.device)
+            if num_items_in_batch is None:
+                loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
+            else:  # the Trainer's count of predicted tokens over all accumulated micro-batches (and devices)
+                loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
+                loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device, dtype=loss.dtype)
+        out = MaskedLMOutput(loss=loss, logits=logits, hidden_states=h.hidden_states)
+        return out if self.returns_dict(return_dict) else out.to_tuple()
+
+
+class NeoBERTForSequenceClassification(NeoBERTPreTrainedModel):
+    """neobert.NeoBERTForSequenceClassification's modules and head. The loss follows config.problem_type as
+    transformers' own classifiers do: regression (MSE; num_labels == 1), single-label (cross-entropy; integer labels)
+    or multi-label (BCE with logits)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        head = Classifier(config.model_config(), config.num_labels, config.classifier_dropout,
+                          config.classifier_init_range)
+        self.model, self.dense, self.dropout, self.classifier = head.model, head.dense, head.dropout, head.classifier
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, cu_seqlens=None,
+                max_seqlen=None, inputs_embeds=None, labels=None, output_hidden_states=None, output_attentions=None,
+                return_dict=None, **kwargs):
+        h = self.encode(input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen, inputs_embeds,
+                        output_hidden_states)
+        logits = Classifier.head(self, h.last_hidden_state, cu_seqlens)  # neobert.py's head, on this model's layers
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            problem = self.config.problem_type
+            if problem is None:
+                if self.num_labels == 1:
+                    problem = "regression"
+                elif labels.dtype in (torch.long, torch.int):
+                    problem = "single_label_classification"
+                else:
+                    problem = "multi_label_classification"
+            if problem == "regression":
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.squeeze(-1).float()) if self.num_labels == 1 \
+                    else F.mse_loss(logits.float(), labels.float())
+            elif problem == "single_label_classification":
+                loss = F.cross_entropy(logits.view(-1, self.num_labels).float(), labels.view(-1).long())
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        out = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=h.hidden_states)
+        return out if self.returns_dict(return_dict) else out.to_tuple()

@@ -5,7 +5,12 @@ config (trainer.objective: contrastive) gives pairs/s and peak memory with and w
 
     python bench.py configs/smoke.yaml
     python bench.py configs/pretrain.yaml --trainer.per_device_train_batch_size 16 --bench.steps 20
-    python bench.py --suite gpu [--tiny]     the prepared GPU suite (see SUITE_USAGE below)
+    python bench.py --suite gpu [--tiny] [--steps N] [--budget-s S] [--data-dir DIR] [--no-tests]   (the GPU suite)
+      --tiny      a tiny model and short rows (CPU, a minute): the same code path as the full suite
+      --steps     timed optimizer steps per variant (each also run once untimed first, compile included); default 10
+      --budget-s  stop starting new variants after this many seconds (default 420: the suite must fit 8 minutes)
+      --data-dir  where the synthetic corpus, tokenizer and shards are written (default data_cache/bench-suite)
+      --no-tests  skip step 1 (pytest -k gpu)
 
 Honest timing: every variant first runs all of its timed steps once untimed (so every batch shape is compiled and
 cached), then runs them again under the clock. tokens/s counts real tokens (not padding) so packed and padded
@@ -49,10 +54,8 @@ from config import UserError, require
 
 
 def trainer_step(objective, fused: bool = True):
-    """The trainer's optimizer step for this objective, as a function of one step's micro-batches: a fresh model
-    (speed and memory do not depend on the weights) with gradient checkpointing as configured, its optimizer
-    (train.build_optimizer; fused: fused AdamW on CUDA, as the trainer), compiled when trainer.torch_compile, then
-    objective.forward_backward and train.optimizer_step."""
+    """The trainer's optimizer step (objective.forward_backward, train.optimizer_step) as a function of one step's
+    micro-batches, on a fresh model (speed and memory do not depend on the weights) set up as the trainer sets it up."""
     cfg, device = objective.cfg, objective.device
     t = cfg.trainer
     torch.manual_seed(t.seed)
@@ -71,10 +74,9 @@ def trainer_step(objective, fused: bool = True):
 
 
 def measure(objective, steps: int, fused: bool = True) -> dict:
-    """Times `steps` optimizer steps of an objective as the trainer runs them (trainer_step), after running the same
-    steps once untimed. -> real tokens/s, ms/step, MFU (objective.flops over the device's peak), peak memory,
-    activations (CUDA: the peak minus what stays between steps), warm-up seconds and the share of positions that
-    are real tokens."""
+    """Times `steps` optimizer steps (trainer_step) after running the same steps once untimed. -> real tokens/s,
+    ms/step, MFU, peak memory, activations (CUDA: the peak minus what stays between steps), warm-up seconds and the
+    share of positions that are real tokens."""
     device, t = objective.device, objective.cfg.trainer
     loader = objective.loader("train", t.per_device_train_batch_size, t.gradient_accumulation_steps, prefetch=0)
     step_batches = [loader.next_step() for _ in range(steps)]
@@ -97,25 +99,20 @@ def measure(objective, steps: int, fused: bool = True) -> dict:
     t0 = time.perf_counter()
     run_steps()
     dt = time.perf_counter() - t0
-    batches = [b for mb in step_batches for b in mb]
-    tokens = sum(real_tokens(b) for b in batches)
-    positions = sum(b[k].numel() for b in batches for k in ("input_ids", "query_ids", "doc_ids") if k in b)
+    tokens = positions = 0
+    for b in (b for mb in step_batches for b in mb):  # real tokens: a packed row is all real; padded rows: their masks
+        masks = [b[k] for k in ("attention_mask", "query_mask", "doc_mask") if k in b]
+        tokens += int(sum(m.sum() for m in masks)) if masks else b["input_ids"].numel()
+        positions += sum(b[k].numel() for k in ("input_ids", "query_ids", "doc_ids") if k in b)
     peak = neobert.peak_flops(device)
     flops = sum(objective.flops(mb) for mb in step_batches)  # what the device computes
-    if device.type == "cuda":
-        memory = torch.cuda.max_memory_allocated() / 2**20
-    else:  # the process's high-water mark so far (it never goes down: read it as an upper bound)
-        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # CPU: the process's high-water mark so far (it never goes down: read it as an upper bound)
+    memory = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     torch._dynamo.reset()  # the model, optimizer and compiled graphs go when this returns
     return dict(tokens_per_s=tokens / dt, step_s=dt / steps, mfu=flops / dt / peak if peak else None,
                 memory_mb=memory, activation_mb=None if before is None else memory - before, warm_s=warm_s,
                 real_fraction=tokens / positions)
-
-
-def real_tokens(batch) -> int:
-    """Positions that are not padding: a packed row is all real; padded rows count their masks."""
-    masks = [batch[k] for k in ("attention_mask", "query_mask", "doc_mask") if k in batch]
-    return int(sum(m.sum() for m in masks)) if masks else batch["input_ids"].numel()
 
 
 class FullLogitsMLM(train.MLM):
@@ -127,7 +124,22 @@ class FullLogitsMLM(train.MLM):
         self.hf = hf
 
     def train_module(self, model):
-        return FullLogits(model if self.hf is None else hf_masked_lm(self.hf, self.cfg.model), hf=self.hf is not None)
+        """hf: transformers' ModernBertForMaskedLM or BertForMaskedLM at NeoBERT's width, depth, heads, context and
+        feed-forward parameter count, in place of `model`."""
+        if self.hf is None:
+            return FullLogits(model)
+        import transformers  # the bench's comparison only: never a runtime dependency of the trainer
+        c = self.cfg.model
+        same = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+                    num_attention_heads=c.num_attention_heads, max_position_embeddings=c.max_position_embeddings,
+                    pad_token_id=c.pad_token_id)
+        if self.hf == "bert":  # a 2-matrix GELU MLP of intermediate_size: the same parameters as NeoBERT's SwiGLU
+            lm = transformers.BertForMaskedLM(transformers.BertConfig(**same, intermediate_size=c.intermediate_size))
+        else:  # ModernBERT: GeGLU with 2 x intermediate in, again the same parameters; data.SPECIAL_TOKENS' ids
+            lm = transformers.ModernBertForMaskedLM(transformers.ModernBertConfig(
+                **same, intermediate_size=c.ffn_hidden_size, cls_token_id=2, sep_token_id=3, bos_token_id=2,
+                eos_token_id=3))
+        return FullLogits(lm, hf=True)
 
     def flops(self, micro_batches):  # transformers' rows count the trainer's FLOPs: their MFU compares as tokens/s do
         return train.step_flops(self.cfg.model, micro_batches, sparse=self.hf is not None)
@@ -147,22 +159,6 @@ class FullLogits(torch.nn.Module):
         logits = self.lm(input_ids=input_ids, **batch).logits  # (B, S, V)
         loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
         return neobert.MaskedLMOutput(logits=None, loss_sum=loss_sum, num_masked=(labels != -100).sum())
-
-
-def hf_masked_lm(kind: str, config: neobert.NeoBERTConfig):
-    """transformers' ModernBertForMaskedLM or BertForMaskedLM at NeoBERT's width, depth, heads, context and
-    feed-forward parameter count."""
-    import transformers  # the bench's comparison only: never a runtime dependency of the trainer
-    same = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-                max_position_embeddings=config.max_position_embeddings, pad_token_id=config.pad_token_id)
-    if kind == "modernbert":  # GeGLU with 2 x intermediate in: the same parameters as NeoBERT's SwiGLU
-        special = dict(cls_token_id=2, sep_token_id=3, bos_token_id=2, eos_token_id=3)  # data.SPECIAL_TOKENS' ids
-        cfg = transformers.ModernBertConfig(**same, intermediate_size=config.ffn_hidden_size, **special)
-        return transformers.ModernBertForMaskedLM(cfg)
-    if kind == "bert":  # a 2-matrix GELU MLP of intermediate_size: again the same parameters
-        return transformers.BertForMaskedLM(transformers.BertConfig(**same, intermediate_size=config.intermediate_size))
-    raise ValueError(f"unknown transformers model {kind!r}")
 
 
 def change(cfg, **sections):
@@ -189,7 +185,7 @@ def table(columns: list[str], variants: list, steps: int, cells, budget_s: float
     """Measures each (label, objective, fused AdamW) variant and prints its row: the label, then cells(objective,
     result, ref), ref being the first result of the same row length (the baseline it compares with). A variant that
     runs out of memory or fails, or would start more than budget_s seconds after `since` (default: now), is a row
-    that says so: one variant must not lose the others' numbers. alone: measure_alone. -> {label: result}"""
+    that says so: one variant must not lose the others' numbers. -> {label: result}"""
     since, refs, results = time.perf_counter() if since is None else since, {}, {}
     print("| " + " | ".join(["variant", *columns]) + " |\n|---|" + "---:|" * len(columns), flush=True)
     for label, objective, fused in variants:
@@ -197,7 +193,11 @@ def table(columns: list[str], variants: list, steps: int, cells, budget_s: float
             r = f"skipped: the {budget_s:.0f} s budget is spent"
         else:
             try:
-                r = (measure_alone if alone else measure)(objective, steps, fused)
+                if alone and objective.device.type == "cpu":  # a fresh process: a process's max RSS never goes down
+                    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+                        r = fresh.submit(measure, objective, steps, fused).result()
+                else:  # (on CUDA the peak is reset before the timed steps)
+                    r = measure(objective, steps, fused)
             except torch.cuda.OutOfMemoryError:
                 r = "out of memory"
             except Exception as e:  # noqa: BLE001 - reported in its row
@@ -229,26 +229,6 @@ class BenchConfig:
         require(self.steps >= 1, f"bench.steps must be at least 1, got {self.steps}")
 
 
-def variant_objectives(base: train.MLM, names: list[str]) -> list[tuple[str, train.MLM, bool]]:
-    """(label, objective, fused AdamW) for the baseline and each variant: one setting flipped at a time."""
-    cfg, device = base.cfg, base.device
-    t, c = cfg.trainer, cfg.datacollator
-    flips = {"packing": ("packing off (padded rows)" if c.pack_sequences else "packing on",
-                         dict(datacollator=dict(pack_sequences=not c.pack_sequences))),
-             "compile": (f"compile {'off' if t.torch_compile else 'on'}",
-                         dict(trainer=dict(torch_compile=not t.torch_compile))),
-             "checkpointing": (f"gradient checkpointing {'off' if t.gradient_checkpointing else 'on'}",
-                               dict(trainer=dict(gradient_checkpointing=not t.gradient_checkpointing)))}
-    out = [("baseline", base, True)]
-    for name in names:
-        if name == "sparse":
-            out.append(("sparse prediction off (full logits)", FullLogitsMLM(cfg, device), True))
-        else:
-            label, sections = flips[name]
-            out.append((label, train.MLM(change(cfg, **sections), 0, 1, device), True))
-    return out
-
-
 def bench(cfg: train.Config, bench_cfg: BenchConfig, argv: list[str]) -> None:
     device, name, base = setup(cfg)
     t = cfg.trainer
@@ -260,11 +240,22 @@ def bench(cfg: train.Config, bench_cfg: BenchConfig, argv: list[str]) -> None:
           f"{'packed' if cfg.datacollator.pack_sequences else 'padded'}; {bench_cfg.steps} timed steps per variant\n")
 
     def cells(objective, r, ref):
-        return [f"{r['tokens_per_s']:,.0f}", f"{1000 * r['step_s']:,.1f}", mfu_cell(r), f"{r['memory_mb']:,.0f}",
-                f"{r['real_fraction']:.2f}", f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x"]
+        return [*speed_cells(r), f"{r['real_fraction']:.2f}", f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x"]
 
+    flips = {"packing": ("datacollator", "pack_sequences", "packing"),  # section, key, label
+             "compile": ("trainer", "torch_compile", "compile"),
+             "checkpointing": ("trainer", "gradient_checkpointing", "gradient checkpointing")}
+    variants = [("baseline", base, True)]  # then one setting flipped at a time
+    for flip in bench_cfg.variants:
+        if flip == "sparse":
+            variants.append(("sparse prediction off (full logits)", FullLogitsMLM(cfg, device), True))
+            continue
+        section, key, what = flips[flip]
+        on = getattr(getattr(cfg, section), key)
+        label = "packing off (padded rows)" if flip == "packing" and on else f"{what} {'off' if on else 'on'}"
+        variants.append((label, train.MLM(change(cfg, **{section: {key: not on}}), 0, 1, device), True))
     results = table(["real tokens/s", "ms/step", "MFU", "peak memory (MB)", "real-token share", "vs baseline"],
-                    variant_objectives(base, bench_cfg.variants), bench_cfg.steps, cells)
+                    variants, bench_cfg.steps, cells)
     if device.type == "cpu":
         print("\nCPU peak memory is the process's resident high-water mark so far (it never goes down).")
     loader = base.loader("train", t.per_device_train_batch_size, t.gradient_accumulation_steps)
@@ -279,8 +270,10 @@ def bench(cfg: train.Config, bench_cfg: BenchConfig, argv: list[str]) -> None:
     print()
 
 
-def mfu_cell(r: dict) -> str:
-    return "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+def speed_cells(r: dict) -> list[str]:
+    """real tokens/s, ms/step, MFU, peak memory: the first cells of both MLM tables."""
+    return [f"{r['tokens_per_s']:,.0f}", f"{1000 * r['step_s']:,.1f}",
+            "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%", f"{r['memory_mb']:,.0f}"]
 
 
 # -----------------------------------------------------------------------------
@@ -320,30 +313,12 @@ def contrastive_bench(cfg: train.Config, bench_cfg: BenchConfig, argv: list[str]
                                             if device.type == "cpu" else "."))
 
 
-def measure_alone(objective, steps: int, fused: bool = True) -> dict:
-    """measure() with a peak memory of its own: on CPU in a fresh process, since a process's max RSS never goes
-    down (on CUDA the peak is reset before the timed steps)."""
-    if objective.device.type == "cuda":
-        return measure(objective, steps, fused)
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
-        return fresh.submit(measure, objective, steps, fused).result()
-
-
 # -----------------------------------------------------------------------------
 # the GPU suite: python bench.py --suite gpu [--tiny]. One command that measures, side by side and in one process,
 # what the GPU work needs: the GPU tests, the 250M config with one thing changed at a time, transformers' ModernBERT
 # and BERT at the same size and batch, and seq 4096 with and without gradient checkpointing. Its data is made here
 # (a synthetic corpus and tokenizer), so it runs on a machine that can download nothing. --tiny runs the same code
 # with a tiny model on CPU: tests/test_bench.py runs it end to end.
-
-SUITE_USAGE = """python bench.py --suite gpu [--tiny] [--steps N] [--budget-s S] [--data-dir DIR] [--no-tests]
-
-  --tiny        a tiny model and short rows (CPU, a minute): the same code path as the full suite
-  --steps       timed optimizer steps per variant (each also run once untimed first, compile included); default 10
-  --budget-s    stop starting new variants after this many seconds (default 420: the suite must fit 8 minutes)
-  --data-dir    where the synthetic corpus, tokenizer and shards are written (default data_cache/bench-suite)
-  --no-tests    skip step 1 (pytest -k gpu)"""
-
 
 def synthetic_corpus(root: Path, vocab_size: int, n_tokens: int, seed: int = 0) -> tuple[Path, Path]:
     """(corpus.jsonl, tokenizer.json) in root, made here (reused when present). The tokenizer's vocabulary is BERT's
@@ -500,8 +475,7 @@ def gpu_suite(tiny: bool, steps: int, budget_s: float, root: Path, tests: bool) 
         if objective.cfg.dataset.max_seq_length != cfg.dataset.max_seq_length and ref is not r \
                 and r["activation_mb"] and ref["activation_mb"]:
             act += f" ({ref['activation_mb'] / r['activation_mb']:.1f}x less)"
-        return [f"{r['tokens_per_s']:,.0f}", f"{1000 * r['step_s']:,.1f}", mfu_cell(r), f"{r['memory_mb']:,.0f}", act,
-                f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x", f"{r['warm_s']:.0f}"]
+        return [*speed_cells(r), act, f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x", f"{r['warm_s']:.0f}"]
 
     table(["real tokens/s", "ms/step", "MFU", "peak memory (MiB)", "activations (MiB)", "vs baseline", "warm-up s"],
           suite_variants(base, long_base, tiny), steps, cells, budget_s, since=t_start)
@@ -517,7 +491,8 @@ def gpu_suite(tiny: bool, steps: int, budget_s: float, root: Path, tests: bool) 
 
 
 def suite_cli(argv):
-    parser = argparse.ArgumentParser(prog="python bench.py", usage=SUITE_USAGE)
+    parser = argparse.ArgumentParser(prog="python bench.py", usage=__doc__[__doc__.index("python bench.py --suite"):
+                                                                        __doc__.index("\n\nHonest timing")])
     parser.add_argument("--suite", choices=["gpu"], required=True)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--steps", type=int, default=10)

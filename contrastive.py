@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import config
 import data
 import neobert
 from config import UserError, build_section, load_pretrained, require, warn
@@ -301,11 +302,6 @@ def held_out_pairs(data_dir, max_per_source):
 
 
 # -----------------------------------------------------------------------------
-# entry points for train.py / bench.py
-
-
-
-# -----------------------------------------------------------------------------
 # contrastive objective (trainer.objective: contrastive): InfoNCE over the global batch, gradient caching, retrieval
 # evaluation. The model stays a NeoBERTLMHead, so checkpoints keep the MLM layout; only its encoder is trained.
 
@@ -381,7 +377,7 @@ def contrastive_forward_backward(model, batch: dict, device, amp, temperature: f
     https://arxiv.org/abs/2101.06983): 1. embed chunk_size rows at a time with no graph; 2. the loss and its gradient
     with respect to the embeddings; 3. each chunk again with its graph, backpropagating its slice of that gradient.
     Same gradients as the whole batch at once; activations are held for chunk_size rows only."""
-    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = config.to_device(batch, device)
     qi, qm, di, dm = batch["query_ids"], batch["query_mask"], batch["doc_ids"], batch["doc_mask"]
     B = qi.size(0)
     scale = world_size / (B * world_size)

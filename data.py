@@ -82,14 +82,11 @@ class DatasetConfig:
     max_documents: int = 0              # read at most this many documents (0 = all)
 
     def __post_init__(self):
-        require(self.max_seq_length >= 8, f"dataset.max_seq_length must be >= 8, got {self.max_seq_length}")
         require(0 <= self.validation_split < 1,
                 f"dataset.validation_split must be in [0, 1), got {self.validation_split}")
-        require(self.eval_samples >= 0, f"dataset.eval_samples must be >= 0, got {self.eval_samples}")
-        require(self.max_documents >= 0, f"dataset.max_documents must be >= 0 (0 = all), got {self.max_documents}")
-        require(self.num_workers >= 0, f"dataset.num_workers must be >= 0 (0 = all cores), got {self.num_workers}")
-        require(self.shuffle_buffer_size >= 1,
-                f"dataset.shuffle_buffer_size must be >= 1, got {self.shuffle_buffer_size}")
+        for key, low in (("max_seq_length", 8), ("eval_samples", 0), ("max_documents", 0), ("num_workers", 0),
+                         ("shuffle_buffer_size", 1)):
+            require(getattr(self, key) >= low, f"dataset.{key} must be >= {low}, got {getattr(self, key)}")
 
 
 @dataclass
@@ -1248,32 +1245,24 @@ class StreamingMLMLoader(StepLoader):
                     {"epoch": 0, "file": 0, "row": 0, "ordinal": 0, "window": 0, "doc": 0, "offset": 0, "rows": 0})
         self.encoder = Encoder(tokenizer, worker_count(ds.num_workers))
 
-    def _tokenize(self, texts):
-        docs = []
-        for _, lengths, ids in self.encoder.map((None, c) for c in chunked(texts, 256)):
-            ids = ids.astype(np.int64)
-            docs += np.split(ids, np.cumsum(lengths)[:-1])
-        return docs
-
     def _windows(self, state):
+        """(epoch, source position, window number, its tokenized documents shuffled) from the state's window on."""
         epoch, pos, w = state["epoch"], (state["file"], state["row"], state["ordinal"]), state["window"]
-        K = self.ds.shuffle_buffer_size
-        docs_iter = iter_split(self.ds, self.split, self.files, start=pos, stats=self.stats)
         while True:
-            items = list(islice(docs_iter, K))     # the reader stays open: the next window continues from here
-            if not items:
-                if pos == (0, 0, 0):
-                    raise UserError(f"streaming: the {self.split} split of {dataset_label(self.ds)} has no documents")
-                report_stats(self.stats, [self.ds.text_column])
-                self.stats = ReadStats()
-                epoch, pos, w = epoch + 1, (0, 0, 0), 0
-                docs_iter = iter_split(self.ds, self.split, self.files, start=pos, stats=self.stats)
-                continue
-            docs = self._tokenize([text for *_, text in items])
-            order = seeded_rng(PERM_STREAM, self.seed, epoch, w).permutation(len(docs))
-            yield epoch, pos, w, [docs[j] for j in order]
-            fi, ri, ordinal, _ = items[-1]
-            pos, w = (fi, ri + 1, ordinal + 1), w + 1
+            docs_iter = iter_split(self.ds, self.split, self.files, start=pos, stats=self.stats)
+            while items := list(islice(docs_iter, self.ds.shuffle_buffer_size)):   # the reader stays open
+                docs = []
+                for _, lengths, ids in self.encoder.map((None, c) for c in chunked([t for *_, t in items], 256)):
+                    docs += np.split(ids.astype(np.int64), np.cumsum(lengths)[:-1])
+                order = seeded_rng(PERM_STREAM, self.seed, epoch, w).permutation(len(docs))
+                yield epoch, pos, w, [docs[j] for j in order]
+                fi, ri, ordinal, _ = items[-1]
+                pos, w = (fi, ri + 1, ordinal + 1), w + 1
+            if pos == (0, 0, 0):
+                raise UserError(f"streaming: the {self.split} split of {dataset_label(self.ds)} has no documents")
+            report_stats(self.stats, [self.ds.text_column])
+            self.stats = ReadStats()
+            epoch, pos, w = epoch + 1, (0, 0, 0), 0
 
     def _steps(self, state):
         S, G = self.seq_len, self.global_batch_rows
@@ -1361,8 +1350,6 @@ def packing_stats(loader):
     an epoch's [CLS] doc [SEP] tokens that its full global batches use (the rest is the dropped epoch tail)."""
     used = loader.steps_per_epoch * loader.global_batch_rows * loader.seq_len
     return {"real_token_fraction": 1.0, "epoch_tokens_used": used / int(loader.plan(0).cum_end[-1])}
-
-
 
 
 def prepare_only(cfg, bench=False):

@@ -18,7 +18,7 @@ Reading order:
   3. data: a file's rows -> Split (texts, labels), from the hub parquet, the GLUE TSV download or custom files
   4. tokens: encode ([CLS] A [SEP] B [SEP]), make_batch (padded or unpadded), epoch_batches
   5. metrics (numpy, float64)
-  6. one run: Context, start_run, train_batch, evaluate_task, train_loop, finetune (results.json last), bench_glue
+  6. one run: Context, start_run, train_batch, evaluate_task, finetune (results.json last), bench_glue
   7. the sweep: parse_tasks, plan_runs, finished runs, the MNLI model transfer starts from
   8. report: summarize_glue, results_markdown
   9. entry: glue(), glue_main, main (glue | mteb)
@@ -40,7 +40,6 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 
 import config
 import data
@@ -51,7 +50,6 @@ from config import UserError
 
 # -----------------------------------------------------------------------------
 # config
-
 
 @dataclass
 class TaskSettings:
@@ -89,7 +87,7 @@ class GlueConfig:
     classifier_init_range: float = 0.02
     warmup_ratio: float = 0.1  # linear warmup over this fraction of a run's steps (replaces scheduler.warmup_steps)
     transfer_from_task: bool = False  # RTE, MRPC, STS-B, QNLI start from the best MNLI model (the paper does)
-    tasks: dict[str, TaskSettings] = field(default_factory=dict)
+    tasks: Optional[dict[str, TaskSettings]] = field(default_factory=dict)  # null: none
     sweep: SweepConfig = field(default_factory=SweepConfig)
     batching: Literal["auto", "padded", "unpadded"] = "auto"  # auto: unpadded on GPU, length-grouped padded on CPU
     text_columns: list[str] = field(default_factory=list)  # custom: one or two columns
@@ -98,6 +96,7 @@ class GlueConfig:
     bench_steps: int = 20  # --bench: timed steps per batching mode
 
     def __post_init__(self):
+        self.tasks = self.tasks or {}
         for task in self.tasks:
             config.require(task in GLUE_TASKS or task == "custom",
                            f"glue.tasks.{task}: unknown task; choose from {', '.join([*GLUE_TASKS, 'custom'])}")
@@ -124,7 +123,6 @@ def load_glue_config(argv: list):
 
 # -----------------------------------------------------------------------------
 # tasks
-
 
 @dataclass(frozen=True)
 class GlueTask:
@@ -166,7 +164,6 @@ COLA_TSV_COLUMNS = ("source", "label", "original_label", "sentence")  # CoLA's T
 
 # -----------------------------------------------------------------------------
 # data: every split becomes texts (a list of 1- or 2-tuples) and labels (int64 ids, or float32 for regression)
-
 
 @dataclass
 class Split:
@@ -385,7 +382,6 @@ def custom_task(g: GlueConfig, num_labels: int) -> GlueTask:
 # -----------------------------------------------------------------------------
 # tokenization: [CLS] A [SEP] or [CLS] A [SEP] B [SEP], truncated longest-first
 
-
 @dataclass
 class Encoded:
     ids: np.ndarray  # int32, every example's tokens back to back
@@ -452,10 +448,8 @@ def epoch_batches(enc: Encoded, batch_size: int, seed: int, epoch: int) -> list:
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-
 # -----------------------------------------------------------------------------
 # metrics, in numpy (float64). Scores are fractions here and percentages in the report.
-
 
 def accuracy(pred, label) -> float:
     return float(np.mean(np.asarray(pred) == np.asarray(label)))
@@ -518,7 +512,6 @@ def compute_metric(name: str, pred, label, num_labels: int) -> float:
 
 # -----------------------------------------------------------------------------
 # fine-tuning one run
-
 
 @dataclass
 class GlueRun:
@@ -713,20 +706,7 @@ def save_classifier(path: Path, model, info, cfg, tokenizer, task: GlueTask, id2
     full["glue"] = {**config.config_to_dict(cfg)["glue"], "task_name": task.name, "run": dataclasses.asdict(run)}
     full["classifier"] = dict(num_labels=task.num_labels, id2label=dict(id2label) if id2label else None,
                               classifier_dropout=g.classifier_dropout, classifier_init_range=g.classifier_init_range)
-    save_model_dir(path, model, full, tokenizer)
-
-
-def save_model_dir(path: Path, model, full_config: dict, tokenizer) -> None:
-    """A checkpoint folder (model.safetensors, config.yaml, tokenizer.json), written whole or not at all."""
-    from safetensors.torch import save_file
-
-    def write(d: Path):
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
-        (d / "config.yaml").write_text(yaml.safe_dump(full_config, sort_keys=False))
-        tokenizer.save(str(d / "tokenizer.json"))
-
-    config.write_dir(path, write)
+    config.save_model_dir(path, model, full, tokenizer)
 
 
 def run_fingerprint(cfg, run: GlueRun, source) -> dict:
@@ -773,7 +753,6 @@ def bench_glue(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Con
 
 # -----------------------------------------------------------------------------
 # the sweep: which tasks, each run's setting (the grid), which runs are finished, where transfer starts
-
 
 def parse_tasks(name: str) -> list[str]:
     names = [n.strip().lower().replace("-", "") for n in name.split(",") if n.strip()]
@@ -841,10 +820,8 @@ def _best_mnli(cfg) -> Optional[Path]:
     return root / max(found)[1] / "best"
 
 
-
 # -----------------------------------------------------------------------------
 # report: per task the best setting over the sweep, the GLUE score, beside the paper's numbers
-
 
 def summarize_glue(cfg, runs: list, tasks: dict) -> dict:
     """Per task: the best setting (mean score over seeds), its mean ± std per metric, the paper's number."""
@@ -901,7 +878,6 @@ def results_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-
 def write_report(cfg, runs: list, tasks: dict) -> dict:
     """<output_dir>/glue/results.json and results.md of every finished run (rank 0)."""
     summary = summarize_glue(cfg, runs, tasks)
@@ -916,7 +892,6 @@ def write_report(cfg, runs: list, tasks: dict) -> dict:
 
 # -----------------------------------------------------------------------------
 # entry point: processes, the model to start from, every task's data, then the runs phase by phase
-
 
 def auto_output_dir(init_from: Optional[str]) -> str:
     """trainer.output_dir: auto -> beside the model it scores: the run directory of a training checkpoint (a run dir,
@@ -939,7 +914,8 @@ def _random_source(cfg, ctx: Context) -> Path:
         torch.manual_seed(cfg.trainer.seed)
         tokenizer = data.load_tokenizer(cfg.tokenizer)
         data.check_vocab(tokenizer, cfg.model.vocab_size)
-        save_model_dir(path, neobert.NeoBERTLMHead(cfg.model), {"model": dataclasses.asdict(cfg.model)}, tokenizer)
+        config.save_model_dir(path, neobert.NeoBERTLMHead(cfg.model), {"model": dataclasses.asdict(cfg.model)},
+                              tokenizer)
     if ctx.world > 1:
         dist.barrier()
     return path

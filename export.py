@@ -15,6 +15,7 @@ This file never imports transformers: only modeling_neobert.py does, when transf
 Reading order: finding and reading a checkpoint -> the folder's files -> the model card -> writing the folder, main.
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -97,20 +98,15 @@ class ClassifierSection:
                     f"classifier.id2label must name labels 0..{n - 1}, got ids {sorted(self.id2label)}")
 
 
-def saved_head(checkpoint: Path) -> str:
-    """classifier when model.safetensors holds a classifier head, else mlm (load_pretrained reports a bad file)."""
-    try:
-        with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
-            return "classifier" if "classifier.weight" in f.keys() else "mlm"
-    except (SafetensorError, OSError):
-        return "mlm"
-
-
 def read_checkpoint(checkpoint: Path):
     """(state dict, config.PretrainedInfo, ClassifierSection or None) of a training checkpoint. config.load_pretrained
     checks every tensor, by name and shape, against the module config.yaml describes. The kernel the run used (e.g.
     flash_attn) says how it ran, not what it computes: the folder picks its own."""
-    head = saved_head(checkpoint)
+    try:  # a classifier head in model.safetensors? (load_pretrained reports a bad file)
+        with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
+            head = "classifier" if "classifier.weight" in f.keys() else "mlm"
+    except (SafetensorError, OSError):
+        head = "mlm"
     model, info = config.load_pretrained(checkpoint, head=head, attn_backend="auto")
     where = checkpoint / "config.yaml"
     info.pooling = config.convert(info.pooling, Literal["mean", "cls"], f"{where}: contrastive.pooling")
@@ -133,42 +129,35 @@ def read_checkpoint(checkpoint: Path):
 # the files of the folder
 
 
-def hf_config(model_config: neobert.NeoBERTConfig, dtype, classifier: Optional[ClassifierSection]) -> dict:
-    """config.json: neobert.NeoBERTConfig's fields (which modeling_neobert.py's config reads by the same names)."""
-    module = MODELING_FILE_NAME.removesuffix(".py")
+def folder_files(info: config.PretrainedInfo, dtype, classifier: Optional[ClassifierSection]) -> dict:
+    """{file name: JSON-able object}: config.json (neobert.NeoBERTConfig's fields, which modeling_neobert.py's config
+    reads by the same names), the tokenizer files and the sentence-transformers files (the run's pooling:
+    neobert.pool's mean over real tokens, or the [CLS] vector)."""
+    c, module, tokenizer = info.model_config, MODELING_FILE_NAME.removesuffix(".py"), info.tokenizer
     head = classifier or ClassifierSection(num_labels=2)
-    return {
+    id2label = head.id2label or {i: f"LABEL_{i}" for i in range(head.num_labels)}
+    labels = {"id2label": {str(i): name for i, name in id2label.items()},  # transformers reads num_labels from it
+              "label2id": {name: i for i, name in id2label.items()}, "num_labels": head.num_labels}
+    hf_config = {
         "model_type": "neobert",
         "architectures": ["NeoBERTLMHead" if classifier is None else "NeoBERTForSequenceClassification"],
         "auto_map": {"AutoConfig": f"{module}.NeoBERTConfig", "AutoModel": f"{module}.NeoBERT",
                      "AutoModelForMaskedLM": f"{module}.NeoBERTLMHead",
                      "AutoModelForSequenceClassification": f"{module}.NeoBERTForSequenceClassification"},
         # the context length is max_position_embeddings: transformers 5 refuses to save a config with `max_length`
-        **model_config.to_dict(),
+        **c.to_dict(),
         "classifier_dropout": head.classifier_dropout, "classifier_init_range": head.classifier_init_range,
         "tie_word_embeddings": False, "torch_dtype": str(dtype).replace("torch.", ""),
         # pipeline("fill-mask") of transformers 4.50 loads a tokenizer for a custom model_type only when config.json
         # names its class (4.57 and 5.x read tokenizer_config.json)
         "tokenizer_class": "PreTrainedTokenizerFast",
-        **(classifier_labels(classifier) if classifier else {}),
+        **(labels if classifier else {}),
     }
-
-
-def classifier_labels(classifier: ClassifierSection) -> dict:
-    """id2label, label2id and num_labels of config.json (transformers reads num_labels from id2label)."""
-    id2label = classifier.id2label or {i: f"LABEL_{i}" for i in range(classifier.num_labels)}
-    return {"id2label": {str(i): name for i, name in id2label.items()},
-            "label2id": {name: i for i, name in id2label.items()}, "num_labels": classifier.num_labels}
-
-
-def tokenizer_files(info: config.PretrainedInfo) -> dict:
-    """{file name: JSON-able object} for tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
-    tokenizer, path = info.tokenizer, info.path / "tokenizer.json"
     try:  # data.py's rules: the BERT special tokens, and no more tokens than the model has embeddings
         ids = data.special_token_ids(tokenizer)
-        data.check_vocab(tokenizer, info.model_config.vocab_size)
+        data.check_vocab(tokenizer, c.vocab_size)
     except UserError as e:
-        raise UserError(f"{path}: {e}") from None
+        raise UserError(f"{info.path / 'tokenizer.json'}: {e}") from None
     if tokenizer.post_processor is None:  # add [CLS] a [SEP] (b [SEP]) as BERT and the released tokenizer do
         tokenizer.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -176,50 +165,27 @@ def tokenizer_files(info: config.PretrainedInfo) -> dict:
     tokenizer.no_truncation()  # truncation and padding are the caller's choice in transformers
     tokenizer.no_padding()
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **SPECIAL_TOKENS,
-                        "model_max_length": info.model_config.max_position_embeddings,
+                        "model_max_length": c.max_position_embeddings,
                         "model_input_names": ["input_ids", "attention_mask"], "padding_side": "right",
                         "truncation_side": "right", "clean_up_tokenization_spaces": False}
-    return {"tokenizer.json": json.loads(tokenizer.to_str()), "tokenizer_config.json": tokenizer_config,
-            "special_tokens_map.json": dict(SPECIAL_TOKENS)}
-
-
-def sentence_transformers_files(model_config: neobert.NeoBERTConfig, pooling_mode: str = "mean") -> dict:
-    """modules.json (Transformer -> Pooling), sentence_bert_config.json, config_sentence_transformers.json,
-    1_Pooling/config.json (the run's pooling: neobert.pool's mean over real tokens, or the [CLS] vector)."""
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]
-    pooling = {"word_embedding_dimension": model_config.hidden_size, "pooling_mode_cls_token": pooling_mode == "cls",
-               "pooling_mode_mean_tokens": pooling_mode == "mean", "pooling_mode_max_tokens": False,
+    modules = [{"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+               for i, (path, kind) in enumerate([("", "Transformer"), ("1_Pooling", "Pooling")])]
+    pooling = {"word_embedding_dimension": c.hidden_size, "pooling_mode_cls_token": info.pooling == "cls",
+               "pooling_mode_mean_tokens": info.pooling == "mean", "pooling_mode_max_tokens": False,
                "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
                "pooling_mode_lasttoken": False, "include_prompt": True}
-    # the model type and the similarity (cosine, what pooled embeddings are compared with) said explicitly, for
-    # sentence-transformers and for MTEB, which reads this file to pick its loader
-    st_config = {"model_type": "SentenceTransformer", "prompts": {}, "default_prompt_name": None,
-                 "similarity_fn_name": "cosine"}
-    return {"modules.json": modules,
-            "sentence_bert_config.json": {"max_seq_length": model_config.max_position_embeddings,
-                                          "do_lower_case": False},
-            "config_sentence_transformers.json": st_config,
-            "1_Pooling/config.json": pooling}
+    return {"config.json": hf_config, "tokenizer.json": json.loads(tokenizer.to_str()),
+            "tokenizer_config.json": tokenizer_config, "special_tokens_map.json": dict(SPECIAL_TOKENS),
+            "modules.json": modules, "1_Pooling/config.json": pooling,
+            "sentence_bert_config.json": {"max_seq_length": c.max_position_embeddings, "do_lower_case": False},
+            # the model type and the similarity (cosine, what pooled embeddings are compared with) said explicitly,
+            # for sentence-transformers and for MTEB, which reads this file to pick its loader
+            "config_sentence_transformers.json": {"model_type": "SentenceTransformer", "prompts": {},
+                                                  "default_prompt_name": None, "similarity_fn_name": "cosine"}}
 
 
 # -----------------------------------------------------------------------------
 # the model card: what the model is, how to load it, what it was trained on, how it scored, the config
-
-
-def read_metrics(run_dir: Path):
-    """(last logged training entry, last entry with evaluation keys) from RUN/metrics.jsonl, or Nones."""
-    path, entries = run_dir / "metrics.jsonl", []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-    entries = [e for e in reversed(entries) if isinstance(e, dict)]  # newest first
-    last = next((e for e in entries if "loss" in e), None)
-    return last, next((e for e in entries if any(k.startswith(("eval", "val")) for k in e)), None)
 
 
 NOT_RESULTS = {"config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "modules.json",
@@ -250,155 +216,120 @@ def evaluation_results(run_dir: Path, limit: int = 50) -> list:
     return found
 
 
-def card_intro(checkpoint: Path, classifier) -> list:
-    step = f" (training step {checkpoint.name})." if checkpoint.name.isdigit() else "."
-    return [
-        "---",
-        "library_name: transformers",
-        f"pipeline_tag: {'fill-mask' if classifier is None else 'text-classification'}",
-        "tags: [neobert, fill-mask, feature-extraction, sentence-transformers]",
-        "---",
-        "",
-        "# NeoBERT (exported)",
-        "",
-        f"A NeoBERT encoder trained with the neobert project, exported by `export.py` from `{checkpoint}`{step}",
-        "The tensor names and layout are those of the released "
-        "[chandar-lab/NeoBERT](https://huggingface.co/chandar-lab/NeoBERT) "
-        "([paper](https://arxiv.org/abs/2502.19587)). The model code is `neobert.py`, the training code itself; "
-        "`modeling_neobert.py` adapts it to transformers.",
-        "",
-    ]
+CARD = """---
+library_name: transformers
+pipeline_tag: {pipeline}
+tags: [neobert, fill-mask, feature-extraction, sentence-transformers]
+---
+
+# NeoBERT (exported)
+
+A NeoBERT encoder trained with the neobert project, exported by `export.py` from `{checkpoint}`{step}
+The tensor names and layout are those of the released \
+[chandar-lab/NeoBERT](https://huggingface.co/chandar-lab/NeoBERT) ([paper](https://arxiv.org/abs/2502.19587)). \
+The model code is `neobert.py`, the training code itself; \
+`modeling_neobert.py` adapts it to transformers.
+
+## Architecture
+
+| | |
+|---|---|
+| parameters | {n_params:,} |
+| layers | {c.num_hidden_layers} |
+| hidden size | {c.hidden_size} |
+| attention heads | {c.num_attention_heads} (head dim {c.head_dim}) |
+| feed-forward | {ffn} |
+| normalisation | pre-norm {norm}, eps {c.norm_eps} |
+| positions | {positions}, max {c.max_position_embeddings} |
+| vocabulary | {c.vocab_size} |
+{head}
+
+## Use
+
+```python
+path = "path/to/this/folder"  # or its hub id once uploaded
+from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, pipeline
+tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)  # transformers 5 reads config.json
+model = AutoModel.from_pretrained(path, trust_remote_code=True)
+batch = tokenizer(["a sentence"], truncation=True, return_tensors="pt")  # at most {c.max_position_embeddings} tokens
+out = model(**batch)  # out.last_hidden_state: (B, S, H)
+{use}
+
+from sentence_transformers import SentenceTransformer  # {pooling} pooling
+embeddings = SentenceTransformer(path, trust_remote_code=True).encode(["a sentence"])
+```
+
+## Data
+
+{data}
+
+## Evaluation
+
+{evaluation}## Training config
+
+The resolved config this checkpoint was trained with:
+
+```yaml
+{config}
+```
+"""
+USE_MLM = """fill = pipeline("fill-mask", model=path, trust_remote_code=True)
+print(fill("Paris is the [MASK] of France."))"""
+USE_CLASSIFIER = """from transformers import AutoModelForSequenceClassification
+clf = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)
+label = clf.config.id2label[clf(**batch).logits.argmax(-1).item()]"""
 
 
-def card_architecture(c: neobert.NeoBERTConfig, n_params: int, classifier) -> list:
-    H = c.hidden_size
-    ffn = f"SwiGLU ({c.ffn_hidden_size} hidden)" if c.hidden_act == "swiglu" else \
-        f"GELU MLP ({c.intermediate_size} hidden)"
-    positions = "rotary (RoPE, theta 10000)" if c.rope else "learned absolute"
+def model_card(info: config.PretrainedInfo, checkpoint: Path, n_params: int, classifier) -> str:
+    """README.md (CARD): the model, how to load it, its data, its evaluations and the resolved training config."""
+    c = info.model_config
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "model_checkpoints" else None  # a run's step
+    metrics, entries = run_dir and run_dir / "metrics.jsonl", []
+    for line in metrics.read_text().splitlines() if metrics and metrics.is_file() else []:
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    entries = [e for e in reversed(entries) if isinstance(e, dict)]  # newest first
+    last = next((e for e in entries if "loss" in e), None)  # the last logged training step
+    last_eval = next((e for e in entries if any(k.startswith(("eval", "val")) for k in e)), None)
+    blocks = [(f"`{rel}`", json.dumps(result, indent=2)[:20_000])
+              for rel, result in (evaluation_results(run_dir) if run_dir else [])]
+    if last_eval:
+        keys = {k: v for k, v in last_eval.items() if k == "step" or k.startswith(("eval", "val"))}
+        blocks.insert(0, ("Last evaluation logged in metrics.jsonl", json.dumps(keys, indent=2)))
+    dataset, tok = info.full_config.get("dataset") or {}, info.full_config.get("tokenizer") or {}
+    named = tok.get("path") or tok.get("name")
+    tokenizer = f"WordPiece (BERT-style) trained on the dataset, {tok.get('vocab_size', '?')} tokens" \
+        if tok.get("train") else f"`{named}`" if named else "see tokenizer.json"
+    prepared = f" (prepared at `{dataset['path']}`)" if dataset.get("path") else ""
+    data_lines = [f"- dataset: `{dataset.get('name', 'unknown')}`{prepared}", f"- tokenizer: {tokenizer}"]
+    if "max_seq_length" in dataset:
+        data_lines.append(f"- sequence length: {dataset['max_seq_length']}")
+    if last:
+        seen = ", ".join(f"{k} {last[k]:.4g}" if isinstance(last[k], float) else f"{k} {last[k]:,}"
+                         for k in ("step", "tokens", "loss") if k in last)
+        data_lines.append(f"- last logged training step: {seen}")
     if classifier is None:
         head = "| MLM decoder | untied, with bias |"
     else:
         labels = ", ".join((classifier.id2label or {i: str(i) for i in range(classifier.num_labels)}).values())
         head = f"| classification head | [CLS] -> dense -> tanh -> {classifier.num_labels} labels ({labels}) |"
-    return [
-        "## Architecture",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| parameters | {n_params:,} |",
-        f"| layers | {c.num_hidden_layers} |",
-        f"| hidden size | {H} |",
-        f"| attention heads | {c.num_attention_heads} (head dim {H // c.num_attention_heads}) |",
-        f"| feed-forward | {ffn} |",
-        f"| normalisation | pre-norm {'RMSNorm' if c.rms_norm else 'LayerNorm'}, eps {c.norm_eps} |",
-        f"| positions | {positions}, max {c.max_position_embeddings} |",
-        f"| vocabulary | {c.vocab_size} |",
-        head,
-        "",
-    ]
-
-
-def card_use(c: neobert.NeoBERTConfig, classifier, pooling: str) -> list:
-    if classifier is None:
-        use_head = ["fill = pipeline(\"fill-mask\", model=path, trust_remote_code=True)",
-                    "print(fill(\"Paris is the [MASK] of France.\"))"]
-    else:
-        use_head = ["from transformers import AutoModelForSequenceClassification",
-                    "clf = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)",
-                    "label = clf.config.id2label[clf(**batch).logits.argmax(-1).item()]"]
-    return [
-        "## Use",
-        "",
-        "```python",
-        "path = \"path/to/this/folder\"  # or its hub id once uploaded",
-        "from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, pipeline",
-        "tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)  # transformers 5 reads config.json",
-        "model = AutoModel.from_pretrained(path, trust_remote_code=True)",
-        f"batch = tokenizer([\"a sentence\"], truncation=True, return_tensors=\"pt\")  # at most "
-        f"{c.max_position_embeddings} tokens",
-        "out = model(**batch)  # out.last_hidden_state: (B, S, H)",
-        *use_head,
-        "",
-        f"from sentence_transformers import SentenceTransformer  # {pooling} pooling",
-        "embeddings = SentenceTransformer(path, trust_remote_code=True).encode([\"a sentence\"])",
-        "```",
-        "",
-    ]
-
-
-def card_data(full_config: dict, last: Optional[dict]) -> list:
-    dataset, tok = full_config.get("dataset") or {}, full_config.get("tokenizer") or {}
-    if tok.get("train"):
-        tokenizer = f"WordPiece (BERT-style) trained on the dataset, {tok.get('vocab_size', '?')} tokens"
-    else:
-        tokenizer = f"`{tok.get('path') or tok.get('name')}`" if tok.get("path") or tok.get("name") else \
-            "see tokenizer.json"
-    prepared = f" (prepared at `{dataset['path']}`)" if dataset.get("path") else ""
-    lines = ["## Data", "", f"- dataset: `{dataset.get('name', 'unknown')}`{prepared}", f"- tokenizer: {tokenizer}"]
-    if "max_seq_length" in dataset:
-        lines.append(f"- sequence length: {dataset['max_seq_length']}")
-    if last:
-        seen = ", ".join(f"{k} {last[k]:.4g}" if isinstance(last[k], float) else f"{k} {last[k]:,}"
-                         for k in ("step", "tokens", "loss") if k in last)
-        lines.append(f"- last logged training step: {seen}")
-    return lines + [""]
-
-
-def card_evaluation(last_eval: Optional[dict], results: list) -> list:
-    lines = ["## Evaluation", ""]
-    if last_eval:
-        keys = {k: v for k, v in last_eval.items() if k == "step" or k.startswith(("eval", "val"))}
-        lines += ["Last evaluation logged in metrics.jsonl:", "", "```json", json.dumps(keys, indent=2), "```", ""]
-    for rel, result in results:
-        lines += [f"`{rel}`:", "", "```json", json.dumps(result, indent=2)[:20_000], "```", ""]
-    if not last_eval and not results:
-        lines += ["No evaluation results were found in the run directory.", ""]
-    return lines
-
-
-def model_card(info: config.PretrainedInfo, checkpoint: Path, n_params: int, classifier) -> str:
-    """README.md: the model, how to load it, its data, its evaluations and the resolved training config."""
-    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "model_checkpoints" else None  # a run's step
-    last, last_eval = read_metrics(run_dir) if run_dir else (None, None)
-    return "\n".join([
-        *card_intro(checkpoint, classifier),
-        *card_architecture(info.model_config, n_params, classifier),
-        *card_use(info.model_config, classifier, info.pooling),
-        *card_data(info.full_config, last),
-        *card_evaluation(last_eval, evaluation_results(run_dir) if run_dir else []),
-        "## Training config", "", "The resolved config this checkpoint was trained with:", "", "```yaml",
-        yaml.safe_dump(info.full_config, sort_keys=False).rstrip(), "```", "",
-    ])
+    return CARD.format(
+        pipeline="fill-mask" if classifier is None else "text-classification", checkpoint=checkpoint,
+        step=f" (training step {checkpoint.name})." if checkpoint.name.isdigit() else ".", n_params=n_params, c=c,
+        ffn=f"SwiGLU ({c.ffn_hidden_size} hidden)" if c.hidden_act == "swiglu" else
+        f"GELU MLP ({c.intermediate_size} hidden)", norm="RMSNorm" if c.rms_norm else "LayerNorm",
+        positions="rotary (RoPE, theta 10000)" if c.rope else "learned absolute", head=head,
+        use=USE_MLM if classifier is None else USE_CLASSIFIER, pooling=info.pooling,
+        data="\n".join(data_lines),
+        evaluation="".join(f"{title}:\n\n```json\n{text}\n```\n\n" for title, text in blocks)
+        or "No evaluation results were found in the run directory.\n\n",
+        config=yaml.safe_dump(info.full_config, sort_keys=False).rstrip())
 
 
 # -----------------------------------------------------------------------------
 # writing the folder, main
-
-
-def check_out(out: Path, force: bool, checkpoint: Path):
-    require(out.parent != out, f"--out {out} is a filesystem root; name a folder to create")
-    require(not out.exists() or out.is_dir(), f"--out {out} exists and is not a folder")
-    require(force or not out.is_dir() or not any(out.iterdir()),
-            f"--out {out} exists and is not empty; pass --force to replace it")
-    src, dst = checkpoint.resolve(), out.resolve()
-    require(dst != src and dst not in src.parents,
-            f"--out {out} contains the checkpoint being exported; choose another folder")
-
-
-def write_folder(tmp: Path, files: dict, state: dict, card: str):
-    for name, obj in files.items():
-        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    here = Path(__file__).resolve().parent
-    for name in ("neobert.py", MODELING_FILE_NAME):  # the model and its transformers adapter, byte for byte
-        shutil.copyfile(here / name, tmp / name)
-    (tmp / "README.md").write_text(card)
-    # released layout: the training state_dict keys are already model.* and decoder.* (or dense.*, classifier.*)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in (tmp, *tmp.rglob("*")):  # mkdtemp (and safetensors) make private files; use the usual modes
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def export(src: Path, out: Path, force: bool = False) -> Path:
@@ -406,17 +337,33 @@ def export(src: Path, out: Path, force: bool = False) -> Path:
     Not config.write_dir: an interrupted export removes its temporary folder and puts a replaced --out back."""
     checkpoint = find_checkpoint(src)
     out = Path(os.path.abspath(out))  # normalised: `--out .` and `--out ..` have a parent to write next to
-    check_out(out, force, checkpoint)
+    require(out.parent != out, f"--out {out} is a filesystem root; name a folder to create")
+    require(not out.exists() or out.is_dir(), f"--out {out} exists and is not a folder")
+    require(force or not out.is_dir() or not any(out.iterdir()),
+            f"--out {out} exists and is not empty; pass --force to replace it")
+    require(out.resolve() != checkpoint.resolve() and out.resolve() not in checkpoint.resolve().parents,
+            f"--out {out} contains the checkpoint being exported; choose another folder")
     state, info, classifier = read_checkpoint(checkpoint)
-    files = {"config.json": hf_config(info.model_config, next(iter(state.values())).dtype, classifier),
-             **tokenizer_files(info), **sentence_transformers_files(info.model_config, info.pooling)}
+    files = folder_files(info, next(iter(state.values())).dtype, classifier)
     card = model_card(info, checkpoint, sum(t.numel() for t in state.values()), classifier)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     aside = None  # where an existing --out waits until the new folder is in place
     try:
-        write_folder(tmp, files, state, card)
+        for name, obj in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        for name in ("neobert.py", MODELING_FILE_NAME):  # the model and its transformers adapter, byte for byte
+            shutil.copyfile(Path(__file__).resolve().parent / name, tmp / name)
+        (tmp / "README.md").write_text(card)
+        # released layout: the training state_dict keys are already model.* and decoder.* (or dense.*, classifier.*)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        for p in (tmp, *tmp.rglob("*")):  # mkdtemp (and safetensors) make private files; use the usual modes
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
         if out.exists():  # empty, or --force
             aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, aside / out.name)
@@ -432,38 +379,28 @@ def export(src: Path, out: Path, force: bool = False) -> Path:
     return checkpoint
 
 
-def parse_args(argv: list) -> tuple:
-    """(RUN_DIR | CHECKPOINT_DIR or None, HF_DIR, force) from the command line."""
-    src, out, force = None, None, False
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg == "--force":
-            force = True
-        elif arg == "--out":
-            require(args, f"--out needs a folder; usage: {USAGE_LINE}")
-            out = args.pop(0)
-        elif arg.startswith("--out="):
-            out = arg.removeprefix("--out=")
-        else:
-            require(not arg.startswith("-") and src is None, f"unexpected argument {arg!r}; usage: {USAGE_LINE}")
-            src = arg
-    require(out, f"--out HF_DIR is required; usage: {USAGE_LINE}")
-    return src, out, force
-
-
 USAGE_LINE = "python export.py --out HF_DIR [RUN_DIR | CHECKPOINT_DIR] [--force]"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one `error: ...` line, as every error (config.run_main), not argparse's usage block
+        raise UserError(f"{message}; usage: {USAGE_LINE}")
 
 
 def main(argv=None) -> int:
     def work(argv):
-        src, out, force = parse_args(argv)
+        parser = ArgumentParser(add_help=False, allow_abbrev=False)
+        parser.add_argument("src", nargs="?")  # RUN_DIR | CHECKPOINT_DIR
+        parser.add_argument("--out", required=True)  # HF_DIR
+        parser.add_argument("--force", action="store_true")
+        args = parser.parse_args(argv)
+        src, out = args.src, args.out
         if src is None:
             src = find_newest_run()
             print(f"no run directory given: exporting {src}, the newest checkpoint under ./{RUNS_DIR} "
                   f"(name a run to export another: python export.py --out {out} RUN_DIR)")
         try:
-            checkpoint = export(Path(src), Path(out), force=force)
+            checkpoint = export(Path(src), Path(out), force=args.force)
         except OSError as e:  # disk full, permissions, ...
             raise UserError(str(e)) from None
         except KeyboardInterrupt:
@@ -471,10 +408,8 @@ def main(argv=None) -> int:
             raise
         print(f"exported {checkpoint} -> {out}")
 
-    def interrupt(signum, frame):  # SIGTERM (a scheduler, `kill`) cleans up as Ctrl-C does
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    # SIGTERM (a scheduler, `kill`) cleans up as Ctrl-C does: it raises KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return config.run_main(argv, __doc__, work)
     finally:

@@ -1,7 +1,7 @@
 """NeoBERT: a modern BERT-style encoder, weight-for-weight the released chandar-lab/NeoBERT.
 
-Read top to bottom: config -> norms, rotary, attention, feed-forward -> block -> encoder -> heads -> loading ->
-FLOPs/MFU and optimizer groups. Paper: https://arxiv.org/abs/2502.19587
+Read top to bottom: varlen kernels -> config -> norms, rotary, attention, feed-forward -> block -> encoder -> heads
+-> pooling, batching, embed -> loading -> FLOPs/MFU and optimizer groups. Paper: https://arxiv.org/abs/2502.19587
 
 Conventions used everywhere below:
 - attention_mask: 1/True = a real token to attend to, 0/False = padding.
@@ -33,16 +33,13 @@ FIELD_KINDS = {int: (int, "an integer"), float: ((int, float), "a number"), bool
 # the optional varlen kernels (CUDA only), imported on first use: torch.nn.attention.varlen pulls in torch._dynamo,
 # seconds of start-up on every command, and only a packed batch on CUDA needs either kernel
 
-def _module_exists(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 # found, not imported (milliseconds); found once here so that torch.compile never traces a failing import
-KERNEL_INSTALLED = {"flash_attn": _module_exists("flash_attn"),
-                    "torch_varlen": _module_exists("torch.nn.attention.varlen")}
+KERNEL_INSTALLED = {}
+for _backend, _module in (("flash_attn", "flash_attn"), ("torch_varlen", "torch.nn.attention.varlen")):
+    try:
+        KERNEL_INSTALLED[_backend] = importlib.util.find_spec(_module) is not None
+    except (ImportError, ValueError):
+        KERNEL_INSTALLED[_backend] = False
 _kernels = {}
 
 
@@ -62,7 +59,6 @@ def varlen_kernel(backend: str):
 
 # -----------------------------------------------------------------------------
 # config
-
 
 @dataclass
 class NeoBERTConfig:
@@ -98,34 +94,31 @@ class NeoBERTConfig:
                      "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by "
-                             f"model.num_attention_heads={self.num_attention_heads}")
-        if self.rope and self.head_dim % 2:
-            raise ValueError(f"rotary embeddings need an even head dim; hidden_size/num_attention_heads = "
-                             f"{self.head_dim}")
         self.hidden_act = self.hidden_act.lower()
         self.attn_backend = ATTN_BACKEND_ALIASES.get(self.attn_backend, self.attn_backend)
         for name, allowed in (("hidden_act", HIDDEN_ACTS), ("attn_backend", ATTN_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} is unknown; choose one of {', '.join(allowed)}")
-        if self.attn_backend == "flash_attn" and not KERNEL_INSTALLED["flash_attn"]:
-            raise ValueError("model.attn_backend=flash_attn but the flash-attn package is not installed; "
-                             "install it (CUDA only) or use attn_backend: auto")
-        if self.attn_backend == "torch_varlen" and not KERNEL_INSTALLED["torch_varlen"]:
-            raise ValueError("model.attn_backend=torch_varlen needs torch.nn.attention.varlen (PyTorch >= 2.9); "
-                             "use auto")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.norm_eps <= 0 or self.init_range <= 0:
-            raise ValueError("model.norm_eps and model.init_range must be positive")
-        if not 0.0 <= self.static_predictions <= 1.0:
-            raise ValueError(f"model.static_predictions must be in [0, 1] (0 = off), got {self.static_predictions}")
-        if self.decoder_chunk_size < 0:
-            raise ValueError(f"model.decoder_chunk_size must be >= 0 (0 = off), got {self.decoder_chunk_size}")
-        if not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"model.pad_token_id={self.pad_token_id} is outside the vocabulary "
-                             f"(size {self.vocab_size})")
+        hs, nh, backend = self.hidden_size, self.num_attention_heads, self.attn_backend
+        for ok, problem in (  # written `ok` first, so NaN fails too
+            (hs % nh == 0, f"model.hidden_size={hs} is not divisible by model.num_attention_heads={nh}"),
+            (not self.rope or self.head_dim % 2 == 0,
+             f"rotary embeddings need an even head dim; hidden_size/num_attention_heads = {self.head_dim}"),
+            (backend != "flash_attn" or KERNEL_INSTALLED["flash_attn"], "model.attn_backend=flash_attn but the "
+             "flash-attn package is not installed; install it (CUDA only) or use attn_backend: auto"),
+            (backend != "torch_varlen" or KERNEL_INSTALLED["torch_varlen"],
+             "model.attn_backend=torch_varlen needs torch.nn.attention.varlen (PyTorch >= 2.9); use auto"),
+            (0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}"),
+            (self.norm_eps > 0 and self.init_range > 0, "model.norm_eps and model.init_range must be positive"),
+            (0.0 <= self.static_predictions <= 1.0,
+             f"model.static_predictions must be in [0, 1] (0 = off), got {self.static_predictions}"),
+            (self.decoder_chunk_size >= 0,
+             f"model.decoder_chunk_size must be >= 0 (0 = off), got {self.decoder_chunk_size}"),
+            (0 <= self.pad_token_id < self.vocab_size,
+             f"model.pad_token_id={self.pad_token_id} is outside the vocabulary (size {self.vocab_size})"),
+        ):
+            if not ok:
+                raise ValueError(problem)
 
     @property
     def head_dim(self) -> int:
@@ -143,8 +136,7 @@ class NeoBERTConfig:
     @classmethod
     def from_hf_dict(cls, d: dict, **overrides) -> "NeoBERTConfig":
         """A released (chandar-lab/NeoBERT) or exported config.json; fields this model has no use for are ignored."""
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs = {f.name: d[f.name] for f in fields(cls) if f.name in d}
         if "max_length" in d:
             kwargs.setdefault("max_position_embeddings", d["max_length"])
         cfg = cls(**{**kwargs, **overrides})
@@ -155,8 +147,7 @@ class NeoBERTConfig:
 
 
 # -----------------------------------------------------------------------------
-# building blocks
-
+# the encoder: norms, rotary, attention, feed-forward, block, initialisation, the model
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -171,9 +162,8 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(config: NeoBERTConfig) -> nn.Module:
-    if config.rms_norm:
-        return RMSNorm(config.hidden_size, config.norm_eps)
-    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+    H, eps = config.hidden_size, config.norm_eps
+    return RMSNorm(H, eps) if config.rms_norm else nn.LayerNorm(H, eps=eps)
 
 
 def rope_tables(head_dim: int, max_positions: int, theta: float = 10000.0):
@@ -187,14 +177,12 @@ def apply_rope(x, cos, sin):
     """x: (B, S, nh, hd); cos/sin: (B, S, hd/2). Adjacent pairs as complex numbers times e^(i*angle), as released."""
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, nh, hd/2) each
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
-    return out.type_as(x)
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
 def segment_ids(cu_seqlens, shape):
     """The segment index of every token of a packed batch, shaped like input_ids."""
-    n = shape[0] * shape[1]
-    idx = torch.arange(n, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    idx = torch.arange(shape[0] * shape[1], device=cu_seqlens.device, dtype=cu_seqlens.dtype)
     return torch.searchsorted(cu_seqlens[1:].contiguous(), idx, right=True).view(shape)
 
 
@@ -210,11 +198,10 @@ def pick_backend(config: NeoBERTConfig, q: torch.Tensor) -> str:
         if config.attn_backend != "sdpa" and not q.is_cuda:
             raise ValueError(f"attn_backend={config.attn_backend} runs on CUDA only; use auto or sdpa on {q.device}")
         return config.attn_backend
-    half = q.dtype in (torch.float16, torch.bfloat16)
-    if q.is_cuda and half and varlen_kernel("flash_attn") is not None:
-        return "flash_attn"
-    if q.is_cuda and half and varlen_kernel("torch_varlen") is not None:
-        return "torch_varlen"
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        for backend in ("flash_attn", "torch_varlen"):  # in order of preference
+            if varlen_kernel(backend) is not None:
+                return backend
     return "sdpa"
 
 
@@ -294,15 +281,9 @@ class EncoderBlock(nn.Module):
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
-# -----------------------------------------------------------------------------
-# the encoder
-
-
 def init_weights(module: nn.Module, init_range: float, recurse: bool = True):
-    """The released initialisation, in one place: every nn.Linear and nn.Embedding weight ~ uniform(-r, r), every
-    bias 0, every norm weight 1 (LayerNorm bias 0). The classification head overrides its own two layers
-    (init_classifier_layer). recurse=False: this module's own tensors only (transformers initialises module by
-    module)."""
+    """The released initialisation: every nn.Linear and nn.Embedding weight ~ uniform(-r, r), every bias 0, every norm
+    weight 1 (the classifier head: init_classifier_layer). recurse=False: this module's own (for transformers)."""
     for m in module.modules() if recurse else (module,):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.uniform_(m.weight, -init_range, init_range)
@@ -339,8 +320,7 @@ class NeoBERT(nn.Module):
 
     @torch.no_grad()
     def init_rope_tables(self):
-        """Recompute the rotary tables in place: loaders that build on the meta device (transformers 5) fill only
-        the state_dict, which does not hold them."""
+        """Recompute the rotary tables in place: not saved, so a meta-device build (transformers 5) lacks them."""
         cos, sin = rope_tables(self.config.head_dim, self.config.max_position_embeddings)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
@@ -389,8 +369,7 @@ class NeoBERT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# heads
-
+# heads, then pooling and batching for sentence embeddings
 
 class MaskedLMOutput(NamedTuple):
     logits: Optional[torch.Tensor]  # (B, S, V) when called without labels
@@ -405,10 +384,9 @@ def predictions_per_row(config: NeoBERTConfig, seq_len: int) -> int:
 
 
 def gather_predictions(hidden, labels, per_row: int = 0):
-    """(hidden states (N, H), labels (N,)) of the positions to predict. per_row=0: exactly the positions whose label
-    is not -100 (a boolean gather: N depends on the data, a graph break under torch.compile). per_row=K: the first K
-    of them in each row, then positions labelled -100 to fill the row (N = B*K always: static shapes; a row with more
-    than K predicted tokens loses the rest)."""
+    """(hidden states (N, H), labels (N,)) of the positions to predict. per_row=0: exactly those labelled != -100 (N
+    depends on the data: a graph break under torch.compile). per_row=K: the first K of them in each row, then -100
+    positions to fill it (N = B*K always: static shapes; a row with more than K predicted tokens loses the rest)."""
     H = hidden.size(-1)
     labels = labels.reshape(hidden.shape[:-1])
     if not per_row:
@@ -482,8 +460,7 @@ class NeoBERTLMHead(nn.Module):
         h, labels = gather_predictions(h, labels, per_row)
         loss_sum = decoder_loss(self.decoder, h, labels, self.config.decoder_chunk_size)
         num_masked = (labels != -100).sum()
-        return MaskedLMOutput(logits=None, loss=loss_sum / num_masked.clamp(min=1), loss_sum=loss_sum,
-                              num_masked=num_masked)
+        return MaskedLMOutput(None, loss_sum / num_masked.clamp(min=1), loss_sum, num_masked)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, revision: Optional[str] = None, **config_overrides):
@@ -502,8 +479,6 @@ class NeoBERTForSequenceClassification(nn.Module):
     def __init__(self, config: NeoBERTConfig, num_labels: int = 2, classifier_dropout: float = 0.1,
                  classifier_init_range: float = 0.02):
         super().__init__()
-        if num_labels < 1:
-            raise ValueError(f"num_labels must be at least 1, got {num_labels}")
         self.config, self.num_labels = config, num_labels
         self.model = NeoBERT(config)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
@@ -526,9 +501,7 @@ class NeoBERTForSequenceClassification(nn.Module):
     def head(self, hidden, cu_seqlens=None):
         """Logits from the encoder's hidden states, read at each sequence's (or packed segment's) first token."""
         cls = hidden[:, 0] if cu_seqlens is None else hidden.reshape(-1, hidden.size(-1))[cu_seqlens[:-1].long()]
-        x = self.dropout(cls)
-        x = self.dropout(torch.tanh(self.dense(x)))
-        return self.classifier(x)
+        return self.classifier(self.dropout(torch.tanh(self.dense(self.dropout(cls)))))
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, num_labels: Optional[int] = None, revision: Optional[str] = None,
@@ -565,9 +538,8 @@ def pool_packed(hidden, cu_seqlens, mode: str = "mean"):
 
 def batch_sequences(seqs, pad_id: int, packed: bool = False, multiple: int = 1) -> dict:
     """Token sequences (special tokens included) -> model inputs. Padded: input_ids and attention_mask (B, S), S the
-    longest sequence rounded up to `multiple`. Packed: one (1, N) row of the sequences back to back with cu_seqlens
-    and max_seqlen, for the varlen attention path (no compute on padding; positions restart per sequence, so the row
-    may be longer than max_position_embeddings)."""
+    longest rounded up to `multiple`. Packed: one (1, N) row of them back to back with cu_seqlens and max_seqlen (no
+    compute on padding; positions restart per sequence, so N may exceed max_position_embeddings)."""
     lengths = [len(s) for s in seqs]
     if packed:
         flat = torch.cat([torch.as_tensor(s, dtype=torch.long) for s in seqs])
@@ -575,10 +547,9 @@ def batch_sequences(seqs, pad_id: int, packed: bool = False, multiple: int = 1) 
         return dict(input_ids=flat[None], cu_seqlens=cu, max_seqlen=max(lengths))
     width = -(-max(lengths) // multiple) * multiple
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
+    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
     return dict(input_ids=ids, attention_mask=mask)
 
 
@@ -600,17 +571,14 @@ def embed(encoder, seqs, pad_id: int, pooling: str = "mean", batch_size: int = 3
                  for k, v in batch_sequences([seqs[i] for i in rows], pad_id, packed).items()}
         with amp if amp is not None else contextlib.nullcontext():
             hidden = encoder(**batch).float()
-        if packed:
-            out[rows] = pool_packed(hidden[0], batch["cu_seqlens"], pooling).cpu()
-        else:
-            out[rows] = pool(hidden, batch["attention_mask"], pooling).cpu()
+        out[rows] = (pool_packed(hidden[0], batch["cu_seqlens"], pooling) if packed
+                     else pool(hidden, batch["attention_mask"], pooling)).cpu()
     encoder.train(was_training)
     return out
 
 
 # -----------------------------------------------------------------------------
 # loading weights (released chandar-lab/NeoBERT folders, exported folders, training checkpoints)
-
 
 def load_state_dict_strict(module: nn.Module, state_dict: dict):
     """load_state_dict(strict=True), but the error names the first offending tensor and what was expected."""
@@ -628,8 +596,7 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict):
     module.load_state_dict(state_dict, strict=True)
 
 
-# which folder a model source names: the one rule for every loader (from_pretrained here, config.load_pretrained and
-# so trainer.init_from / evaluate.py, export.py)
+# which folder a model source names: one rule for every loader (from_pretrained, config.load_pretrained, export.py)
 MODEL_SOURCES = ("a run directory, a model_checkpoints/<step> or checkpoints/<step> directory, a Hugging Face folder "
                  "with config.json and model.safetensors, or a hub id such as chandar-lab/NeoBERT")
 MODEL_FILES = (("model.safetensors", "model.safetensors.index.json"), ("config.yaml", "config.json"))  # weights, config
@@ -644,11 +611,8 @@ def missing_model_files(folder, needs=MODEL_FILES) -> list:
 
 def resolve_model_dir(source, revision: Optional[str] = None, needs=MODEL_FILES, hub: bool = True,
                       what: str = MODEL_SOURCES) -> Path:
-    """The folder holding the model that `source` names. A run directory (or its model_checkpoints/) gives the step
-    model_checkpoints/latest names, or the newest complete step when `latest` is lost or stale; checkpoints/<step>
-    (resume state) gives the model_checkpoints/<step> beside it; a folder holding `needs` is itself; an owner/name that
-    is no local path is fetched with huggingface_hub (if `hub`). Else FileNotFoundError: one line naming the source and
-    `what` to pass (callers turn it into their own error)."""
+    """The folder holding the model that `source` names (a folder holding `needs`; a run's newest complete step; an
+    owner/name fetched from the hub if `hub`), or FileNotFoundError: one line naming the source and `what` to pass."""
     source = str(source)
     p = Path(source).expanduser()
     # owner/name goes to the hub, unless `owner` is a local folder (runs/mistyped is a missing run, not a repo)
@@ -665,8 +629,6 @@ def resolve_model_dir(source, revision: Optional[str] = None, needs=MODEL_FILES,
         return p
     if not p.exists():
         raise FileNotFoundError(f"{source} is not a model folder: it does not exist; pass {what}")
-    if not p.is_dir():
-        raise FileNotFoundError(f"{source} is a file, not a model folder; pass {what}")
     if p.parent.name == "checkpoints" and (p.parent.parent / "model_checkpoints" / p.name).is_dir():
         p = p.parent.parent / "model_checkpoints" / p.name  # resume state: its weights sit beside it
     if p.name != "model_checkpoints" and (p / "model_checkpoints").is_dir():
@@ -730,7 +692,6 @@ def _from_pretrained(cls, path_or_id, revision, config_overrides, num_labels=Non
 # -----------------------------------------------------------------------------
 # accounting: parameters, FLOPs, MFU, optimizer groups
 
-
 def num_params(model: nn.Module, non_embedding: bool = False) -> int:
     n = sum(p.numel() for p in model.parameters())
     if non_embedding:
@@ -760,10 +721,9 @@ PEAK_BF16_FLOPS = [
 
 def peak_flops(device=None) -> Optional[float]:
     """Peak dense bf16 FLOP/s of a CUDA device, or None (CPU, or a GPU not in the table: no MFU beats a wrong one)."""
-    device = torch.device(device) if device is not None else None
-    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(torch.device(device))
     return next((value for key, value in PEAK_BF16_FLOPS if key in name), None)
 
 

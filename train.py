@@ -216,25 +216,15 @@ def kill_point(where: str, step: int) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, cfg: Config, tokenizer, train_state: dict) -> None:
     """Called on rank 0 only, with the raw (uncompiled, unwrapped) model."""
-    from safetensors.torch import save_file
-
-    def write_model(d: Path):
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
-        (d / "config.yaml").write_text(config_to_yaml(cfg))
-        tokenizer.save(str(d / "tokenizer.json"))
-        kill_point("mid_save", step)
 
     def write_state(d: Path):
         torch.save(optimizer.state_dict(), d / "optimizer.pt")
         (d / "train_state.json").write_text(json.dumps(train_state))
 
-    config.write_dir(run_dir / "model_checkpoints" / str(step), write_model)
+    config.save_model_dir(run_dir / "model_checkpoints" / str(step), model, cfg, tokenizer,
+                          after_write=lambda d: kill_point("mid_save", step))
     config.write_dir(run_dir / "checkpoints" / str(step), write_state)
-    latest = run_dir / "model_checkpoints" / "latest"
-    tmp = latest.with_name(f"latest.tmp-{os.getpid()}")
-    tmp.write_text(f"{step}\n")
-    os.replace(tmp, latest)
+    config.write_atomic(run_dir / "model_checkpoints" / "latest", f"{step}\n")
     limit = cfg.trainer.save_total_limit
     if limit:
         for old in list_checkpoints(run_dir)[:-limit]:
@@ -371,7 +361,7 @@ def evaluate(model, loader, num_batches: int, device, amp) -> tuple[float, float
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, predicted
     for _ in range(num_batches):
         for batch in loader.next_step():
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = config.to_device(batch, device)
             labels = batch.pop("labels").reshape(-1)
             keep = labels != -100
             with amp:
@@ -422,7 +412,7 @@ def forward_backward(model, micro_batches: list[dict], device, amp, world_size: 
     scale = world_size / num_masked.clamp(min=1.0)  # x world_size: DDP averages gradients over ranks
     loss_sum = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = config.to_device(batch, device)
         sync = i == len(micro_batches) - 1 or world_size == 1
         with nullcontext() if sync else model.no_sync():  # the forward too: DDP prepares its hooks there
             with amp:

@@ -5,20 +5,17 @@ config (trainer.objective: contrastive) gives pairs/s and peak memory with and w
 
     python bench.py configs/smoke.yaml
     python bench.py configs/pretrain.yaml --trainer.per_device_train_batch_size 16 --bench.steps 20
-    python bench.py --suite gpu [--tiny] [--steps N] [--budget-s S] [--data-dir DIR] [--no-tests]   (the GPU suite)
-      --tiny      a tiny model and short rows (CPU, a minute): the same code path as the full suite
-      --steps     timed optimizer steps per variant (each also run once untimed first, compile included); default 10
-      --budget-s  stop starting new variants after this many seconds (default 420: the suite must fit 8 minutes)
-      --data-dir  where the synthetic corpus, tokenizer and shards are written (default data_cache/bench-suite)
-      --no-tests  skip step 1 (pytest -k gpu)
+    python bench.py --suite gpu [--tiny] [--steps N] [--budget-s S] [--data-dir DIR] [--no-tests]
+      the GPU suite; --tiny: a tiny model and short rows (CPU, a minute), the same code path; --steps: timed steps per
+      variant (default 10); --budget-s: start no variant after this many seconds (default 420: the suite must fit 8
+      minutes); --data-dir: its synthetic data (default data_cache/bench-suite); --no-tests: skip pytest -k gpu
 
 Honest timing: every variant first runs all of its timed steps once untimed (so every batch shape is compiled and
 cached), then runs them again under the clock. tokens/s counts real tokens (not padding) so packed and padded
-batches compare fairly. Single process; the numbers are per device. Every number is one objective's steps
-(train.MLM, contrastive.Contrastive, or MLM with full logits below) through the trainer's own forward/backward and
-optimizer step, timed by one loop (measure).
+batches compare fairly. Single process; the numbers are per device. Every number is one loop (measure) over an
+objective's steps (train.MLM, contrastive.Contrastive, or MLM with full logits) as the trainer takes them.
 
-Read top to bottom: the timing loop -> bench CONFIG -> the contrastive bench -> the GPU suite -> main.
+Read top to bottom: the timing loop -> bench CONFIG (MLM, contrastive) -> the GPU suite, main.
 """
 
 import argparse
@@ -47,17 +44,19 @@ import contrastive
 import data
 import neobert
 import train
-from config import UserError, require
+from config import require
 
 # -----------------------------------------------------------------------------
 # the timing loop, and the objective that turns sparse prediction off (or puts transformers' models in its place)
 
 
-def trainer_step(objective, fused: bool = True):
-    """The trainer's optimizer step (objective.forward_backward, train.optimizer_step) as a function of one step's
-    micro-batches, on a fresh model (speed and memory do not depend on the weights) set up as the trainer sets it up."""
-    cfg, device = objective.cfg, objective.device
-    t = cfg.trainer
+def trainer_step(objective, steps: int, fused: bool = True):
+    """(step, the micro-batches of `steps` steps drawn up front): the trainer's optimizer step (forward_backward,
+    train.optimizer_step) on a fresh model (speed and memory do not depend on the weights) set up as the trainer's."""
+    cfg, device, t = objective.cfg, objective.device, objective.cfg.trainer
+    loader = objective.loader("train", t.per_device_train_batch_size, t.gradient_accumulation_steps, prefetch=0)
+    step_batches = [loader.next_step() for _ in range(steps)]
+    loader.close()
     torch.manual_seed(t.seed)
     model = neobert.NeoBERTLMHead(cfg.model)
     model.model.gradient_checkpointing = t.gradient_checkpointing
@@ -70,35 +69,29 @@ def trainer_step(objective, fused: bool = True):
         loss_sum, count, _ = objective.forward_backward(step_module, micro_batches, amp)
         train.optimizer_step(module, optimizer, cfg.optimizer.lr, t.gradient_clipping,
                              loss_sum.item() / max(count, 1.0), "in bench.py")
-    return step
+    return step, step_batches
 
 
 def measure(objective, steps: int, fused: bool = True) -> dict:
     """Times `steps` optimizer steps (trainer_step) after running the same steps once untimed. -> real tokens/s,
-    ms/step, MFU, peak memory, activations (CUDA: the peak minus what stays between steps), warm-up seconds and the
-    share of positions that are real tokens."""
-    device, t = objective.device, objective.cfg.trainer
-    loader = objective.loader("train", t.per_device_train_batch_size, t.gradient_accumulation_steps, prefetch=0)
-    step_batches = [loader.next_step() for _ in range(steps)]
-    loader.close()
-    step = trainer_step(objective, fused)
+    ms/step, MFU, peak memory, activations (CUDA), warm-up seconds and the share of positions that are real tokens."""
+    device = objective.device
+    step, step_batches = trainer_step(objective, steps, fused)
 
-    def run_steps():
+    def run_steps() -> float:
+        t0 = time.perf_counter()
         for micro_batches in step_batches:
             step(micro_batches)
         if device.type == "cuda":
             torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    run_steps()  # warm-up: every shape the timed steps will see
-    warm_s = time.perf_counter() - t0
+    warm_s = run_steps()  # warm-up: every shape the timed steps will see
     before = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20  # weights and optimizer state: what stays between steps
-    t0 = time.perf_counter()
-    run_steps()
-    dt = time.perf_counter() - t0
+    dt = run_steps()
     tokens = positions = 0
     for b in (b for mb in step_batches for b in mb):  # real tokens: a packed row is all real; padded rows: their masks
         masks = [b[k] for k in ("attention_mask", "query_mask", "doc_mask") if k in b]
@@ -116,23 +109,20 @@ def measure(objective, steps: int, fused: bool = True) -> dict:
 
 
 class FullLogitsMLM(train.MLM):
-    """train.MLM with the decoder on every position, the loss then taken over the predicted tokens: sparse
-    prediction off, or (hf: "modernbert" | "bert") transformers' model of the same size in NeoBERT's place."""
+    """train.MLM with the decoder on every position, the loss then over the predicted tokens: sparse prediction off,
+    or (hf: "modernbert" | "bert") transformers' model at NeoBERT's width, depth, heads, context, feed-forward size."""
 
     def __init__(self, cfg, device, hf: Optional[str] = None):
         super().__init__(cfg, 0, 1, device)
         self.hf = hf
 
     def train_module(self, model):
-        """hf: transformers' ModernBertForMaskedLM or BertForMaskedLM at NeoBERT's width, depth, heads, context and
-        feed-forward parameter count, in place of `model`."""
         if self.hf is None:
             return FullLogits(model)
         import transformers  # the bench's comparison only: never a runtime dependency of the trainer
         c = self.cfg.model
-        same = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
-                    num_attention_heads=c.num_attention_heads, max_position_embeddings=c.max_position_embeddings,
-                    pad_token_id=c.pad_token_id)
+        same = {k: getattr(c, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                           "max_position_embeddings", "pad_token_id")}
         if self.hf == "bert":  # a 2-matrix GELU MLP of intermediate_size: the same parameters as NeoBERT's SwiGLU
             lm = transformers.BertForMaskedLM(transformers.BertConfig(**same, intermediate_size=c.intermediate_size))
         else:  # ModernBERT: GeGLU with 2 x intermediate in, again the same parameters; data.SPECIAL_TOKENS' ids
@@ -176,16 +166,11 @@ def setup(cfg, objective_class=train.MLM):
     return device, name, objective
 
 
-def precision_name(t, device) -> str:
-    return "bf16 autocast" if config.resolve_precision(t.mixed_precision, device, warn=None) == "bf16" else "fp32"
-
-
 def table(columns: list[str], variants: list, steps: int, cells, budget_s: float = math.inf, since=None,
           alone: bool = False) -> dict:
-    """Measures each (label, objective, fused AdamW) variant and prints its row: the label, then cells(objective,
-    result, ref), ref being the first result of the same row length (the baseline it compares with). A variant that
-    runs out of memory or fails, or would start more than budget_s seconds after `since` (default: now), is a row
-    that says so: one variant must not lose the others' numbers. -> {label: result}"""
+    """Measures each (label, objective, fused AdamW) variant and prints its row: label, cells(objective, result, ref),
+    ref: the first result of the same row length. A variant that fails, runs out of memory or would start past
+    budget_s seconds after `since` (default: now) is a row that says so. -> {label: result}"""
     since, refs, results = time.perf_counter() if since is None else since, {}, {}
     print("| " + " | ".join(["variant", *columns]) + " |\n|---|" + "---:|" * len(columns), flush=True)
     for label, objective, fused in variants:
@@ -215,7 +200,8 @@ def table(columns: list[str], variants: list, steps: int, cells, budget_s: float
 
 
 # -----------------------------------------------------------------------------
-# bench CONFIG: the config's own setup, then one setting flipped at a time
+# bench CONFIG: the config's own setup, then one setting flipped at a time; a contrastive config (contrastive_bench):
+# pairs/s and peak memory with and without gradient caching
 
 
 @dataclass
@@ -231,12 +217,12 @@ class BenchConfig:
 
 def bench(cfg: train.Config, bench_cfg: BenchConfig, argv: list[str]) -> None:
     device, name, base = setup(cfg)
-    t = cfg.trainer
+    t, precision = cfg.trainer, config.resolve_precision(cfg.trainer.mixed_precision, device, warn=None)
     print(f"`python bench.py {' '.join(argv)}`  \n{name}, torch {torch.__version__}; "
           f"{neobert.num_params(neobert.NeoBERTLMHead(cfg.model)) / 1e6:.1f}M parameters; "
           f"{t.per_device_train_batch_size * t.gradient_accumulation_steps} rows x {cfg.dataset.max_seq_length} "
           f"tokens per step ({t.per_device_train_batch_size} x {t.gradient_accumulation_steps}), "
-          f"{precision_name(t, device)}, compile {'on' if t.torch_compile else 'off'}, "
+          f"{'bf16 autocast' if precision == 'bf16' else 'fp32'}, compile {'on' if t.torch_compile else 'off'}, "
           f"{'packed' if cfg.datacollator.pack_sequences else 'padded'}; {bench_cfg.steps} timed steps per variant\n")
 
     def cells(objective, r, ref):
@@ -271,13 +257,8 @@ def bench(cfg: train.Config, bench_cfg: BenchConfig, argv: list[str]) -> None:
 
 
 def speed_cells(r: dict) -> list[str]:
-    """real tokens/s, ms/step, MFU, peak memory: the first cells of both MLM tables."""
     return [f"{r['tokens_per_s']:,.0f}", f"{1000 * r['step_s']:,.1f}",
             "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%", f"{r['memory_mb']:,.0f}"]
-
-
-# -----------------------------------------------------------------------------
-# the contrastive bench (trainer.objective: contrastive): pairs/s and peak memory with and without gradient caching
 
 
 def contrastive_bench(cfg: train.Config, bench_cfg: BenchConfig, argv: list[str]) -> None:
@@ -314,42 +295,14 @@ def contrastive_bench(cfg: train.Config, bench_cfg: BenchConfig, argv: list[str]
 
 
 # -----------------------------------------------------------------------------
-# the GPU suite: python bench.py --suite gpu [--tiny]. One command that measures, side by side and in one process,
-# what the GPU work needs: the GPU tests, the 250M config with one thing changed at a time, transformers' ModernBERT
-# and BERT at the same size and batch, and seq 4096 with and without gradient checkpointing. Its data is made here
-# (a synthetic corpus and tokenizer), so it runs on a machine that can download nothing. --tiny runs the same code
-# with a tiny model on CPU: tests/test_bench.py runs it end to end.
-
-def synthetic_corpus(root: Path, vocab_size: int, n_tokens: int, seed: int = 0) -> tuple[Path, Path]:
-    """(corpus.jsonl, tokenizer.json) in root, made here (reused when present). The tokenizer's vocabulary is BERT's
-    five special tokens plus vocab_size - 5 made-up words, one token each, so every row of the decoder is in use;
-    documents are Zipf-distributed words with web-like lengths (log-normal, median 300 tokens, 16 to 4000)."""
-    corpus, tok_path = root / "corpus.jsonl", root / "tokenizer.json"
-    if corpus.is_file() and tok_path.is_file():
-        return corpus, tok_path
-    root.mkdir(parents=True, exist_ok=True)
-    words = [f"w{i}" for i in range(vocab_size - len(data.SPECIAL_TOKENS))]
-    vocab = {token: i for i, token in enumerate(data.SPECIAL_TOKENS + words)}
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    rng = np.random.default_rng(seed)
-    total = 0
-    with open(root / "corpus.jsonl.tmp", "w") as f:
-        while total < n_tokens:
-            n = int(np.clip(rng.lognormal(np.log(300), 1.0), 16, 4000))
-            ids = np.minimum(rng.zipf(1.2, n), len(words)) - 1
-            f.write(json.dumps({"text": " ".join(words[i] for i in ids)}) + "\n")
-            total += n
-    tok.save(str(root / "tokenizer.json.tmp"))
-    os.replace(root / "corpus.jsonl.tmp", corpus)  # the tokenizer last: both present means both complete
-    os.replace(root / "tokenizer.json.tmp", tok_path)
-    return corpus, tok_path
-
+# the GPU suite, in one process: the GPU tests, the 250M config one change at a time, transformers' ModernBERT and BERT
+# at the same size, seq 4096 with and without checkpointing; on synthetic data made here (it runs offline)
 
 def suite_config(path: str, root: Path, tiny: bool) -> train.Config:
-    """A pretraining config (configs/pretrain.yaml or pretrain_4096.yaml) over the synthetic data (its shards made
-    here, quietly), one process and no gradient accumulation (the suite times micro-steps); tiny: a 2-layer, 64-wide
-    model on short rows, compile off."""
+    """A pretraining config (configs/pretrain.yaml or pretrain_4096.yaml) over synthetic data (reused when present), no
+    gradient accumulation (the suite times micro-steps); tiny: a 2-layer, 64-wide model on short rows, compile off.
+    The tokenizer: BERT's five special tokens plus vocab_size - 5 made-up words, so every decoder row is in use; the
+    documents: Zipf-distributed words, web-like lengths (log-normal, median 300 tokens, 16 to 4000)."""
     cfg = train.load_config(path, [])
     S, rows = cfg.dataset.max_seq_length, cfg.trainer.per_device_train_batch_size
     if tiny:
@@ -357,46 +310,52 @@ def suite_config(path: str, root: Path, tiny: bool) -> train.Config:
             vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
             max_position_embeddings=max(256, S // 16)))
         rows = max(1, rows // 8)
-    V = cfg.model.vocab_size
-    corpus, tok = synthetic_corpus(root / f"corpus-{V}", V, n_tokens=(40_000 if tiny else 1_500_000))
+    V, corpus_dir = cfg.model.vocab_size, root / f"corpus-{cfg.model.vocab_size}"
+    corpus, tok_path = corpus_dir / "corpus.jsonl", corpus_dir / "tokenizer.json"
+    if not (corpus.is_file() and tok_path.is_file()):
+        corpus_dir.mkdir(parents=True, exist_ok=True)
+        words = [f"w{i}" for i in range(V - len(data.SPECIAL_TOKENS))]
+        vocab = {token: i for i, token in enumerate(data.SPECIAL_TOKENS + words)}
+        tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        rng, total = np.random.default_rng(0), 0
+        with open(corpus_dir / "corpus.jsonl.tmp", "w") as f:
+            while total < (40_000 if tiny else 1_500_000):
+                n = int(np.clip(rng.lognormal(np.log(300), 1.0), 16, 4000))
+                ids = np.minimum(rng.zipf(1.2, n), len(words)) - 1
+                f.write(json.dumps({"text": " ".join(words[i] for i in ids)}) + "\n")
+                total += n
+        tok.save(str(corpus_dir / "tokenizer.json.tmp"))
+        os.replace(corpus_dir / "corpus.jsonl.tmp", corpus)  # the tokenizer last: both present means both complete
+        os.replace(corpus_dir / "tokenizer.json.tmp", tok_path)
     cfg = change(cfg, dataset=dict(name="synthetic", data_files=[str(corpus)], text_column="text",
                                    path=str(root / f"shards-{V}"), streaming=False, pre_tokenize=True, eval_samples=0,
                                    validation_split=0.01, max_documents=0),
                  trainer=dict(per_device_train_batch_size=rows, gradient_accumulation_steps=1,
                               gradient_checkpointing=False, torch_compile=cfg.trainer.torch_compile and not tiny),
-                 tokenizer=dict(path=str(tok), train=False))
+                 tokenizer=dict(path=str(tok_path), train=False))
     data.prepare(cfg.dataset, cfg.tokenizer, progress=False)  # shared by both configs: documents ignore the row length
     return cfg
 
 
-def attention_backend(model_cfg: neobert.NeoBERTConfig, device) -> str:
-    """The backend a packed bf16 batch of this config runs on this device (what `auto` resolves to)."""
-    if device.type != "cuda":
-        return "sdpa"
-    probe = torch.zeros(1, 1, 1, model_cfg.head_dim, device=device, dtype=torch.bfloat16)
-    return neobert.pick_backend(model_cfg, probe)
-
-
-def suite_variants(base: train.MLM, long_base: train.MLM, tiny: bool) -> list:
-    """[(label, objective, fused AdamW)]: the baseline and one change at a time (attention backend; transformers'
-    models in its place; seq 4096 with and without checkpointing, compared with each other; the loss options,
-    compile, fused AdamW, micro-batch size)."""
+def suite_variants(base: train.MLM, long_base: train.MLM, tiny: bool, backend: str) -> list:
+    """[(label, objective, fused AdamW)]: the baseline and one change at a time (attention backend, transformers'
+    models, seq 4096 with and without checkpointing, the loss options, compile, fused AdamW, micro-batch size)."""
     cfg, long_cfg, device = base.cfg, long_base.cfg, base.device
 
     def mlm(c, **sections):
         return train.MLM(change(c, **sections), 0, 1, device)
 
     t, S, long_S = cfg.trainer, cfg.dataset.max_seq_length, long_cfg.dataset.max_seq_length
-    backend = attention_backend(cfg.model, device)
-    out = [(f"baseline (attn_backend auto = {backend})", base, True)]
-    if backend != "sdpa":
-        out.append(("attn_backend sdpa (block-diagonal mask)", mlm(cfg, model=dict(attn_backend="sdpa")), True))
-    else:  # auto fell back: say what is missing rather than time sdpa against itself
-        out.append(("attn_backend torch_varlen: not available here" if device.type == "cuda" else
-                    "attn_backend sdpa (the only backend on CPU)", mlm(cfg, model=dict(attn_backend="sdpa")), True))
+    sdpa = "attn_backend sdpa (block-diagonal mask)"
+    if backend == "sdpa":  # auto fell back: say what is missing rather than time sdpa against itself
+        sdpa = "attn_backend torch_varlen: not available here" if device.type == "cuda" else \
+            "attn_backend sdpa (the only backend on CPU)"
     # the issue's goals first (MFU, the HF ratios, checkpointing's memory), so a spent budget skips the least needed
     static = neobert.predictions_per_row(dataclasses.replace(cfg.model, static_predictions=0.3), S)
-    out += [
+    return [
+        (f"baseline (attn_backend auto = {backend})", base, True),
+        (sdpa, mlm(cfg, model=dict(attn_backend="sdpa")), True),
         ("HF ModernBertForMaskedLM (same size and rows)", FullLogitsMLM(cfg, device, hf="modernbert"), True),
         ("HF BertForMaskedLM (same size and rows)", FullLogitsMLM(cfg, device, hf="bert"), True),
         (f"seq {long_S}, {long_cfg.trainer.per_device_train_batch_size} rows", long_base, True),
@@ -410,20 +369,16 @@ def suite_variants(base: train.MLM, long_base: train.MLM, tiny: bool) -> list:
         (f"micro-batch {2 * t.per_device_train_batch_size} rows",
          mlm(cfg, trainer=dict(per_device_train_batch_size=2 * t.per_device_train_batch_size)), True),
     ]
-    return out
 
 
 def recompiles_after_warmup(cfg: train.Config, steps: int, warmup: int, device) -> int:
     """Runs `steps` training steps of cfg under torch.compile, as the trainer does, and returns how many graphs
     torch.compile made after the first `warmup` steps (0: every later batch reused a compiled graph)."""
     from torch._dynamo.utils import counters
-    objective = train.MLM(change(cfg, trainer=dict(torch_compile=True)), 0, 1, device)
+    objective = train.MLM(change(cfg, trainer=dict(torch_compile=True, gradient_accumulation_steps=1)), 0, 1, device)
     train.load_data(objective, cfg, master=True, ddp=False)
-    loader = objective.loader("train", cfg.trainer.per_device_train_batch_size, 1, prefetch=0)
-    step_batches = [loader.next_step() for _ in range(steps)]
-    loader.close()
     torch._dynamo.reset()
-    step = trainer_step(objective)
+    step, step_batches = trainer_step(objective, steps)
     for micro_batches in step_batches[:warmup]:
         step(micro_batches)
     graphs = counters["stats"]["unique_graphs"]
@@ -432,24 +387,24 @@ def recompiles_after_warmup(cfg: train.Config, steps: int, warmup: int, device) 
     return counters["stats"]["unique_graphs"] - graphs
 
 
-def run_gpu_tests(tiny: bool) -> str:
-    """Step 1: `pytest -k gpu` in a subprocess (on CPU every GPU test skips itself); its summary line."""
-    paths = ["tests/test_model.py"] if tiny else ["tests"]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "gpu", *paths]
-    p = subprocess.run(cmd, cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
-    lines = [line for line in p.stdout.splitlines() if line.strip()]
-    summary = lines[-1] if lines else p.stderr.strip()[-300:]
-    if p.returncode not in (0, 5):  # 5: nothing collected
-        print("\n".join(lines[-40:]), flush=True)
-    return f"`{' '.join(cmd[2:])}`: {summary}"
-
-
-def gpu_suite(tiny: bool, steps: int, budget_s: float, root: Path, tests: bool) -> None:
-    t_start = time.perf_counter()
-    here = Path(__file__).resolve().parent
-    device, name, base = setup(suite_config(str(here / "configs" / "pretrain.yaml"), root, tiny))
-    _, _, long_base = setup(suite_config(str(here / "configs" / "pretrain_4096.yaml"), root, tiny))
+def gpu_suite(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python bench.py")  # python bench.py -h: what the options do
+    parser.add_argument("--suite", choices=["gpu"], required=True)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--budget-s", type=float, default=420.0)
+    parser.add_argument("--data-dir", default="data_cache/bench-suite")
+    parser.add_argument("--no-tests", action="store_true")
+    args = parser.parse_args(argv)
+    require(args.steps >= 1, f"--steps must be at least 1, got {args.steps}")
+    t_start, tiny, steps, here = time.perf_counter(), args.tiny, args.steps, Path(__file__).resolve().parent
+    device, name, base = setup(suite_config(str(here / "configs" / "pretrain.yaml"), Path(args.data_dir), tiny))
+    _, _, long_base = setup(suite_config(str(here / "configs" / "pretrain_4096.yaml"), Path(args.data_dir), tiny))
     cfg, long_cfg = base.cfg, long_base.cfg
+    backend = "sdpa"  # what attn_backend auto runs for a packed bf16 batch of this config on this device
+    if device.type == "cuda":
+        probe = torch.zeros(1, 1, 1, cfg.model.head_dim, device=device, dtype=torch.bfloat16)
+        backend = neobert.pick_backend(cfg.model, probe)
     try:
         import transformers
         hf_version = transformers.__version__
@@ -459,13 +414,19 @@ def gpu_suite(tiny: bool, steps: int, budget_s: float, root: Path, tests: bool) 
     print(f"GPU suite{' (tiny)' if tiny else ''}: {name}; torch {torch.__version__}, transformers {hf_version}; "
           f"torch.nn.attention.varlen {'available' if varlen else 'NOT available'}, flash-attn "
           f"{'installed' if neobert.varlen_kernel('flash_attn') is not None else 'not installed'}; "
-          f"attn_backend auto runs {attention_backend(cfg.model, device)}", flush=True)
-    if tests:
-        print(f"\n1. GPU tests: {run_gpu_tests(tiny)}", flush=True)
-    t = cfg.trainer
+          f"attn_backend auto runs {backend}", flush=True)
+    if not args.no_tests:  # step 1: `pytest -k gpu` in a subprocess (on CPU every GPU test skips itself)
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "gpu",
+               *(["tests/test_model.py"] if tiny else ["tests"])]
+        p = subprocess.run(cmd, cwd=here, capture_output=True, text=True)
+        lines = [line for line in p.stdout.splitlines() if line.strip()]
+        if p.returncode not in (0, 5):  # 5: nothing collected
+            print("\n".join(lines[-40:]), flush=True)
+        print(f"\n1. GPU tests: `{' '.join(cmd[2:])}`: {lines[-1] if lines else p.stderr.strip()[-300:]}", flush=True)
+    t, precision = cfg.trainer, config.resolve_precision(cfg.trainer.mixed_precision, device, warn=None)
     print(f"\n2-4. {neobert.num_params(neobert.NeoBERTLMHead(cfg.model)) / 1e6:.1f}M parameters "
           f"({cfg.model.num_hidden_layers} x {cfg.model.hidden_size}); baseline {t.per_device_train_batch_size} rows x "
-          f"{cfg.dataset.max_seq_length} tokens, packed, {precision_name(t, device)}, compile "
+          f"{cfg.dataset.max_seq_length} tokens, packed, {'bf16 autocast' if precision == 'bf16' else 'fp32'}, compile "
           f"{'on' if t.torch_compile else 'off'}, fused AdamW; {steps} timed steps per variant after the same steps "
           f"untimed. MFU counts the trainer's FLOPs (train.step_flops: matmuls, attention within documents, the "
           f"decoder on predicted tokens).\n")
@@ -478,7 +439,7 @@ def gpu_suite(tiny: bool, steps: int, budget_s: float, root: Path, tests: bool) 
         return [*speed_cells(r), act, f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x", f"{r['warm_s']:.0f}"]
 
     table(["real tokens/s", "ms/step", "MFU", "peak memory (MiB)", "activations (MiB)", "vs baseline", "warm-up s"],
-          suite_variants(base, long_base, tiny), steps, cells, budget_s, since=t_start)
+          suite_variants(base, long_base, tiny, backend), steps, cells, args.budget_s, since=t_start)
     print(f"\nThe seq rows compare with the first seq {long_cfg.dataset.max_seq_length} row. Activations = peak minus "
           f"what was allocated before the timed steps (weights, optimizer state). Warm-up = the untimed first pass "
           f"(compile included)"
@@ -486,28 +447,9 @@ def gpu_suite(tiny: bool, steps: int, budget_s: float, root: Path, tests: bool) 
              if device.type == "cpu" else ".") + f" Suite wall time {time.perf_counter() - t_start:.0f} s.")
 
 
-# -----------------------------------------------------------------------------
-# main
-
-
-def suite_cli(argv):
-    parser = argparse.ArgumentParser(prog="python bench.py", usage=__doc__[__doc__.index("python bench.py --suite"):
-                                                                        __doc__.index("\n\nHonest timing")])
-    parser.add_argument("--suite", choices=["gpu"], required=True)
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--budget-s", type=float, default=420.0)
-    parser.add_argument("--data-dir", default="data_cache/bench-suite")
-    parser.add_argument("--no-tests", action="store_true")
-    args = parser.parse_args(argv)
-    if args.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {args.steps}")
-    gpu_suite(args.tiny, args.steps, args.budget_s, Path(args.data_dir), tests=not args.no_tests)
-
-
 def _bench_cli(argv):
     if argv[0].startswith("--suite"):
-        return suite_cli(argv)
+        return gpu_suite(argv)
     cfg = train.load_config(argv[0], argv[1:], extra_sections={"bench": BenchConfig})
     bench_cfg = cfg.tasks["bench"]
     if cfg.trainer.objective == "contrastive":

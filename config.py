@@ -402,7 +402,8 @@ def _read_source_config(path: Path, model_overrides: dict):
         if not isinstance(full, dict) or not isinstance(full.get("model"), dict):
             raise UserError(f"{path / 'config.yaml'} has no model: section; is it a neobert checkpoint?")
         model_config = build_section("model", neobert.NeoBERTConfig, {**full["model"], **model_overrides})
-        pooling = (full.get("contrastive") or {}).get("pooling", "mean")
+        pooling = convert((full.get("contrastive") or {}).get("pooling", "mean"), Literal["mean", "cls"],
+                          f"{path / 'config.yaml'}: contrastive.pooling")
         return full, model_config, pooling, full.get("classifier") or {}
     try:
         full = json.loads((path / "config.json").read_text())

@@ -460,7 +460,7 @@ def contrastive_eval_set(cfg, data_dir, master: bool = True):
     if len(held_out[0]) < 2:
         if master:
             warn(f"the pair sources hold {len(held_out[0])} held-out rows: retrieval evaluation is off (raise "
-                      f"contrastive.validation_split, then prepare again into a new contrastive.path)")
+                 f"contrastive.validation_split, then prepare again into a new contrastive.path)")
         return None, None
     return held_out, t.per_device_eval_batch_size
 

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import yaml
 from safetensors import SafetensorError, safe_open
@@ -108,8 +108,7 @@ def read_checkpoint(checkpoint: Path):
     except (SafetensorError, OSError):
         head = "mlm"
     model, info = config.load_pretrained(checkpoint, head=head, attn_backend="auto")
-    where = checkpoint / "config.yaml"
-    info.pooling = config.convert(info.pooling, Literal["mean", "cls"], f"{where}: contrastive.pooling")
+    where = checkpoint / "config.yaml"  # (load_pretrained has checked its contrastive.pooling too)
     classifier = None
     if info.full_config.get("classifier") is not None:
         try:

@@ -479,6 +479,8 @@ class NeoBERTForSequenceClassification(nn.Module):
     def __init__(self, config: NeoBERTConfig, num_labels: int = 2, classifier_dropout: float = 0.1,
                  classifier_init_range: float = 0.02):
         super().__init__()
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be at least 1 (1 = regression), got {num_labels}")
         self.config, self.num_labels = config, num_labels
         self.model = NeoBERT(config)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)

@@ -4,8 +4,8 @@ Data for NeoBERT pretraining: corpus -> tokenizer -> memory-mapped token shards 
     python data.py CONFIG [--section.key value ...]     # prepare dataset.path (tokenizer.json, shards, manifest)
 
 Reading order: 1. config sections  2. tokenizer (a file, the hub, or trained WordPiece)  3. sources: local files,
-hub parquet, stdlib docstrings and pairs; one row reader for .txt .jsonl .csv .tsv .parquet, shared with
-contrastive.py  4. tokenizing in worker processes  5. shards: format, writer, validated memory-mapped reader
+hub parquet, stdlib docstrings and pairs; one row reader for .txt .jsonl .csv .tsv .parquet (contrastive.py and
+GLUE too)  4. tokenizing in worker processes  5. shards: format, writer, validated memory-mapped reader
 6. prepare() (idempotent, crash-safe; write_shards and is_prepared serve the pairs too)  7. MLM masking and
 collation  8. loaders: MLMLoader (shards), StreamingMLMLoader (on the fly), both exactly resumable
 9. build_loader, bench_loader, prepare_only (the prepare command; its command line is train.py's)
@@ -197,7 +197,8 @@ def _all_special_ids(tokenizer):
 # -----------------------------------------------------------------------------
 # sources: a list of files read one by one; each yields its rows in a fixed order. A row's position is (file index,
 # row index within the file); rows are counted before dropping empties. One reader serves the pretraining corpus
-# (one column: the text) and contrastive.py's pair sources (query, positive and negative columns).
+# (one column: the text), contrastive.py's pair sources (query, positive and negative columns) and GLUE's labelled
+# sets (read_table: whole files, read strictly).
 
 @dataclass
 class ReadStats:
@@ -241,7 +242,7 @@ def py_files(root, skip=SKIP_DIRS):
 
 def local_files(patterns, kinds=KINDS, key="dataset.data_files", label=".txt, .jsonl or .parquet"):
     """The files that local paths, globs and directories name, each once, in sorted order per pattern."""
-    files, seen = [], set()
+    files = {}
     for pat in patterns:
         if has_magic(pat):
             matched = sorted(glob(pat, recursive=True))
@@ -256,14 +257,10 @@ def local_files(patterns, kinds=KINDS, key="dataset.data_files", label=".txt, .j
         else:
             raise UserError(f"{key}: no such file {pat!r}")
         for m in matched:
-            if os.path.isdir(m) or m in seen:
-                continue
-            kind = kinds.get(Path(m).suffix)
-            if kind is None:
-                raise UserError(f"{key}: {m!r} is not {label}")
-            seen.add(m)
-            files.append(SourceFile(m, kind, local=m))
-    return files
+            if not os.path.isdir(m) and m not in files:
+                require(Path(m).suffix in kinds, f"{key}: {m!r} is not {label}")
+                files[m] = SourceFile(m, kinds[Path(m).suffix], local=m)
+    return list(files.values())
 
 
 def _match_hub_parquet(files, config, split):
@@ -403,31 +400,45 @@ def _no_column(sf, columns, names, hint, where=""):
     raise UserError(f"{sf.name} has no column {missing!r}{where}; its columns: {list(names)} ({hint})")
 
 
-def _records(sf, stats, skip):
-    """(row index, record) of a .jsonl/.csv/.tsv file or of the stdlib pairs from row `skip` on; a .jsonl line
-    that is not a JSON object is counted."""
+def _records(sf, stats, skip, strict=False, header=None):
+    """(row index, record) of a .jsonl/.csv/.tsv file or of the stdlib pairs from row `skip` on. A .jsonl line that
+    is not a JSON object is counted and skipped (a corpus of millions of lines must not stop on one); with `strict`
+    (small labelled sets: GLUE) it is an error naming the file and line, as is a CSV row of another width. A .tsv is
+    split on tabs with no quoting: GLUE's QQP and MNLI hold unbalanced quotes that a CSV reader would carry across
+    lines. `header` names the columns of a file without a header row (CoLA). Fields past the header's are ignored
+    (some STS-B rows have one); a row with fewer (a few in QQP's train.tsv) is counted and skipped."""
     if sf.kind == "stdlib-pairs":
         yield from islice(enumerate(stdlib_pairs(sf.local)), skip, None)
-    elif sf.kind == "jsonl":
+    elif sf.kind in ("csv", "tsv"):
+        import csv
+        tsv = sf.kind == "tsv"
+        with open(sf.fetch(), encoding="utf-8-sig", errors="replace", newline="\n" if tsv else "") as f:
+            lines = (ln.rstrip("\r\n").split("\t") for ln in f if ln.strip()) if tsv else filter(None, csv.reader(f))
+            header = header or next(lines, [])
+            for row, fields in islice(enumerate(lines), skip, None):
+                if strict and not tsv and len(fields) != len(header):
+                    raise UserError(f"{sf.name} row {row + 2} has {len(fields)} fields but the header has "
+                                    f"{len(header)}")
+                if len(fields) < len(header):
+                    stats.bad_records += 1
+                else:
+                    yield row, dict(zip(header, fields))
+    else:
         with open(sf.fetch(), "rb") as f:
             for row, raw in islice(enumerate(f), skip, None):
                 if not raw.strip():
                     continue
+                rec, why = None, "not a JSON object"
                 try:
                     rec = json.loads(_decode(raw, stats))
-                except json.JSONDecodeError:
-                    rec = None
+                except json.JSONDecodeError as e:
+                    why = f"not JSON ({e.msg}); one object per line is expected"
                 if isinstance(rec, dict):
                     yield row, rec
+                elif strict:
+                    raise UserError(f"{sf.name} line {row + 1} is {why}")
                 else:
-
                     stats.bad_records += 1
-    else:
-        import csv
-        with open(sf.fetch(), newline="", encoding="utf-8", errors="replace") as f:
-            # a .tsv is read without quoting: an unbalanced quote must not swallow the lines after it
-            tsv = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if sf.kind == "tsv" else {}
-            yield from islice(enumerate(csv.DictReader(f, **tsv)), skip, None)
 
 
 RECORD_PROBE = 1000     # this many leading records without a wanted column make a file an error
@@ -439,7 +450,6 @@ def _record_rows(sf, columns, stats, skip, hint):
     seen, lacking, names = False, 0, {}
     for row, rec in _records(sf, stats, skip):
         if all(c in rec for c in columns):
-
             seen = True
             yield row, [rec[c] for c in columns]
             continue
@@ -452,20 +462,22 @@ def _record_rows(sf, columns, stats, skip, hint):
         _no_column(sf, columns, names, hint, f" in any of its first {lacking} records")
 
 
+def _parquet_file(sf):
+    import pyarrow.parquet as pq
+    try:
+        return pq.ParquetFile(sf.fetch())
+    except Exception as e:
+        raise UserError(f"{sf.name} is not a readable parquet file ({' '.join(str(e).split())[:200]})") from None
+
+
 def _parquet_rows(sf, columns, stats, skip, hint):
     import pyarrow as pa
-    import pyarrow.parquet as pq
-    path = sf.fetch()
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:
-        raise UserError(f"{sf.name} is not a readable parquet file ({e})") from None
+    pf = _parquet_file(sf)
     schema = pf.schema_arrow
     if any(c not in schema.names for c in columns):
         _no_column(sf, columns, schema.names, hint)
-    text_types = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary,
-                  pa.types.is_null)
-    textual = [f.name for f in schema if any(is_text(f.type) for is_text in text_types)]
+    textual = [f.name for f in schema if f.type in (pa.string(), pa.large_string(), pa.binary(), pa.large_binary(),
+                                                     pa.null())]
     for c in columns:
         if c not in textual:
             raise UserError(f"{sf.name}: column {c!r} holds {schema.field(c).type}, not text; its text columns: "
@@ -487,6 +499,21 @@ def check_sources(files, columns, hint="set dataset.text_column"):
             rows = read_rows(sf, columns, ReadStats(), hint=hint)
             next(rows, None)
             rows.close()
+
+
+def read_table(path, header=None):
+    """{column: list of values} of a whole .parquet, .jsonl, .csv or .tsv file, read strictly (small labelled sets:
+    GLUE); a column of any type is kept (integer and float labels); an empty file is an error (nothing to score)."""
+    sf, stats = SourceFile(str(path), Path(path).suffix[1:].lower(), local=str(path)), ReadStats()
+    if sf.kind == "parquet":
+        table = _parquet_file(sf).read().to_pydict()
+    else:
+        records = [rec for _, rec in _records(sf, stats, 0, strict=True, header=header)]
+        table = {c: [r.get(c) for r in records] for c in dict.fromkeys(k for r in records for k in r)}
+    if stats.bad_records:
+        warn(f"{path}: skipped {stats.bad_records} malformed rows (fewer tab-separated fields than the header)")
+    require(any(table.values()), f"{path} holds no examples (an empty split)")
+    return table
 
 
 def iter_documents(ds, files=None, start=(0, 0), stats=None):
@@ -805,11 +832,9 @@ def write_shards(out, rows, fields, tokenizer, num_workers, *, shard_tokens=SHAR
     # a chunk's texts go field by field (all queries, all positives, ...) so one encode call serves them all
     chunks = ((np.asarray([v for v, _ in c], dtype=bool), [texts[k] for k in range(len(fields)) for _, texts in c])
               for c in chunked(rows, 256))
+    from tqdm import tqdm
     encoder = Encoder(tokenizer, num_workers)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(desc=desc, unit=unit, unit_scale=True, file=sys.stderr, mininterval=0.5)
+    bar = tqdm(desc=desc, unit=unit, unit_scale=True, file=sys.stderr, mininterval=0.5, disable=not progress)
     t0, n_tok, counts, dropped = time.time(), 0, {"train": 0, "val": 0}, 0
     try:
         for is_val, lengths, ids in encoder.map(chunks):
@@ -826,13 +851,11 @@ def write_shards(out, rows, fields, tokenizer, num_workers, *, shard_tokens=SHAR
                     elif sel.any():
                         writers[split, f].write_docs(lengths[k][sel], field_ids[np.repeat(sel, lengths[k])])
             n_tok += int(lengths.sum())
-            if bar is not None:
-                bar.update(len(is_val))
-                bar.set_postfix_str(f"{n_tok / max(time.time() - t0, 1e-9):,.0f} tokens/s", refresh=False)
+            bar.update(len(is_val))
+            bar.set_postfix_str(f"{n_tok / max(time.time() - t0, 1e-9):,.0f} tokens/s", refresh=False)
     finally:
         encoder.close()
-        if bar is not None:
-            bar.close()
+        bar.close()
     return {dirs[key]: w.finish() for key, w in writers.items()}, counts, dropped
 
 
@@ -930,59 +953,27 @@ def seeded_rng(*key):
     return np.random.default_rng([int(k) % 2**63 for k in key])
 
 
-class Masker:
-    """Select each non-special token with probability mlm_probability; selected -> [MASK] (mask_all), or
-    80% [MASK] / 10% a random non-special id / 10% unchanged. labels = original id where selected, else -100.
-    The same random draws are made in both modes, so a row's selection does not depend on mask_all."""
-
-    def __init__(self, cfg, mask_id, never_ids, vocab_size):
-        self.p, self.mask_all, self.mask_id = cfg.mlm_probability, cfg.mask_all, mask_id
-        self.never = np.asarray(sorted(never_ids), dtype=np.int64)
-        self.random_ids = np.setdiff1d(np.arange(vocab_size, dtype=np.int64), self.never)
-
-    def __call__(self, ids, rng):
-        n = len(ids)
-        selected = (rng.random(n) < self.p) & ~np.isin(ids, self.never)
-        how = rng.random(n)
-        random_ids = self.random_ids[rng.integers(0, len(self.random_ids), n)]
-        labels = np.where(selected, ids, -100)
-        if self.mask_all:
-            inputs = np.where(selected, self.mask_id, ids)
-        else:
-            inputs = np.where(selected & (how < 0.8), self.mask_id, ids)
-            inputs = np.where(selected & (how >= 0.8) & (how < 0.9), random_ids, inputs)
-        return inputs, labels
-
-
-def collate_packed(rows, masker, pin=False):
-    """rows: (ids int64 [S], segment lengths, rng key). -> input_ids, labels, position_ids [B, S], cu_seqlens int32
-    [N+1] over the flattened B*S tokens, max_seqlen (python int). Every row start is a segment start."""
-    inputs, labels, positions, segs = [], [], [], []
-    for ids, row_segs, key in rows:
-        x, y = masker(ids, seeded_rng(*key))
-        inputs.append(x)
-        labels.append(y)
-        positions.append(np.concatenate([np.arange(n) for n in row_segs]))
-        segs += row_segs
-    batch = {
-        "input_ids": torch.from_numpy(np.stack(inputs)),
-        "labels": torch.from_numpy(np.stack(labels)),
-        "position_ids": torch.from_numpy(np.stack(positions)),
-        "cu_seqlens": torch.from_numpy(np.concatenate([[0], np.cumsum(segs)]).astype(np.int32)),
-        "max_seqlen": int(max(segs)),
-    }
-    return pin_batch(batch) if pin else batch
-
-
-def collate_padded(rows, masker, pad_id, seq_len, multiple, pin=False):
-    """rows: (ids int64 [n <= S], rng key). -> input_ids, labels, attention_mask [B, L], L = the longest row
-    rounded up to `multiple` (at most S). Masks depend only on the row, not on the padding."""
-    masked = [masker(ids, seeded_rng(*key)) for ids, key in rows]
-    inputs = batch_sequences([x for x, _ in masked], pad_id, multiple=multiple)
-    labels = batch_sequences([y for _, y in masked], -100, multiple=multiple)["input_ids"]
-    batch = {"input_ids": inputs["input_ids"][:, :seq_len].contiguous(), "labels": labels[:, :seq_len].contiguous(),
-             "attention_mask": inputs["attention_mask"][:, :seq_len].contiguous()}
-    return pin_batch(batch) if pin else batch
+def pack_rows(docs, seq_len, cls, sep, offset=0):
+    """The packing rule of both MLM loaders: the units [CLS] doc [SEP] of `docs`, (key, tokens) pairs, from token
+    `offset` of the first, cut into rows of exactly seq_len tokens; a unit crossing a row boundary continues the next
+    row as a new segment (positions restart at 0), nothing is padded. Yields (ids int64 [seq_len], segment lengths,
+    key, offset): the next token is at `offset` in the unit of `key` (an offset at the unit's end moves on)."""
+    pieces, segs, filled = [], [], 0
+    for key, doc in docs:
+        n = len(doc) + 2
+        while offset < n:
+            end = min(n, offset + seq_len - filled)
+            if offset == 0:
+                pieces.append([cls])
+            pieces.append(doc[max(offset - 1, 0):end - 1])     # of a memmap view, only this slice is read
+            if end == n:
+                pieces.append([sep])
+            segs.append(end - offset)
+            filled, offset = filled + end - offset, end
+            if filled == seq_len:
+                yield np.concatenate(pieces, dtype=np.int64), segs, key, offset
+                pieces, segs, filled = [], [], 0
+        offset = 0
 
 
 def pin_batch(batch):
@@ -992,63 +983,12 @@ def pin_batch(batch):
 # -----------------------------------------------------------------------------
 # loaders
 
-class _Prefetcher:
-    """Runs a generator `depth` items ahead in a daemon thread (depth 0: in the caller's thread, on demand). An
-    error in the generator is raised to the consumer, and again on every later get(): the generator is finished."""
-
-    def __init__(self, gen, depth):
-        self.gen, self.error, self.thread = gen, None, None
-        if depth > 0:
-            self.q, self.stop = queue.Queue(depth), threading.Event()
-            self.thread = threading.Thread(target=self._run, daemon=True)
-            self.thread.start()
-
-    def _put(self, item):
-        while not self.stop.is_set():
-            try:
-                self.q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def _run(self):
-        try:
-            for item in self.gen:
-                if not self._put(item):
-                    return
-        except BaseException as e:      # handed to the consumer, raised there
-            self._put(e)
-
-    def get(self):
-        if self.error is not None:
-            raise self.error
-        try:
-            item = self.q.get() if self.thread is not None else next(self.gen)
-        except Exception as e:
-            item = e
-        if isinstance(item, BaseException):
-            self.error = item
-            raise item
-        return item
-
-    def close(self):
-        if self.thread is not None:
-            self.stop.set()
-            self.thread.join(timeout=10)
-
-
 class StepLoader:
-    """Rank / micro-step slicing of global batches, background prefetch and the JSON state, shared by every loader.
-    A subclass sets its state with _start(settings, position) (a state saved under other settings is refused) and
-    defines _steps(state) -> iterator of (this rank's micro-batches, state after the step)."""
+    """Rank / micro-step slicing of global batches, prefetch (a daemon thread runs prefetch steps ahead; 0: none) and
+    the JSON state, shared by every loader. A subclass sets its state with _start(settings, position) (a state saved
+    under other settings is refused) and defines _steps(state) -> (this rank's micro-batches, state after) items."""
 
     def __init__(self, micro_batch_size, grad_accum_steps=1, rank=0, world_size=1, prefetch=2, pin_memory=None):
-        if micro_batch_size < 1 or grad_accum_steps < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise UserError(f"bad batch layout: micro_batch_size {micro_batch_size}, grad_accum_steps "
-                            f"{grad_accum_steps}, rank {rank} of world_size {world_size}")
-        self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
-        self.rank, self.world_size = rank, world_size
         self.global_batch_rows = micro_batch_size * grad_accum_steps * world_size
         # rank r owns rows [r*B_r, (r+1)*B_r) of the global batch; micro-step m the m-th micro_batch_size of them
         first = rank * micro_batch_size * grad_accum_steps
@@ -1056,42 +996,59 @@ class StepLoader:
                            for m in range(grad_accum_steps)]
         self.prefetch = prefetch
         self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self._prefetcher = None
+        self._gen = self._thread = None
 
     def _start(self, settings, position):
         self._state, self._must_match = {**settings, **position}, tuple(settings)
 
     def next_step(self):
         """The grad_accum_steps micro-batches of this rank for the next optimizer step."""
-        if self._prefetcher is None:
-            self._prefetcher = _Prefetcher(self._steps(dict(self._state)), self.prefetch)
-        batches, self._state = self._prefetcher.get()
+        if self._gen is None:
+            self._gen = self._items(dict(self._state))
+            if self.prefetch > 0:
+                self._queue, self._stop = queue.Queue(self.prefetch), threading.Event()
+                self._thread = threading.Thread(target=self._run_ahead, args=(self._gen, self._queue, self._stop),
+                                                daemon=True)
+                self._thread.start()
+        item = self._queue.get() if self._thread is not None else next(self._gen)
+        if isinstance(item, Exception):
+            raise item
+        batches, self._state = item
         return batches
 
-    def __iter__(self):
-        while True:
-            yield self.next_step()
+    def _items(self, state):
+        """_steps(state), then for ever the error that ended it: raised in the consumer's thread, on every call."""
+        try:
+            yield from self._steps(state)
+        except Exception as e:
+            while True:
+                yield e
+
+    @staticmethod
+    def _run_ahead(items, q, stop):
+        while not stop.is_set():
+            q.put(next(items))      # close() empties the queue after setting stop: a put blocked here returns
 
     def state_dict(self):
         """A small JSON-serialisable dict: the position after the last step returned."""
         return dict(self._state)
 
     def load_state_dict(self, state):
-        state = dict(state)
         for k, v in self._state.items():
-            if k not in state:
-                raise UserError(f"loader state lacks {k!r}; it was saved by another loader kind")
-            if k in self._must_match and state[k] != v:
-                raise UserError(f"loader state was saved with {k} = {state[k]!r}, this run has {v!r}; "
-                                f"resume with the same setting")
+            require(k in state, f"loader state lacks {k!r}; it was saved by another loader kind")
+            require(k not in self._must_match or state[k] == v, f"loader state was saved with {k} = {state[k]!r}, "
+                    f"this run has {v!r}; resume with the same setting")
         StepLoader.close(self)          # the thread only: a subclass's close() may free what the loader still needs
         self._state = {k: state[k] for k in self._state}
 
     def close(self):
-        """Stop the background thread (a later next_step() restarts it)."""
-        if self._prefetcher is not None:
-            self._prefetcher.close()
-            self._prefetcher = None
+        """Stop the background thread (a later next_step() restarts it from the last state returned)."""
+        if self._thread is not None:
+            self._stop.set()
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            self._thread.join(timeout=10)
+        self._gen = self._thread = None
 
     def __del__(self):
         try:
@@ -1100,154 +1057,147 @@ class StepLoader:
             pass
 
 
+class _MLMBatches(StepLoader):
+    """What both MLM loaders share: masking and collation. A row is (ids, segment lengths (packed) or None, rng key):
+    its masks depend only on the key, so not on the rank, the micro-step or the padding."""
+
+    def __init__(self, special, all_special, vocab_size, *, split, seq_len, seed, collator_cfg, **batch):
+        super().__init__(**batch)           # micro_batch_size, grad_accum_steps, rank, world_size, prefetch, ...
+        self.cfg = collator_cfg or DataCollatorConfig()
+        self.split, self.seq_len, self.seed, self.packed = split, seq_len, seed, self.cfg.pack_sequences
+        self.cls, self.sep, self.pad_id, self.mask_id = (special[k] for k in ("cls", "sep", "pad", "mask"))
+        self.never = np.asarray(sorted(all_special), dtype=np.int64)
+        self.random_ids = np.setdiff1d(np.arange(vocab_size, dtype=np.int64), self.never)
+
+    def _mask(self, ids, rng):
+        """Select each non-special token with probability mlm_probability; selected -> [MASK] (mask_all), or 80%
+        [MASK] / 10% a random non-special id / 10% unchanged. labels = original id where selected, else -100. The
+        same random draws are made in both modes, so a row's selection does not depend on mask_all."""
+        n = len(ids)
+        selected = (rng.random(n) < self.cfg.mlm_probability) & ~np.isin(ids, self.never)
+        how = rng.random(n)
+        random_ids = self.random_ids[rng.integers(0, len(self.random_ids), n)]
+        if self.cfg.mask_all:
+            inputs = np.where(selected, self.mask_id, ids)
+        else:
+            inputs = np.where(selected & (how < 0.8), self.mask_id, ids)
+            inputs = np.where(selected & (how >= 0.8) & (how < 0.9), random_ids, inputs)
+        return inputs, np.where(selected, ids, -100)
+
+    def _collate(self, rows):
+        """Packed -> input_ids, labels, position_ids [B, S], cu_seqlens int32 [N+1] over the flattened B*S tokens
+        (every row start is a segment start), max_seqlen (python int). Padded -> input_ids, labels, attention_mask
+        [B, L], L = the longest row rounded up to pad_to_multiple_of (at most S)."""
+        inputs, labels = zip(*(self._mask(ids, seeded_rng(*key)) for ids, _, key in rows))
+        if self.packed:
+            segs = [n for _, row_segs, _ in rows for n in row_segs]
+            positions = np.concatenate([np.arange(n) for n in segs]).reshape(len(rows), -1)
+            batch = {"input_ids": torch.from_numpy(np.stack(inputs)), "labels": torch.from_numpy(np.stack(labels)),
+                     "position_ids": torch.from_numpy(positions), "max_seqlen": int(max(segs)),
+                     "cu_seqlens": torch.from_numpy(np.cumsum([0, *segs]).astype(np.int32))}
+        else:
+            S, multiple = self.seq_len, self.cfg.pad_to_multiple_of
+            padded = batch_sequences(inputs, self.pad_id, multiple=multiple)
+            batch = {"input_ids": padded["input_ids"][:, :S].contiguous(),
+                     "labels": batch_sequences(labels, -100, multiple=multiple)["input_ids"][:, :S].contiguous(),
+                     "attention_mask": padded["attention_mask"][:, :S].contiguous()}
+        return pin_batch(batch) if self.pin else batch
+
+
 def _epoch_units(lengths, seq_len, packed):
-    """(cumulative unit ends, rows) of documents of these lengths in this order. Packed, a unit is [CLS] doc [SEP]
+    """(start of each unit, rows) of documents of these lengths in this order. Packed, a unit is [CLS] doc [SEP]
     and the units' tokens are cut into rows of seq_len; padded, a unit is the rows a document's chunks take."""
-    cum_end = np.cumsum(lengths + 2 if packed else -(-lengths // (seq_len - 2)))
-    total = int(cum_end[-1]) if len(cum_end) else 0
-    return cum_end, total // seq_len if packed else total
+    sizes = lengths + 2 if packed else -(-lengths // (seq_len - 2))
+    return np.cumsum(sizes) - sizes, int(sizes.sum()) // (seq_len if packed else 1)
 
 
 @dataclass
 class _EpochPlan:
     perm: np.ndarray        # document order of this epoch
-    cum_end: np.ndarray     # end offset of each unit (packed: tokens; padded: rows) in that order
+    starts: np.ndarray      # start of each unit (packed: its first token; padded: its first row) in that order
     n_rows: int
 
 
-class MLMLoader(StepLoader):
-    """MLM batches from prepared shards. Packed (collator_cfg.pack_sequences): each epoch concatenates [CLS] doc
-    [SEP] units in a seeded document permutation and cuts the stream into rows of exactly seq_len tokens; a unit
-    crossing a row boundary continues the next row as a new segment (positions restart at 0). Nothing is padded.
-    Row r is found by a binary search in the cumulative unit ends, so rows are random access and only the document
-    index and the epoch's permutation are in RAM. Padded: one [CLS] chunk [SEP] per row, a document longer than
-    seq_len - 2 split into several chunks. Position = (epoch, row); a step that does not fit into the epoch's rows
-    starts the next epoch (new permutation) at row 0, so an epoch's tail shorter than a global batch is dropped."""
+class MLMLoader(_MLMBatches):
+    """MLM batches from prepared shards. Packed (collator_cfg.pack_sequences): each epoch packs (pack_rows) the
+    documents in a seeded permutation; row r is found by a binary search in the unit starts, so rows are random
+    access and only the document index and the epoch's permutation are in RAM. Padded: one [CLS] chunk [SEP] per
+    row, a document longer than seq_len - 2 split into several chunks. Position = (epoch, row); a step that does
+    not fit into the epoch's rows starts the next epoch (new permutation) at row 0: the tail is dropped."""
 
     def __init__(self, data_dir, split="train", *, seq_len, seed=0, collator_cfg=None, **batch):
-        super().__init__(**batch)           # micro_batch_size, grad_accum_steps, rank, world_size, prefetch, ...
-        self.cfg = collator_cfg or DataCollatorConfig()
         self.store = TokenStore(data_dir, split)
-        if self.store.n_docs == 0:
-            raise UserError(f"the {split} split of {data_dir} has no documents")
         tok = self.store.manifest["tokenizer"]
-        sp, self.vocab_size = tok["special_ids"], tok["vocab_size"]
-        self.masker = Masker(self.cfg, sp["mask"], tok["all_special_ids"], self.vocab_size)
-        self.seq_len, self.seed, self.split, self.pad_id = seq_len, seed, split, sp["pad"]
-        self.packed = self.cfg.pack_sequences
-        self._cls, self._sep = np.array([sp["cls"]], np.int64), np.array([sp["sep"]], np.int64)
-        self._plans, self._plans_lock = {}, threading.Lock()
+        super().__init__(tok["special_ids"], tok["all_special_ids"], tok["vocab_size"], split=split, seq_len=seq_len,
+                         seed=seed, collator_cfg=collator_cfg, **batch)
+        self.n_rows = _epoch_units(self.store.lengths, seq_len, self.packed)[1]      # the same in every epoch
+        self.steps_per_epoch = self.n_rows // self.global_batch_rows
+        self.plan = lru_cache(maxsize=2)(self._plan)        # this epoch's and the next one's
         self._start({"kind": "packed" if self.packed else "padded", "split": split, "seed": seed, "seq_len": seq_len,
                      "documents": self.store.n_docs}, {"epoch": 0, "row": 0})
-        if self.plan(0).n_rows < self.global_batch_rows:
-            raise UserError(f"the {split} split of {data_dir} gives {self.plan(0).n_rows} rows of {seq_len} tokens "
-                            f"per epoch, fewer than one global batch of {self.global_batch_rows} rows; use more "
-                            f"data, a smaller batch or a smaller dataset.max_seq_length")
+        require(self.n_rows >= self.global_batch_rows, f"the {split} split of {data_dir} gives {self.n_rows} rows "
+                f"of {seq_len} tokens per epoch, fewer than one global batch of {self.global_batch_rows} rows; use "
+                f"more data, a smaller batch or a smaller dataset.max_seq_length")
 
-    @property
-    def steps_per_epoch(self):
-        return self.plan(0).n_rows // self.global_batch_rows
-
-    def plan(self, epoch):
-        """The epoch's document permutation and cumulative unit ends (cached for two epochs)."""
-        with self._plans_lock:
-            if epoch not in self._plans:
-                perm = seeded_rng(PERM_STREAM, self.seed, epoch).permutation(self.store.n_docs)
-                if len(self._plans) >= 2:
-                    self._plans.pop(min(self._plans))
-                self._plans[epoch] = _EpochPlan(perm, *_epoch_units(self.store.lengths[perm], self.seq_len,
-                                                                     self.packed))
-            return self._plans[epoch]
-
-    def _unit_slice(self, d, a, b):
-        """Tokens [a, b) of the unit [CLS] doc_d [SEP]."""
-        n = int(self.store.lengths[d])
-        parts = [self._cls] if a == 0 else []
-        lo, hi = max(a, 1) - 1, min(b, n + 1) - 1
-        if hi > lo:
-            parts.append(self.store.doc(d)[lo:hi].astype(np.int64))
-        if b == n + 2:
-            parts.append(self._sep)
-        return np.concatenate(parts)
+    def _plan(self, epoch):
+        perm = seeded_rng(PERM_STREAM, self.seed, epoch).permutation(self.store.n_docs)
+        return _EpochPlan(perm, *_epoch_units(self.store.lengths[perm], self.seq_len, self.packed))
 
     def packed_row(self, epoch, r):
         """(ids int64 [seq_len], segment lengths) of row r of an epoch."""
-        plan, S = self.plan(epoch), self.seq_len
-        t, end = r * S, (r + 1) * S
-        u = int(np.searchsorted(plan.cum_end, t, side="right"))
-        pieces, segs = [], []
-        while t < end:
-            d, unit_end = int(plan.perm[u]), int(plan.cum_end[u])
-            unit_start = unit_end - int(self.store.lengths[d]) - 2
-            a, b = t - unit_start, min(end, unit_end) - unit_start
-            pieces.append(self._unit_slice(d, a, b))
-            segs.append(b - a)
-            t += b - a
-            u += 1
-        return np.concatenate(pieces), segs
+        plan, t = self.plan(epoch), r * self.seq_len
+        u = int(np.searchsorted(plan.starts, t, side="right")) - 1
+        docs = ((d, self.store.doc(int(d))) for d in plan.perm[u:])
+        return next(pack_rows(docs, self.seq_len, self.cls, self.sep, t - int(plan.starts[u])))[:2]
 
     def padded_row(self, epoch, r):
         """ids int64 of row r: [CLS] k-th chunk of a document [SEP]."""
         plan, chunk = self.plan(epoch), self.seq_len - 2
-        u = int(np.searchsorted(plan.cum_end, r, side="right"))
-        d = int(plan.perm[u])
-        k = r - (int(plan.cum_end[u]) - -(-int(self.store.lengths[d]) // chunk))
-        body = self.store.doc(d)[k * chunk:(k + 1) * chunk].astype(np.int64)
-        return np.concatenate([self._cls, body, self._sep])
+        u = int(np.searchsorted(plan.starts, r, side="right")) - 1
+        k = r - int(plan.starts[u])
+        body = self.store.doc(int(plan.perm[u]))[k * chunk:(k + 1) * chunk]
+        return np.concatenate([[self.cls], body, [self.sep]], dtype=np.int64)
 
-    def _micro_batch(self, epoch, rows):
-        if self.packed:
-            return collate_packed([(*self.packed_row(epoch, r), (MASK_STREAM, self.seed, epoch, r)) for r in rows],
-                                  self.masker, self.pin)
-        return collate_padded([(self.padded_row(epoch, r), (MASK_STREAM, self.seed, epoch, r)) for r in rows],
-                              self.masker, self.pad_id, self.seq_len, self.cfg.pad_to_multiple_of, self.pin)
+    def _row(self, epoch, r):
+        key = (MASK_STREAM, self.seed, epoch, r)
+        return (*self.packed_row(epoch, r), key) if self.packed else (self.padded_row(epoch, r), None, key)
 
     def _steps(self, state):
         epoch, row, G = state["epoch"], state["row"], self.global_batch_rows
         while True:
-            if row + G > self.plan(epoch).n_rows:
+            if row + G > self.n_rows:
                 epoch, row = epoch + 1, 0
-                continue
-            batches = [self._micro_batch(epoch, [row + i for i in idx]) for idx in self.micro_rows]
+            batches = [self._collate([self._row(epoch, row + i) for i in idx]) for idx in self.micro_rows]
             row += G
             yield batches, {**state, "epoch": epoch, "row": row}
 
 
-class StreamingMLMLoader(StepLoader):
-    """Packed MLM batches tokenized on the fly from the source files (dataset.streaming: true). The split's
-    documents, in reading order, are grouped into windows of dataset.shuffle_buffer_size; each window is tokenized
-    by the worker processes, shuffled by a permutation seeded by (seed, epoch, window) and packed into rows as
-    MLMLoader packs them. At the end of the source the next epoch starts again with new window permutations.
-
-    State: epoch, the source position (file, row, ordinal) where the current window starts, the window number,
-    the document within the shuffled window, the token offset within its unit, rows emitted. Resuming re-reads and
-    re-tokenizes only the current window and continues from the saved token, so it yields exactly the batches of
-    the uninterrupted run (every document once per epoch) as long as the source files, seed, shuffle_buffer_size,
+class StreamingMLMLoader(_MLMBatches):
+    """Packed MLM batches tokenized on the fly (dataset.streaming: true): the split's documents in reading order, in
+    windows of dataset.shuffle_buffer_size, each tokenized by the worker processes, shuffled by (seed, epoch, window)
+    and packed (pack_rows); row n is masked by (seed, n). The state is the next token's position (epoch, the window's
+    source position, window, document, offset): resuming re-tokenizes only that window, so it yields exactly the
+    batches of the uninterrupted run (every document once per epoch) while the source files, seed, shuffle buffer,
     max_seq_length and tokenizer are unchanged (checked where possible); batch and world size may change. Every rank
-    reads and tokenizes the whole stream and keeps its own rows; give each rank enough dataset.num_workers."""
+    reads and tokenizes the whole stream and keeps its own rows: give each rank enough dataset.num_workers."""
 
     def __init__(self, ds, tokenizer, split="train", *, seq_len, seed=0, collator_cfg=None, **batch):
-        super().__init__(**batch)
-        self.cfg = collator_cfg or DataCollatorConfig()
-        if not self.cfg.pack_sequences:
-            raise UserError("dataset.streaming supports packed rows only: set datacollator.pack_sequences: true")
-        self.ds, self.split, self.seq_len, self.seed = ds, split, seq_len, seed
-        self.files = source_files(ds)
+        super().__init__(special_token_ids(tokenizer), _all_special_ids(tokenizer),
+                         tokenizer.get_vocab_size(with_added_tokens=True), split=split, seq_len=seq_len, seed=seed,
+                         collator_cfg=collator_cfg, **batch)
+        require(self.packed, "dataset.streaming supports packed rows only: set datacollator.pack_sequences: true")
+        self.ds, self.files, self.stats = ds, source_files(ds), ReadStats()
         check_sources(self.files, [ds.text_column])
-        sp = special_token_ids(tokenizer)
-        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-        self.masker = Masker(self.cfg, sp["mask"], _all_special_ids(tokenizer), self.vocab_size)
-        self._cls, self._sep = np.array([sp["cls"]], np.int64), np.array([sp["sep"]], np.int64)
-        self.stats = ReadStats()
         files_digest = hashlib.sha256("\n".join(f.name for f in self.files).encode()).hexdigest()[:16]
         self._start({"kind": "streaming", "split": split, "seed": seed, "seq_len": seq_len,
                      "shuffle_buffer_size": ds.shuffle_buffer_size, "files": files_digest},
                     {"epoch": 0, "file": 0, "row": 0, "ordinal": 0, "window": 0, "doc": 0, "offset": 0, "rows": 0})
         self.encoder = Encoder(tokenizer, worker_count(ds.num_workers))
 
-    def _windows(self, state):
-        """(epoch, source position, window number, its tokenized documents shuffled) from the state's window on."""
+    def _docs(self, state):
+        """((epoch, window's source position, window, document within it), tokens) from the state's document on."""
         epoch, pos, w = state["epoch"], (state["file"], state["row"], state["ordinal"]), state["window"]
+        first = state["doc"]
         while True:
             docs_iter = iter_split(self.ds, self.split, self.files, start=pos, stats=self.stats)
             while items := list(islice(docs_iter, self.ds.shuffle_buffer_size)):   # the reader stays open
@@ -1255,9 +1205,9 @@ class StreamingMLMLoader(StepLoader):
                 for _, lengths, ids in self.encoder.map((None, c) for c in chunked([t for *_, t in items], 256)):
                     docs += np.split(ids.astype(np.int64), np.cumsum(lengths)[:-1])
                 order = seeded_rng(PERM_STREAM, self.seed, epoch, w).permutation(len(docs))
-                yield epoch, pos, w, [docs[j] for j in order]
+                yield from (((epoch, pos, w, i), docs[order[i]]) for i in range(first, len(docs)))
                 fi, ri, ordinal, _ = items[-1]
-                pos, w = (fi, ri + 1, ordinal + 1), w + 1
+                pos, w, first = (fi, ri + 1, ordinal + 1), w + 1, 0
             if pos == (0, 0, 0):
                 raise UserError(f"streaming: the {self.split} split of {dataset_label(self.ds)} has no documents")
             report_stats(self.stats, [self.ds.text_column])
@@ -1265,67 +1215,38 @@ class StreamingMLMLoader(StepLoader):
             epoch, pos, w = epoch + 1, (0, 0, 0), 0
 
     def _steps(self, state):
-        S, G = self.seq_len, self.global_batch_rows
-        mine = {g: (m, i) for m, idx in enumerate(self.micro_rows) for i, g in enumerate(idx)}
-        rows_done, batch_len, own = state["rows"], 0, {}
-        pieces, segs, filled = [], [], 0
-        first = True
-        for epoch, pos, w, docs in self._windows(state):
-
-            i0, off0 = (state["doc"], state["offset"]) if first else (0, 0)
-            first = False
-            for i in range(i0, len(docs)):
-                unit = np.concatenate([self._cls, docs[i], self._sep])
-                off = off0 if i == i0 else 0
-                while off < len(unit):
-                    take = min(S - filled, len(unit) - off)
-                    pieces.append(unit[off:off + take])
-                    segs.append(take)
-                    filled, off = filled + take, off + take
-                    if filled < S:
-                        continue
-                    if batch_len in mine:
-                        own[batch_len] = (np.concatenate(pieces), segs, (MASK_STREAM, self.seed, rows_done))
-                    rows_done, batch_len = rows_done + 1, batch_len + 1
-                    pieces, segs, filled = [], [], 0
-                    if batch_len < G:
-                        continue
-                    # the next token: offset `off` of unit i of window w (an offset at a unit's end moves on)
-                    where = dict(zip(("file", "row", "ordinal"), pos), window=w, doc=i, offset=off)
-                    batches = [collate_packed([own[g] for g in idx], self.masker, self.pin) for idx in self.micro_rows]
-                    yield batches, {**state, **where, "epoch": epoch, "rows": rows_done}
-                    batch_len, own = 0, {}
-
+        rows, done = pack_rows(self._docs(state), self.seq_len, self.cls, self.sep, state["offset"]), state["rows"]
+        for step in chunked(rows, self.global_batch_rows):
+            batches = [self._collate([(*step[g][:2], (MASK_STREAM, self.seed, done + g)) for g in idx])
+                       for idx in self.micro_rows]
+            (epoch, (fi, ri, ordinal), w, i), offset = step[-1][2:]
+            done += len(step)
+            yield batches, {**state, "epoch": epoch, "file": fi, "row": ri, "ordinal": ordinal, "window": w,
+                            "doc": i, "offset": offset, "rows": done}
 
     def close(self):
         """Stop the prefetch thread and the tokenizer processes."""
         super().close()
         if getattr(self, "encoder", None) is not None:
-            self.encoder.close()
-            self.encoder = None
+            self.encoder.close()        # a later next_step() tokenizes in this process
 
 
-def build_loader(ds, tok_cfg, collator_cfg, split="train", *, micro_batch_size, grad_accum_steps=1, rank=0,
-                 world_size=1, seed=0, prefetch=2, pin_memory=None):
-    """The loader train.py uses: StreamingMLMLoader when dataset.streaming, else MLMLoader over dataset.path.
-    Run prepare() first (on one rank, then barrier): the shards (or, streaming, the tokenizer) must exist."""
-    out = dataset_dir(ds)
-    kw = dict(seq_len=ds.max_seq_length, micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
-              rank=rank, world_size=world_size, seed=seed, collator_cfg=collator_cfg, prefetch=prefetch,
-              pin_memory=pin_memory)
+def build_loader(ds, tok_cfg, collator_cfg, split="train", **batch):
+    """The loader train.py uses: StreamingMLMLoader when dataset.streaming, else MLMLoader over dataset.path; batch:
+    micro_batch_size, grad_accum_steps, rank, world_size, seed, prefetch, pin_memory. Run prepare() first (on one
+    rank, then barrier): the shards (or, streaming, the tokenizer) must exist."""
+    out, kw = dataset_dir(ds), dict(seq_len=ds.max_seq_length, collator_cfg=collator_cfg, **batch)
     if ds.streaming:
         return StreamingMLMLoader(ds, load_tokenizer(tok_cfg, out), split, **kw)
-    if not (out / "manifest.json").is_file():
-        raise UserError(f"{out} holds no prepared data: run python data.py CONFIG "
-                        f"(or set dataset.pre_tokenize: true)")
+    require((out / "manifest.json").is_file(), f"{out} holds no prepared data: run python data.py CONFIG "
+            f"(or set dataset.pre_tokenize: true)")
     return MLMLoader(out, split, **kw)
 
 
 def split_rows(data_dir, split, seq_len, pack_sequences=True):
     """The number of rows of seq_len tokens one epoch of a prepared split gives (0 for an empty split): what
     MLMLoader would cut, so a caller can size its batch before building one."""
-    store = TokenStore(data_dir, split)
-    return _epoch_units(store.lengths, seq_len, pack_sequences)[1]
+    return _epoch_units(TokenStore(data_dir, split).lengths, seq_len, pack_sequences)[1]
 
 
 def bench_loader(loader, steps=50, warmup=3):
@@ -1349,7 +1270,8 @@ def packing_stats(loader):
     """Packed MLMLoader: the fraction of real tokens in its rows (1.0: rows are never padded) and the fraction of
     an epoch's [CLS] doc [SEP] tokens that its full global batches use (the rest is the dropped epoch tail)."""
     used = loader.steps_per_epoch * loader.global_batch_rows * loader.seq_len
-    return {"real_token_fraction": 1.0, "epoch_tokens_used": used / int(loader.plan(0).cum_end[-1])}
+    units = int(loader.store.lengths.sum()) + 2 * loader.store.n_docs
+    return {"real_token_fraction": 1.0, "epoch_tokens_used": used / units}
 
 
 def prepare_only(cfg, bench=False):
@@ -1377,9 +1299,8 @@ def prepare_only(cfg, bench=False):
 
 
 if __name__ == "__main__":
-    # `python data.py CONFIG [--bench] [...]` is `python train.py CONFIG --prepare-only [...]`: the prepare command
-    # belongs to train.py, which knows every objective's data. This file is handed over, not imported: the module
-    # data never imports train.
+    # `python data.py CONFIG [...]` is `python train.py CONFIG --prepare-only [...]`: train.py knows every objective's
+    # data. This file is handed over, not imported: the module data never imports train.
     import runpy
     sys.argv = [str(Path(__file__).with_name("train.py"))] + sys.argv[1:] + ["--prepare-only"]
     runpy.run_path(sys.argv[0], run_name="__main__")

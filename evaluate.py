@@ -12,22 +12,13 @@ after trainer.early_stopping evaluations without improvement, the best evaluatio
 STS-B and QNLI may start from the best MNLI model (glue.transfer_from_task). A sweep is a grid of runs; every run
 writes <output_dir>/glue/<task>/<run>/results.json when it is done, so the same command continues a stopped sweep.
 
-Reading order:
-  1. config: GlueConfig (glue.tasks.<task>, glue.sweep), load_glue_config
-  2. tasks: the GLUE table with the paper's numbers
-  3. data: a file's rows -> Split (texts, labels), from the hub parquet, the GLUE TSV download or custom files
-  4. tokens: encode ([CLS] A [SEP] B [SEP]), make_batch (padded or unpadded), epoch_batches
-  5. metrics (numpy, float64)
-  6. one run: Context, start_run, train_batch, evaluate_task, finetune (results.json last), bench_glue
-  7. the sweep: parse_tasks, plan_runs, finished runs, the MNLI model transfer starts from
-  8. report: summarize_glue, results_markdown
-  9. entry: glue(), glue_main, main (glue | mteb)
+Sections: config (GlueConfig), the GLUE task table, data (hub parquet, GLUE TSV or custom files -> Split), tokens
+([CLS] A [SEP] B [SEP], padded or unpadded batches), metrics, one run (finetune, bench_glue), the sweep (the grid,
+finished runs, the MNLI model transfer starts from), the report, the entry (glue | mteb).
 """
 
-import csv
 import dataclasses
 import datetime
-import hashlib
 import itertools
 import json
 import math
@@ -104,10 +95,8 @@ class GlueConfig:
                        "glue.warmup_ratio and glue.classifier_dropout must be in [0, 1)")
         config.require(self.init_from is not None or self.allow_random_weights,
                        "glue.init_from is null: pass a checkpoint (a run dir, model_checkpoints/<step>, an exported "
-                       "folder or a hub id such as chandar-lab/NeoBERT), or set glue.allow_random_weights: true to "
-                       "fine-tune random weights")
-        metrics = self.metric_names
-        config.require(self.metric is None or (metrics and set(metrics) <= set(METRICS)),
+                       "folder or a hub id such as chandar-lab/NeoBERT), or set glue.allow_random_weights: true")
+        config.require(self.metric is None or (self.metric_names and set(self.metric_names) <= set(METRICS)),
                        f"glue.metric={self.metric!r}: choose from {', '.join(METRICS)} (or a comma list of them)")
 
     @property
@@ -172,65 +161,6 @@ class Split:
     source: str  # the file it came from, for messages
 
 
-def read_examples(path: Path, tsv_header: Optional[tuple] = None) -> dict:
-    """{column: list of values} of a .parquet, .jsonl, .csv or .tsv file (csv/tsv with a header row, or a .tsv with
-    the columns tsv_header); an empty split is an error (nothing to train on or to score)."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-        try:
-            table = pq.read_table(path).to_pydict()
-        except Exception as e:
-            raise UserError(f"cannot read {path} as parquet: {' '.join(str(e).split())[:200]}") from None
-    elif suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            records = [_json_object(line, path, i) for i, line in enumerate(f, 1) if line.strip()]
-        table = {c: [r.get(c) for r in records] for c in dict.fromkeys(k for r in records for k in r)}
-    else:
-        header, rows = _read_delimited(path, tsv_header)
-        table = {c: [r[i] for r in rows] for i, c in enumerate(header)}
-    if not any(len(v) for v in table.values()):
-        raise UserError(f"{path} holds no examples (an empty split)")
-    return table
-
-
-def _json_object(line: str, path: Path, i: int) -> dict:
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} line {i} is not JSON ({e.msg}); one object per line is expected") from None
-    if not isinstance(rec, dict):
-        raise UserError(f"{path} line {i} is not a JSON object")
-    return rec
-
-
-def _read_delimited(path: Path, header: Optional[tuple]) -> tuple[list, list]:
-    """(column names, rows) of a .csv, or of a .tsv read with no quoting at all: GLUE's QQP and MNLI hold unbalanced
-    quote characters that a CSV reader would swallow across lines (only \\n ends a TSV line). TSV fields past the
-    header's count (trailing extras, as in some STS-B rows) are ignored, as csv.DictReader does; rows with fewer
-    fields (a few in QQP's train.tsv) are skipped and counted in a warning. A CSV row of another width is an error."""
-    tsv = path.suffix.lower() != ".csv"
-    with open(path, encoding="utf-8-sig", newline="\n" if tsv else "") as f:
-        if tsv:
-            rows = [ln.rstrip("\n").removesuffix("\r").split("\t") for ln in f if ln.strip()]
-        else:
-            rows = [r for r in csv.reader(f) if r]
-    if header is None:
-        if not rows:
-            raise UserError(f"{path} is empty")
-        header, rows = rows[0], rows[1:]
-    width = len(header)
-    if not tsv:
-        bad = [i for i, r in enumerate(rows) if len(r) != width]
-        if bad:
-            raise UserError(f"{path} row {bad[0] + 2} has {len(rows[bad[0]])} fields but the header has {width}")
-    good = [r[:width] for r in rows if len(r) >= width]
-    if len(good) < len(rows):
-        config.warn(f"{path}: skipped {len(rows) - len(good)} malformed rows (fewer than {width} tab-separated "
-                    "fields)")
-    return list(header), good
-
-
 def _columns(table: dict, names, path, what: str) -> list:
     missing = [n for n in names if n not in table]
     if missing:
@@ -240,15 +170,14 @@ def _columns(table: dict, names, path, what: str) -> list:
 
 def _make_split(table: dict, text_names, label_name, path, num_labels: int, names: tuple, hint: str) -> Split:
     """The texts and labels of one split; rows without a label are skipped, with a warning."""
-    texts = list(zip(*[[("" if v is None else str(v)) for v in col] for col in _columns(table, text_names, path,
-                                                                                        "text")]))
+    columns = _columns(table, text_names, path, "text")
+    texts = list(zip(*[["" if v is None else str(v) for v in col] for col in columns]))
     (raw,) = _columns(table, [label_name], path, "label")
     labels = [_label(value, i, path, num_labels, names, hint) for i, value in enumerate(raw)]
     keep = [i for i, label in enumerate(labels) if label is not None]
     if len(keep) < len(texts):
         config.warn(f"{path}: skipped {len(texts) - len(keep)} rows without a gold label")
-    if not keep:
-        raise UserError(f"{path} holds no labelled examples")
+    config.require(keep, f"{path} holds no labelled examples")
     return Split([texts[i] for i in keep], np.asarray([labels[i] for i in keep]), str(path))
 
 
@@ -259,16 +188,15 @@ def _label(value, row: int, path, num_labels: int, names: tuple, hint: str):
         return None
     number = _number(value)
     if num_labels == 1:
-        if number is None:
-            raise UserError(f"{path} row {row + 1}: label {value!r} is not a number (a regression: {hint})")
+        config.require(number is not None, f"{path} row {row + 1}: label {value!r} is not a number (a regression: "
+                                           f"{hint})")
         return number
     if str(value) in names:
         return names.index(str(value))
-    if number is None or not number.is_integer():
-        raise UserError(f"{path} row {row + 1}: label {value!r} is neither one of {', '.join(names)} nor an id "
-                        f"0..{num_labels - 1}")
-    if not 0 <= number < num_labels:
-        raise UserError(f"{path} row {row + 1}: label {int(number)} is outside 0..{num_labels - 1} ({hint})")
+    config.require(number is not None and number.is_integer(), f"{path} row {row + 1}: label {value!r} is neither "
+                   f"one of {', '.join(names)} nor an id 0..{num_labels - 1}")
+    config.require(0 <= number < num_labels, f"{path} row {row + 1}: label {int(number)} is outside "
+                   f"0..{num_labels - 1} ({hint})")
     return int(number)
 
 
@@ -277,28 +205,27 @@ def load_glue_task(task: GlueTask, g: GlueConfig) -> dict:
     <task>/<split>-*.parquet, or the GLUE download's <Task>/train.tsv, dev.tsv) or from the hub."""
     splits = ("train", *task.val_splits)
     hint = f"{task.name} has {task.num_labels} label{'s' if task.num_labels > 1 else ''}"
+    columns, label, header = task.columns, "label", None
     if g.data_dir is None:
-        parquet = {s: [_hub_parquet(task, s, g)] for s in splits}
+        files = {s: [_hub_parquet(task, s, g)] for s in splits}
     else:
         root = Path(g.data_dir)
-        parquet = {s: sorted((root / task.name).glob(f"{s}-*.parquet")) for s in splits}
-        tsv = {s: root / task.title / ("train.tsv" if s == "train" else "dev" + s.removeprefix("validation") + ".tsv")
-               for s in splits}
-        if not all(parquet.values()):
-            if not all(p.is_file() for p in tsv.values()):
-                raise UserError(f"glue.data_dir={root} holds neither {task.name}/<split>-*.parquet for "
-                                f"{', '.join(splits)} nor the GLUE TSV files "
-                                f"{', '.join(str(p.relative_to(root)) for p in tsv.values())}; set glue.data_dir to a "
-                                "folder with one of those layouts, or to null for the hub")
+        files = {s: sorted((root / task.name).glob(f"{s}-*.parquet")) for s in splits}
+        if not all(files.values()):
+            tsv = {s: "train.tsv" if s == "train" else "dev" + s.removeprefix("validation") + ".tsv" for s in splits}
+            files = {s: [root / task.title / name] for s, name in tsv.items()}
+            config.require(all(p.is_file() for (p,) in files.values()),
+                           f"glue.data_dir={root} holds neither {task.name}/<split>-*.parquet for {', '.join(splits)} "
+                           f"nor the GLUE TSV files {', '.join(str(p.relative_to(root)) for (p,) in files.values())}; "
+                           "set glue.data_dir to a folder with one of those layouts, or to null for the hub")
+            columns, label = task.tsv[0] or task.columns, task.tsv[1]
             header = COLA_TSV_COLUMNS if task.name == "cola" else None
-            return {s: _make_split(read_examples(p, header), task.tsv[0] or task.columns, task.tsv[1], p,
-                                   task.num_labels, task.labels, hint) for s, p in tsv.items()}
     out = {}
-    for split, paths in parquet.items():
-        tables = [read_examples(p) for p in paths]
+    for split, paths in files.items():
+        tables = [data.read_table(p, header) for p in paths]
         table = {c: [v for t in tables for v in t.get(c, [])] for c in tables[0]}
         path = paths[0] if len(paths) == 1 else paths[0].parent / f"{split}-*.parquet"
-        out[split] = _make_split(table, task.columns, "label", path, task.num_labels, task.labels, hint)
+        out[split] = _make_split(table, columns, label, path, task.num_labels, task.labels, hint)
     return out
 
 
@@ -315,39 +242,34 @@ def _hub_parquet(task: GlueTask, split: str, g: GlueConfig) -> Path:
 
 def load_custom_task(g: GlueConfig) -> tuple[dict, int, Optional[dict]]:
     """A user's dataset: ({train, validation}, num_labels, id2label). String labels become ids in sorted order."""
-    if g.data_dir is None or not Path(g.data_dir).is_dir():
-        raise UserError(f"glue.task_name=custom needs glue.data_dir (now {g.data_dir}): a folder with train.* and "
-                        "validation.* (tsv, csv, jsonl or parquet)")
-    if not 1 <= len(g.text_columns) <= 2:
-        raise UserError(f"glue.text_columns must name one or two columns for a custom task, got {g.text_columns}")
+    config.require(g.data_dir is not None and Path(g.data_dir).is_dir(), f"glue.task_name=custom needs glue.data_dir "
+                   f"(now {g.data_dir}): a folder with train.* and validation.* (tsv, csv, jsonl or parquet)")
+    config.require(1 <= len(g.text_columns) <= 2,
+                   f"glue.text_columns must name one or two columns for a custom task, got {g.text_columns}")
     root, paths = Path(g.data_dir), {}
     for split, stems in (("train", ["train"]), ("validation", ["validation", "dev"])):
         found = [root / (stem + ext) for stem in stems for ext in (".tsv", ".csv", ".jsonl", ".parquet")]
         paths[split] = next((p for p in found if p.is_file()), None)
-        if paths[split] is None:
-            alt = " (or dev.*)" if len(stems) > 1 else ""
-            raise UserError(f"glue.data_dir={root} has no {split}.tsv/.csv/.jsonl/.parquet{alt}; a custom task needs "
-                            "train.* and validation.* (or dev.*) there")
-    tables = {s: read_examples(p) for s, p in paths.items()}
+        config.require(paths[split] is not None, f"glue.data_dir={root} has no {split}.tsv/.csv/.jsonl/.parquet"
+                       f"{' (or dev.*)' if len(stems) > 1 else ''}; a custom task needs train.* and validation.* "
+                       "(or dev.*) there")
+    tables = {s: data.read_table(p) for s, p in paths.items()}
     values = [v for s, t in tables.items() for v in _columns(t, [g.label_column], paths[s], "label")[0]
               if not _no_label(v)]
     numbers = [_number(v) for v in values]  # CSV/TSV labels are strings: "1", "2.5"
-    numeric = all(n is not None for n in numbers)
+    ids = None not in numbers and all(n.is_integer() for n in numbers)
     id2label = None
-    if g.num_labels == 1 or (g.num_labels is None and numeric and any(not n.is_integer() for n in numbers)):
+    if g.num_labels == 1 or (g.num_labels is None and None not in numbers and not ids):
         num_labels = 1  # a regression
-    elif numeric and all(n.is_integer() for n in numbers):
-        ints = [int(n) for n in numbers]  # ids as given; their count comes from glue.num_labels or the data
-        num_labels = g.num_labels if g.num_labels is not None else max(ints) + 1
-        if num_labels < 2:
-            raise UserError(f"the labels in {paths['train']} are all {ints[0]}: a classifier needs at least two "
-                            "classes (glue.num_labels: 1 makes it a regression)")
+    elif ids:  # ids as given; their count comes from glue.num_labels or the data
+        num_labels = g.num_labels if g.num_labels is not None else int(max(numbers, default=1)) + 1
+        config.require(num_labels >= 2, f"the labels in {paths['train']} are all {max(numbers, default=0):g}: a "
+                       "classifier needs at least two classes (glue.num_labels: 1 makes it a regression)")
     else:
         names = sorted({str(v) for v in values})
         num_labels = g.num_labels if g.num_labels is not None else len(names)
-        if len(names) > num_labels:
-            raise UserError(f"glue.num_labels={num_labels} but the data has {len(names)} distinct labels "
-                            f"({', '.join(names[:10])}); set glue.num_labels: {len(names)} or leave it null")
+        config.require(len(names) <= num_labels, f"glue.num_labels={num_labels} but the data has {len(names)} distinct "
+                       f"labels ({', '.join(names[:10])}); set glue.num_labels: {len(names)} or leave it null")
         id2label = {i: names[i] if i < len(names) else f"LABEL_{i}" for i in range(num_labels)}  # one name per id
     names = tuple(id2label.values()) if id2label else ()
     hint = f"glue.num_labels={num_labels}; fix the data or change glue.num_labels"
@@ -407,8 +329,7 @@ def truncate_pair(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
 
 
 def encode(tokenizer, split: Split, max_len: int) -> Encoded:
-    special = data.special_token_ids(tokenizer)
-    cls, sep = special["cls"], special["sep"]
+    cls, sep = (data.special_token_ids(tokenizer)[k] for k in ("cls", "sep"))
     pieces = [[e.ids for e in tokenizer.encode_batch(list(col), add_special_tokens=False)] for col in zip(*split.texts)]
     seqs = []
     for a, *b in zip(*pieces):
@@ -417,16 +338,14 @@ def encode(tokenizer, split: Split, max_len: int) -> Encoded:
             seqs.append([cls, *a[:la], sep, *b[0][:lb], sep])
         else:
             seqs.append([cls, *a[:max_len - 2], sep])
-    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    ids = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
+    offsets = np.cumsum([0] + [len(s) for s in seqs], dtype=np.int64)
+    ids = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int32, count=int(offsets[-1]))
     return Encoded(ids, offsets, split.labels)
 
 
 def make_batch(enc: Encoded, idx, pad_id: int, unpadded: bool) -> dict:
-    """The examples idx as model inputs (neobert.batch_sequences) with their labels. Padded: input_ids and a bool
-    attention_mask (B, S), S the longest row (no rounding). Unpadded: one (1, N) row with cu_seqlens."""
+    """The examples idx as model inputs (neobert.batch_sequences: padded to the longest row, or one (1, N) row with
+    cu_seqlens) with their labels."""
     idx = np.asarray(idx)
     batch = neobert.batch_sequences([enc.ids[enc.offsets[i]:enc.offsets[i + 1]] for i in idx], pad_id, unpadded)
     if not unpadded:
@@ -458,21 +377,16 @@ def accuracy(pred, label) -> float:
 def f1_score(pred, label, num_labels: int = 2) -> float:
     """Binary F1 of class 1 (MRPC, QQP); the unweighted mean over classes (macro) when there are more than two."""
     pred, label = np.asarray(pred), np.asarray(label)
-    classes = [1] if num_labels <= 2 else range(num_labels)
-    scores = []
-    for c in classes:
-        tp = np.sum((pred == c) & (label == c))
-        denom = np.sum(pred == c) + np.sum(label == c)
-        scores.append(2.0 * tp / denom if denom else 0.0)
-    return float(np.mean(scores))
+    classes = [1] if num_labels <= 2 else range(num_labels)  # 2 TP / (2 TP + FP + FN); 0 without any c
+    return float(np.mean([2.0 * np.sum((pred == c) & (label == c)) / max(np.sum(pred == c) + np.sum(label == c), 1)
+                          for c in classes]))
 
 
 def matthews_corrcoef(pred, label) -> float:
     """Matthews correlation (its multiclass form, Gorodkin 2004); 0 when a marginal is constant."""
     pred, label = np.asarray(pred), np.asarray(label)
     classes, inv = np.unique(np.concatenate([pred, label]), return_inverse=True)
-    k = len(classes)
-    conf = np.zeros((k, k), dtype=np.float64)
+    conf = np.zeros((len(classes), len(classes)), dtype=np.float64)
     np.add.at(conf, (inv[len(pred):], inv[:len(pred)]), 1.0)  # rows: true, columns: predicted
     t, p, c, s = conf.sum(1), conf.sum(0), np.trace(conf), conf.sum()
     denom = np.sqrt((s * s - p @ p) * (s * s - t @ t))
@@ -488,26 +402,16 @@ def pearson(x, y) -> float:
 
 def average_ranks(x) -> np.ndarray:
     """Ranks 1..n with ties given their average rank (what Spearman's correlation needs)."""
-    x = np.asarray(x)
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])  # first index of each run of equal values
-    ends = np.r_[starts[1:], len(x)]
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    return ranks
+    _, inv, counts = np.unique(np.asarray(x), return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # the rank of the last of each group of equal values
+    return (last - (counts - 1) / 2.0)[inv.reshape(-1)]
 
 
 def spearman(x, y) -> float:
     return pearson(average_ranks(x), average_ranks(y))
 
 
-METRIC_FNS = dict(accuracy=accuracy, f1=f1_score, mcc=matthews_corrcoef, pearson=pearson, spearman=spearman)
-METRICS = tuple(METRIC_FNS)
-
-
-def compute_metric(name: str, pred, label, num_labels: int) -> float:
-    return f1_score(pred, label, num_labels) if name == "f1" else METRIC_FNS[name](pred, label)
+METRICS = dict(accuracy=accuracy, f1=f1_score, mcc=matthews_corrcoef, pearson=pearson, spearman=spearman)
 
 
 # -----------------------------------------------------------------------------
@@ -542,10 +446,6 @@ def read_results(path: Path) -> Optional[dict]:
         raise UserError(f"{path / 'results.json'} cannot be read ({e}); delete it to rerun that run") from None
 
 
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 @dataclass
 class Context:
     """What every run of one `evaluate.py glue` shares: this process, its device and precision, the batching, the
@@ -570,7 +470,7 @@ def train_batch(model, enc: Encoded, idx, accum: int, unpadded: bool, ctx: Conte
         batch = make_batch(enc, micro, ctx.pad_id, unpadded)
         slots += batch["input_ids"].numel()
         with ctx.amp:
-            micro_loss = model(**to_device(batch, ctx.device)).loss * (len(micro) / len(idx))
+            micro_loss = model(**config.to_device(batch, ctx.device)).loss * (len(micro) / len(idx))
         micro_loss.backward()
         loss += micro_loss.detach().float()
     return loss.item(), slots
@@ -586,7 +486,7 @@ def predict(model, enc: Encoded, batch_size: int, pad_id: int, unpadded: bool, d
         batch = make_batch(enc, idx, pad_id, unpadded)
         batch.pop("labels")
         with amp:
-            logits = model(**to_device(batch, device)).logits.float()
+            logits = model(**config.to_device(batch, device)).logits.float()
         pred = logits[:, 0] if logits.shape[-1] == 1 else logits.argmax(-1)
         out[idx] = pred.cpu().double().numpy()
     model.train()
@@ -602,7 +502,8 @@ def evaluate_task(model, task: GlueTask, val: dict, ctx: Context) -> dict:
         if len(task.val_splits) > 1:
             result[f"accuracy_{split.removeprefix('validation_')}"] = accuracy(pred, enc.labels)
         else:
-            result.update({m: compute_metric(m, pred, enc.labels, task.num_labels) for m in task.metrics})
+            for m in task.metrics:
+                result[m] = f1_score(pred, enc.labels, task.num_labels) if m == "f1" else METRICS[m](pred, enc.labels)
     return result
 
 
@@ -611,16 +512,15 @@ def glue_task_score(task: GlueTask, metrics: dict) -> float:
 
 
 def start_run(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Context):
-    """What a run (and --bench) starts from: the checkpoint with a classifier head (a new one seeded by run.seed) on
-    ctx's device, its tokenizer, the encoded splits (cached in ctx per task, tokenizer and length, one task at a
-    time in memory) and the optimizer."""
+    """(model with a classifier head seeded by run.seed, info, tokenizer, train, {val split}, optimizer). The encoded
+    splits stay in ctx for the next run of the same task, tokenizer and length (one task at a time in memory)."""
     g = cfg.tasks["glue"]
     torch.manual_seed(run.seed)  # the new head's init
     model, info = config.load_pretrained(source, head="classifier", num_labels=task.num_labels,
                                          classifier_dropout=g.classifier_dropout,
                                          classifier_init_range=g.classifier_init_range, new_head_if_mismatch=True)
     tokenizer = info.tokenizer if info.tokenizer is not None else ctx.tokenizer
-    key = (task.name, hashlib.sha1(tokenizer.to_str().encode()).hexdigest(), run.max_seq_length)
+    key = (task.name, run.max_seq_length)  # a task's runs share one start model, so one tokenizer
     if key not in ctx.encoded:
         enc = {s: encode(tokenizer, sp, run.max_seq_length) for s, sp in splits.items()}
         ctx.encoded = {key: (enc["train"], {s: enc[s] for s in task.val_splits})}
@@ -631,22 +531,19 @@ def start_run(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Cont
 
 
 def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Context, id2label: Optional[dict]) -> dict:
-    """Fine-tunes one run from `source`: a batch per step (dropout seeded by (run.seed, step)), an evaluation every
-    eval_every steps and at the last, early stopping after trainer.early_stopping evaluations without improvement.
-    Writes the run dir (metrics.jsonl, best/, results.json last: then the run counts as finished) and returns the
-    results. Randomness (head init, data order, dropout) comes from run.seed only, so any process gives the same run."""
+    """Fine-tunes one run from `source` and writes its dir (metrics.jsonl, best/, results.json last: then the run
+    counts as finished). Randomness (head init, data order, dropout) comes from run.seed only, so any process gives
+    the same run."""
     from tqdm import tqdm
-    t, out = cfg.trainer, run_dir(cfg, run)
+    g, t, out = cfg.tasks["glue"], cfg.trainer, run_dir(cfg, run)
     out.mkdir(parents=True, exist_ok=True)
     model, info, tokenizer, train_enc, val, optimizer = start_run(cfg, run, task, source, splits, ctx)
     steps_per_epoch = math.ceil(len(train_enc) / run.batch_size)
-    total = run.num_train_epochs * steps_per_epoch
-    total = min(total, t.max_steps) if t.max_steps > 0 else total
+    total = min(run.num_train_epochs * steps_per_epoch, t.max_steps or math.inf)  # max_steps 0: no cap
     eval_every = t.eval_steps if t.eval_steps > 0 else max(1, min(500, steps_per_epoch // 10))  # the paper's
-    sched = dataclasses.replace(cfg.scheduler, warmup_steps=round(cfg.tasks["glue"].warmup_ratio * total),
-                                decay_steps=None)
+    sched = dataclasses.replace(cfg.scheduler, warmup_steps=round(g.warmup_ratio * total), decay_steps=None)
     train_model = torch.compile(model, dynamic=True) if t.torch_compile else model
-    evaluations, best, best_state, bad_evals, stopped_early = [], None, None, 0, False
+    evaluations, best, best_state, bad_evals = [], None, None, 0
     t0, examples = time.perf_counter(), 0
     bar = tqdm(total=total, desc=f"{run.task} {run.name}", disable=t.disable_tqdm, dynamic_ncols=True, leave=False,
                position=ctx.rank)  # under torchrun: one line per process
@@ -680,33 +577,27 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Conte
                 print(json.dumps({**{f"eval_{k}": v for k, v in record.items() if k != "step"}, "step": done}),
                       file=log)
                 bar.set_postfix(score=f"{100 * record['score']:.2f}", best=f"{100 * best['score']:.2f}", refresh=False)
-                if t.early_stopping and bad_evals >= t.early_stopping and not last:
-                    stopped_early = True
-                    break
+                if t.early_stopping and bad_evals >= t.early_stopping:
+                    break  # early: done < total
+    # best/, which export.py turns into a transformers folder with the labels: config.yaml keeps the pretraining
+    # sections of the start checkpoint (the model card reports them) and adds glue: (this run) and classifier:
     model.load_state_dict(best_state)
-    save_classifier(out / "best", model, info, cfg, tokenizer, task, id2label, run)
-    results = dict(task=run.task, run=run.name, setting=dataclasses.asdict(run), config=config.config_to_dict(cfg),
+    plain = config.config_to_dict(cfg)
+    full = dict(info.full_config) if (info.path / "config.yaml").is_file() else {}
+    full.update(model=dataclasses.asdict(model.config),
+                glue={**plain["glue"], "task_name": task.name, "run": dataclasses.asdict(run)},
+                classifier=dict(num_labels=task.num_labels, id2label=dict(id2label) if id2label else None,
+                                classifier_dropout=g.classifier_dropout, classifier_init_range=g.classifier_init_range))
+    config.save_model_dir(out / "best", model, full, tokenizer)
+    results = dict(task=run.task, run=run.name, setting=dataclasses.asdict(run), config=plain,
                    source=str(source), process=ctx.rank, model_path=str(info.path),
                    fingerprint=run_fingerprint(cfg, run, source), steps=done, total_steps=total,
-                   steps_per_epoch=steps_per_epoch, eval_every=eval_every, stopped_early=stopped_early,
+                   steps_per_epoch=steps_per_epoch, eval_every=eval_every, stopped_early=done < total,
                    evaluations=evaluations, best=best, wall_time_s=time.perf_counter() - t0, device=str(ctx.device),
                    train_examples=len(train_enc), id2label={str(k): v for k, v in (id2label or {}).items()} or None,
                    precision=ctx.precision, batching="unpadded" if ctx.unpadded else "padded")
     config.write_atomic(out / "results.json", json.dumps(results, indent=1))  # last: the run counts as finished now
     return results
-
-
-def save_classifier(path: Path, model, info, cfg, tokenizer, task: GlueTask, id2label, run: GlueRun) -> None:
-    """The checkpoint layout, which export.py turns into a folder transformers loads with its labels. config.yaml
-    keeps the pretraining sections of the checkpoint it started from (what the model card reports) and adds the
-    glue: section with this run's setting, and classifier:."""
-    g = cfg.tasks["glue"]
-    full = dict(info.full_config) if (info.path / "config.yaml").is_file() else {}
-    full["model"] = dataclasses.asdict(model.config)
-    full["glue"] = {**config.config_to_dict(cfg)["glue"], "task_name": task.name, "run": dataclasses.asdict(run)}
-    full["classifier"] = dict(num_labels=task.num_labels, id2label=dict(id2label) if id2label else None,
-                              classifier_dropout=g.classifier_dropout, classifier_init_range=g.classifier_init_range)
-    config.save_model_dir(path, model, full, tokenizer)
 
 
 def run_fingerprint(cfg, run: GlueRun, source) -> dict:
@@ -720,27 +611,26 @@ def run_fingerprint(cfg, run: GlueRun, source) -> dict:
 
 
 def bench_glue(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Context) -> dict:
-    """Fine-tuning examples/s with padded (length-grouped) and unpadded (cu_seqlens) batches: the same model, data
-    and steps, side by side."""
+    """Fine-tuning examples/s with padded and with unpadded batches: the same model, data and steps."""
     device, steps, warmup = ctx.device, cfg.tasks["glue"].bench_steps, 3
     model, _, _, train_enc, _, optimizer = start_run(cfg, run, task, source, splits, ctx)
     plan = epoch_batches(train_enc, run.batch_size, run.seed, 0)[:steps + warmup]  # the same batches both ways
-    results = {}
+    timed = plan[warmup:]
+    n, tokens, results = sum(map(len, timed)), int(sum(train_enc.lengths[idx].sum() for idx in timed)), {}
     for mode in ("padded", "unpadded"):
-        n = tokens = padded_tokens = 0
         for i, idx in enumerate(plan):
             if i == warmup:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                t0, n, tokens, padded_tokens = time.perf_counter(), 0, 0, 0
-            loss, slots = train_batch(model, train_enc, idx, 1, mode == "unpadded", ctx)
+                t0, slots = time.perf_counter(), 0
+            loss, fed = train_batch(model, train_enc, idx, 1, mode == "unpadded", ctx)
             train.optimizer_step(model, optimizer, run.lr, cfg.trainer.gradient_clipping, loss, "in glue --bench")
-            n, tokens, padded_tokens = n + len(idx), tokens + int(train_enc.lengths[idx].sum()), padded_tokens + slots
+            slots = slots + fed if i >= warmup else 0
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
         results[mode] = dict(examples_per_s=n / elapsed, tokens_per_s=tokens / elapsed,
-                             padding=1 - tokens / max(padded_tokens, 1), steps=len(plan) - warmup)
+                             padding=1 - tokens / max(slots, 1), steps=len(timed))
     ratio = results["unpadded"]["examples_per_s"] / results["padded"]["examples_per_s"]
     print(f"glue bench: {task.name}, batch {run.batch_size}, max_seq_length {run.max_seq_length}, {steps} steps, "
           f"{device}, precision {ctx.precision}")
@@ -755,20 +645,16 @@ def bench_glue(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Con
 # the sweep: which tasks, each run's setting (the grid), which runs are finished, where transfer starts
 
 def parse_tasks(name: str) -> list[str]:
-    names = [n.strip().lower().replace("-", "") for n in name.split(",") if n.strip()]
+    names = list(dict.fromkeys(n.strip().lower().replace("-", "") for n in name.split(",") if n.strip()))
     if names == ["all"]:
         return list(PAPER_EIGHT)
-    valid = [*GLUE_TASKS, "all", "custom"]
     bad = [n for n in names if n not in GLUE_TASKS and n != "custom"]
     if bad or not names:
         raise UserError(f"glue.task_name={name!r}: unknown task {bad[0] if bad else ''!r}; choose from "
-                        f"{', '.join(valid)} (or a comma list)")
+                        f"{', '.join([*GLUE_TASKS, 'all', 'custom'])} (or a comma list)")
     if "custom" in names and len(names) > 1:
         raise UserError("glue.task_name=custom runs alone (its data and labels come from glue.data_dir)")
-    if "mnli" in names:  # transfer tasks start from MNLI's best model: it runs first
-        names.remove("mnli")
-        names.insert(0, "mnli")
-    return list(dict.fromkeys(names))
+    return sorted(names, key=lambda n: n != "mnli")  # transfer tasks start from MNLI's best model: it runs first
 
 
 def plan_runs(cfg, tasks: list, cli: set) -> list[GlueRun]:
@@ -778,12 +664,11 @@ def plan_runs(cfg, tasks: list, cli: set) -> list[GlueRun]:
     base = {"batch_size": ("trainer.per_device_train_batch_size", t.per_device_train_batch_size),
             "lr": ("optimizer.lr", o.lr), "weight_decay": ("optimizer.weight_decay", o.weight_decay),
             "num_train_epochs": ("trainer.num_train_epochs", t.num_train_epochs),
-            "max_seq_length": ("glue.max_seq_length", g.max_seq_length)}
+            "max_seq_length": ("glue.max_seq_length", g.max_seq_length), "seed": ("trainer.seed", t.seed)}
     runs = []
     for name in tasks:
         block = dataclasses.asdict(g.tasks.get(name, TaskSettings()))
-        s = {k: value if block[k] is None or key in cli else block[k] for k, (key, value) in base.items()}
-        s["seed"] = t.seed
+        s = {k: value if block.get(k) is None or key in cli else block[k] for k, (key, value) in base.items()}
         grid = [getattr(g.sweep, k) or [s[k]] for k in ("batch_size", "lr", "weight_decay", "seed")]
         for bs, lr, wd, seed in itertools.product(*grid):
             run = GlueRun(name, bs, lr, wd, seed, s["num_train_epochs"], s["max_seq_length"])
@@ -815,9 +700,7 @@ def _best_mnli(cfg) -> Optional[Path]:
     """The best/ checkpoint of the highest-scoring finished MNLI run under output_dir (the transfer source)."""
     root = Path(cfg.trainer.output_dir) / "glue" / "mnli"
     found = [(r["best"]["score"], r["run"]) for r in (read_results(d) for d in sorted(root.glob("*/"))) if r]
-    if not found:
-        return None
-    return root / max(found)[1] / "best"
+    return root / max(found)[1] / "best" if found else None
 
 
 # -----------------------------------------------------------------------------
@@ -827,18 +710,16 @@ def summarize_glue(cfg, runs: list, tasks: dict) -> dict:
     """Per task: the best setting (mean score over seeds), its mean ± std per metric, the paper's number."""
     table = {}
     for name, task in tasks.items():
-        by_setting = {}
-        for r in (read_results(run_dir(cfg, run)) for run in runs if run.task == name):
-            if r:
-                s = r["setting"]
-                by_setting.setdefault((s["batch_size"], s["lr"], s["weight_decay"]), []).append(r)
+        by_setting, keys = {}, ("batch_size", "lr", "weight_decay")
+        for r in filter(None, (read_results(run_dir(cfg, run)) for run in runs if run.task == name)):
+            by_setting.setdefault(tuple(r["setting"][k] for k in keys), []).append(r)
         if not by_setting:
             continue
         setting, chosen = max(by_setting.items(), key=lambda kv: np.mean([r["best"]["score"] for r in kv[1]]))
         score = _mean_std([r["best"]["score"] for r in chosen])
         table[name] = dict(title=task.title, metrics={m: _mean_std([r["best"][m] for r in chosen])
                                                       for m in task.metrics}, score=score["mean"],
-                           score_std=score["std"], setting=dict(zip(("batch_size", "lr", "weight_decay"), setting)),
+                           score_std=score["std"], setting=dict(zip(keys, setting)),
                            seeds=sorted(r["setting"]["seed"] for r in chosen), runs=sum(map(len, by_setting.values())),
                            best_run=max(chosen, key=lambda r: r["best"]["score"])["run"], paper=task.paper)
     scored = [table[n]["score"] for n in PAPER_EIGHT if n in table]
@@ -878,18 +759,6 @@ def results_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(cfg, runs: list, tasks: dict) -> dict:
-    """<output_dir>/glue/results.json and results.md of every finished run (rank 0)."""
-    summary = summarize_glue(cfg, runs, tasks)
-    out = Path(cfg.trainer.output_dir) / "glue"
-    out.mkdir(parents=True, exist_ok=True)
-    config.write_atomic(out / "results.json", json.dumps(summary, indent=1))
-    config.write_atomic(out / "results.md", results_markdown(summary))
-    print(results_markdown(summary), end="")
-    print(f"written: {out / 'results.md'}, {out / 'results.json'}")
-    return summary
-
-
 # -----------------------------------------------------------------------------
 # entry point: processes, the model to start from, every task's data, then the runs phase by phase
 
@@ -919,24 +788,6 @@ def _random_source(cfg, ctx: Context) -> Path:
     if ctx.world > 1:
         dist.barrier()
     return path
-
-
-def _check_model(cfg, source, runs: list):
-    """The tokenizer of the starting checkpoint, loaded once before any work: a missing checkpoint, no tokenizer, or
-    a max_seq_length beyond its positions stops here."""
-    _, info = config.load_pretrained(source, head="encoder")
-    tokenizer = info.tokenizer
-    if tokenizer is None:
-        tokenizer = data.load_tokenizer(cfg.tokenizer)  # e.g. a folder with only config.json + weights
-    data.special_token_ids(tokenizer)
-    data.check_vocab(tokenizer, info.model_config.vocab_size)
-    positions = info.model_config.max_position_embeddings
-    for run in runs:
-        if run.max_seq_length > positions:
-            raise UserError(f"{run.task}: max_seq_length={run.max_seq_length} exceeds the model's "
-                            f"max_position_embeddings={positions}; lower glue.max_seq_length (or "
-                            "glue.tasks.<task>.max_seq_length)")
-    return tokenizer
 
 
 def load_tasks(names: list, g: GlueConfig, rank: int, world: int) -> tuple[dict, dict, dict]:
@@ -970,8 +821,7 @@ def run_phase(cfg, phase: list, start, tasks: dict, splits: dict, id2labels: dic
     todo = [None]
     if ctx.rank == 0:
         todo = [[i for i, run in enumerate(phase) if not _finished(cfg, run, start)]]
-        if len(todo[0]) < len(phase):
-            done = len(phase) - len(todo[0])
+        if done := len(phase) - len(todo[0]):
             print(f"skipping {done} finished run{'s' if done > 1 else ''} (their results.json exist)")
     if ctx.world > 1:
         dist.broadcast_object_list(todo, src=0)  # rank 0's list of runs to do, to every process
@@ -1000,8 +850,17 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
         if t.output_dir == "auto":
             t.output_dir = auto_output_dir(g.init_from)
         source = g.init_from if g.init_from is not None else _random_source(cfg, ctx)
-        ctx.tokenizer = _check_model(cfg, source, runs)
+        # the start model's tokenizer (the config's for a folder with none), once: a missing checkpoint or special
+        # token, or a max_seq_length beyond its positions, stops here before any work
+        _, info = config.load_pretrained(source, head="encoder")
+        ctx.tokenizer = info.tokenizer if info.tokenizer is not None else data.load_tokenizer(cfg.tokenizer)
+        data.check_vocab(ctx.tokenizer, info.model_config.vocab_size)
         ctx.pad_id = data.special_token_ids(ctx.tokenizer)["pad"]
+        positions = info.model_config.max_position_embeddings
+        for run in (r for r in runs if r.max_seq_length > positions):
+            raise UserError(f"{run.task}: max_seq_length={run.max_seq_length} exceeds the model's "
+                            f"max_position_embeddings={positions}; lower glue.max_seq_length (or "
+                            "glue.tasks.<task>.max_seq_length)")
         tasks, splits, id2labels = load_tasks(names, g, rank, world)
         if bench:
             return bench_glue(cfg, runs[0], tasks[runs[0].task], source, splits[runs[0].task], ctx)
@@ -1023,7 +882,14 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
             if rank == 0:
                 print(f"transfer: {', '.join(sorted({r.task for r in moved}))} start from {start}")
             run_phase(cfg, moved, start, tasks, splits, id2labels, ctx)
-        return write_report(cfg, runs, tasks) if rank == 0 else None
+        if rank > 0:
+            return None
+        summary, out = summarize_glue(cfg, runs, tasks), Path(t.output_dir) / "glue"  # every run wrote in it
+        config.write_atomic(out / "results.json", json.dumps(summary, indent=1))
+        config.write_atomic(out / "results.md", results_markdown(summary))
+        print(results_markdown(summary), end="")
+        print(f"written: {out / 'results.md'}, {out / 'results.json'}")
+        return summary
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -49,7 +49,6 @@ from config import require
 # -----------------------------------------------------------------------------
 # the timing loop, and the objective that turns sparse prediction off (or puts transformers' models in its place)
 
-
 def trainer_step(objective, steps: int, fused: bool = True):
     """(step, the micro-batches of `steps` steps drawn up front): the trainer's optimizer step (forward_backward,
     train.optimizer_step) on a fresh model (speed and memory do not depend on the weights) set up as the trainer's."""
@@ -202,7 +201,6 @@ def table(columns: list[str], variants: list, steps: int, cells, budget_s: float
 # -----------------------------------------------------------------------------
 # bench CONFIG: the config's own setup, then one setting flipped at a time; a contrastive config (contrastive_bench):
 # pairs/s and peak memory with and without gradient caching
-
 
 @dataclass
 class BenchConfig:
@@ -401,10 +399,8 @@ def gpu_suite(argv: list[str]) -> None:
     device, name, base = setup(suite_config(str(here / "configs" / "pretrain.yaml"), Path(args.data_dir), tiny))
     _, _, long_base = setup(suite_config(str(here / "configs" / "pretrain_4096.yaml"), Path(args.data_dir), tiny))
     cfg, long_cfg = base.cfg, long_base.cfg
-    backend = "sdpa"  # what attn_backend auto runs for a packed bf16 batch of this config on this device
-    if device.type == "cuda":
-        probe = torch.zeros(1, 1, 1, cfg.model.head_dim, device=device, dtype=torch.bfloat16)
-        backend = neobert.pick_backend(cfg.model, probe)
+    probe = torch.zeros(1, 1, 1, cfg.model.head_dim, device=device, dtype=torch.bfloat16)
+    backend = neobert.pick_backend(cfg.model, probe)  # what auto runs for a packed bf16 batch here (CPU: sdpa)
     try:
         import transformers
         hf_version = transformers.__version__

@@ -19,7 +19,7 @@ import shutil
 import sys
 import types
 import typing
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -91,9 +91,8 @@ def _type_name(tp) -> str:
 
 def convert(value, tp, where: str):
     """A YAML value or a command-line string -> the annotated type tp (bool, int, float, str, dict, Optional/Union,
-    Literal choices, list[...], tuple[...], dict[str, ...], a nested config dataclass from a mapping). A mismatch, a
-    choice not offered or a non-finite number is a UserError naming `where` (e.g. optimizer.lr). No eval of any
-    kind."""
+    Literal choices, list, tuple, dict[str, ...], a nested config dataclass from a mapping). A mismatch, a choice not
+    offered or a non-finite number is a UserError naming `where` (e.g. optimizer.lr). No eval of any kind."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     bad = UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if tp is typing.Any:
@@ -105,18 +104,15 @@ def convert(value, tp, where: str):
         inner = options[0] if len(options) == 1 else None
         if dataclasses.is_dataclass(inner) or typing.get_origin(inner) in (dict, list):
             return convert(value, inner, where)  # Optional[a section, mapping or list]: a nested error is its own
-        for a in args:
-            if a is not type(None):
-                try:
-                    return convert(value, a, where)
-                except UserError:
-                    pass
+        for a in options:
+            with suppress(UserError):
+                return convert(value, a, where)
         raise bad
     if origin is Literal:
         if value is False and "no" in args:  # YAML reads an unquoted `no` as false
             return "no"
-        if value not in args or isinstance(value, bool):
-            raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+        require(value in args and not isinstance(value, bool),
+                f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
         return value
     if dataclasses.is_dataclass(tp):  # a mapping inside a section, e.g. one entry of a list of sources
         return build_section(where, tp, value)
@@ -135,17 +131,13 @@ def convert(value, tp, where: str):
         raise bad
     if tp in (int, float):
         if isinstance(value, str):  # PyYAML reads 2e-4 (no dot) as a string, and overrides are strings
-            try:
-                value = int(value)
-            except ValueError:
-                try:
-                    value = float(value)
-                except ValueError:
-                    raise bad from None
+            for parse in (int, float):  # neither: it stays a string, refused below
+                with suppress(ValueError):
+                    value = parse(value)
+                    break
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and value != int(value)):
             raise bad
-        if not math.isfinite(value):
-            raise UserError(f"{where} must be a finite number, got {value}")
+        require(math.isfinite(value), f"{where} must be a finite number, got {value}")
         return tp(value)
     if origin is dict:  # a mapping of named entries, e.g. glue.tasks: {task: TaskSettings}
         if not isinstance(value, dict):
@@ -159,10 +151,8 @@ def convert(value, tp, where: str):
 def build_section(name: str, cls, raw):
     """A config section (a dataclass) from a mapping, strictly: unknown keys and wrong types are UserErrors, then the
     section's own checks (__post_init__) run."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise UserError(f"config section {name!r} must be a mapping of key: value, got {raw!r}")
+    raw = {} if raw is None else raw
+    require(isinstance(raw, dict), f"config section {name!r} must be a mapping of key: value, got {raw!r}")
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls) if f.init]
     for key in raw:
@@ -182,58 +172,50 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     """['--trainer.max_steps', '50', 'optimizer.lr=2e-4', '--wandb.mode=offline'] -> [(dotted key, string value)]."""
     out, i = [], 0
     while i < len(args):
-        arg = args[i]
-        if arg.startswith("--"):
-            arg = arg[2:]
-            if "=" in arg:
-                key, value = arg.split("=", 1)
-            elif i + 1 < len(args):
-                key, value = arg, args[i + 1]
-                i += 1
-            else:
-                raise UserError(f"--{arg} needs a value: --{arg} VALUE")
-        elif "=" in arg:
+        flag, arg = args[i].startswith("--"), args[i].removeprefix("--")
+        if "=" in arg:
             key, value = arg.split("=", 1)
-        else:
+        elif not flag:
             raise UserError(f"unexpected argument {arg!r}; overrides look like --section.key value or "
                             "section.key=value")
+        elif i + 1 < len(args):
+            key, value = arg, args[i + 1]
+            i += 1
+        else:
+            raise UserError(f"--{arg} needs a value: --{arg} VALUE")
         out.append((key, value))
         i += 1
     return out
 
 
 def load_config(schema, path, overrides: Optional[list[str]] = None, extra_sections: Optional[dict] = None):
-    """YAML file (or None) + overrides -> schema (a dataclass of sections, e.g. train.Config). Unknown sections/keys
-    and wrong types raise UserError before any work. extra_sections {name: dataclass} adds task sections (e.g. glue)
-    that land in cfg.tasks[name]."""
+    """YAML file (or None) + overrides -> schema (a dataclass of sections, e.g. train.Config), strictly, before any
+    work. extra_sections {name: dataclass} adds task sections (e.g. glue) that land in cfg.tasks[name]."""
     raw = {}
     if path is not None:  # None: the defaults plus the overrides
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} not found")
+        require(path.is_file(), f"config file {path} not found")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise UserError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} must be a mapping of sections (model:, trainer:, ...)")
+    require(isinstance(raw, dict), f"{path} must be a mapping of sections (model:, trainer:, ...)")
     sections = {f.name: typing.get_type_hints(schema)[f.name] for f in dataclasses.fields(schema) if f.name != "tasks"}
     sections.update(extra_sections or {})
     for dotted, value in parse_overrides(list(overrides or [])):  # section.key, or deeper: glue.tasks.cola.lr
         parts = dotted.split(".")
-        if len(parts) < 2 or parts[0] not in sections:
-            raise UserError(f"unknown override {dotted!r}; use section.key with a section in {', '.join(sections)}")
+        require(len(parts) >= 2 and parts[0] in sections,
+                f"unknown override {dotted!r}; use section.key with a section in {', '.join(sections)}")
         node = raw
         for depth, key in enumerate(parts[:-1]):
             if node.get(key) is None:
                 node[key] = {}
-            if not isinstance(node[key], dict):
-                raise UserError(f"{'.'.join(parts[:depth + 1])} in {path} is not a mapping, so {dotted} cannot be set")
+            require(isinstance(node[key], dict),
+                    f"{'.'.join(parts[:depth + 1])} in {path} is not a mapping, so {dotted} cannot be set")
             node = node[key]
         node[parts[-1]] = value
     for name in raw:
-        if name not in sections:
-            raise UserError(f"unknown config section {name!r} in {path}; valid sections: {', '.join(sections)}")
+        require(name in sections, f"unknown config section {name!r} in {path}; valid sections: {', '.join(sections)}")
     built = {name: build_section(name, cls, raw.get(name)) for name, cls in sections.items()}
     tasks = {name: built.pop(name) for name in list(built) if name in (extra_sections or {})}
     return schema(**built, tasks=tasks)
@@ -241,7 +223,7 @@ def load_config(schema, path, overrides: Optional[list[str]] = None, extra_secti
 
 def _plain(x):
     if dataclasses.is_dataclass(x):
-        return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        x = {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
     if isinstance(x, dict):
         return {k: _plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -265,9 +247,6 @@ def config_to_yaml(cfg) -> str:
 # -----------------------------------------------------------------------------
 # precision: bf16 autocast where the hardware has bf16 units, fp32 elsewhere (weights and optimizer stay fp32)
 
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # /proc/cpuinfo: x86 AVX512-BF16 / AMX, aarch64 BF16
-
-
 def cpu_flags(cpuinfo="/proc/cpuinfo") -> set:
     """The CPU feature flags of /proc/cpuinfo (empty where there is none, e.g. macOS: then fp32 is chosen)."""
     try:
@@ -278,19 +257,16 @@ def cpu_flags(cpuinfo="/proc/cpuinfo") -> set:
             for w in line.split(":", 1)[-1].split()}
 
 
-def cpu_has_native_bf16() -> bool:
-    # torch's capability names the kernel family it dispatches to (AVX2, AVX512, SVE256, ...), which does not say
-    # whether bf16 units exist; the feature flags do. Either naming bf16/AMX is enough.
-    capability = torch.backends.cpu.get_cpu_capability().upper()
-    return "BF16" in capability or "AMX" in capability or bool(cpu_flags() & set(BF16_CPU_FLAGS))
-
-
 def resolve_precision(mixed_precision: str, device, warn=warn) -> str:
     """trainer.mixed_precision (auto | bf16 | no) on this device -> "bf16" or "no". auto: bf16 on CUDA and on CPUs
     with native bf16 (AVX512-BF16, AMX), fp32 otherwise: emulated bf16 is hundreds of times slower than fp32."""
     convert(mixed_precision, Literal["auto", "bf16", "no"], "trainer.mixed_precision")
     device_type = torch.device(device).type
-    native = device_type == "cuda" or (device_type == "cpu" and cpu_has_native_bf16())
+    native = device_type == "cuda"
+    if device_type == "cpu":  # torch's capability is the kernel family (AVX2, AVX512, SVE256, ...), not whether bf16
+        # units exist; the feature flags say (x86 AVX512-BF16 / AMX, aarch64 BF16). Either naming bf16/AMX is enough.
+        capability = torch.backends.cpu.get_cpu_capability().upper()
+        native = "BF16" in capability or "AMX" in capability or bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
     if mixed_precision == "auto":
         return "bf16" if native else "no"
     if mixed_precision == "bf16" and device_type == "cpu" and not native and warn is not None:
@@ -344,9 +320,8 @@ def write_dir(final: Path, write) -> None:
 
 
 def save_model_dir(path: Path, model, full_config, tokenizer, after_write=None) -> None:
-    """A model folder as every loader reads it (model.safetensors with plain keys, config.yaml, tokenizer.json),
-    written whole or not at all (write_dir). full_config: a config object or a plain dict; after_write(d): a hook run
-    before the rename (the tests' kill point)."""
+    """A model folder as every loader reads it (model.safetensors with plain keys, config.yaml, tokenizer.json), whole
+    or not at all (write_dir). full_config: a config or a plain dict; after_write(d): run before the rename (tests)."""
     from safetensors.torch import save_file
 
     def write(d: Path):
@@ -399,8 +374,8 @@ def _read_source_config(path: Path, model_overrides: dict):
             full = yaml.safe_load((path / "config.yaml").read_text())
         except yaml.YAMLError as e:
             raise UserError(f"{path / 'config.yaml'} is not valid YAML: {' '.join(str(e).split())}") from None
-        if not isinstance(full, dict) or not isinstance(full.get("model"), dict):
-            raise UserError(f"{path / 'config.yaml'} has no model: section; is it a neobert checkpoint?")
+        require(isinstance(full, dict) and isinstance(full.get("model"), dict),
+                f"{path / 'config.yaml'} has no model: section; is it a neobert checkpoint?")
         model_config = build_section("model", neobert.NeoBERTConfig, {**full["model"], **model_overrides})
         pooling = convert((full.get("contrastive") or {}).get("pooling", "mean"), Literal["mean", "cls"],
                           f"{path / 'config.yaml'}: contrastive.pooling")
@@ -410,10 +385,9 @@ def _read_source_config(path: Path, model_overrides: dict):
         model_config = neobert.NeoBERTConfig.from_hf_dict(full, **model_overrides)
     except (ValueError, TypeError) as e:
         raise UserError(f"{path / 'config.json'}: {e}") from None
-    pooling = "mean"
-    if (path / "1_Pooling" / "config.json").is_file():  # sentence-transformers' pooling of an exported model
-        st = json.loads((path / "1_Pooling" / "config.json").read_text())
-        pooling = "cls" if st.get("pooling_mode_cls_token") else "mean"
+    st_pooling = path / "1_Pooling" / "config.json"  # sentence-transformers' pooling of an exported model
+    st = json.loads(st_pooling.read_text()) if st_pooling.is_file() else {}
+    pooling = "cls" if st.get("pooling_mode_cls_token") else "mean"
     saved = {k: full[k] for k in ("id2label", "classifier_dropout") if full.get(k) is not None}
     return full, model_config, pooling, saved
 
@@ -450,8 +424,8 @@ def load_pretrained(source, head: str = "mlm", num_labels: Optional[int] = None,
 
     encoder_sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
     if head == "mlm":
-        if "decoder.weight" not in sd:
-            raise UserError(f"{path} holds no MLM decoder (decoder.*): load it as an encoder or a classifier")
+        require("decoder.weight" in sd,
+                f"{path} holds no MLM decoder (decoder.*): load it as an encoder or a classifier")
         model = target = neobert.NeoBERTLMHead(model_config)
         load = {k: v for k, v in sd.items() if k.split(".")[0] in ("model", "decoder")}
     elif head == "encoder":

@@ -332,10 +332,9 @@ def gather_with_grad(x):
 
 
 def contrastive_loss(q, pos, neg, temperature: float, rank: int = 0):
-    """InfoNCE of this process's queries q (B, H) against every positive and every hard negative of the global batch
-    (pos (B, H) and neg (B*h, H) are this process's rows, gathered from all). Cosine similarity / temperature.
-    Returns (the sum of the B queries' losses, logging sums [top-1 correct, positive cosine, negative cosine,
-    number of negative pairs])."""
+    """InfoNCE (cosine / temperature) of this process's queries q (B, H) against every positive and hard negative of the
+    global batch (pos (B, H), neg (B*h, H): this process's rows, gathered from all). -> (the B queries' loss sum,
+    logging sums [top-1 correct, positive cosine, negative cosine, number of negative pairs])."""
     q, pos, neg = (F.normalize(x.float(), dim=-1) for x in (q, pos, neg))
     docs = gather_with_grad(pos)  # (N, H): the other positives are in-batch negatives
     if neg.numel():  # every process has the same h in a step (one source per global batch)
@@ -356,22 +355,12 @@ def contrastive_metrics(sums, num_queries: float) -> dict:
     return dict(accuracy=correct / num_queries, pos_cosine=pos / num_queries, neg_cosine=neg / max(n_neg, 1.0))
 
 
-def _rng_state(device):
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _set_rng_state(device, state):
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
 def contrastive_forward_backward(model, batch: dict, device, amp, temperature: float, chunk_size: int = 0,
                                  world_size: int = 1, rank: int = 0):
     """Forward and backward of one step's InfoNCE over the global batch (model: an Embedder, maybe compiled or in
-    DDP; batch: this process's rows from contrastive.PairLoader). Returns (this process's loss sum, the global number of
-    queries, logging sums). The loss is the mean over the global batch's queries, scaled by world_size against
-    DDP's averaging, so the gradients equal one process holding the whole batch.
+    DDP; batch: this process's PairLoader rows) -> (this process's loss sum, the global number of queries, logging
+    sums). The loss is the global batch's mean, scaled by world_size against DDP's averaging, so the gradients equal
+    one process holding the whole batch.
 
     chunk_size 0: one forward of the process's rows, graph kept. chunk_size > 0: gradient caching (Gao et al. 2021,
     https://arxiv.org/abs/2101.06983): 1. embed chunk_size rows at a time with no graph; 2. the loss and its gradient
@@ -389,33 +378,28 @@ def contrastive_forward_backward(model, batch: dict, device, amp, temperature: f
         return loss_sum.detach(), B * world_size, sums
     chunks = [(ids[i:i + chunk_size], mask[i:i + chunk_size])
               for ids, mask in ((qi, qm), (di, dm)) for i in range(0, ids.size(0), chunk_size)]
+    cuda = device.type == "cuda"
     embs, states = [], []
     with torch.no_grad():  # 1.
         for ids, mask in chunks:
-            states.append(_rng_state(device))  # the re-run draws the same dropout
+            states.append((torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None))  # same dropout
             with amp:
                 embs.append(model(ids, mask).float())
     n_q = -(-B // chunk_size)
-    q = torch.cat(embs[:n_q]).requires_grad_()
-    d = torch.cat(embs[n_q:]).requires_grad_()
+    q, d = (torch.cat(part).requires_grad_() for part in (embs[:n_q], embs[n_q:]))
     loss_sum, sums = contrastive_loss(q, d[:B], d[B:], temperature, rank)  # 2.
     (loss_sum * scale).backward()
     grads = list(q.grad.split(chunk_size)) + list(d.grad.split(chunk_size))
     for i, ((ids, mask), grad, state) in enumerate(zip(chunks, grads, states)):  # 3.
         sync = i == len(chunks) - 1 or world_size == 1
         with nullcontext() if sync else model.no_sync():  # DDP all-reduces once, after the last chunk
-            _set_rng_state(device, state)
+            torch.set_rng_state(state[0])
+            if cuda:
+                torch.cuda.set_rng_state(state[1], device)
             with amp:
                 emb = model(ids, mask)
             (emb.float() * grad).sum().backward()
     return loss_sum.detach(), B * world_size, sums
-
-
-def contrastive_step_flops(model_cfg, batch: dict, cached: bool) -> float:
-    """Training FLOPs of one process's contrastive step (no decoder); gradient caching adds one forward (x 4/3)."""
-    total = sum(ids.numel() * neobert.flops_per_token(model_cfg, ids.shape[-1], 0.0)
-                for ids in (batch["query_ids"], batch["doc_ids"]))
-    return total * (4 / 3 if cached else 1.0)
 
 
 def retrieval_metrics(q, p, mrr_k: int = 10) -> dict:
@@ -431,9 +415,8 @@ def retrieval_metrics(q, p, mrr_k: int = 10) -> dict:
 
 @torch.no_grad()
 def evaluate_retrieval(encoder, held_out, cc, special: dict, batch_size: int, device, amp) -> dict:
-    """Retrieval on held-out pairs: every query against all held-out positives. Each process embeds a contiguous
-    slice ([CLS] tokens [SEP], through neobert.embed); the embeddings are gathered, so every process returns the
-    same metrics."""
+    """Every held-out query against all held-out positives. Each process embeds a contiguous slice ([CLS] tokens
+    [SEP], through neobert.embed); the embeddings are gathered, so every process returns the same metrics."""
     n = len(held_out[0])
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     per = -(-n // world)
@@ -451,24 +434,9 @@ def evaluate_retrieval(encoder, held_out, cc, special: dict, batch_size: int, de
     return retrieval_metrics(q, p)
 
 
-def contrastive_eval_set(cfg, data_dir, master: bool = True):
-    """(held-out pairs, per-process eval batch size), or (None, None) when evaluation is off (a warning says why)."""
-    t, cc = cfg.trainer, cfg.contrastive
-    if t.eval_steps == 0 or cc.eval_pairs == 0:
-        return None, None
-    held_out = held_out_pairs(data_dir, cc.eval_pairs)
-    if len(held_out[0]) < 2:
-        if master:
-            warn(f"the pair sources hold {len(held_out[0])} held-out rows: retrieval evaluation is off (raise "
-                 f"contrastive.validation_split, then prepare again into a new contrastive.path)")
-        return None, None
-    return held_out, t.per_device_eval_batch_size
-
-
 def contrastive_model_config(cfg, ckpt: Optional[Path]):
-    """A contrastive run takes its model config from the checkpoint it resumes (ckpt) or starts from
-    (trainer.init_from), so the config.yaml it saves describes the weights; -> (cfg with that model section, the
-    checkpoint's tokenizer)."""
+    """-> (cfg with the model section of the checkpoint the run resumes (ckpt) or starts from (trainer.init_from), so
+    the config.yaml it saves describes the weights; that checkpoint's tokenizer)."""
     t, cc = cfg.trainer, cfg.contrastive
     if not cc.sources:
         raise UserError("trainer.objective is contrastive but contrastive.sources is empty; list the pair sources "
@@ -484,10 +452,9 @@ def contrastive_model_config(cfg, ckpt: Optional[Path]):
             raise UserError(f"trainer.init_from={source}: no such directory, and not on the hub either ({e}). "
                             "Contrastive fine-tuning starts from a pretrained model; for "
                             "configs/contrastive_smoke.yaml run `python train.py configs/smoke.yaml` first") from None
-        keep = {"attn_backend": cfg.model.attn_backend}  # how to compute, not what the weights are
-        model_cfg = dataclasses.replace(info.model_config, **keep)
-        cfg = dataclasses.replace(cfg, model=model_cfg)
-        tokenizer = info.tokenizer
+        # attn_backend is how to compute, not what the weights are: the run's own
+        model_cfg = dataclasses.replace(info.model_config, attn_backend=cfg.model.attn_backend)
+        cfg, tokenizer = dataclasses.replace(cfg, model=model_cfg), info.tokenizer
     if tokenizer is None:
         tokenizer = data.load_tokenizer(cfg.tokenizer)
     longest = max(cc.max_query_length, cc.max_document_length)
@@ -531,7 +498,13 @@ class Contrastive:
 
     def load(self):
         self.tokenizer = data.load_tokenizer(self.cfg.tokenizer, self.data_dir)
-        self.held_out, self.eval_batch_size = contrastive_eval_set(self.cfg, self.data_dir, self.rank == 0)
+        if self.cfg.trainer.eval_steps and self.cc.eval_pairs:
+            self.held_out = held_out_pairs(self.data_dir, self.cc.eval_pairs)
+            if len(self.held_out[0]) >= 2:
+                self.eval_batch_size = self.cfg.trainer.per_device_eval_batch_size
+            elif self.rank == 0:
+                warn(f"the pair sources hold {len(self.held_out[0])} held-out rows: retrieval evaluation is off "
+                     "(raise contrastive.validation_split, then prepare again into a new contrastive.path)")
         return self.tokenizer
 
     def train_module(self, model):
@@ -554,4 +527,7 @@ class Contrastive:
         return evaluate_retrieval(model.model, self.held_out, self.cc, special, self.eval_batch_size, self.device, amp)
 
     def flops(self, micro_batches: list[dict]) -> float:
-        return contrastive_step_flops(self.cfg.model, micro_batches[0], self.chunk > 0)
+        """This process's step (no decoder); gradient caching adds one forward (x 4/3)."""
+        total = sum(ids.numel() * neobert.flops_per_token(self.cfg.model, ids.shape[-1], 0.0)
+                    for ids in (micro_batches[0]["query_ids"], micro_batches[0]["doc_ids"]))
+        return total * (4 / 3 if self.chunk else 1.0)

@@ -3,18 +3,16 @@ Data for NeoBERT pretraining: corpus -> tokenizer -> memory-mapped token shards 
 
     python data.py CONFIG [--section.key value ...]     # prepare dataset.path (tokenizer.json, shards, manifest)
 
-Reading order: 1. config sections  2. tokenizer (a file, the hub, or trained WordPiece)  3. sources: local files,
-hub parquet, stdlib docstrings and pairs; one row reader for .txt .jsonl .csv .tsv .parquet (contrastive.py and
-GLUE too)  4. tokenizing in worker processes  5. shards: format, writer, validated memory-mapped reader
-6. prepare() (idempotent, crash-safe; write_shards and is_prepared serve the pairs too)  7. MLM masking and
-collation  8. loaders: MLMLoader (shards), StreamingMLMLoader (on the fly), both exactly resumable
-9. build_loader, bench_loader, prepare_only (the prepare command; its command line is train.py's)
+Sections: 1. config  2. tokenizer (a file, the hub, or trained WordPiece)  3. sources: local files, hub parquet,
+stdlib docstrings and pairs; one row reader for .txt .jsonl .csv .tsv .parquet (contrastive.py and GLUE too)
+4. tokenizing in worker processes  5. shards  6. prepare() (idempotent, crash-safe; its writer serves the pairs too)
+7. MLM masking  8. loaders: MLMLoader (shards), StreamingMLMLoader (on the fly), both exactly resumable; the
+prepare command (its command line is train.py's).
 
-Determinism contract. A step's global batch (all rows of all ranks and micro-steps) is a function of
-(seed, epoch, row position) only; rank r takes rows [r*B_r, (r+1)*B_r) of it and micro-step m the m-th
-micro_batch_size slice of those. Masks come from a generator seeded by (seed, epoch, row index) (streaming:
-(seed, row number)), never the rank.
-So 1 rank x batch 8, 1 rank x 4 x 2 accumulation and 2 ranks x 4 see the same rows with the same masks.
+Determinism: a step's global batch (all rows of all ranks and micro-steps) is a function of (seed, epoch, row
+position) only; rank r takes rows [r*B_r, (r+1)*B_r) of it, micro-step m the m-th micro_batch_size slice of those.
+Masks are seeded by (seed, epoch, row index) (streaming: (seed, row number)), never the rank, so 1 rank x batch 8,
+1 rank x 4 x 2 accumulation and 2 ranks x 4 see the same rows with the same masks.
 """
 
 import ast
@@ -35,7 +33,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from glob import glob, has_magic
-from itertools import islice
+from itertools import groupby, islice
 from pathlib import Path
 from typing import Optional
 
@@ -59,9 +57,8 @@ class TokenizerConfig:
     lowercase: bool = True              # when training: BERT uncased normalisation
 
     def __post_init__(self):
-        require(self.vocab_size >= 1 and self.min_frequency >= 1,
-                f"tokenizer.vocab_size and tokenizer.min_frequency must be >= 1, got {self.vocab_size}, "
-                f"{self.min_frequency}")
+        require(self.vocab_size >= 1 and self.min_frequency >= 1, f"tokenizer.vocab_size and tokenizer.min_frequency "
+                f"must be >= 1, got {self.vocab_size}, {self.min_frequency}")
 
 
 @dataclass
@@ -127,8 +124,7 @@ def _tokenizer_from_spec(tok_cfg):
     """The tokenizer named by tokenizer.path or tokenizer.name (not a trained one)."""
     if tok_cfg.path:
         path = Path(tok_cfg.path)
-        if not path.is_file():
-            raise UserError(f"tokenizer.path {str(path)!r} does not exist")
+        require(path.is_file(), f"tokenizer.path {str(path)!r} does not exist")
         try:
             return Tokenizer.from_file(str(path))
         except Exception as e:
@@ -144,9 +140,8 @@ def _tokenizer_from_spec(tok_cfg):
 
 
 def train_tokenizer(texts, vocab_size, min_frequency=2, lowercase=True):
-    """A BERT-style WordPiece tokenizer trained on an iterable of strings (streamed, not held in RAM).
-    Note: the tokenizers trainer breaks count ties in hash order, so two trainings may differ in a few rare
-    pieces; prepare() trains once and saves tokenizer.json, and everything after that is deterministic."""
+    """A BERT-style WordPiece tokenizer trained on an iterable of strings (streamed). The trainer breaks count ties in
+    hash order, so two trainings may differ in rare pieces: prepare() trains once and saves tokenizer.json."""
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -161,13 +156,11 @@ def train_tokenizer(texts, vocab_size, min_frequency=2, lowercase=True):
 
 
 def load_tokenizer(tok_cfg, data_dir=None):
-    """The tokenizer to use. With data_dir (a prepared dataset.path) it is the tokenizer.json the data was made
-    with; otherwise tokenizer.path, or tokenizer.name from the hub."""
+    """The tokenizer.json a prepared data_dir was made with, else tokenizer.path, or tokenizer.name from the hub."""
     if data_dir is not None and (Path(data_dir) / "tokenizer.json").is_file():
         return Tokenizer.from_file(str(Path(data_dir) / "tokenizer.json"))
-    if tok_cfg.train:
-        raise UserError("tokenizer.train is true but no trained tokenizer.json exists yet in "
-                        f"{str(data_dir)!r}: run python data.py CONFIG first")
+    require(not tok_cfg.train, "tokenizer.train is true but no trained tokenizer.json exists yet in "
+            f"{str(data_dir)!r}: run python data.py CONFIG first")
     return _tokenizer_from_spec(tok_cfg)
 
 
@@ -176,17 +169,15 @@ def special_token_ids(tokenizer):
     names = dict(pad="[PAD]", cls="[CLS]", sep="[SEP]", mask="[MASK]", unk="[UNK]")
     ids = {k: tokenizer.token_to_id(v) for k, v in names.items()}
     missing = [names[k] for k, v in ids.items() if v is None]
-    if missing:
-        raise UserError(f"the tokenizer lacks the special tokens {missing}; a BERT-style tokenizer is needed")
+    require(not missing, f"the tokenizer lacks the special tokens {missing}; a BERT-style tokenizer is needed")
     return ids
 
 
 def check_vocab(tokenizer, model_vocab_size):
     """The model's vocab_size may exceed the tokenizer's (rounded up for speed), never be smaller."""
-    n = tokenizer if isinstance(tokenizer, int) else tokenizer.get_vocab_size(with_added_tokens=True)
-    if model_vocab_size < n:
-        raise UserError(f"model.vocab_size {model_vocab_size} is smaller than the tokenizer's vocabulary of {n} "
-                        f"tokens; set model.vocab_size >= {n} (e.g. {-(-n // 64) * 64})")
+    n = tokenizer.get_vocab_size(with_added_tokens=True)
+    require(model_vocab_size >= n, f"model.vocab_size {model_vocab_size} is smaller than the tokenizer's vocabulary "
+            f"of {n} tokens; set model.vocab_size >= {n} (e.g. {-(-n // 64) * 64})")
 
 
 def _all_special_ids(tokenizer):
@@ -195,10 +186,9 @@ def _all_special_ids(tokenizer):
 
 
 # -----------------------------------------------------------------------------
-# sources: a list of files read one by one; each yields its rows in a fixed order. A row's position is (file index,
-# row index within the file); rows are counted before dropping empties. One reader serves the pretraining corpus
-# (one column: the text), contrastive.py's pair sources (query, positive and negative columns) and GLUE's labelled
-# sets (read_table: whole files, read strictly).
+# sources: files read one by one, each yielding its rows in a fixed order; a row's position is (file index, row
+# index within the file), counted before dropping empties. One reader serves the corpus (one column: the text),
+# contrastive.py's pair sources (query, positive and negative columns) and GLUE (read_table: whole files, strictly).
 
 @dataclass
 class ReadStats:
@@ -246,16 +236,13 @@ def local_files(patterns, kinds=KINDS, key="dataset.data_files", label=".txt, .j
     for pat in patterns:
         if has_magic(pat):
             matched = sorted(glob(pat, recursive=True))
-            if not matched:
-                raise UserError(f"{key} pattern {pat!r} matches no files")
+            require(matched, f"{key} pattern {pat!r} matches no files")
         elif os.path.isdir(pat):
             matched = sorted(str(p) for p in Path(pat).rglob("*") if p.suffix in kinds and p.is_file())
-            if not matched:
-                raise UserError(f"{key} directory {pat!r} holds no {label} files")
-        elif os.path.exists(pat):
-            matched = [pat]
+            require(matched, f"{key} directory {pat!r} holds no {label} files")
         else:
-            raise UserError(f"{key}: no such file {pat!r}")
+            require(os.path.exists(pat), f"{key}: no such file {pat!r}")
+            matched = [pat]
         for m in matched:
             if not os.path.isdir(m) and m not in files:
                 require(Path(m).suffix in kinds, f"{key}: {m!r} is not {label}")
@@ -267,21 +254,18 @@ def _match_hub_parquet(files, config, split):
     files = [f for f in files if f.endswith(".parquet")]
     if config:
         files = [f for f in files if f.split("/")[0] == config or f.startswith(f"data/{config}/")]
-    elif any(f.startswith("data/") for f in files):
-        files = [f for f in files if f.startswith("data/")]
-    elif any(f.startswith("default/") for f in files):
-        files = [f for f in files if f.startswith("default/")]
+    else:           # a repo with data/ or default/ keeps its parquet files there
+        root = next((r for r in ("data/", "default/") if any(f.startswith(r) for f in files)), "")
+        files = [f for f in files if f.startswith(root)]
     parts = {f: f.split("/") for f in files}
     return sorted(f for f, p in parts.items()
                   if p[-1].startswith(f"{split}-") or p[-1] == f"{split}.parquet" or split in p[1:-1])
 
 
 def hub_files(name, config, split, hint="check dataset.name, or use dataset.data_files for local files"):
-    """The parquet files of a hub dataset's config and split (listed, not downloaded), or of its parquet
-    conversion branch."""
+    """The parquet files of a hub dataset's config and split (listed, not downloaded), or of its parquet branch."""
     import huggingface_hub
-    api = huggingface_hub.HfApi()
-    listed = []
+    api, listed = huggingface_hub.HfApi(), []
     for revision in (None, "refs/convert/parquet"):
         try:
             files = api.list_repo_files(name, repo_type="dataset", revision=revision)
@@ -334,15 +318,13 @@ def _py_docstrings(path):
     tree = _parse_py(path)
     if tree is None:
         return None
-    nodes = (n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef,
-                                                          ast.AsyncFunctionDef)))
-    return tuple(doc for doc in (ast.get_docstring(n, clean=True) for n in nodes) if doc)
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    return tuple(filter(None, (ast.get_docstring(n, clean=True) for n in ast.walk(tree) if isinstance(n, kinds))))
 
 
 def stdlib_pairs(root):
-    """Real pairs from the Python standard library, offline: a public function's qualified name and signature
-    (query) -> its docstring (positive); the docstring of the next documented function of the same module is a hard
-    negative. Modules in sorted order, functions in source order: deterministic."""
+    """Offline pairs from the standard library: a public function's qualified name and signature (query) -> its
+    docstring (positive); the module's next documented function's docstring is a hard negative. Deterministic."""
     for path in py_files(root):
         tree = _parse_py(path)
         if tree is None:
@@ -366,10 +348,9 @@ def stdlib_pairs(root):
 
 
 def read_rows(sf, columns, stats, skip=0, hint="set dataset.text_column"):
-    """(row index, [value of each of `columns`]) of one file from row `skip` on. A .txt file (documents separated
-    by blank lines) and a .py file (its docstrings) give one text per row, whatever the columns. A value may be None
-    or not a string: the caller decides. A column the file lacks is an error listing those it has (`hint` names the
-    setting to fix)."""
+    """(row index, [value of each of `columns`]) of one file from row `skip` on; a .txt file (documents separated by
+    blank lines) and a .py file (its docstrings) give one text per row. A value may be None or not a string (the caller
+    decides); a missing column is an error listing the file's columns (`hint` names the setting to fix)."""
     if sf.kind == "py":
         docs = _py_docstrings(sf.local)
         if docs is None:
@@ -377,18 +358,10 @@ def read_rows(sf, columns, stats, skip=0, hint="set dataset.text_column"):
             return
         yield from ((row, [doc]) for row, doc in enumerate(docs[skip:], start=skip))
     elif sf.kind == "txt":
-        row, lines = 0, []
         with open(sf.fetch(), "rb") as f:
-            for raw in f:
-                line = _decode(raw, stats)
-                if line.strip():
-                    lines.append(line)
-                elif lines:
-                    if row >= skip:
-                        yield row, ["".join(lines).strip()]
-                    row, lines = row + 1, []
-        if lines and row >= skip:
-            yield row, ["".join(lines).strip()]
+            lines = groupby((_decode(raw, stats) for raw in f), key=lambda line: bool(line.strip()))
+            docs = ("".join(group) for text, group in lines if text)
+            yield from ((row, [doc.strip()]) for row, doc in islice(enumerate(docs), skip, None))
     elif sf.kind == "parquet":
         yield from _parquet_rows(sf, columns, stats, skip, hint)
     else:
@@ -401,12 +374,11 @@ def _no_column(sf, columns, names, hint, where=""):
 
 
 def _records(sf, stats, skip, strict=False, header=None):
-    """(row index, record) of a .jsonl/.csv/.tsv file or of the stdlib pairs from row `skip` on. A .jsonl line that
-    is not a JSON object is counted and skipped (a corpus of millions of lines must not stop on one); with `strict`
-    (small labelled sets: GLUE) it is an error naming the file and line, as is a CSV row of another width. A .tsv is
-    split on tabs with no quoting: GLUE's QQP and MNLI hold unbalanced quotes that a CSV reader would carry across
-    lines. `header` names the columns of a file without a header row (CoLA). Fields past the header's are ignored
-    (some STS-B rows have one); a row with fewer (a few in QQP's train.tsv) is counted and skipped."""
+    """(row index, record) of a .jsonl/.csv/.tsv file or of the stdlib pairs from row `skip` on. A .jsonl line that is
+    not a JSON object is counted and skipped (a corpus must not stop on one); with `strict` (GLUE) it is an error, as
+    is a CSV row of another width. A .tsv is split on tabs, unquoted: QQP and MNLI hold unbalanced quotes. `header`
+    names the columns of a headerless file (CoLA). Fields past the header's are ignored (some STS-B rows have one);
+    a row with fewer (a few in QQP's train.tsv) is counted and skipped."""
     if sf.kind == "stdlib-pairs":
         yield from islice(enumerate(stdlib_pairs(sf.local)), skip, None)
     elif sf.kind in ("csv", "tsv"):
@@ -479,9 +451,8 @@ def _parquet_rows(sf, columns, stats, skip, hint):
     textual = [f.name for f in schema if f.type in (pa.string(), pa.large_string(), pa.binary(), pa.large_binary(),
                                                      pa.null())]
     for c in columns:
-        if c not in textual:
-            raise UserError(f"{sf.name}: column {c!r} holds {schema.field(c).type}, not text; its text columns: "
-                            f"{textual} ({hint})")
+        require(c in textual, f"{sf.name}: column {c!r} holds {schema.field(c).type}, not text; its text columns: "
+                f"{textual} ({hint})")
     row = 0
     for batch in pf.iter_batches(batch_size=1024, columns=list(dict.fromkeys(columns))):
         if row + batch.num_rows > skip:
@@ -492,8 +463,7 @@ def _parquet_rows(sf, columns, stats, skip, hint):
 
 
 def check_sources(files, columns, hint="set dataset.text_column"):
-    """Read the first row of every local file that has columns, so that a wrong column setting (or an unreadable
-    file) late in the list fails before any work rather than after the files before it were read."""
+    """Read each local file's first row, so a wrong column setting or unreadable file fails before any work."""
     for sf in files:
         if sf.local is not None and sf.kind not in ("txt", "py"):
             rows = read_rows(sf, columns, ReadStats(), hint=hint)
@@ -517,8 +487,7 @@ def read_table(path, header=None):
 
 
 def iter_documents(ds, files=None, start=(0, 0), stats=None):
-    """(file index, row index, text) of every non-empty document from position `start`, file by file.
-    Only one file's current batch is in memory (hub files are downloaded to the HF cache one at a time)."""
+    """(file index, row index, text) of every non-empty document from position `start`, one file at a time."""
     files = source_files(ds) if files is None else files
     stats = ReadStats() if stats is None else stats
     for fi in range(start[0], len(files)):
@@ -532,29 +501,24 @@ def iter_documents(ds, files=None, start=(0, 0), stats=None):
 
 
 def held_out(position, fraction):
-    """Whether the row at `position` (e.g. "file:row") is held out: a hash of it below `fraction`, so the choice
-    is the same on every run and does not depend on the rows around it."""
+    """Whether the row at `position` ("file:row") is held out: its hash is below `fraction` (the same every run)."""
     h = hashlib.blake2b(position.encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") / 2**64 < fraction
 
 
 def _is_validation(ds, fi, ri, ordinal):
-    """Held-out rule, shared by prepare() and streaming: the first eval_samples documents, or else a
-    validation_split fraction chosen by a hash of the document's (file, row) position."""
+    """Held-out rule of prepare() and streaming: the first eval_samples documents, else held_out("file:row")."""
     if ds.eval_samples > 0:
         return ordinal < ds.eval_samples
     return held_out(f"{fi}:{ri}", ds.validation_split)
 
 
 def iter_split(ds, split, files=None, start=(0, 0, 0), stats=None):
-    """(file, row, ordinal, text) of the documents of one split ('train' | 'val', or both for None) from source
-    position `start`; ordinal counts the documents of both splits from the start of the corpus (up to
-    dataset.max_documents)."""
+    """(file, row, ordinal, text) of one split's documents ('train' | 'val', None: both) from source position `start`;
+    ordinal counts the documents of both splits from the corpus's start (up to dataset.max_documents)."""
     ordinal = start[2]
     for fi, ri, text in iter_documents(ds, files, (start[0], start[1]), stats):
-        if ds.max_documents and ordinal >= ds.max_documents:
-            return
-        if split == "val" and 0 < ds.eval_samples <= ordinal:
+        if (ds.max_documents and ordinal >= ds.max_documents) or (split == "val" and 0 < ds.eval_samples <= ordinal):
             return
         if split is None or _is_validation(ds, fi, ri, ordinal) == (split == "val"):
             yield fi, ri, ordinal, text
@@ -593,8 +557,7 @@ class Encoder:
     """encode_batch over chunks of documents in a pool of processes (or in-process for num_workers=1)."""
 
     def __init__(self, tokenizer, num_workers):
-        self.num_workers = num_workers
-        self.pool, self.tokenizer = None, tokenizer
+        self.num_workers, self.pool, self.tokenizer = num_workers, None, tokenizer
         if num_workers > 1:
             os.environ["TOKENIZERS_PARALLELISM"] = "false"  # processes do the parallelism; no rayon after fork
             ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
@@ -602,19 +565,16 @@ class Encoder:
 
     def map(self, chunks):
         """Yield (item, lengths, ids) for (item, texts) chunks, in order, at most 2 chunks per worker in flight."""
-        if self.pool is None:
-            for item, texts in chunks:
-                yield (item, *_encode_chunk(texts, self.tokenizer))
-            return
-        pending = deque()
+        pending, in_flight = deque(), 2 * self.num_workers if self.pool else 1
         for item, texts in chunks:
-            pending.append((item, self.pool.apply_async(_encode_chunk, (texts,))))
-            if len(pending) >= 2 * self.num_workers:
-                item, res = pending.popleft()
-                yield (item, *res.get())
+            pending.append((item, self.pool.apply_async(_encode_chunk, (texts,)) if self.pool else texts))
+            if len(pending) >= in_flight:
+                yield self._result(*pending.popleft())
         while pending:
-            item, res = pending.popleft()
-            yield (item, *res.get())
+            yield self._result(*pending.popleft())
+
+    def _result(self, item, job):
+        return (item, *(job.get() if self.pool else _encode_chunk(job, self.tokenizer)))
 
     def close(self):
         if self.pool is not None:
@@ -630,9 +590,8 @@ def chunked(items, n):
 
 
 # -----------------------------------------------------------------------------
-# shards: a 32-byte header (magic, version, itemsize, token count) then raw little-endian uint16/uint32 tokens.
+# shards: a 32-byte header (magic, version, itemsize, token count) then raw little-endian uint16/uint32 tokens;
 # index.npy: int64 start offsets of the documents in the split's concatenated shards, plus the total at the end.
-# Documents never straddle shards.
 
 SHARD_MAGIC = b"NEOBTOK\x00"
 SHARD_VERSION = 1
@@ -664,8 +623,7 @@ class ShardWriter:
         self.f, self.count = None, 0
 
     def write_docs(self, lengths, ids):
-        """Documents given as their lengths and their concatenated ids. A shard is closed after the document that
-        takes it to shard_tokens, so no document straddles two shards."""
+        """Documents as lengths + concatenated ids; a shard closes after the document that fills it (none straddles)."""
         ids = ids.astype(self.dtype, copy=False)
         ends = np.cumsum(lengths)
         self.offsets.extend((ends + self.offsets[-1]).tolist())
@@ -674,7 +632,6 @@ class ShardWriter:
             if self.f is None:
                 self.f = open(self.dir / f"shard_{len(self.shards):05d}.bin.tmp", "wb")
                 self.f.write(b"\0" * HEADER.size)
-            # documents [doc, k) go into this shard: up to and including the one that reaches shard_tokens
             k = min(int(np.searchsorted(ends, tok + self.shard_tokens - self.count, side="left")) + 1, len(lengths))
             self.f.write(ids[tok:ends[k - 1]].tobytes())
             self.count += int(ends[k - 1]) - tok
@@ -692,47 +649,41 @@ class ShardWriter:
 
 
 def _check_shard(path, n_tokens, dtype):
-    if not path.is_file():
-        raise UserError(f"token shard {path} is missing; delete {path.parent.parent} and prepare again")
+    require(path.is_file(), f"token shard {path} is missing; delete {path.parent.parent} and prepare again")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(HEADER.size)
-    if len(head) < HEADER.size or head[:8] != SHARD_MAGIC:
-        raise UserError(f"{path} is not a neobert token shard (bad header); delete {path.parent.parent} "
-                        f"and prepare again")
+    require(len(head) == HEADER.size and head[:8] == SHARD_MAGIC, f"{path} is not a neobert token shard (bad "
+            f"header); delete {path.parent.parent} and prepare again")
     _, version, itemsize, count = HEADER.unpack(head)
-    if version != SHARD_VERSION or itemsize != dtype.itemsize or count != n_tokens:
-        raise UserError(f"{path}: header says version {version}, {itemsize}-byte tokens, {count} tokens; "
-                        f"manifest.json expects version {SHARD_VERSION}, {dtype.itemsize}-byte, {n_tokens}")
-    if size != HEADER.size + n_tokens * dtype.itemsize:
-        raise UserError(f"{path} is truncated or has trailing bytes: {size} bytes, expected "
-                        f"{HEADER.size + n_tokens * dtype.itemsize}; delete {path.parent.parent} and prepare again")
+    require((version, itemsize, count) == (SHARD_VERSION, dtype.itemsize, n_tokens), f"{path}: header says version "
+            f"{version}, {itemsize}-byte tokens, {count} tokens; manifest.json expects version {SHARD_VERSION}, "
+            f"{dtype.itemsize}-byte, {n_tokens}")
+    expected = HEADER.size + n_tokens * dtype.itemsize
+    require(size == expected, f"{path} is truncated or has trailing bytes: {size} bytes, expected {expected}; "
+            f"delete {path.parent.parent} and prepare again")
 
 
 def read_manifest(data_dir):
     path = Path(data_dir) / "manifest.json"
-    if not path.is_file():
-        raise UserError(f"{str(data_dir)!r} is not a prepared dataset (no manifest.json); "
-                        f"run python data.py CONFIG")
+    require(path.is_file(), f"{str(data_dir)!r} is not a prepared dataset (no manifest.json); "
+            f"run python data.py CONFIG")
     try:
         man = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e})") from None
-    if man.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path} has format_version {man.get('format_version')!r}; this data.py reads "
-                        f"{FORMAT_VERSION}: prepare the data again")
+    require(man.get("format_version") == FORMAT_VERSION, f"{path} has format_version {man.get('format_version')!r}; "
+            f"this data.py reads {FORMAT_VERSION}: prepare the data again")
     return man
 
 
 class TokenStore:
-    """One split of a prepared dir: memory-mapped shards (zero copy) and the document index (the only thing in
-    RAM that grows with the corpus)."""
+    """One split of a prepared dir: memory-mapped shards and the document index (all it holds in RAM)."""
 
     def __init__(self, data_dir, split="train"):
         self.dir = Path(data_dir)
         self.manifest = man = read_manifest(data_dir)
-        if split not in man["splits"]:
-            raise UserError(f"{data_dir} has no split {split!r}; it has {sorted(man['splits'])}")
+        require(split in man["splits"], f"{data_dir} has no split {split!r}; it has {sorted(man['splits'])}")
         info = man["splits"][split]
         self.split, self.dtype = split, np.dtype(man["dtype"])
         self.shards, starts = [], [0]
@@ -751,10 +702,10 @@ class TokenStore:
             raise UserError(f"document index {index} is unreadable or truncated ({e}); delete {data_dir} "
                             f"and prepare again") from None
         n = info["documents"]
-        if (self.offsets.dtype != np.int64 or self.offsets.shape != (n + 1,) or self.offsets[0] != 0
-                or self.offsets[-1] != starts[-1] or np.any(np.diff(self.offsets) < 0)):
-            raise UserError(f"document index {index} does not match its shards ({n} documents, {starts[-1]} tokens "
-                            f"expected); delete {data_dir} and prepare again")
+        require(not (self.offsets.dtype != np.int64 or self.offsets.shape != (n + 1,) or self.offsets[0] != 0
+                     or self.offsets[-1] != starts[-1] or np.any(np.diff(self.offsets) < 0)),
+                f"document index {index} does not match its shards ({n} documents, {starts[-1]} tokens expected); "
+                f"delete {data_dir} and prepare again")
         self.lengths = np.diff(self.offsets)
         self.n_docs, self.n_tokens = n, starts[-1]
 
@@ -771,9 +722,8 @@ class TokenStore:
 
 def _source_spec(ds):
     return {"name": "local" if ds.data_files else ds.name, "config": ds.config, "train_split": ds.train_split,
-            "data_files": list(ds.data_files), "text_column": ds.text_column,
-            "validation_split": ds.validation_split, "eval_samples": ds.eval_samples,
-            "max_documents": ds.max_documents}
+            "data_files": list(ds.data_files), "text_column": ds.text_column, "validation_split": ds.validation_split,
+            "eval_samples": ds.eval_samples, "max_documents": ds.max_documents}
 
 
 def _tokenizer_spec(tok_cfg, ds):
@@ -787,8 +737,7 @@ def _tokenizer_spec(tok_cfg, ds):
 
 
 def spec_diff(old, new, prefix):
-    """What differs between two specs, as `prefix.key: old -> new`; nested specs (the trained tokenizer's corpus,
-    the list of pair sources) name their leaf keys."""
+    """`prefix.key: old -> new` for each difference of two specs; nested ones (dicts, lists of dicts) name leaf keys."""
     out = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
@@ -820,10 +769,9 @@ def save_tokenizer(tok, out):
 
 
 def write_shards(out, rows, fields, tokenizer, num_workers, *, shard_tokens=SHARD_TOKENS, desc, unit, progress):
-    """Tokenize rows (is_val, [text of each field]) in worker processes into token shards, out/<split>/ for the one
-    unnamed field of a corpus (fields [""]), out/<split>.<field>/ for pairs; row i of a split is document i of each
-    of its fields. A row with a text of no tokens is dropped. -> (shard info per directory, rows per split, rows
-    dropped)."""
+    """Tokenize rows (is_val, [text of each field]) in worker processes into shards: out/<split>/ for a corpus's one
+    unnamed field (fields [""]), out/<split>.<field>/ for pairs; row i of a split is document i of each field. A row
+    with a text of no tokens is dropped. -> (shard info per directory, rows per split, rows dropped)."""
     dtype = token_dtype(tokenizer.get_vocab_size(with_added_tokens=True))
     dirs = {(s, f): f"{s}.{f}" if f else s for s in ("train", "val") for f in fields}
     for d in dirs.values():              # leftovers of an interrupted run
@@ -888,10 +836,9 @@ def dataset_label(ds):
 
 
 def prepare(ds, tok_cfg, *, shard_tokens=SHARD_TOKENS, progress=True):
-    """Build dataset.path: tokenizer.json, train/ and val/ shards, manifest.json (written last: its presence marks a
-    complete directory). Returns the directory. A finished directory returns at once (after checking it was made
-    from the same source and tokenizer); an interrupted one is rebuilt. With dataset.streaming only the tokenizer
-    is prepared. Call it on one rank only (then barrier)."""
+    """Build dataset.path (returned): tokenizer.json, train/ and val/ shards, manifest.json (written last: it marks a
+    complete directory). A finished one returns at once (if made from the same source and tokenizer); an interrupted
+    one is rebuilt. Streaming prepares only the tokenizer. Call it on one rank only (then barrier)."""
     out = dataset_dir(ds)
 
     def changes(man):
@@ -910,23 +857,18 @@ def prepare(ds, tok_cfg, *, shard_tokens=SHARD_TOKENS, progress=True):
             for fi, ri, ordinal, text in iter_split(ds, None, files, stats=stats))
     splits, _, n_empty = write_shards(out, rows, [""], tok, worker_count(ds.num_workers), shard_tokens=shard_tokens,
                                       desc=f"tokenize {out}", unit=" docs", progress=progress)
-    if splits["train"]["documents"] == 0:
-        raise UserError(f"the corpus is empty: no training documents with text in {dataset_label(ds)}"
-                        + (f" ({stats.empty_documents} empty)" if stats.empty_documents else ""))
+    require(splits["train"]["documents"] > 0, f"the corpus is empty: no training documents with text in "
+            f"{dataset_label(ds)}" + (f" ({stats.empty_documents} empty)" if stats.empty_documents else ""))
     report_stats(stats, [ds.text_column])
     stats.empty_documents += n_empty
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     write_json(out / "manifest.json", {
-        "format_version": FORMAT_VERSION,
-        "source": _source_spec(ds),
+        "format_version": FORMAT_VERSION, "source": _source_spec(ds),
         "tokenizer": {"spec": _tokenizer_spec(tok_cfg, ds), "vocab_size": vocab_size,
                       "sha256": hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest(),
                       "special_ids": special_token_ids(tok), "all_special_ids": _all_special_ids(tok)},
-        "dtype": token_dtype(vocab_size).name,
-        "splits": splits,
-        "skipped": asdict(stats),
-        "seconds": round(time.time() - t0, 2),
-    })
+        "dtype": token_dtype(vocab_size).name, "splits": splits, "skipped": asdict(stats),
+        "seconds": round(time.time() - t0, 2)})
     t, v = splits["train"], splits["val"]
     print(f"prepared {out}: train {t['documents']:,} docs / {t['tokens']:,} tokens, "
           f"val {v['documents']:,} docs / {v['tokens']:,} tokens in {time.time() - t0:.1f}s", flush=True)
@@ -954,10 +896,9 @@ def seeded_rng(*key):
 
 
 def pack_rows(docs, seq_len, cls, sep, offset=0):
-    """The packing rule of both MLM loaders: the units [CLS] doc [SEP] of `docs`, (key, tokens) pairs, from token
-    `offset` of the first, cut into rows of exactly seq_len tokens; a unit crossing a row boundary continues the next
-    row as a new segment (positions restart at 0), nothing is padded. Yields (ids int64 [seq_len], segment lengths,
-    key, offset): the next token is at `offset` in the unit of `key` (an offset at the unit's end moves on)."""
+    """Both MLM loaders' packing rule: units [CLS] doc [SEP] of `docs` ((key, tokens) pairs) from token `offset` of
+    the first, cut into rows of exactly seq_len (a unit crossing a row boundary goes on as a new segment, nothing is
+    padded). Yields (ids int64 [seq_len], segment lengths, key, offset of the next token in key's unit)."""
     pieces, segs, filled = [], [], 0
     for key, doc in docs:
         n = len(doc) + 2
@@ -990,7 +931,6 @@ class StepLoader:
 
     def __init__(self, micro_batch_size, grad_accum_steps=1, rank=0, world_size=1, prefetch=2, pin_memory=None):
         self.global_batch_rows = micro_batch_size * grad_accum_steps * world_size
-        # rank r owns rows [r*B_r, (r+1)*B_r) of the global batch; micro-step m the m-th micro_batch_size of them
         first = rank * micro_batch_size * grad_accum_steps
         self.micro_rows = [list(range(first + m * micro_batch_size, first + (m + 1) * micro_batch_size))
                            for m in range(grad_accum_steps)]
@@ -1057,6 +997,29 @@ class StepLoader:
             pass
 
 
+class Masker:
+    """Select each non-special token with probability mlm_probability; selected -> [MASK] (mask_all), or 80% [MASK] /
+    10% a random non-special id / 10% unchanged. labels = original id where selected, else -100. The same random
+    draws are made in both modes, so a row's selection does not depend on mask_all."""
+
+    def __init__(self, cfg, mask_id: int, never_ids, vocab_size: int):
+        self.p, self.mask_all, self.mask_id = cfg.mlm_probability, cfg.mask_all, mask_id
+        self.never = np.asarray(sorted(never_ids), dtype=np.int64)
+        self.random_ids = np.setdiff1d(np.arange(vocab_size, dtype=np.int64), self.never)
+
+    def __call__(self, ids, rng):
+        n = len(ids)
+        selected = (rng.random(n) < self.p) & ~np.isin(ids, self.never)
+        how = rng.random(n)
+        random_ids = self.random_ids[rng.integers(0, len(self.random_ids), n)]
+        if self.mask_all:
+            inputs = np.where(selected, self.mask_id, ids)
+        else:
+            inputs = np.where(selected & (how < 0.8), self.mask_id, ids)
+            inputs = np.where(selected & (how >= 0.8) & (how < 0.9), random_ids, inputs)
+        return inputs, np.where(selected, ids, -100)
+
+
 class _MLMBatches(StepLoader):
     """What both MLM loaders share: masking and collation. A row is (ids, segment lengths (packed) or None, rng key):
     its masks depend only on the key, so not on the rank, the micro-step or the padding."""
@@ -1065,30 +1028,14 @@ class _MLMBatches(StepLoader):
         super().__init__(**batch)           # micro_batch_size, grad_accum_steps, rank, world_size, prefetch, ...
         self.cfg = collator_cfg or DataCollatorConfig()
         self.split, self.seq_len, self.seed, self.packed = split, seq_len, seed, self.cfg.pack_sequences
-        self.cls, self.sep, self.pad_id, self.mask_id = (special[k] for k in ("cls", "sep", "pad", "mask"))
-        self.never = np.asarray(sorted(all_special), dtype=np.int64)
-        self.random_ids = np.setdiff1d(np.arange(vocab_size, dtype=np.int64), self.never)
-
-    def _mask(self, ids, rng):
-        """Select each non-special token with probability mlm_probability; selected -> [MASK] (mask_all), or 80%
-        [MASK] / 10% a random non-special id / 10% unchanged. labels = original id where selected, else -100. The
-        same random draws are made in both modes, so a row's selection does not depend on mask_all."""
-        n = len(ids)
-        selected = (rng.random(n) < self.cfg.mlm_probability) & ~np.isin(ids, self.never)
-        how = rng.random(n)
-        random_ids = self.random_ids[rng.integers(0, len(self.random_ids), n)]
-        if self.cfg.mask_all:
-            inputs = np.where(selected, self.mask_id, ids)
-        else:
-            inputs = np.where(selected & (how < 0.8), self.mask_id, ids)
-            inputs = np.where(selected & (how >= 0.8) & (how < 0.9), random_ids, inputs)
-        return inputs, np.where(selected, ids, -100)
+        self.cls, self.sep, self.pad_id = (special[k] for k in ("cls", "sep", "pad"))
+        self.masker = Masker(self.cfg, special["mask"], all_special, vocab_size)
 
     def _collate(self, rows):
         """Packed -> input_ids, labels, position_ids [B, S], cu_seqlens int32 [N+1] over the flattened B*S tokens
         (every row start is a segment start), max_seqlen (python int). Padded -> input_ids, labels, attention_mask
         [B, L], L = the longest row rounded up to pad_to_multiple_of (at most S)."""
-        inputs, labels = zip(*(self._mask(ids, seeded_rng(*key)) for ids, _, key in rows))
+        inputs, labels = zip(*(self.masker(ids, seeded_rng(*key)) for ids, _, key in rows))
         if self.packed:
             segs = [n for _, row_segs, _ in rows for n in row_segs]
             positions = np.concatenate([np.arange(n) for n in segs]).reshape(len(rows), -1)
@@ -1096,11 +1043,9 @@ class _MLMBatches(StepLoader):
                      "position_ids": torch.from_numpy(positions), "max_seqlen": int(max(segs)),
                      "cu_seqlens": torch.from_numpy(np.cumsum([0, *segs]).astype(np.int32))}
         else:
-            S, multiple = self.seq_len, self.cfg.pad_to_multiple_of
-            padded = batch_sequences(inputs, self.pad_id, multiple=multiple)
-            batch = {"input_ids": padded["input_ids"][:, :S].contiguous(),
-                     "labels": batch_sequences(labels, -100, multiple=multiple)["input_ids"][:, :S].contiguous(),
-                     "attention_mask": padded["attention_mask"][:, :S].contiguous()}
+            padded = batch_sequences(inputs, self.pad_id, multiple=self.cfg.pad_to_multiple_of)
+            padded["labels"] = batch_sequences(labels, -100, multiple=self.cfg.pad_to_multiple_of)["input_ids"]
+            batch = {k: padded[k][:, :self.seq_len].contiguous() for k in ("input_ids", "labels", "attention_mask")}
         return pin_batch(batch) if self.pin else batch
 
 
@@ -1119,11 +1064,10 @@ class _EpochPlan:
 
 
 class MLMLoader(_MLMBatches):
-    """MLM batches from prepared shards. Packed (collator_cfg.pack_sequences): each epoch packs (pack_rows) the
-    documents in a seeded permutation; row r is found by a binary search in the unit starts, so rows are random
-    access and only the document index and the epoch's permutation are in RAM. Padded: one [CLS] chunk [SEP] per
-    row, a document longer than seq_len - 2 split into several chunks. Position = (epoch, row); a step that does
-    not fit into the epoch's rows starts the next epoch (new permutation) at row 0: the tail is dropped."""
+    """MLM batches from prepared shards. Packed: each epoch packs (pack_rows) the documents in a seeded permutation;
+    row r is found by a binary search in the unit starts (random access; only the document index and the permutation
+    are in RAM). Padded: one [CLS] chunk [SEP] per row, chunks of seq_len - 2. Position = (epoch, row); a step that
+    does not fit into the epoch's rows starts the next epoch at row 0 (the tail is dropped)."""
 
     def __init__(self, data_dir, split="train", *, seq_len, seed=0, collator_cfg=None, **batch):
         self.store = TokenStore(data_dir, split)
@@ -1173,13 +1117,12 @@ class MLMLoader(_MLMBatches):
 
 
 class StreamingMLMLoader(_MLMBatches):
-    """Packed MLM batches tokenized on the fly (dataset.streaming: true): the split's documents in reading order, in
-    windows of dataset.shuffle_buffer_size, each tokenized by the worker processes, shuffled by (seed, epoch, window)
-    and packed (pack_rows); row n is masked by (seed, n). The state is the next token's position (epoch, the window's
-    source position, window, document, offset): resuming re-tokenizes only that window, so it yields exactly the
-    batches of the uninterrupted run (every document once per epoch) while the source files, seed, shuffle buffer,
-    max_seq_length and tokenizer are unchanged (checked where possible); batch and world size may change. Every rank
-    reads and tokenizes the whole stream and keeps its own rows: give each rank enough dataset.num_workers."""
+    """Packed MLM batches tokenized on the fly (dataset.streaming): the split's documents in reading order, in windows
+    of dataset.shuffle_buffer_size tokenized by the workers, shuffled by (seed, epoch, window), packed (pack_rows); row
+    n is masked by (seed, n). The state is the next token's position (epoch, window's source position, window,
+    document, offset): a resume re-tokenizes only that window and yields exactly the uninterrupted run's batches while
+    files, seed, shuffle buffer, max_seq_length and tokenizer are unchanged; batch and world size may change. Every
+    rank tokenizes the whole stream and keeps its own rows: give each rank enough dataset.num_workers."""
 
     def __init__(self, ds, tokenizer, split="train", *, seq_len, seed=0, collator_cfg=None, **batch):
         super().__init__(special_token_ids(tokenizer), _all_special_ids(tokenizer),
@@ -1208,8 +1151,7 @@ class StreamingMLMLoader(_MLMBatches):
                 yield from (((epoch, pos, w, i), docs[order[i]]) for i in range(first, len(docs)))
                 fi, ri, ordinal, _ = items[-1]
                 pos, w, first = (fi, ri + 1, ordinal + 1), w + 1, 0
-            if pos == (0, 0, 0):
-                raise UserError(f"streaming: the {self.split} split of {dataset_label(self.ds)} has no documents")
+            require(pos != (0, 0, 0), f"streaming: the {self.split} split of {dataset_label(self.ds)} has no documents")
             report_stats(self.stats, [self.ds.text_column])
             self.stats = ReadStats()
             epoch, pos, w = epoch + 1, (0, 0, 0), 0
@@ -1232,9 +1174,8 @@ class StreamingMLMLoader(_MLMBatches):
 
 
 def build_loader(ds, tok_cfg, collator_cfg, split="train", **batch):
-    """The loader train.py uses: StreamingMLMLoader when dataset.streaming, else MLMLoader over dataset.path; batch:
-    micro_batch_size, grad_accum_steps, rank, world_size, seed, prefetch, pin_memory. Run prepare() first (on one
-    rank, then barrier): the shards (or, streaming, the tokenizer) must exist."""
+    """StreamingMLMLoader when dataset.streaming, else MLMLoader over dataset.path (run prepare() first, on one rank);
+    batch: micro_batch_size, grad_accum_steps, rank, world_size, seed, prefetch, pin_memory."""
     out, kw = dataset_dir(ds), dict(seq_len=ds.max_seq_length, collator_cfg=collator_cfg, **batch)
     if ds.streaming:
         return StreamingMLMLoader(ds, load_tokenizer(tok_cfg, out), split, **kw)
@@ -1244,8 +1185,7 @@ def build_loader(ds, tok_cfg, collator_cfg, split="train", **batch):
 
 
 def split_rows(data_dir, split, seq_len, pack_sequences=True):
-    """The number of rows of seq_len tokens one epoch of a prepared split gives (0 for an empty split): what
-    MLMLoader would cut, so a caller can size its batch before building one."""
+    """Rows of seq_len tokens one epoch of a prepared split gives, as MLMLoader cuts them (0 for an empty split)."""
     return _epoch_units(TokenStore(data_dir, split).lengths, seq_len, pack_sequences)[1]
 
 

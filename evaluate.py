@@ -6,11 +6,9 @@
 
 A model may be a run directory, a model_checkpoints/<step> directory, an exported HF folder or a hub id.
 
-GLUE follows the NeoBERT paper's protocol (Appendix C): the released head on [CLS], AdamW with linear warmup and decay,
-at most trainer.num_train_epochs epochs, an evaluation every min(500, steps_per_epoch // 10) steps, early stopping
-after trainer.early_stopping evaluations without improvement, the best evaluation is the run's score. RTE, MRPC,
-STS-B and QNLI may start from the best MNLI model (glue.transfer_from_task). A sweep is a grid of runs; every run
-writes <output_dir>/glue/<task>/<run>/results.json when it is done, so the same command continues a stopped sweep.
+GLUE follows the NeoBERT paper's protocol (Appendix C; docs/glue.md): the best evaluation of a run is its score. A
+sweep is a grid of runs; every run writes <output_dir>/glue/<task>/<run>/results.json when it is done, so the same
+command continues a stopped sweep.
 
 Sections: config (GlueConfig), the GLUE task table, data (hub parquet, GLUE TSV or custom files -> Split), tokens
 ([CLS] A [SEP] B [SEP], padded or unpadded batches), metrics, one run (finetune, bench_glue), the sweep (the grid,
@@ -120,7 +118,7 @@ class GlueTask:
     columns: tuple  # text columns of the nyu-mll/glue parquet files
     labels: tuple  # id -> name, as in the parquet files; () for regression
     metrics: tuple  # the task's numbers; its score is their mean
-    tsv: tuple = ((), "label")  # the GLUE download's text columns (() = the parquet's) and label column
+    tsv: tuple = ((), "label", None)  # the GLUE download's text columns (() = the parquet's), label column, header
     val_splits: tuple = ("validation",)
     paper: Optional[float] = None  # NeoBERT's score in the paper (Table 3, validation)
 
@@ -131,15 +129,16 @@ class GlueTask:
 
 PAIR = ("sentence1", "sentence2")
 GLUE_TASKS = {t.name: t for t in [
-    GlueTask("cola", "CoLA", ("sentence",), ("unacceptable", "acceptable"), ("mcc",), paper=66.2),
+    GlueTask("cola", "CoLA", ("sentence",), ("unacceptable", "acceptable"), ("mcc",),
+             ((), "label", ("source", "label", "original_label", "sentence")), paper=66.2),  # a TSV without header
     GlueTask("sst2", "SST-2", ("sentence",), ("negative", "positive"), ("accuracy",), paper=95.6),
     GlueTask("mrpc", "MRPC", PAIR, ("not_equivalent", "equivalent"), ("f1", "accuracy"),
-             (("#1 String", "#2 String"), "Quality"), paper=93.4),
+             (("#1 String", "#2 String"), "Quality", None), paper=93.4),
     GlueTask("qqp", "QQP", ("question1", "question2"), ("not_duplicate", "duplicate"), ("f1", "accuracy"),
-             ((), "is_duplicate"), paper=90.7),
-    GlueTask("stsb", "STS-B", PAIR, (), ("pearson", "spearman"), ((), "score"), paper=91.8),
+             ((), "is_duplicate", None), paper=90.7),
+    GlueTask("stsb", "STS-B", PAIR, (), ("pearson", "spearman"), ((), "score", None), paper=91.8),
     GlueTask("mnli", "MNLI", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
-             ("accuracy_matched", "accuracy_mismatched"), (PAIR, "gold_label"),
+             ("accuracy_matched", "accuracy_mismatched"), (PAIR, "gold_label", None),
              ("validation_matched", "validation_mismatched"), paper=89.0),
     GlueTask("qnli", "QNLI", ("question", "sentence"), ("entailment", "not_entailment"), ("accuracy",), paper=93.7),
     GlueTask("rte", "RTE", PAIR, ("entailment", "not_entailment"), ("accuracy",), paper=91.3),
@@ -148,7 +147,6 @@ GLUE_TASKS = {t.name: t for t in [
 PAPER_EIGHT = ("mnli", "qnli", "qqp", "rte", "sst2", "mrpc", "cola", "stsb")  # the paper's column order
 PAPER_GLUE_SCORE = 89.0
 TRANSFER_TASKS = ("rte", "mrpc", "stsb", "qnli")
-COLA_TSV_COLUMNS = ("source", "label", "original_label", "sentence")  # CoLA's TSV has no header row
 
 
 # -----------------------------------------------------------------------------
@@ -218,8 +216,7 @@ def load_glue_task(task: GlueTask, g: GlueConfig) -> dict:
                            f"glue.data_dir={root} holds neither {task.name}/<split>-*.parquet for {', '.join(splits)} "
                            f"nor the GLUE TSV files {', '.join(str(p.relative_to(root)) for (p,) in files.values())}; "
                            "set glue.data_dir to a folder with one of those layouts, or to null for the hub")
-            columns, label = task.tsv[0] or task.columns, task.tsv[1]
-            header = COLA_TSV_COLUMNS if task.name == "cola" else None
+            columns, label, header = task.tsv[0] or task.columns, *task.tsv[1:]
     out = {}
     for split, paths in files.items():
         tables = [data.read_table(p, header) for p in paths]
@@ -310,9 +307,6 @@ class Encoded:
     offsets: np.ndarray  # int64 (n + 1,): example i is ids[offsets[i]:offsets[i + 1]]
     labels: np.ndarray
 
-    def __len__(self):
-        return len(self.labels)
-
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
@@ -344,8 +338,7 @@ def encode(tokenizer, split: Split, max_len: int) -> Encoded:
 
 
 def make_batch(enc: Encoded, idx, pad_id: int, unpadded: bool) -> dict:
-    """The examples idx as model inputs (neobert.batch_sequences: padded to the longest row, or one (1, N) row with
-    cu_seqlens) with their labels."""
+    """The examples idx as model inputs (neobert.batch_sequences: padded, or one (1, N) row) with their labels."""
     idx = np.asarray(idx)
     batch = neobert.batch_sequences([enc.ids[enc.offsets[i]:enc.offsets[i + 1]] for i in idx], pad_id, unpadded)
     if not unpadded:
@@ -359,7 +352,7 @@ def epoch_batches(enc: Encoded, batch_size: int, seed: int, epoch: int) -> list:
     windows of 64 batches (little padding where batches are padded), then the batches shuffled. The padded and the
     unpadded path get the same batches, so a run trains the same model on a CPU and on a GPU."""
     rng = np.random.default_rng([seed, epoch])
-    perm = rng.permutation(len(enc))
+    perm = rng.permutation(len(enc.labels))
     window = batch_size * 64
     perm = np.concatenate([w[np.argsort(-enc.lengths[w], kind="stable")]
                            for w in np.split(perm, range(window, len(perm), window))])
@@ -462,18 +455,17 @@ class Context:
     encoded: dict = field(default_factory=dict)
 
 
-def train_batch(model, enc: Encoded, idx, accum: int, unpadded: bool, ctx: Context) -> tuple[float, int]:
+def train_batch(model, enc: Encoded, idx, accum: int, unpadded: bool, ctx: Context) -> float:
     """Forward and backward of one batch in `accum` micro-batches, the loss weighted by examples so the gradient is
-    the batch mean's. Returns (loss, token slots fed, padding included)."""
-    loss, slots = torch.zeros((), device=ctx.device), 0
+    the batch mean's."""
+    loss = torch.zeros((), device=ctx.device)
     for micro in np.array_split(idx, min(accum, len(idx))):
-        batch = make_batch(enc, micro, ctx.pad_id, unpadded)
-        slots += batch["input_ids"].numel()
+        batch = config.to_device(make_batch(enc, micro, ctx.pad_id, unpadded), ctx.device)
         with ctx.amp:
-            micro_loss = model(**config.to_device(batch, ctx.device)).loss * (len(micro) / len(idx))
+            micro_loss = model(**batch).loss * (len(micro) / len(idx))
         micro_loss.backward()
         loss += micro_loss.detach().float()
-    return loss.item(), slots
+    return loss.item()
 
 
 @torch.no_grad()
@@ -481,7 +473,7 @@ def predict(model, enc: Encoded, batch_size: int, pad_id: int, unpadded: bool, d
     """Predictions in dataset order (class ids, or floats for regression); batches sorted by length."""
     model.eval()
     order = np.argsort(enc.lengths, kind="stable")
-    out = np.empty(len(enc), dtype=np.float64)
+    out = np.empty(len(enc.labels), dtype=np.float64)
     for idx in (order[i:i + batch_size] for i in range(0, len(order), batch_size)):
         batch = make_batch(enc, idx, pad_id, unpadded)
         batch.pop("labels")
@@ -538,12 +530,12 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Conte
     g, t, out = cfg.tasks["glue"], cfg.trainer, run_dir(cfg, run)
     out.mkdir(parents=True, exist_ok=True)
     model, info, tokenizer, train_enc, val, optimizer = start_run(cfg, run, task, source, splits, ctx)
-    steps_per_epoch = math.ceil(len(train_enc) / run.batch_size)
+    steps_per_epoch = math.ceil(len(train_enc.labels) / run.batch_size)
     total = min(run.num_train_epochs * steps_per_epoch, t.max_steps or math.inf)  # max_steps 0: no cap
     eval_every = t.eval_steps if t.eval_steps > 0 else max(1, min(500, steps_per_epoch // 10))  # the paper's
     sched = dataclasses.replace(cfg.scheduler, warmup_steps=round(g.warmup_ratio * total), decay_steps=None)
     train_model = torch.compile(model, dynamic=True) if t.torch_compile else model
-    evaluations, best, best_state, bad_evals = [], None, None, 0
+    evaluations, best_state = [], None
     t0, examples = time.perf_counter(), 0
     bar = tqdm(total=total, desc=f"{run.task} {run.name}", disable=t.disable_tqdm, dynamic_ncols=True, leave=False,
                position=ctx.rank)  # under torchrun: one line per process
@@ -553,7 +545,7 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Conte
             if i == 0:
                 batches = epoch_batches(train_enc, run.batch_size, run.seed, epoch)
             torch.manual_seed(train.dropout_seed(run.seed, step))
-            loss, _ = train_batch(train_model, train_enc, batches[i], t.gradient_accumulation_steps, ctx.unpadded, ctx)
+            loss = train_batch(train_model, train_enc, batches[i], t.gradient_accumulation_steps, ctx.unpadded, ctx)
             lr = train.get_lr(step, run.lr, sched, total)
             grad_norm = train.optimizer_step(model, optimizer, lr, t.gradient_clipping, loss,
                                              f"at step {step + 1} of {run.task} {run.name}; lower the lr or set "
@@ -569,15 +561,13 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Conte
                 metrics = evaluate_task(model, task, val, ctx)
                 record = dict(step=done, epoch=done / steps_per_epoch, score=glue_task_score(task, metrics), **metrics)
                 evaluations.append(record)
-                if best is None or record["score"] > best["score"]:  # keep the best weights, on the CPU
-                    best, bad_evals = record, 0
+                best = max(evaluations, key=lambda r: r["score"])  # the first of equal scores
+                if best is record:  # keep the best weights, on the CPU
                     best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                else:
-                    bad_evals += 1
                 print(json.dumps({**{f"eval_{k}": v for k, v in record.items() if k != "step"}, "step": done}),
                       file=log)
                 bar.set_postfix(score=f"{100 * record['score']:.2f}", best=f"{100 * best['score']:.2f}", refresh=False)
-                if t.early_stopping and bad_evals >= t.early_stopping:
+                if t.early_stopping and len(evaluations) - 1 - evaluations.index(best) >= t.early_stopping:
                     break  # early: done < total
     # best/, which export.py turns into a transformers folder with the labels: config.yaml keeps the pretraining
     # sections of the start checkpoint (the model card reports them) and adds glue: (this run) and classifier:
@@ -586,16 +576,15 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Conte
     full = dict(info.full_config) if (info.path / "config.yaml").is_file() else {}
     full.update(model=dataclasses.asdict(model.config),
                 glue={**plain["glue"], "task_name": task.name, "run": dataclasses.asdict(run)},
-                classifier=dict(num_labels=task.num_labels, id2label=dict(id2label) if id2label else None,
+                classifier=dict(num_labels=task.num_labels, id2label=id2label,
                                 classifier_dropout=g.classifier_dropout, classifier_init_range=g.classifier_init_range))
     config.save_model_dir(out / "best", model, full, tokenizer)
-    results = dict(task=run.task, run=run.name, setting=dataclasses.asdict(run), config=plain,
-                   source=str(source), process=ctx.rank, model_path=str(info.path),
-                   fingerprint=run_fingerprint(cfg, run, source), steps=done, total_steps=total,
-                   steps_per_epoch=steps_per_epoch, eval_every=eval_every, stopped_early=done < total,
-                   evaluations=evaluations, best=best, wall_time_s=time.perf_counter() - t0, device=str(ctx.device),
-                   train_examples=len(train_enc), id2label={str(k): v for k, v in (id2label or {}).items()} or None,
-                   precision=ctx.precision, batching="unpadded" if ctx.unpadded else "padded")
+    results = dict(task=run.task, run=run.name, setting=dataclasses.asdict(run), config=plain, source=str(source),
+                   process=ctx.rank, model_path=str(info.path), fingerprint=run_fingerprint(cfg, run, source),
+                   steps=done, total_steps=total, steps_per_epoch=steps_per_epoch, eval_every=eval_every,
+                   stopped_early=done < total, evaluations=evaluations, best=best,
+                   wall_time_s=time.perf_counter() - t0, device=str(ctx.device), train_examples=len(train_enc.labels),
+                   id2label=id2label, precision=ctx.precision, batching="unpadded" if ctx.unpadded else "padded")
     config.write_atomic(out / "results.json", json.dumps(results, indent=1))  # last: the run counts as finished now
     return results
 
@@ -617,20 +606,20 @@ def bench_glue(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Con
     plan = epoch_batches(train_enc, run.batch_size, run.seed, 0)[:steps + warmup]  # the same batches both ways
     timed = plan[warmup:]
     n, tokens, results = sum(map(len, timed)), int(sum(train_enc.lengths[idx].sum() for idx in timed)), {}
-    for mode in ("padded", "unpadded"):
+    slots = dict(padded=int(sum(len(idx) * train_enc.lengths[idx].max() for idx in timed)), unpadded=tokens)
+    for mode in slots:  # token slots fed: padding included
         for i, idx in enumerate(plan):
             if i == warmup:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                t0, slots = time.perf_counter(), 0
-            loss, fed = train_batch(model, train_enc, idx, 1, mode == "unpadded", ctx)
+                t0 = time.perf_counter()
+            loss = train_batch(model, train_enc, idx, 1, mode == "unpadded", ctx)
             train.optimizer_step(model, optimizer, run.lr, cfg.trainer.gradient_clipping, loss, "in glue --bench")
-            slots = slots + fed if i >= warmup else 0
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
         results[mode] = dict(examples_per_s=n / elapsed, tokens_per_s=tokens / elapsed,
-                             padding=1 - tokens / max(slots, 1), steps=len(timed))
+                             padding=1 - tokens / max(slots[mode], 1), steps=len(timed))
     ratio = results["unpadded"]["examples_per_s"] / results["padded"]["examples_per_s"]
     print(f"glue bench: {task.name}, batch {run.batch_size}, max_seq_length {run.max_seq_length}, {steps} steps, "
           f"{device}, precision {ctx.precision}")

@@ -46,11 +46,9 @@ RUNS_DIR = Path("runs")  # where `python export.py --out HF_DIR` looks for the n
 # -----------------------------------------------------------------------------
 # finding and reading a checkpoint
 
-
 def find_checkpoint(path: Path) -> Path:
-    """The model checkpoint `path` names, by the rule every loader uses (neobert.resolve_model_dir): a run's output_dir
-    or its model_checkpoints folder gives the newest complete one. Local training checkpoints only: export needs the
-    training config and tokenizer, so no hub ids and no Hugging Face folders."""
+    """The model checkpoint `path` names, by neobert.resolve_model_dir's rule (a run gives its newest complete one).
+    Local training checkpoints only: export needs the training config and tokenizer (no hub ids, no HF folders)."""
     try:
         return neobert.resolve_model_dir(path, needs=tuple((name,) for name in CHECKPOINT_FILES), hub=False,
                                          what=f"a run directory or a model checkpoint directory holding "
@@ -99,9 +97,8 @@ class ClassifierSection:
 
 
 def read_checkpoint(checkpoint: Path):
-    """(state dict, config.PretrainedInfo, ClassifierSection or None) of a training checkpoint. config.load_pretrained
-    checks every tensor, by name and shape, against the module config.yaml describes. The kernel the run used (e.g.
-    flash_attn) says how it ran, not what it computes: the folder picks its own."""
+    """(state dict, config.PretrainedInfo, ClassifierSection or None) of a training checkpoint (load_pretrained checks
+    every tensor). The kernel the run used (e.g. flash_attn) says how it ran, not what it computes: auto here."""
     try:  # a classifier head in model.safetensors? (load_pretrained reports a bad file)
         with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
             head = "classifier" if "classifier.weight" in f.keys() else "mlm"
@@ -126,7 +123,6 @@ def read_checkpoint(checkpoint: Path):
 
 # -----------------------------------------------------------------------------
 # the files of the folder
-
 
 def folder_files(info: config.PretrainedInfo, dtype, classifier: Optional[ClassifierSection]) -> dict:
     """{file name: JSON-able object}: config.json (neobert.NeoBERTConfig's fields, which modeling_neobert.py's config
@@ -185,7 +181,6 @@ def folder_files(info: config.PretrainedInfo, dtype, classifier: Optional[Classi
 
 # -----------------------------------------------------------------------------
 # the model card: what the model is, how to load it, what it was trained on, how it scored, the config
-
 
 NOT_RESULTS = {"config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "modules.json",
                "sentence_bert_config.json", "config_sentence_transformers.json", "manifest.json", "tokenizer_spec.json",
@@ -330,7 +325,6 @@ def model_card(info: config.PretrainedInfo, checkpoint: Path, n_params: int, cla
 # -----------------------------------------------------------------------------
 # writing the folder, main
 
-
 def export(src: Path, out: Path, force: bool = False) -> Path:
     """Writes the Hugging Face folder for the checkpoint at (or newest under) src to out; returns the checkpoint.
     Not config.write_dir: an interrupted export removes its temporary folder and puts a replaced --out back."""
@@ -393,9 +387,8 @@ def main(argv=None) -> int:
         parser.add_argument("--out", required=True)  # HF_DIR
         parser.add_argument("--force", action="store_true")
         args = parser.parse_args(argv)
-        src, out = args.src, args.out
-        if src is None:
-            src = find_newest_run()
+        src, out = find_newest_run() if args.src is None else args.src, args.out
+        if args.src is None:
             print(f"no run directory given: exporting {src}, the newest checkpoint under ./{RUNS_DIR} "
                   f"(name a run to export another: python export.py --out {out} RUN_DIR)")
         try:

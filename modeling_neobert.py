@@ -16,11 +16,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
 
 try:  # in an exported folder: neobert.py beside this file (transformers copies relative imports along)
-    from .neobert import NeoBERT as Encoder
-    from .neobert import NeoBERTConfig as ModelConfig
-    from .neobert import NeoBERTForSequenceClassification as Classifier
-    from .neobert import NeoBERTLMHead as LMHead
-    from .neobert import init_classifier_layer, init_weights
+    from .neobert import (NeoBERT as Encoder, NeoBERTConfig as ModelConfig, NeoBERTForSequenceClassification as
+                          Classifier, NeoBERTLMHead as LMHead, init_classifier_layer, init_weights)
 except ImportError:  # in the repo (tests, editors, linters), where neobert.py is a top-level module. transformers
     # skips try blocks when it lists the packages a remote file needs (4.5x: up to `except ...:` only, so importlib
     # rather than an import statement here): a `neobert` package is never asked for
@@ -42,8 +39,7 @@ class NeoBERTConfig(PretrainedConfig):
         super().__init__(pad_token_id=model["pad_token_id"], **kwargs)
         for name, value in model.items():
             setattr(self, name, value)
-        self.classifier_dropout = classifier_dropout
-        self.classifier_init_range = classifier_init_range
+        self.classifier_dropout, self.classifier_init_range = classifier_dropout, classifier_init_range
 
     def model_config(self):
         return ModelConfig(**{f.name: getattr(self, f.name) for f in fields(ModelConfig)})
@@ -82,14 +78,12 @@ class NeoBERTPreTrainedModel(PreTrainedModel):
                output_hidden_states):
         want = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         out = self.model(input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen, inputs_embeds, bool(want))
-        if want:
-            return BaseModelOutput(last_hidden_state=out[0], hidden_states=out[1])
-        return BaseModelOutput(last_hidden_state=out)
+        hidden, states = out if want else (out, None)
+        return BaseModelOutput(last_hidden_state=hidden, hidden_states=states)
 
     def returns_dict(self, return_dict):
-        if return_dict is not None:
-            return return_dict
-        return getattr(self.config, "return_dict", True) and not getattr(self.config, "torchscript", False)
+        return return_dict if return_dict is not None else \
+            getattr(self.config, "return_dict", True) and not getattr(self.config, "torchscript", False)
 
 
 class NeoBERT(NeoBERTPreTrainedModel):
@@ -135,10 +129,10 @@ class NeoBERTLMHead(NeoBERTPreTrainedModel):
         loss = None
         if labels is not None:
             flat_logits, flat_labels = logits.view(-1, logits.size(-1)).float(), labels.view(-1).to(logits.device)
-            if num_items_in_batch is None:
-                loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
-            else:  # the Trainer's count of predicted tokens over all accumulated micro-batches (and devices)
-                loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
+            # num_items_in_batch: the Trainer's count of predicted tokens over all micro-batches (and devices)
+            loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100,
+                                   reduction="mean" if num_items_in_batch is None else "sum")
+            if num_items_in_batch is not None:
                 loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device, dtype=loss.dtype)
         out = MaskedLMOutput(loss=loss, logits=logits, hidden_states=h.hidden_states)
         return out if self.returns_dict(return_dict) else out.to_tuple()
@@ -166,14 +160,10 @@ class NeoBERTForSequenceClassification(NeoBERTPreTrainedModel):
         loss = None
         if labels is not None:
             labels = labels.to(logits.device)
-            problem = self.config.problem_type
-            if problem is None:
-                if self.num_labels == 1:
-                    problem = "regression"
-                elif labels.dtype in (torch.long, torch.int):
-                    problem = "single_label_classification"
-                else:
-                    problem = "multi_label_classification"
+            integer = labels.dtype in (torch.long, torch.int)
+            problem = self.config.problem_type or ("regression" if self.num_labels == 1 else
+                                                   "single_label_classification" if integer else
+                                                   "multi_label_classification")
             if problem == "regression":
                 loss = F.mse_loss(logits.squeeze(-1).float(), labels.squeeze(-1).float()) if self.num_labels == 1 \
                     else F.mse_loss(logits.float(), labels.float())

@@ -65,7 +65,6 @@ class MtebConfig:
 # -----------------------------------------------------------------------------
 # the encoder: texts -> (N, H) float32 embeddings
 
-
 class SentenceEncoder:
     """A NeoBERT encoder and its tokenizer as a text embedder: texts truncated to max_seq_length tokens, then
     neobert.embed (packed: unpadded rows on the varlen kernels)."""
@@ -94,7 +93,6 @@ class SentenceEncoder:
 
 # -----------------------------------------------------------------------------
 # instructions: per task (or per task type) a query instruction and an optional document instruction
-
 
 @dataclass
 class Instruction:
@@ -144,7 +142,6 @@ def load_instructions(path: Optional[str], use: bool = True) -> Instructions:
 
 # -----------------------------------------------------------------------------
 # the mteb side: model meta (who produced these scores), the encoder protocol, tasks
-
 
 def import_mteb():
     # mteb.evaluate imports sentence-transformers even for our own encoder; the mteb-core package lacks it
@@ -338,7 +335,6 @@ def score_task(mteb, model, task, cache, overwrite: bool):
 # -----------------------------------------------------------------------------
 # report: per task, per type, overall, beside the paper's row (Table 4 of arXiv:2502.19587)
 
-
 def summarize(tasks, cache, meta, info: dict) -> dict:
     """A task's score: its main score x 100, the mean over its eval splits and (benchmark-selected) subsets."""
     rows = {}
@@ -382,7 +378,6 @@ def render_markdown(s: dict) -> str:
 
 # -----------------------------------------------------------------------------
 # the run: every process scores its share of the tasks; rank 0 writes the summary once all are done
-
 
 def run_mteb(cfg, progress: bool = True) -> Optional[dict]:
     """Score cfg.tasks["mteb"].model; returns the summary on rank 0 (None elsewhere)."""

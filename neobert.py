@@ -31,8 +31,7 @@ FIELD_KINDS = {int: (int, "an integer"), float: ((int, float), "a number"), bool
 
 # -----------------------------------------------------------------------------
 # the optional varlen kernels (CUDA only), imported on first use: torch.nn.attention.varlen pulls in torch._dynamo,
-# seconds of start-up on every command, and only a packed batch on CUDA needs either kernel
-
+# seconds of start-up on every command, and only a packed batch on CUDA needs either kernel.
 # found, not imported (milliseconds); found once here so that torch.compile never traces a failing import
 KERNEL_INSTALLED = {}
 for _backend, _module in (("flash_attn", "flash_attn"), ("torch_varlen", "torch.nn.attention.varlen")):

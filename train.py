@@ -7,8 +7,7 @@
 
 The config is one YAML file with the sections model, tokenizer, dataset, datacollator, trainer, optimizer, scheduler,
 wandb (and contrastive); every key can be overridden on the command line as `--section.key value`.
-The loop knows one interface, the objective (MLM below; contrastive.Contrastive): what to prepare, what to train, how
-to load data, a forward/backward that returns loss sums and counts, and an evaluation.
+The loop knows one interface, the objective (listed above class MLM; contrastive.Contrastive is the second).
 
 Read top to bottom: config -> schedule and optimizer step -> checkpoints -> the MLM objective -> logging -> setup ->
 the loop -> main.
@@ -127,26 +126,20 @@ class Config:
     tasks: dict = field(default_factory=dict)  # extra sections a caller asked for (load_config's extra_sections)
 
 
-def check_config(cfg: Config):
-    """The rules that span sections (each section has checked its own values when it was built)."""
+def load_config(path, overrides: Optional[list[str]] = None, extra_sections: Optional[dict] = None) -> Config:
+    """A YAML file (or None) and `--section.key value` overrides -> Config, strictly (config.load_config: each section
+    checks its own values), then the rules that span sections."""
+    cfg = config.load_config(Config, path, overrides, extra_sections)
     require(not cfg.dataset.streaming or cfg.datacollator.pack_sequences,
             "dataset.streaming supports packed rows only: set datacollator.pack_sequences: true")
     require(cfg.dataset.max_seq_length <= cfg.model.max_position_embeddings,
             f"dataset.max_seq_length={cfg.dataset.max_seq_length} exceeds "
             f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
-
-
-def load_config(path, overrides: Optional[list[str]] = None, extra_sections: Optional[dict] = None) -> Config:
-    """A YAML file (or None) and `--section.key value` overrides -> Config, strictly (config.load_config), then the
-    rules that span sections."""
-    cfg = config.load_config(Config, path, overrides, extra_sections)
-    check_config(cfg)
     return cfg
 
 
 # -----------------------------------------------------------------------------
 # learning-rate schedule (a pure function of the step, so resuming needs nothing saved) and the optimizer step
-
 
 def get_lr(step: int, lr: float, sched: SchedulerConfig, max_steps: int) -> float:
     """LR for optimizer step `step` (0-based): linear warmup to lr over warmup_steps, then cosine or linear decay
@@ -157,10 +150,7 @@ def get_lr(step: int, lr: float, sched: SchedulerConfig, max_steps: int) -> floa
         return lr
     end = sched.decay_steps if sched.decay_steps is not None else max_steps
     progress = min(1.0, (step - sched.warmup_steps) / max(1, end - sched.warmup_steps))
-    if sched.name == "cosine":
-        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:
-        decay = 1.0 - progress
+    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if sched.name == "cosine" else 1.0 - progress
     return lr * (sched.final_lr_ratio + (1.0 - sched.final_lr_ratio) * decay)
 
 
@@ -177,9 +167,8 @@ def dropout_seed(seed: int, step: int, rank: int = 0) -> int:
 
 
 def optimizer_step(model, optimizer, lr: float, clipping: Optional[float], loss: float, context: str) -> float:
-    """Clip the global grad norm (clipping None: only measure it), check that the loss and the norm are finite, set
-    the lr, step and clear the gradients; -> the grad norm. A non-finite value stops before the update with a
-    UserError that goes on with `context` (where it happened and what the user can do about it)."""
+    """Clip the global grad norm (clipping None: only measure it), set the lr, step, clear the gradients; -> the norm.
+    A non-finite loss or norm stops before the update: a UserError ending with `context` (where, what to do)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clipping or float("inf")).item()
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise UserError(f"non-finite loss ({loss}) or grad norm ({grad_norm}) {context}")
@@ -197,15 +186,11 @@ def optimizer_step(model, optimizer, lr: float, clipping: Optional[float], loss:
 #   checkpoints/<step>/        optimizer.pt, train_state.json (step, tokens, every rank's loader state, config)
 # Each directory is written as <name>.tmp-<pid> and renamed when complete; a step counts only when both exist.
 
-
-def _steps_in(d: Path) -> set:
-    return {int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()} if d.is_dir() else set()
-
-
 def list_checkpoints(run_dir) -> list[int]:
-    """Steps with a complete resume checkpoint, oldest first."""
-    run_dir = Path(run_dir)
-    return sorted(_steps_in(run_dir / "checkpoints") & _steps_in(run_dir / "model_checkpoints"))
+    """Steps with a complete resume checkpoint (in both checkpoints/ and model_checkpoints/), oldest first."""
+    state, weights = ({int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()} if d.is_dir() else set()
+                      for d in (Path(run_dir) / "checkpoints", Path(run_dir) / "model_checkpoints"))
+    return sorted(state & weights)
 
 
 def kill_point(where: str, step: int) -> None:
@@ -235,13 +220,12 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, cfg: Config, tok
 def find_resume_checkpoint(t: TrainerConfig) -> Optional[Path]:
     """The checkpoints/<step> dir to resume from, or None for a fresh run."""
     r, run_dir = t.resume_from_checkpoint, Path(t.output_dir)
+    steps = list_checkpoints(run_dir)
     if r is None or r is False:
-        if list_checkpoints(run_dir):
-            raise UserError(f"{run_dir} already holds checkpoints; set trainer.resume_from_checkpoint auto to continue "
-                            "that run, or choose a new trainer.output_dir")
+        require(not steps, f"{run_dir} already holds checkpoints; set trainer.resume_from_checkpoint auto to continue "
+                "that run, or choose a new trainer.output_dir")
         return None
     if r is True or r in ("latest", "auto"):
-        steps = list_checkpoints(run_dir)
         if steps:
             return run_dir / "checkpoints" / str(steps[-1])
         if r == "auto":
@@ -253,40 +237,18 @@ def find_resume_checkpoint(t: TrainerConfig) -> Optional[Path]:
         p = p.parent.parent / "checkpoints" / p.name
     if not (p / "train_state.json").is_file() and list_checkpoints(p):  # a run dir: its newest step
         p = p / "checkpoints" / str(list_checkpoints(p)[-1])
-    if not (p / "train_state.json").is_file() or not (p.parent.parent / "model_checkpoints" / p.name).is_dir():
-        raise UserError(f"trainer.resume_from_checkpoint={r}: not a run directory or a complete checkpoints/<step> "
-                        "directory")
+    require((p / "train_state.json").is_file() and (p.parent.parent / "model_checkpoints" / p.name).is_dir(),
+            f"trainer.resume_from_checkpoint={r}: not a run directory or a complete checkpoints/<step> directory")
     return p
-
-
-def load_weights(model, path) -> None:
-    """model.safetensors into the model, strictly; a different shape is a UserError naming the tensor."""
-    from safetensors.torch import load_file
-    try:
-        neobert.load_state_dict_strict(model, load_file(str(path)))
-    except ValueError as e:
-        raise UserError(f"{path}: {e}") from None
-    except Exception as e:  # unreadable / truncated file
-        raise UserError(f"cannot read {path}: {e}") from None
 
 
 def check_resume_objective(ckpt: Path, objective: str) -> None:
     """A run resumes only checkpoints of its own objective (a contrastive run, contrastive ones)."""
     saved = json.loads((ckpt / "train_state.json").read_text())
     was = saved.get("objective") or (saved.get("config", {}).get("trainer") or {}).get("objective", "mlm")
-    if was != objective:
-        raise UserError(f"{ckpt} was written by a trainer.objective={was} run; this run is {objective}. Resume it "
-                        f"with trainer.objective: {was}, or start a new trainer.output_dir (trainer.init_from: "
-                        f"{ckpt.parent.parent} takes its weights)")
-
-
-def init_weights_from(model, source: str) -> None:
-    """trainer.init_from: the weights of any MODEL_SOURCES into this (MLM) model, strictly."""
-    loaded, info = load_pretrained(source, head="mlm")
-    try:
-        neobert.load_state_dict_strict(model, loaded.state_dict())
-    except ValueError as e:
-        raise UserError(f"trainer.init_from={source} ({info.path}): {e}") from None
+    require(was == objective, f"{ckpt} was written by a trainer.objective={was} run; this run is {objective}. Resume "
+            f"it with trainer.objective: {was}, or start a new trainer.output_dir (trainer.init_from: "
+            f"{ckpt.parent.parent} takes its weights)")
 
 
 # -----------------------------------------------------------------------------
@@ -305,10 +267,8 @@ def init_weights_from(model, source: str) -> None:
 #   flops(micro_batches) -> float           this process's training FLOPs for the step (for MFU)
 # contrastive.Contrastive is the second; a third is one more class with these members (train(cfg, objective=...)).
 
-
 class MLM:
-    """Masked-language modelling on dataset.*: the loss is normalised by the predicted tokens of the whole step on
-    every process, so the gradient does not depend on how the global batch is split."""
+    """Masked-language modelling on dataset.*."""
     name, eval_at_start = "mlm", False
 
     def __init__(self, cfg, rank: int, world_size: int, device, resume: Optional[Path] = None):
@@ -337,44 +297,54 @@ class MLM:
                                  world_size=self.world_size, seed=self.cfg.trainer.seed, prefetch=prefetch)
 
     def forward_backward(self, module, micro_batches: list[dict], amp):
-        loss_sum, num_masked = forward_backward(module, micro_batches, self.device, amp, self.world_size)
-        return loss_sum, num_masked.item(), torch.zeros(0, device=self.device)
+        """The loss is normalised by the predicted tokens of the whole step on every process, so the gradient does
+        not depend on how the global batch is split into micro-batches and processes."""
+        device, world_size = self.device, self.world_size
+        num_masked = torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in micro_batches)), device=device)
+        if world_size > 1:
+            dist.all_reduce(num_masked)
+        scale = world_size / num_masked.clamp(min=1.0)  # x world_size: DDP averages gradients over ranks
+        loss_sum = torch.zeros((), device=device)
+        for i, batch in enumerate(micro_batches):
+            batch = config.to_device(batch, device)
+            sync = i == len(micro_batches) - 1 or world_size == 1
+            with nullcontext() if sync else module.no_sync():  # the forward too: DDP prepares its hooks there
+                with amp:
+                    out = module(**batch)
+                (out.loss_sum * scale).backward()
+            loss_sum += out.loss_sum.detach()
+        return loss_sum, num_masked.item(), torch.zeros(0, device=device)
 
     def metrics(self, sums: list, count: float) -> dict:
         return {}
 
+    @torch.no_grad()
     def evaluate(self, model, amp) -> dict:
         val = self.loader("val", self.eval_batch_size, 1, prefetch=0)
+        model.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, predicted
         try:
-            loss, accuracy = evaluate(model, val, self.cfg.trainer.eval_max_batches, self.device, amp)
+            for _ in range(self.cfg.trainer.eval_max_batches):
+                for batch in val.next_step():
+                    batch = config.to_device(batch, self.device)
+                    labels = batch.pop("labels").reshape(-1)
+                    keep = labels != -100
+                    with amp:
+                        hidden = model.model(**batch)  # (B, S, H)
+                        logits = model.decoder(hidden.reshape(-1, hidden.size(-1))[keep]).float()
+                    totals[0] += F.cross_entropy(logits, labels[keep], reduction="sum")
+                    totals[1] += (logits.argmax(-1) == labels[keep]).sum()
+                    totals[2] += keep.sum()
+            if dist.is_initialized():
+                dist.all_reduce(totals)
         finally:
             val.close()  # a streaming loader holds worker processes
-        return dict(loss=loss, accuracy=accuracy)
+        model.train()
+        n = max(totals[2].item(), 1.0)
+        return dict(loss=totals[0].item() / n, accuracy=totals[1].item() / n)
 
     def flops(self, micro_batches: list[dict]) -> float:
         return step_flops(self.cfg.model, micro_batches)
-
-
-@torch.no_grad()
-def evaluate(model, loader, num_batches: int, device, amp) -> tuple[float, float]:
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, predicted
-    for _ in range(num_batches):
-        for batch in loader.next_step():
-            batch = config.to_device(batch, device)
-            labels = batch.pop("labels").reshape(-1)
-            keep = labels != -100
-            with amp:
-                hidden = model.model(**batch)  # (B, S, H)
-                logits = model.decoder(hidden.reshape(-1, hidden.size(-1))[keep]).float()
-            totals[0] += F.cross_entropy(logits, labels[keep], reduction="sum")
-            totals[1] += (logits.argmax(-1) == labels[keep]).sum()
-            totals[2] += keep.sum()
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    model.train()
-    n = max(totals[2].item(), 1.0)
-    return totals[0].item() / n, totals[1].item() / n
 
 
 def eval_batch_size(cfg: Config, data_dir, world_size: int, master: bool = True) -> Optional[int]:
@@ -402,26 +372,6 @@ def eval_batch_size(cfg: Config, data_dir, world_size: int, master: bool = True)
     return t.per_device_eval_batch_size
 
 
-def forward_backward(model, micro_batches: list[dict], device, amp, world_size: int = 1):
-    """Forward and backward of one optimizer step's micro-batches; returns (this rank's loss sum, the global count of
-    predicted tokens). The loss is normalised by the predicted tokens of the whole step on every rank, so the
-    gradient does not depend on how the global batch is split into micro-batches and processes."""
-    num_masked = torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in micro_batches)), device=device)
-    if world_size > 1:
-        dist.all_reduce(num_masked)
-    scale = world_size / num_masked.clamp(min=1.0)  # x world_size: DDP averages gradients over ranks
-    loss_sum = torch.zeros((), device=device)
-    for i, batch in enumerate(micro_batches):
-        batch = config.to_device(batch, device)
-        sync = i == len(micro_batches) - 1 or world_size == 1
-        with nullcontext() if sync else model.no_sync():  # the forward too: DDP prepares its hooks there
-            with amp:
-                out = model(**batch)
-            (out.loss_sum * scale).backward()
-        loss_sum += out.loss_sum.detach()
-    return loss_sum, num_masked
-
-
 def step_flops(model_cfg, micro_batches: list[dict], sparse: bool = True) -> float:
     """Training FLOPs of these micro-batches. Attention counts the keys each query really attends to (its document's
     length in packed rows, the padded width otherwise); the decoder runs on the predicted tokens (sparse) or all."""
@@ -441,18 +391,12 @@ def step_flops(model_cfg, micro_batches: list[dict], sparse: bool = True) -> flo
 # -----------------------------------------------------------------------------
 # logging and signals
 
-
 class StopRequest:
     """SIGTERM/SIGINT (preemption, Ctrl-C) -> save at the next step boundary and exit; a second signal kills."""
 
-    def __init__(self):
+    def __init__(self):  # installs the handlers until restore()
         self.requested = False
-        self.previous = {}
-
-    def install(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -461,19 +405,6 @@ class StopRequest:
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-def start_wandb(cfg: Config, run_dir: Path):
-    """A wandb run writing under RUN/wandb (wandb is imported only here). Offline it never touches the network:
-    wandb-core's error reporting would otherwise look its server up; `wandb sync RUN/wandb/offline-run-*` uploads."""
-    try:
-        import wandb
-    except ImportError:
-        raise UserError(f"wandb.mode={cfg.wandb.mode} needs the wandb package: pip install wandb") from None
-    if cfg.wandb.mode == "offline":
-        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
-    return wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, mode=cfg.wandb.mode, dir=str(run_dir),
-                      config=config_to_dict(cfg))
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -494,9 +425,7 @@ def truncate_metrics(path: Path, step: int) -> None:
             kept.append(line)
     if bad:
         config.warn(f"{path}: dropped {bad} damaged line{'s' * (bad > 1)} (a write cut short by a kill or a full disk)")
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    config.write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 class Logger:
@@ -508,7 +437,16 @@ class Logger:
         if master:
             truncate_metrics(run_dir / "metrics.jsonl", step)
             self.file = open(run_dir / "metrics.jsonl", "a")
-            self.wandb = start_wandb(cfg, run_dir) if cfg.wandb.mode != "disabled" else None
+        if master and cfg.wandb.mode != "disabled":  # a wandb run under RUN/wandb; wandb is imported only here
+            try:
+                import wandb
+            except ImportError:
+                raise UserError(f"wandb.mode={cfg.wandb.mode} needs the wandb package: pip install wandb") from None
+            if cfg.wandb.mode == "offline":
+                # no network: wandb-core's error reporting would look its server up (`wandb sync RUN/wandb` uploads)
+                os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+            self.wandb = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, mode=cfg.wandb.mode,
+                                    dir=str(run_dir), config=config_to_dict(cfg))
         from tqdm import tqdm
         self.bar = tqdm(total=t.max_steps, initial=step, disable=not master or t.disable_tqdm, dynamic_ncols=True)
 
@@ -534,7 +472,6 @@ class Logger:
 
 # -----------------------------------------------------------------------------
 # setup: the run directory, the data, the model with its optimizer (and what it resumes from)
-
 
 def prepare_run_dir(run_dir: Path) -> None:
     """Rank 0: make trainer.output_dir (a clear error when it cannot be written) and remove what a save killed
@@ -563,26 +500,36 @@ def load_data(objective, cfg, master: bool, ddp: bool):
     tokenizer = objective.load()
     data.check_vocab(tokenizer, cfg.model.vocab_size)
     pad_id = data.special_token_ids(tokenizer)["pad"]
-    if pad_id != cfg.model.pad_token_id:
-        raise UserError(f"model.pad_token_id={cfg.model.pad_token_id} but the tokenizer's [PAD] is {pad_id}; "
-                        f"set model.pad_token_id: {pad_id}")
+    require(pad_id == cfg.model.pad_token_id, f"model.pad_token_id={cfg.model.pad_token_id} but the tokenizer's "
+            f"[PAD] is {pad_id}; set model.pad_token_id: {pad_id}")
     return tokenizer
 
 
 def build_model(cfg, objective, ckpt: Optional[Path], rank: int, world_size: int, device, print0):
     """(model, train module, optimizer, loader, state): the same init on every rank, then the weights of the
     checkpoint it resumes (with the optimizer and the loader's position) or of trainer.init_from."""
+    from safetensors.torch import load_file
     t = cfg.trainer
     torch.manual_seed(t.seed)
     model = neobert.NeoBERTLMHead(cfg.model)
     model.model.gradient_checkpointing = t.gradient_checkpointing
     state = dict(step=0, tokens=0, elapsed=0.0)
-    if ckpt is not None:
+    if ckpt is not None:  # strictly: a different shape is a UserError naming the tensor
         print0(f"resuming from {ckpt}")
-        load_weights(model, ckpt.parent.parent / "model_checkpoints" / ckpt.name / "model.safetensors")
-    elif t.init_from:
+        path = ckpt.parent.parent / "model_checkpoints" / ckpt.name / "model.safetensors"
+        try:
+            neobert.load_state_dict_strict(model, load_file(str(path)))
+        except ValueError as e:
+            raise UserError(f"{path}: {e}") from None
+        except Exception as e:  # unreadable / truncated file
+            raise UserError(f"cannot read {path}: {e}") from None
+    elif t.init_from:  # the weights of any MODEL_SOURCES, strictly
         print0(f"initialising weights from {t.init_from}")
-        init_weights_from(model, t.init_from)
+        loaded, info = load_pretrained(t.init_from, head="mlm")
+        try:
+            neobert.load_state_dict_strict(model, loaded.state_dict())
+        except ValueError as e:
+            raise UserError(f"trainer.init_from={t.init_from} ({info.path}): {e}") from None
     model.to(device)
     print0(f"model: {neobert.num_params(model) / 1e6:.2f}M parameters")
     module = objective.train_module(model)  # contrastive: the encoder alone; the MLM decoder stays as loaded
@@ -608,7 +555,6 @@ def build_model(cfg, objective, ckpt: Optional[Path], rank: int, world_size: int
 
 # -----------------------------------------------------------------------------
 # the loop
-
 
 def train(cfg: Config, objective=None) -> dict:
     """Runs the training described by cfg; returns the last metrics record. objective: the objective's class (default
@@ -645,11 +591,10 @@ def run(cfg: Config, make_objective, rank: int, world_size: int, device) -> dict
     peak = neobert.peak_flops(device)  # None on CPU or an unknown GPU: no MFU rather than a wrong one
 
     def save(step):
-        loader_states = [None] * world_size
-        if ddp:
+        loader_states = [loader.state_dict()]
+        if ddp:  # every rank's position
+            loader_states = [None] * world_size
             dist.all_gather_object(loader_states, loader.state_dict())
-        else:
-            loader_states = [loader.state_dict()]
         if master:
             train_state = dict(step=step, tokens=state["tokens"], elapsed=state["elapsed"], world_size=world_size,
                                objective=objective.name, loader_states=loader_states, config=config_to_dict(cfg))
@@ -661,7 +606,7 @@ def run(cfg: Config, make_objective, rank: int, world_size: int, device) -> dict
     step, record, last_saved = state["step"], {}, state["step"] if ckpt is not None else None
     t_start = time.perf_counter() - state["elapsed"]  # elapsed carries over a resume
     t_log, tokens_log, flops_log = time.perf_counter(), state["tokens"], 0.0  # since the last metrics line
-    stop = StopRequest().install()
+    stop = StopRequest()
     try:
         if objective.eval_at_start and objective.eval_batch_size is not None and ckpt is None and step == 0:
             record = dict(step=0, **{f"eval_{k}": v for k, v in objective.evaluate(model, amp).items()})
@@ -721,8 +666,7 @@ def main(argv=None) -> int:
     def work(args):
         flags = {a for a in args if a in ("--prepare-only", "--bench")}  # --bench: the loader's, so prepare-only too
         args = [a for a in args if a not in flags]
-        if not args:
-            raise UserError("no config file: python train.py CONFIG [--prepare-only] [--section.key value ...]")
+        require(args, "no config file: python train.py CONFIG [--prepare-only] [--section.key value ...]")
         cfg = load_config(args[0], args[1:])
         if flags and cfg.trainer.objective == "contrastive":
             return contrastive.prepare_pairs_only(cfg)

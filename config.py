@@ -5,8 +5,8 @@ Reading order:
   1. errors: UserError (a mistake the user can fix: `error: ...`, exit 2), warn, require, run_main
   2. config: convert (YAML / command-line value -> annotated type), build_section, load_config, config_to_dict
   3. precision: bf16 autocast where the hardware has bf16 units, fp32 elsewhere
-  4. processes: setup_distributed (torchrun's environment, or one process)
-  5. files: write_dir (a directory written under a temporary name, renamed when complete)
+  4. processes: setup_distributed (torchrun's environment, or one process), to_device
+  5. files: write_dir / write_atomic (written under a temporary name, renamed when complete), save_model_dir
   6. models: load_pretrained (a run dir, a checkpoint, an exported or released folder, a hub id; strict)
 """
 

@@ -188,9 +188,10 @@ def optimizer_step(model, optimizer, lr: float, clipping: Optional[float], loss:
 
 def list_checkpoints(run_dir) -> list[int]:
     """Steps with a complete resume checkpoint (in both checkpoints/ and model_checkpoints/), oldest first."""
-    state, weights = ({int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()} if d.is_dir() else set()
-                      for d in (Path(run_dir) / "checkpoints", Path(run_dir) / "model_checkpoints"))
-    return sorted(state & weights)
+    def steps(d: Path) -> set:
+        return {int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()} if d.is_dir() else set()
+
+    return sorted(steps(Path(run_dir) / "checkpoints") & steps(Path(run_dir) / "model_checkpoints"))
 
 
 def kill_point(where: str, step: int) -> None:

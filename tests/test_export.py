@@ -849,3 +849,13 @@ def test_no_run_named_and_no_runs_is_a_clear_error(tmp_path, monkeypatch, capsys
     code, err = run_main(["--out", "hf"], capsys)
     assert code == 2 and "no complete model checkpoint under" in err and str(tmp_path / "runs") in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_gitignore_covers_what_the_docs_create():
+    """Every folder the README and docs/ tell a user to create (--out NAME, a venv) is ignored by git, so following
+    the docs never leaves untracked files behind."""
+    import re
+    ignored = {line.strip().rstrip("/") for line in (ROOT / ".gitignore").read_text().splitlines()}
+    texts = [(ROOT / "README.md").read_text()] + [p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))]
+    created = {m for t in texts for m in re.findall(r"--out ([a-z][\w.-]*)", t)} | {".venv", "runs", "data_cache"}
+    assert created >= {"hf_dir", ".venv"} and created <= ignored, sorted(created - ignored)

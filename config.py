@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import sys
+import time
 import types
 import typing
 from contextlib import nullcontext, suppress
@@ -49,22 +50,56 @@ def require(ok, msg):
 
 def run_main(argv, usage: str, work) -> int:
     """The main() of every script: usage on no arguments or -h; a UserError is printed as `error: ...` and exits 2
-    (no traceback: it is the user's to fix); Ctrl-C before a loop takes the signal over exits 130."""
+    (no traceback: it is the user's to fix); Ctrl-C before a loop takes the signal over exits 130.
+
+    Under torchrun the job prints a mistake once. One found before the process group starts (a config value) is
+    found by every rank: rank 0 prints it. One found later (rank 0 preparing the data, or every rank at a non-finite
+    loss) is counted in the process group's store: the first rank to count it prints it. A rank whose collective
+    then fails because that peer exited (any exception, within a few seconds of the count) exits 2 without a word."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    debug = os.environ.get("NEOBERT_DEBUG")
     try:
         work(argv)
     except UserError as e:
-        if os.environ.get("NEOBERT_DEBUG"):
+        if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        count = _count_errors(1)
+        if count == 1 or (count is None and int(os.environ.get("RANK", 0)) == 0):
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        if debug or _JOB.get("store") is None or not _peer_reported():
+            raise
+        return 2  # a peer stopped with its error (printed there), taking this rank's collective down
     return 0
+
+
+_JOB = {}  # the torchrun job's store (setup_distributed), kept past destroy_process_group for run_main
+
+
+def _count_errors(add: int) -> Optional[int]:
+    """The job's count of ranks that stopped on a UserError, after adding `add`; None before a process group."""
+    if _JOB.get("store") is None:
+        return None
+    try:
+        return _JOB["store"].add("neobert/user_errors", add)
+    except Exception:  # the store went with the process that held it
+        return None
+
+
+def _peer_reported(seconds: float = 5.0) -> bool:
+    """Whether another rank stops on a UserError within `seconds` (it may still be on its way to count it)."""
+    for _ in range(int(seconds / 0.2)):
+        if _count_errors(0):
+            return True
+        time.sleep(0.2)
+    return False
 
 
 # -----------------------------------------------------------------------------
@@ -148,6 +183,10 @@ def convert(value, tp, where: str):
     raise bad
 
 
+# keys of the NeoBERT training guide that have another name here: an error naming it, not "unknown key"
+GUIDE_KEYS = {"tokenizer.max_length": "dataset.max_seq_length", "dataset.pre_tokenize_output": "dataset.path"}
+
+
 def build_section(name: str, cls, raw):
     """A config section (a dataclass) from a mapping, strictly: unknown keys and wrong types are UserErrors, then the
     section's own checks (__post_init__) run."""
@@ -156,6 +195,8 @@ def build_section(name: str, cls, raw):
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls) if f.init]
     for key in raw:
+        here = GUIDE_KEYS.get(f"{name}.{key}")
+        require(here is None, f"{name}.{key} is {here} here (the NeoBERT guide's name); set {here} instead")
         if key not in valid:
             close = difflib.get_close_matches(str(key), valid, n=1)
             hint = f" (did you mean {name}.{close[0]}?)" if close else ""
@@ -299,6 +340,7 @@ def setup_distributed(backend: Optional[str] = None, timeout=None) -> tuple[int,
     if world_size > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend, **({"timeout": timeout} if timeout is not None else {}))
+        _JOB["store"] = dist.distributed_c10d._get_default_store()  # run_main's error count (no public handle)
     return rank, world_size, device
 
 

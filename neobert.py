@@ -76,6 +76,8 @@ class NeoBERTConfig:
     hidden_act: str = "swiglu"  # swiglu | gelu (a 2-layer GELU MLP)
     dropout: float = 0.0
     attn_backend: str = "auto"  # auto | flash_attn (alias flash_attn_varlen) | torch_varlen | sdpa
+    kernel_backend: str = "auto"  # the NeoBERT guide's fused-kernel switch (liger | torch there): no Liger kernels
+    # here, so auto and torch both run PyTorch's (the attention kernel is attn_backend's choice)
     init_range: float = 0.02  # uniform(-r, r) for every linear and embedding weight, as released
     # how the MLM loss runs (no effect on the weights or the math, like attn_backend):
     static_predictions: float = 0.0  # 0: the decoder on exactly the predicted positions (a data-dependent shape);
@@ -107,6 +109,8 @@ class NeoBERTConfig:
              "flash-attn package is not installed; install it (CUDA only) or use attn_backend: auto"),
             (backend != "torch_varlen" or KERNEL_INSTALLED["torch_varlen"],
              "model.attn_backend=torch_varlen needs torch.nn.attention.varlen (PyTorch >= 2.9); use auto"),
+            (self.kernel_backend in ("auto", "torch"), f"model.kernel_backend={self.kernel_backend!r}: this "
+             "project has no fused (Liger) kernels; use auto or torch (model.attn_backend picks the attention kernel)"),
             (0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}"),
             (self.norm_eps > 0 and self.init_range > 0, "model.norm_eps and model.init_range must be positive"),
             (0.0 <= self.static_predictions <= 1.0,

@@ -4,6 +4,7 @@
     python train.py configs/smoke.yaml --trainer.max_steps 50 optimizer.lr=2e-4
     torchrun --nproc_per_node 8 train.py configs/pretrain.yaml           # data-parallel (DDP), same code
     python train.py configs/smoke.yaml --prepare-only [--bench]          # only prepare the data (= python data.py)
+    python train.py configs/smoke.yaml --print-config                    # print the resolved config first
 
 The config is one YAML file with the sections model, tokenizer, dataset, datacollator, trainer, optimizer, scheduler,
 wandb (and contrastive); every key can be overridden on the command line as `--section.key value`.
@@ -516,7 +517,6 @@ def build_model(cfg, objective, ckpt: Optional[Path], rank: int, world_size: int
     model.model.gradient_checkpointing = t.gradient_checkpointing
     state = dict(step=0, tokens=0, elapsed=0.0)
     if ckpt is not None:  # strictly: a different shape is a UserError naming the tensor
-        print0(f"resuming from {ckpt}")
         path = ckpt.parent.parent / "model_checkpoints" / ckpt.name / "model.safetensors"
         try:
             neobert.load_state_dict_strict(model, load_file(str(path)))
@@ -525,7 +525,6 @@ def build_model(cfg, objective, ckpt: Optional[Path], rank: int, world_size: int
         except Exception as e:  # unreadable / truncated file
             raise UserError(f"cannot read {path}: {e}") from None
     elif t.init_from:  # the weights of any MODEL_SOURCES, strictly
-        print0(f"initialising weights from {t.init_from}")
         loaded, info = load_pretrained(t.init_from, head="mlm")
         try:
             neobert.load_state_dict_strict(model, loaded.state_dict())
@@ -576,11 +575,18 @@ def run(cfg: Config, make_objective, rank: int, world_size: int, device) -> dict
     run_dir = Path(t.output_dir)
     if master:
         prepare_run_dir(run_dir)
-    print0(f"# resolved config ({world_size} process{'es' if ddp else ''}, {device})\n{config_to_yaml(cfg)}", end="")
     ckpt = find_resume_checkpoint(t)  # before any work: "nothing to resume" should not wait for the data
     if ckpt is not None:
         check_resume_objective(ckpt, make_objective.name)
+        done = json.loads((ckpt / "train_state.json").read_text())["step"]
+        if done >= t.max_steps:
+            print0(f"the run in {run_dir} is already at step {done} >= trainer.max_steps {t.max_steps}: nothing to "
+                   "train; pass another trainer.output_dir to start over, or a larger trainer.max_steps to continue")
+            return {}
     objective = make_objective(cfg, rank, world_size, device, ckpt)
+    print0(f"run: {run_dir} ({objective.name}, {world_size} process{'es' if ddp else ''}, {device}); data: "
+           f"{getattr(objective, 'data_dir', '-')}; "
+           f"{'resuming from ' + str(ckpt) if ckpt else 'from ' + str(t.init_from) if t.init_from else 'fresh'}")
     cfg = objective.cfg  # e.g. contrastive: the model section of the checkpoint it starts from
     tokenizer = load_data(objective, cfg, master, ddp)
     model, module, optimizer, loader, state = build_model(cfg, objective, ckpt, rank, world_size, device, print0)
@@ -653,7 +659,7 @@ def run(cfg: Config, make_objective, rank: int, world_size: int, device) -> dict
                 print0(f"\nstopped by signal at step {step}; checkpoint saved. Resume with "
                        f"--trainer.resume_from_checkpoint auto")
                 break
-        if last_saved != step:  # max_steps reached before the loop (resumed a finished run), or max_steps == 0
+        if last_saved != step:  # a fresh run with max_steps == 0
             save(step)
     finally:
         stop.restore()
@@ -663,12 +669,26 @@ def run(cfg: Config, make_objective, rank: int, world_size: int, device) -> dict
     return record
 
 
+def resolved(cfg, dotted: str) -> str:
+    """The value cfg holds at a dotted key (an override's, e.g. trainer.max_steps), as YAML would write it inline."""
+    value = config_to_dict(cfg)
+    for part in dotted.split("."):
+        value = value[part]
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def main(argv=None) -> int:
     def work(args):
-        flags = {a for a in args if a in ("--prepare-only", "--bench")}  # --bench: the loader's, so prepare-only too
+        flags = {a for a in args if a in ("--prepare-only", "--bench", "--print-config")}  # --bench: the loader's
         args = [a for a in args if a not in flags]
-        require(args, "no config file: python train.py CONFIG [--prepare-only] [--section.key value ...]")
+        require(args, "no config file: python train.py CONFIG [--prepare-only] [--print-config] [--section.key v ...]")
         cfg = load_config(args[0], args[1:])
+        if int(os.environ.get("RANK", 0)) == 0:  # the whole config behind --print-config (checkpoints keep it)
+            overrides = "".join(f" {k}={resolved(cfg, k)}" for k, _ in config.parse_overrides(args[1:]))
+            print(f"config: {args[0]}{overrides}")
+            if "--print-config" in flags:
+                print(f"# resolved config\n{config_to_yaml(cfg)}", end="")
+        flags.discard("--print-config")
         if flags and cfg.trainer.objective == "contrastive":
             return contrastive.prepare_pairs_only(cfg)
         return data.prepare_only(cfg, bench="--bench" in flags) if flags else train(cfg)

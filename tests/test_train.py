@@ -961,7 +961,7 @@ def test_a_third_objective_trains_through_the_same_loop(data_dir, tmp_path):
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "ddp")), ref, rtol=1e-5, atol=0)
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "acc")), ref, rtol=1e-5, atol=0)
     wa, wb = weights(tmp_path / "one", 6), weights(tmp_path / "ddp", 6)
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)  # as the contrastive DDP test
     # kill -9 right after the step-3 checkpoint, then resume: bitwise the same run
     killed = launch(tmp_path / "resumed", env={"NEOBERT_TEST_KILL": "after_save:3"})
     assert killed.returncode == -signal.SIGKILL and train.list_checkpoints(tmp_path / "resumed") == [3]
@@ -975,3 +975,66 @@ def test_a_third_objective_trains_through_the_same_loop(data_dir, tmp_path):
     # train.py's own command line (the MLM objective) refuses to resume another objective's checkpoints
     r = run_cli(data_dir, tmp_path / "resumed", **{**kw, "trainer.max_steps": 8})
     assert r.returncode == 2 and "trainer.objective=pooled_mse" in r.stderr and "Traceback" not in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# first contact (issue 18): one error per torchrun job, a finished run says so, a short header, the guide's keys
+
+def torchrun_errors(data_dir, out, **overrides) -> str:
+    """A 2-process gloo torchrun of train.py that fails: its output, after checking it holds exactly one `error:` line
+    and no traceback of ours (torchrun's own ChildFailedError report stays). A slow monitor (3 s) lets a waiting rank
+    meet its dead peer by itself instead of being terminated by torchrun first."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--monitor-interval=3",
+                "--nproc_per_node=2"]
+    r = subprocess.run(launcher + ["train.py"] + args(data_dir, out, **overrides), cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    output = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert sum(line.startswith("error:") for line in output.splitlines()) == 1, output
+    assert output.count("Traceback") <= 1 and not re.search(r'(train|config|data)\.py", line', output), output
+    assert "exitcode  : 2" in output and "exitcode  : 1 " not in output, output  # every rank: 2 (none crashed)
+    return output
+
+
+def test_torchrun_prints_one_error_and_no_traceback(data_dir, tmp_path):
+    # a config value: every rank finds it before the process group starts; rank 0 says it
+    out = torchrun_errors(data_dir, tmp_path / "a", **{"optimizer.lr": -1})
+    assert "error: optimizer.lr and optimizer.weight_decay must be >= 0" in out
+    # rank 0 fails preparing the data while rank 1 waits at the barrier: rank 1 leaves quietly (exit 2)
+    out = torchrun_errors(data_dir, tmp_path / "b", **{"dataset.path": tmp_path / "fresh", "dataset.pre_tokenize": True,
+                                                       "dataset.data_files": tmp_path / "missing.txt"})
+    assert "error: dataset.data_files: no such file" in out and out.count("exitcode  : 2") == 2
+
+
+def test_a_finished_run_says_so(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(data_dir, out, **{"trainer.max_steps": 2})
+    capsys.readouterr()
+    assert train.main(args(data_dir, out, **{"trainer.max_steps": 1, "trainer.resume_from_checkpoint": "auto"})) == 0
+    said = capsys.readouterr().out
+    assert (f"the run in {out} is already at step 2 >= trainer.max_steps 1: nothing to train; pass another "
+            "trainer.output_dir to start over, or a larger trainer.max_steps to continue") in said
+    assert "done:" not in said and train.list_checkpoints(out) == [2]
+
+
+def test_the_run_header_is_short_and_names_the_overrides(data_dir, tmp_path, capsys):
+    argv = args(data_dir, tmp_path / "run", **{"trainer.max_steps": 1})
+    assert train.main(argv) == 0
+    said = capsys.readouterr().out
+    assert len(said.splitlines()) <= 6 and "# resolved config" not in said, said
+    assert f"config: {SMOKE} model.hidden_size=32 " in said and " trainer.max_steps=1" in said
+    assert f"run: {tmp_path / 'run'} (mlm, 1 process, cpu); data: {data_dir}; fresh" in said
+    assert "model: " in said and "precision: fp32" in said
+    assert train.main(argv[:1] + ["--print-config"] + argv[1:] + ["trainer.resume_from_checkpoint=auto"]) == 0
+    said = capsys.readouterr().out
+    assert "# resolved config\nmodel:\n  vocab_size: 4096\n  hidden_size: 32\n" in said
+
+
+def test_the_guides_keys(capsys, tmp_path):
+    renamed = {"tokenizer.max_length": "dataset.max_seq_length", "dataset.pre_tokenize_output": "dataset.path"}
+    for key, here in renamed.items():
+        expect_error(capsys, [str(SMOKE), f"--{key}", "512"], f"error: {key} is {here} here", f"set {here} instead")
+    cfg = train.load_config(SMOKE, ["model.kernel_backend=torch"])
+    assert cfg.model.kernel_backend == "torch" and cfg.model.attn_backend == "auto"
+    expect_error(capsys, [str(SMOKE), "--model.kernel_backend", "liger"], "model.kernel_backend='liger'",
+                 "auto or torch")

@@ -17,6 +17,7 @@ finished runs, the MNLI model transfer starts from), the report, the entry (glue
 
 import dataclasses
 import datetime
+import functools
 import itertools
 import json
 import math
@@ -210,11 +211,10 @@ def load_glue_task(task: GlueTask, g: GlueConfig) -> dict:
         root = Path(g.data_dir)
         files = {s: sorted((root / task.name).glob(f"{s}-*.parquet")) for s in splits}
         if not all(files.values()):
-            tsv = {s: "train.tsv" if s == "train" else "dev" + s.removeprefix("validation") + ".tsv" for s in splits}
-            files = {s: [root / task.title / name] for s, name in tsv.items()}
+            files = {s: [root / name] for s, name in tsv_files(task).items()}
             config.require(all(p.is_file() for (p,) in files.values()),
                            f"glue.data_dir={root} holds neither {task.name}/<split>-*.parquet for {', '.join(splits)} "
-                           f"nor the GLUE TSV files {', '.join(str(p.relative_to(root)) for (p,) in files.values())}; "
+                           f"nor the GLUE TSV files {', '.join(tsv_files(task).values())}; "
                            "set glue.data_dir to a folder with one of those layouts, or to null for the hub")
             columns, label, header = task.tsv[0] or task.columns, *task.tsv[1:]
     out = {}
@@ -226,15 +226,29 @@ def load_glue_task(task: GlueTask, g: GlueConfig) -> dict:
     return out
 
 
+def tsv_files(task: GlueTask) -> dict:
+    """{split: path} of the task in the GLUE download: <Task>/train.tsv, dev.tsv (MNLI: dev_matched, dev_mismatched)."""
+    return {s: f"{task.title}/{'train' if s == 'train' else 'dev' + s.removeprefix('validation')}.tsv"
+            for s in ("train", *task.val_splits)}
+
+
 def _hub_parquet(task: GlueTask, split: str, g: GlueConfig) -> Path:
-    from huggingface_hub import hf_hub_download
+    import huggingface_hub as hub
     filename = f"{task.name}/{split}-00000-of-00001.parquet"
+    download = functools.partial(hub.hf_hub_download, "nyu-mll/glue", filename, repo_type="dataset",
+                                 cache_dir=g.cache_dir)
     try:
-        return Path(hf_hub_download("nyu-mll/glue", filename, repo_type="dataset", cache_dir=g.cache_dir))
+        return Path(download(local_files_only=True))  # in the cache: no network call
+    except Exception:
+        pass
+    try:  # one request, no retries: unreachable, hf_hub_download would retry for half a minute
+        hub.get_hf_file_metadata(hub.hf_hub_url("nyu-mll/glue", filename, repo_type="dataset"), timeout=5)
+        return Path(download())
     except Exception as e:  # offline, blocked, renamed
         raise UserError(f"cannot download {filename} of the hub dataset nyu-mll/glue ({type(e).__name__}: "
-                        f"{' '.join(str(e).split())[:160]}); download GLUE and set glue.data_dir to a folder holding "
-                        f"{filename} or the GLUE TSV layout ({task.title}/train.tsv, {task.title}/dev.tsv)") from None
+                        f"{' '.join(str(e).split())}); offline, download GLUE and set glue.data_dir to a folder "
+                        f"holding {task.name}/<split>-*.parquet or the GLUE TSV files "
+                        f"{', '.join(tsv_files(task).values())}, and set HF_HUB_OFFLINE=1 (no hub calls)") from None
 
 
 def load_custom_task(g: GlueConfig) -> tuple[dict, int, Optional[dict]]:
@@ -250,6 +264,8 @@ def load_custom_task(g: GlueConfig) -> tuple[dict, int, Optional[dict]]:
         config.require(paths[split] is not None, f"glue.data_dir={root} has no {split}.tsv/.csv/.jsonl/.parquet"
                        f"{' (or dev.*)' if len(stems) > 1 else ''}; a custom task needs train.* and validation.* "
                        "(or dev.*) there")
+    for path in (p for p in paths.values() if p.suffix == ".tsv"):
+        _check_tsv_rows(path)
     tables = {s: data.read_table(p) for s, p in paths.items()}
     values = [v for s, t in tables.items() for v in _columns(t, [g.label_column], paths[s], "label")[0]
               if not _no_label(v)]
@@ -273,6 +289,18 @@ def load_custom_task(g: GlueConfig) -> tuple[dict, int, Optional[dict]]:
     splits = {s: _make_split(tables[s], g.text_columns, g.label_column, paths[s], num_labels, names, hint)
               for s in paths}
     return splits, num_labels, id2label
+
+
+def _check_tsv_rows(path: Path) -> None:
+    """A row of a custom .tsv with fewer fields than its header is an error naming its line (data.read_table skips
+    such rows, as the GLUE download's QQP needs, with a count only)."""
+    with open(path, encoding="utf-8-sig", errors="replace", newline="\n") as f:
+        lines = ((n, ln.rstrip("\r\n").split("\t")) for n, ln in enumerate(f, 1) if ln.strip())
+        _, header = next(lines, (0, []))
+        for n, fields in lines:
+            config.require(len(fields) >= len(header), f"{path} line {n} has {len(fields)} tab-separated field"
+                           f"{'s' if len(fields) > 1 else ''} but its header has {len(header)} ({', '.join(header)}); "
+                           "fix or delete that line")
 
 
 def _no_label(value) -> bool:
@@ -487,16 +515,28 @@ def predict(model, enc: Encoded, batch_size: int, pad_id: int, unpadded: bool, d
 
 def evaluate_task(model, task: GlueTask, val: dict, ctx: Context) -> dict:
     """{metric: value} on the validation split(s); MNLI: the accuracy of each (accuracy_matched / _mismatched)."""
+    return split_metrics(task, {split: predict(model, enc, ctx.eval_batch_size, ctx.pad_id, ctx.unpadded, ctx.device,
+                                               ctx.amp) for split, enc in val.items()}, val)
+
+
+def split_metrics(task: GlueTask, preds: dict, val: dict) -> dict:
     result = {}
-    for split, enc in val.items():
-        pred = predict(model, enc, ctx.eval_batch_size, ctx.pad_id, ctx.unpadded, ctx.device, ctx.amp)
-        pred = pred.astype(np.int64) if task.num_labels > 1 else pred
+    for split, pred in preds.items():
+        pred, labels = pred.astype(np.int64) if task.num_labels > 1 else pred, val[split].labels
         if len(task.val_splits) > 1:
-            result[f"accuracy_{split.removeprefix('validation_')}"] = accuracy(pred, enc.labels)
+            result[f"accuracy_{split.removeprefix('validation_')}"] = accuracy(pred, labels)
         else:
             for m in task.metrics:
-                result[m] = f1_score(pred, enc.labels, task.num_labels) if m == "f1" else METRICS[m](pred, enc.labels)
+                result[m] = f1_score(pred, labels, task.num_labels) if m == "f1" else METRICS[m](pred, labels)
     return result
+
+
+def constant_score(task: GlueTask, val: dict) -> float:
+    """The best score of one prediction for every example (the majority class; 0 for a correlation): a run at or
+    below it learned nothing."""
+    return max(glue_task_score(task, split_metrics(task, {s: np.full(len(enc.labels), c, np.float64)
+                                                          for s, enc in val.items()}, val))
+               for c in range(task.num_labels))
 
 
 def glue_task_score(task: GlueTask, metrics: dict) -> float:
@@ -583,6 +623,7 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Conte
                    process=ctx.rank, model_path=str(info.path), fingerprint=run_fingerprint(cfg, run, source),
                    steps=done, total_steps=total, steps_per_epoch=steps_per_epoch, eval_every=eval_every,
                    stopped_early=done < total, evaluations=evaluations, best=best,
+                   constant_score=constant_score(task, val),
                    wall_time_s=time.perf_counter() - t0, device=str(ctx.device), train_examples=len(train_enc.labels),
                    id2label=id2label, precision=ctx.precision, batching="unpadded" if ctx.unpadded else "padded")
     config.write_atomic(out / "results.json", json.dumps(results, indent=1))  # last: the run counts as finished now
@@ -710,11 +751,17 @@ def summarize_glue(cfg, runs: list, tasks: dict) -> dict:
                                                       for m in task.metrics}, score=score["mean"],
                            score_std=score["std"], setting=dict(zip(keys, setting)),
                            seeds=sorted(r["setting"]["seed"] for r in chosen), runs=sum(map(len, by_setting.values())),
-                           best_run=max(chosen, key=lambda r: r["best"]["score"])["run"], paper=task.paper)
+                           best_run=max(chosen, key=lambda r: r["best"]["score"])["run"], paper=task.paper,
+                           at_chance=all(map(at_chance, chosen)))
     scored = [table[n]["score"] for n in PAPER_EIGHT if n in table]
     glue_score = float(np.mean(scored)) if len(scored) == len(PAPER_EIGHT) else None
     return dict(model=cfg.tasks["glue"].init_from, split="validation", tasks=table, glue_score=glue_score,
                 glue_tasks_done=len(scored), paper_glue_score=PAPER_GLUE_SCORE)
+
+
+def at_chance(res: dict) -> bool:
+    """Whether a run's best score is at or below its constant_score (results.json of older runs have none)."""
+    return res.get("constant_score") is not None and res["best"]["score"] <= res["constant_score"] + 1e-9
 
 
 def _mean_std(values) -> dict:
@@ -738,13 +785,17 @@ def results_markdown(summary: dict) -> str:
         metrics = ", ".join(f"{METRIC_NAMES[m]} {100 * v['mean']:.1f}" for m, v in row["metrics"].items())
         s = row["setting"]
         paper = f"{row['paper']:.1f}" if row["paper"] is not None else "-"
-        lines.append(f"| {row['title']} | {metrics} | {100 * row['score']:.1f} ± {100 * row['score_std']:.1f} | "
-                     f"{paper} | {s['batch_size']} / {s['lr']:g} / {s['weight_decay']:g} | "
+        chance = " (at chance)" if row.get("at_chance") else ""
+        lines.append(f"| {row['title']} | {metrics} | {100 * row['score']:.1f} ± {100 * row['score_std']:.1f}"
+                     f"{chance} | {paper} | {s['batch_size']} / {s['lr']:g} / {s['weight_decay']:g} | "
                      f"{','.join(map(str, row['seeds']))} | {row['runs']} |")
     score = summary["glue_score"]
     if summary["glue_tasks_done"]:  # not for a custom task alone
         ours = f"{100 * score:.1f}" if score is not None else f"n/a ({summary['glue_tasks_done']} of 8 tasks)"
         lines.append(f"| **GLUE score** (mean of the 8) | | **{ours}** | {summary['paper_glue_score']:.1f} | | | |")
+    if any(row.get("at_chance") for row in summary["tasks"].values()):
+        lines += ["", "(at chance): no better than one answer for all; raise optimizer.lr or glue.tasks.<task>.lr, "
+                  "or trainer.early_stopping (docs/glue.md, learning rate)"]
     return "\n".join(lines) + "\n"
 
 
@@ -777,6 +828,25 @@ def _random_source(cfg, ctx: Context) -> Path:
     if ctx.world > 1:
         dist.barrier()
     return path
+
+
+def check_start_model(cfg, source, runs: list, ctx: Context) -> None:
+    """The start model's tokenizer (the config's for a folder with none) into ctx, once: a missing checkpoint or
+    special token, or a max_seq_length beyond its positions, stops here before any work."""
+    try:
+        _, info = config.load_pretrained(source, head="encoder")
+    except UserError as e:  # the key that chose it, and the runs it could name instead
+        found = [str(d) for d in sorted(Path("runs").glob("*/")) if train.list_checkpoints(d)]
+        raise UserError(f"glue.init_from={source}: {e}" + (f"; runs with a checkpoint here: {', '.join(found)}"
+                                                             if found else "")) from None
+    ctx.tokenizer = info.tokenizer if info.tokenizer is not None else data.load_tokenizer(cfg.tokenizer)
+    data.check_vocab(ctx.tokenizer, info.model_config.vocab_size)
+    ctx.pad_id = data.special_token_ids(ctx.tokenizer)["pad"]
+    positions = info.model_config.max_position_embeddings
+    for run in (r for r in runs if r.max_seq_length > positions):
+        raise UserError(f"{run.task}: max_seq_length={run.max_seq_length} exceeds the model's "
+                        f"max_position_embeddings={positions}; lower glue.max_seq_length (or "
+                        "glue.tasks.<task>.max_seq_length)")
 
 
 def load_tasks(names: list, g: GlueConfig, rank: int, world: int) -> tuple[dict, dict, dict]:
@@ -820,6 +890,10 @@ def run_phase(cfg, phase: list, start, tasks: dict, splits: dict, id2labels: dic
         print(f"{f'[rank {ctx.rank}] ' if ctx.world > 1 else ''}{run.task} {run.name}: best "
               f"{100 * res['best']['score']:.2f} at step {res['best']['step']} ({res['steps']} steps, "
               f"{res['wall_time_s']:.0f}s)", flush=True)
+        if at_chance(res):
+            config.warn(f"{run_dir(cfg, run)} learned nothing: its best score {100 * res['best']['score']:.2f} is no "
+                        f"better than one answer for all ({100 * res['constant_score']:.2f}); raise optimizer.lr or "
+                        f"glue.tasks.{run.task}.lr (a small model: about 1e-3) or trainer.early_stopping (0: off)")
     if ctx.world > 1:
         dist.barrier()
 
@@ -839,17 +913,7 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
         if t.output_dir == "auto":
             t.output_dir = auto_output_dir(g.init_from)
         source = g.init_from if g.init_from is not None else _random_source(cfg, ctx)
-        # the start model's tokenizer (the config's for a folder with none), once: a missing checkpoint or special
-        # token, or a max_seq_length beyond its positions, stops here before any work
-        _, info = config.load_pretrained(source, head="encoder")
-        ctx.tokenizer = info.tokenizer if info.tokenizer is not None else data.load_tokenizer(cfg.tokenizer)
-        data.check_vocab(ctx.tokenizer, info.model_config.vocab_size)
-        ctx.pad_id = data.special_token_ids(ctx.tokenizer)["pad"]
-        positions = info.model_config.max_position_embeddings
-        for run in (r for r in runs if r.max_seq_length > positions):
-            raise UserError(f"{run.task}: max_seq_length={run.max_seq_length} exceeds the model's "
-                            f"max_position_embeddings={positions}; lower glue.max_seq_length (or "
-                            "glue.tasks.<task>.max_seq_length)")
+        check_start_model(cfg, source, runs, ctx)
         tasks, splits, id2labels = load_tasks(names, g, rank, world)
         if bench:
             return bench_glue(cfg, runs[0], tasks[runs[0].task], source, splits[runs[0].task], ctx)

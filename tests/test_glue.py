@@ -304,6 +304,7 @@ def test_hub_download_and_offline_error(tmp_path, monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'\nsecond line")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", offline)  # no network in tests
     with pytest.raises(config.UserError) as e:
         evaluate.load_glue_task(evaluate.GLUE_TASKS["rte"], evaluate.GlueConfig())
     msg = str(e.value)
@@ -842,3 +843,72 @@ def test_evaluate_defines_each_name_once():
                 if isinstance(target, ast.Name):
                     seen[target.id].append(node.lineno)
     assert not {name: lines for name, lines in seen.items() if len(lines) > 1}
+
+
+# -----------------------------------------------------------------------------
+# issue 18: first contact (offline hub, a missing init_from, a run that learned nothing, a ragged custom row)
+
+
+def test_offline_hub_fails_at_once_with_the_whole_message(tmp_path, pretrained, monkeypatch, capsys):
+    """Not in the cache and the hub unreachable: one request (no retries), then one complete line with what to do."""
+    import huggingface_hub
+    asked = []
+
+    def download(*a, local_files_only=False, **kw):  # a download with network would retry for ~30 s
+        asked.append(local_files_only)
+        raise huggingface_hub.utils.LocalEntryNotFoundError("not in the cache")
+
+    def metadata(url, timeout=None, **kw):
+        raise OSError("We couldn't connect to 'https://huggingface.co' " + "x" * 300 + " check your connection and "
+                      "try again.\nsecond line")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", metadata)
+    code = run_glue("--glue.task_name", "mnli", *glue_args(tmp_path / "out", pretrained))
+    msg = one_line_error(capsys, code, "try again. second line", "HF_HUB_OFFLINE=1", "glue.data_dir",
+                         "MNLI/dev_matched.tsv", "MNLI/dev_mismatched.tsv")
+    assert "MNLI/dev.tsv" not in msg and asked == [True]
+
+
+def test_missing_init_from_names_the_key_and_the_runs_here(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for d in ("checkpoints/600", "model_checkpoints/600"):  # a run with a complete checkpoint (train.list_checkpoints)
+        (tmp_path / "runs" / "smoke" / d).mkdir(parents=True)
+    (tmp_path / "runs" / "broken").mkdir()
+    code = run_glue("--glue.task_name", "rte", *glue_args(tmp_path / "out", "runs/pretrain"))
+    msg = one_line_error(capsys, code, "glue.init_from=runs/pretrain", "not a model folder", "runs/smoke")
+    assert "runs/broken" not in msg
+
+
+def test_a_run_at_chance_is_flagged(tmp_path, pretrained, custom_run, capsys):
+    """A validation split of one class: no run beats answering that class, so the run is flagged (a run that learns
+    a balanced split is not)."""
+    data_dir = write_custom(tmp_path / "data", n_train=32, n_val=16)
+    write_rows(data_dir / "validation.jsonl", [{"premise": "a", "hypothesis": "b omega", "label": "pos"}] * 16)
+    out = tmp_path / "out"
+    code = run_glue("--glue.task_name", "custom", "--glue.data_dir", data_dir, "--glue.text_columns",
+                    "premise,hypothesis", *glue_args(out, pretrained, "--trainer.num_train_epochs", 1,
+                                                     "--glue.tasks.custom.lr", 1e-9,
+                                                     "--trainer.per_device_train_batch_size", 16))
+    assert code == 0
+    (warning,) = [ln for ln in capsys.readouterr().err.splitlines() if "learned nothing" in ln]
+    run = next((out / "glue" / "custom").iterdir())
+    assert warning.startswith("warning: ") and str(run) in warning
+    for key in ("optimizer.lr", "glue.tasks.custom.lr", "trainer.early_stopping", "1e-3"):
+        assert key in warning, warning
+    assert "(at chance)" in (out / "glue" / "results.md").read_text()
+    assert json.loads((run / "results.json").read_text())["constant_score"] == 1.0
+    learned = json.loads(next(custom_run[1].glob("results.json")).read_text())
+    assert 0.5 <= learned["constant_score"] < learned["best"]["score"]
+    assert "(at chance)" not in (custom_run[0] / "glue" / "results.md").read_text()
+
+
+def test_a_ragged_custom_tsv_row_is_an_error_naming_its_line(tmp_path):
+    data_dir = write_custom(tmp_path / "data", fmt="tsv", n_train=8, n_val=4)
+    lines = (data_dir / "train.tsv").read_text().splitlines(keepends=True)
+    lines[3] = "only one field\n"  # line 4 of the file (line 1 is the header)
+    (data_dir / "train.tsv").write_text("".join(lines[:2]) + "\n" + "".join(lines[2:]))  # a blank line 3 counts too
+    g = evaluate.GlueConfig(task_name="custom", data_dir=str(data_dir), text_columns=["premise", "hypothesis"])
+    with pytest.raises(config.UserError) as e:
+        evaluate.load_custom_task(g)
+    assert f"{data_dir / 'train.tsv'} line 5 has 1 tab-separated field but its header has 3" in str(e.value)

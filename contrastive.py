@@ -112,7 +112,8 @@ def pair_source_files(src, i=0):
     try:
         return hub_files(src.name, src.config, src.split,
                          hint=f"looked at {constants.ENDPOINT}, cache {constants.HF_HUB_CACHE}; check the name, or "
-                              f"(offline) download its parquet files and list them in data_files")
+                              f"(offline) download its parquet files and list them in data_files",
+                         offline=f"list local copies of its parquet files in contrastive.sources[{i}].data_files")
     except UserError as e:
         raise UserError(f"contrastive.sources[{i}]: {e}") from None
 

@@ -18,6 +18,7 @@ Masks are seeded by (seed, epoch, row index) (streaming: (seed, row number)), ne
 import ast
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import queue
@@ -30,6 +31,7 @@ import threading
 import time
 from array import array
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from glob import glob, has_magic
@@ -120,6 +122,40 @@ def worker_count(n):
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+def one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+@contextmanager
+def hub_requests(what: str, offline: str):
+    """Around huggingface_hub calls (datasets' and mteb's too): when a request fails and the hub does not answer one
+    5 s request either, stop at once with one line saying what to do offline. huggingface_hub would first retry for
+    ~25 s; its retry loop logs each failed request, and this check runs there."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+    unreachable = []
+
+    def check(record):
+        if "thrown while requesting" in record.getMessage():
+            try:
+                get_session().head(constants.ENDPOINT, timeout=5)  # any answer: reachable, let it retry
+            except Exception as e:
+                unreachable.append(f"cannot reach the Hugging Face Hub to {what} ({constants.ENDPOINT}: "
+                                   f"{one_line(e)}); offline: {offline}")
+                raise UserError(unreachable[0]) from None
+        return True
+    log = logging.getLogger("huggingface_hub.utils._http")
+    log.addFilter(check)
+    try:
+        yield
+    except Exception:
+        if unreachable:  # whatever the callers in between made of it
+            raise UserError(unreachable[0]) from None
+        raise
+    finally:
+        log.removeFilter(check)
+
+
 def _tokenizer_from_spec(tok_cfg):
     """The tokenizer named by tokenizer.path or tokenizer.name (not a trained one)."""
     if tok_cfg.path:
@@ -130,12 +166,13 @@ def _tokenizer_from_spec(tok_cfg):
         except Exception as e:
             raise UserError(f"tokenizer.path {str(path)!r} is not a tokenizers tokenizer.json ({e})") from None
     import huggingface_hub
-    try:
-        path = huggingface_hub.hf_hub_download(tok_cfg.name, "tokenizer.json")
-    except Exception as e:
-        raise UserError(f"could not get tokenizer.json of {tok_cfg.name!r} from the Hugging Face Hub "
-                        f"({type(e).__name__}); set tokenizer.path to a local tokenizer.json "
-                        f"or tokenizer.train: true") from None
+    fix = "set tokenizer.path to a local tokenizer.json or tokenizer.train: true"
+    with hub_requests(f"get tokenizer.json of {tok_cfg.name!r}", f"set HF_HUB_OFFLINE=1 to use the HF cache, or {fix}"):
+        try:
+            path = huggingface_hub.hf_hub_download(tok_cfg.name, "tokenizer.json")
+        except Exception as e:
+            raise UserError(f"could not get tokenizer.json of {tok_cfg.name!r} from the Hugging Face Hub "
+                            f"({type(e).__name__}); {fix}") from None
     return Tokenizer.from_file(str(path))
 
 
@@ -210,11 +247,14 @@ class SourceFile:
     def fetch(self):
         if self.local is None:
             import huggingface_hub
-            try:
-                self.local = huggingface_hub.hf_hub_download(self.repo, self.name, repo_type="dataset",
-                                                             revision=self.revision)
-            except Exception as e:
-                raise UserError(f"could not download {self.name} of dataset {self.repo!r} ({type(e).__name__}: {e})")
+            with hub_requests(f"download {self.name} of dataset {self.repo!r}", "download the files and list them in "
+                              "data_files (dataset.data_files, contrastive.sources[i].data_files)"):
+                try:
+                    self.local = huggingface_hub.hf_hub_download(self.repo, self.name, repo_type="dataset",
+                                                                 revision=self.revision)
+                except Exception as e:
+                    raise UserError(f"could not download {self.name} of dataset {self.repo!r} ({one_line(e)})") \
+                        from None
         return self.local
 
 
@@ -262,13 +302,17 @@ def _match_hub_parquet(files, config, split):
                   if p[-1].startswith(f"{split}-") or p[-1] == f"{split}.parquet" or split in p[1:-1])
 
 
-def hub_files(name, config, split, hint="check dataset.name, or use dataset.data_files for local files"):
+def hub_files(name, config, split, hint="check dataset.name, or use dataset.data_files for local files",
+              offline="list local files in dataset.data_files"):
     """The parquet files of a hub dataset's config and split (listed, not downloaded), or of its parquet branch."""
     import huggingface_hub
     api, listed = huggingface_hub.HfApi(), []
     for revision in (None, "refs/convert/parquet"):
         try:
-            files = api.list_repo_files(name, repo_type="dataset", revision=revision)
+            with hub_requests(f"list dataset {name!r}", offline):
+                files = api.list_repo_files(name, repo_type="dataset", revision=revision)
+        except UserError:
+            raise
         except Exception as e:
             if revision is None:
                 raise UserError(f"cannot list dataset {name!r} on the Hugging Face Hub ({type(e).__name__}); "
@@ -436,10 +480,11 @@ def _record_rows(sf, columns, stats, skip, hint):
 
 def _parquet_file(sf):
     import pyarrow.parquet as pq
+    path = sf.fetch()  # its errors are its own
     try:
-        return pq.ParquetFile(sf.fetch())
+        return pq.ParquetFile(path)
     except Exception as e:
-        raise UserError(f"{sf.name} is not a readable parquet file ({' '.join(str(e).split())[:200]})") from None
+        raise UserError(f"{sf.name} is not a readable parquet file ({' '.join(str(e).split())})") from None
 
 
 def _parquet_rows(sf, columns, stats, skip, hint):

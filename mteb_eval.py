@@ -6,7 +6,7 @@ usage: python evaluate.py mteb [CONFIG=configs/mteb.yaml] --mteb.model RUN_DIR|C
   --mteb.task_types STS,Retrieval (keeps only these types of the tasks above)
   --mteb.pooling auto|mean|cls  --mteb.max_seq_length 1024  --mteb.batch_size 64  --mteb.use_instructions true|false
   torchrun --nproc_per_node N evaluate.py mteb ...: the tasks are spread over the processes
-  results: mteb's files and results.md / results.json under <mteb.output_dir>/mteb/
+  results: mteb's files and results.md / results.json in mteb.output_dir (default: <run dir>/mteb or runs/mteb)
 
 Reading order: config -> encoder -> instructions -> mteb adapter (model meta) -> tasks (registry, BEIR) -> report ->
 run. mteb is imported only inside the functions that need it (it is optional, and importing it takes seconds).
@@ -53,7 +53,7 @@ class MtebConfig:
     batch_size: int = 64                # texts per forward pass
     instructions: Optional[str] = "configs/mteb_instructions.yaml"  # per-task query / document instructions
     use_instructions: bool = True
-    output_dir: Optional[str] = None    # null: the model's run directory (a training run or checkpoint), else runs/mteb
+    output_dir: Optional[str] = None    # results folder; null: <run dir>/mteb for a training checkpoint, else runs/mteb
     overwrite: bool = False             # re-score tasks that already have results for this checkpoint
 
     def __post_init__(self):
@@ -244,6 +244,9 @@ def beir_task(folder: Path):
                     from None
             qrels.setdefault(qid, {})[did] = score
     doc_ids = {r["id"] for r in corpus}
+    if missing := [d for docs in qrels.values() for d in docs if d not in doc_ids]:
+        config.warn(f"{folder / 'qrels' / 'test.tsv'}: {len(missing)} judgements name documents missing from "
+                    f"corpus.jsonl (e.g. {missing[0]!r}); they are skipped, as BEIR does")
     qrels = {q: {d: s for d, s in docs.items() if d in doc_ids} for q, docs in qrels.items()}
     queries = [{"id": r["id"], "text": r["text"]} for r in queries if qrels.get(r["id"])]
     config.require(corpus and queries, f"mteb.beir_dir: {folder} has no queries with judged documents of its corpus "
@@ -317,19 +320,22 @@ def score_task(mteb, model, task, cache, overwrite: bool):
     # only-missing keeps a result of another dataset revision: an edited BEIR folder (revision: its hash) is rescored
     cached = None if overwrite else cache.load_task_result(name, model.mteb_model_meta)
     stale = cached is not None and cached.dataset_revision != task.metadata.revision
-    try:
-        mteb.evaluate(model, task, cache=cache, overwrite_strategy="always" if overwrite or stale else "only-missing",
-                      co2_tracker=False, raise_error=True, show_progress_bar=False,
-                      encode_kwargs={"batch_size": model.model.batch_size})
-    except Exception as e:  # a UserError is none of these: it passes as it is
-        unreachable = {"ConnectionError", "TimeoutError", "OfflineModeIsEnabled", "LocalEntryNotFoundError",
-                       "DatasetNotFoundError", "HfHubHTTPError"}  # the hub (or network) could not be reached
-        if unreachable & {c.__name__ for c in type(e).__mro__}:
-            raise UserError(f"task {name}: its data could not be fetched from the Hugging Face Hub "
-                            f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); MTEB tasks need the hub (or "
-                            "their datasets already in the HF cache); to score a local corpus offline, pass a BEIR "
-                            "folder with --mteb.beir_dir DIR") from None
-        raise
+    offline = "set HF_HUB_OFFLINE=1 to use task data already in the HF cache, or pass a local BEIR folder with " \
+              "--mteb.beir_dir DIR"
+    with data.hub_requests(f"download the data of task {name}", offline):
+        try:
+            mteb.evaluate(model, task, cache=cache, co2_tracker=False, raise_error=True, show_progress_bar=False,
+                          overwrite_strategy="always" if overwrite or stale else "only-missing",
+                          encode_kwargs={"batch_size": model.model.batch_size})
+        except Exception as e:  # a UserError is none of these: it passes as it is
+            unreachable = {"ConnectionError", "TimeoutError", "OfflineModeIsEnabled", "LocalEntryNotFoundError",
+                           "DatasetNotFoundError", "HfHubHTTPError"}  # the hub (or network) could not be reached
+            if unreachable & {c.__name__ for c in type(e).__mro__}:
+                raise UserError(f"task {name}: its data could not be fetched from the Hugging Face Hub "
+                                f"({data.one_line(e)}); MTEB tasks need the hub (or their datasets already in the "
+                                "HF cache); to score a local corpus offline, pass a BEIR folder with --mteb.beir_dir "
+                                "DIR") from None
+            raise
 
 
 # -----------------------------------------------------------------------------
@@ -395,9 +401,9 @@ def run_mteb(cfg, progress: bool = True) -> Optional[dict]:
     encoder = SentenceEncoder(model, info.tokenizer, pooling, mc.max_seq_length, mc.batch_size, device, precision)
     name, revision = model_identity(mc.model, info.path), weights_digest(info.path)
     meta = model_meta(name, revision, neobert.num_params(model), encoder, instructions, mc.use_instructions)
-    # output_dir null: beside a training checkpoint, in its run directory; else runs/mteb
-    run_dir = info.path.parent.parent if info.path.parent.name == "model_checkpoints" else Path("runs/mteb")
-    out = Path(mc.output_dir or run_dir).expanduser() / "mteb"
+    # output_dir null: <run dir>/mteb beside a training checkpoint, else runs/mteb
+    checkpoint = info.path.parent.name == "model_checkpoints"
+    out = Path(mc.output_dir or (info.path.parent.parent / "mteb" if checkpoint else "runs/mteb")).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     cache = mteb.ResultCache(cache_path=out)
     wrapped = mteb_encoder(encoder, meta, instructions, show_progress_bar=progress and rank == 0)

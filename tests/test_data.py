@@ -905,3 +905,42 @@ def test_build_loader_prepared_and_streaming(tmp_path, tok_path):
     assert isinstance(b, data.StreamingMLMLoader) and b.next_step()[0]["input_ids"].shape == (2, 32)
     a.close()
     b.close()
+
+
+# -----------------------------------------------------------------------------
+# an unreachable hub, whole error messages (issue 18)
+
+def test_unreachable_hub_is_one_line_at_once(monkeypatch, tmp_path):
+    """No network (host names unresolvable), HF_HUB_OFFLINE unset: the real huggingface_hub would retry each request
+    for ~25 s (1, 2, 4, 8, 8 s); each hub call fails within seconds with one line saying what to do offline."""
+    import socket
+    import time
+
+    import huggingface_hub.constants
+
+    def no_dns(*a, **k):
+        raise socket.gaierror(-2, "Name or service not known")
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # nothing cached
+    calls = {("dataset.data_files",): lambda: data.source_files(DatasetConfig(name="org/corpus")),
+             ("HF_HUB_OFFLINE=1", "tokenizer.path"): lambda: data.load_tokenizer(TokenizerConfig(name="org/tok")),
+             ("data_files",): lambda: data.SourceFile("train.parquet", "parquet", repo="org/corpus").fetch(),
+             ("data_files", "train.parquet"): lambda: data._parquet_file(data.SourceFile("train.parquet", "parquet",
+                                                                                         repo="org/corpus"))}
+    for fixes, call in calls.items():
+        t = time.perf_counter()
+        with pytest.raises(UserError) as e:
+            call()
+        msg = str(e.value)
+        assert time.perf_counter() - t < 5 and "\n" not in msg, msg
+        assert msg.startswith("cannot reach the Hugging Face Hub") and "Name or service not known" in msg, msg
+        assert all(fix in msg for fix in fixes), msg
+
+
+def test_parquet_errors_are_not_cut(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+    reason = "a reason " * 40 + "that ends here"
+    monkeypatch.setattr(pq, "ParquetFile", lambda *a, **k: (_ for _ in ()).throw(OSError(reason)))
+    with pytest.raises(UserError, match="that ends here"):
+        data._parquet_file(data.SourceFile("x.parquet", "parquet", local=str(tmp_path / "x.parquet")))

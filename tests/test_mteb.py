@@ -366,7 +366,7 @@ def count_encodes(monkeypatch):
 
 def test_summary_is_table_4(scored):  # before the test below, which rewrites results.json
     s, out = scored
-    on_disk = json.loads((out / "mteb" / "results.json").read_text())
+    on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["tasks"] == s["tasks"] and on_disk["average"] == s["average"]
     for name in ("DocSTS", "DocRetrieval", "DocClassification"):  # x100 of mteb's main score, from its own file
         result = mteb.TaskResult.from_disk(Path(s["results_dir"]) / f"{name}.json")
@@ -374,7 +374,7 @@ def test_summary_is_table_4(scored):  # before the test below, which rewrites re
     scores = [r["score"] for r in s["tasks"].values()]
     assert s["average"] == pytest.approx(sum(scores) / 3, abs=1e-3)
     assert s["types"]["STS"]["score"] == pytest.approx(s["tasks"]["DocSTS"]["score"], abs=1e-3)
-    md = (out / "mteb" / "results.md").read_text()
+    md = (out / "results.md").read_text()
     assert "| Model | Class. | Clust. | PairClass. | Rerank. | Retr. | STS | Summ. | Avg. |" in md
     assert "| 61.6 | 40.8 | 76.2 | 51.2 | 31.6 | 74.8 | 30.7 | 51.3 |" in md
     assert f"| {s['average']:.1f} |" in md
@@ -391,7 +391,7 @@ def test_rerun_skips_scored_tasks_and_checkpoints_never_share(run, cls_run, scor
     other = mteb_eval.run_mteb(load_cfg("--mteb.model", str(cls_run), "--mteb.output_dir", str(out)), progress=False)
     assert calls, "another checkpoint must be scored, not handed the first one's results"
     assert other["tasks"]["DocSTS"] != first["tasks"]["DocSTS"] and other["revision"] != first["revision"]
-    files = sorted(p.relative_to(out / "mteb" / "results") for p in (out / "mteb" / "results").rglob("DocSTS.json"))
+    files = sorted(p.relative_to(out / "results") for p in (out / "results").rglob("DocSTS.json"))
     assert len(files) == 2 and files[0].parts[:2] != files[1].parts[:2]
     calls.clear()  # an interrupted benchmark: a lost task file is the only one scored again
     Path(first["results_dir"], "DocRetrieval.json").unlink()
@@ -424,7 +424,7 @@ def beir_single(run, beir_root, tmp_path_factory):
 
 
 def test_beir_folders_are_retrieval_tasks(run, beir_single, tmp_path, capsys):
-    s = json.loads((beir_single / "mteb" / "results.json").read_text())
+    s = json.loads((beir_single / "results.json").read_text())
     assert list(s["tasks"]) == ["alpha", "beta", "gamma"]
     assert {r["type"] for r in s["tasks"].values()} == {"Retrieval"}
     enc, _, _ = encoder_for(run)
@@ -447,12 +447,12 @@ def test_an_edited_beir_folder_is_scored_again(run, tmp_path):
     argv = ["mteb", "--trainer.mixed_precision", "no", "--mteb.model", str(run), "--mteb.beir_dir", str(folder),
             "--mteb.output_dir", str(tmp_path)]
     assert evaluate.main(argv) == 0
-    before = json.loads((tmp_path / "mteb" / "results.json").read_text())["tasks"]["edit"]["score"]
+    before = json.loads((tmp_path / "results.json").read_text())["tasks"]["edit"]["score"]
     # the same folder name, other judgements: query i now wants document i + 1
     (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" +
                                                "".join(f"q{i}\td{(i + 1) % 12}\t1\n" for i in range(12)))
     assert evaluate.main(argv) == 0
-    after = json.loads((tmp_path / "mteb" / "results.json").read_text())["tasks"]["edit"]["score"]
+    after = json.loads((tmp_path / "results.json").read_text())["tasks"]["edit"]["score"]
     assert after != before
 
 
@@ -465,8 +465,8 @@ def test_torchrun_splits_tasks_and_summary_matches(run, beir_root, beir_single, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     ran = sorted(re.findall(r"\[rank (\d)\] (\w+) \(Retrieval\)", proc.stderr))  # progress bars share the lines
     assert ran == [("0", "alpha"), ("0", "gamma"), ("1", "beta")], ran
-    a = json.loads((beir_single / "mteb" / "results.json").read_text())
-    b = json.loads((tmp_path / "mteb" / "results.json").read_text())
+    a = json.loads((beir_single / "results.json").read_text())
+    b = json.loads((tmp_path / "results.json").read_text())
     assert a["tasks"] == b["tasks"] and a["types"] == b["types"] and a["average"] == b["average"]
     assert b["tasks_scored"] == 3
 
@@ -507,3 +507,59 @@ def test_missing_mteb_says_what_to_install(run, capsys, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mteb" else real(name, *a))
     line = error_line(capsys, ["--mteb.model", str(run), "--mteb.tasks", "STS12"])
     assert "pip install" in line and "requirements-eval.txt" in line
+
+
+# -----------------------------------------------------------------------------
+# first contact (issue 18): an unreachable hub, qrels naming absent documents, where results land
+
+
+def test_unreachable_hub_fails_at_once_with_the_offline_ways(run, capsys, monkeypatch, tmp_path):
+    """No network (every host name unresolvable) and HF_HUB_OFFLINE unset: huggingface_hub's own retry loop (1, 2, 4,
+    8, 8 s) would take half a minute before failing; one line arrives within seconds instead."""
+    import socket
+    import time
+
+    import datasets
+    import huggingface_hub.constants
+
+    def no_dns(*a, **k):
+        raise socket.gaierror(-2, "Name or service not known")
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    t = time.perf_counter()
+    line = error_line(capsys, ["--mteb.model", str(run), "--mteb.tasks", "STS12", "--mteb.output_dir", str(tmp_path)])
+    assert time.perf_counter() - t < 5
+    assert "cannot reach the Hugging Face Hub" in line and "STS12" in line and "Name or service not known" in line
+    assert "HF_HUB_OFFLINE=1" in line and "--mteb.beir_dir" in line
+
+
+def test_qrels_naming_absent_documents_are_counted_and_named(tmp_path, capsys):
+    folder = write_beir(tmp_path / "gaps", DOCS[:6])
+    with open(folder / "qrels" / "test.tsv", "a") as f:
+        f.write("q0\tghost-1\t1\nq1\tghost-2\t1\n")
+    task = mteb_eval.beir_task(folder)
+    err = capsys.readouterr().err
+    assert "2 judgements" in err and "'ghost-1'" in err and "corpus.jsonl" in err and err.count("\n") == 1
+    task.load_data()
+    assert "ghost-1" not in task.dataset["default"]["test"]["relevant_docs"]["q0"]  # skipped, as BEIR does
+    write_beir(tmp_path / "whole", DOCS[:6])
+    mteb_eval.beir_task(tmp_path / "whole")
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_results_land_in_one_folder(tmp_path, tokenizer, monkeypatch):
+    """mteb.output_dir is the results folder itself; unset: <run dir>/mteb for a training checkpoint, runs/mteb
+    (from the working directory) for any other model folder. Never <...>/mteb/mteb."""
+    import shutil
+    monkeypatch.setattr(mteb_eval, "select_tasks", lambda mc: [DocSTS()])
+    ckpt = write_checkpoint(tmp_path / "run", 10, tokenizer, seed=3)
+    mteb_eval.run_mteb(load_cfg("--mteb.model", str(tmp_path / "run")), progress=False)
+    assert (tmp_path / "run/mteb/results.json").is_file() and not (tmp_path / "run/mteb/mteb").exists()
+    mteb_eval.run_mteb(load_cfg("--mteb.model", str(ckpt), "--mteb.output_dir", str(tmp_path / "out")), progress=False)
+    assert (tmp_path / "out" / "results.md").is_file() and (tmp_path / "out" / "results").is_dir()
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(ckpt, tmp_path / "plain")
+    mteb_eval.run_mteb(load_cfg("--mteb.model", "plain"), progress=False)
+    assert (tmp_path / "runs/mteb/results.json").is_file() and not (tmp_path / "runs/mteb/mteb").exists()

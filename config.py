@@ -13,6 +13,7 @@ Reading order:
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import os
 import shutil
@@ -20,7 +21,7 @@ import sys
 import time
 import types
 import typing
-from contextlib import nullcontext, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -385,6 +386,40 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+@contextmanager
+def hub_requests(what: str, offline: str):
+    """Around huggingface_hub calls (datasets' and mteb's too): when a request fails and the hub does not answer one
+    5 s request either, stop at once with one line saying what to do offline. huggingface_hub would first retry for
+    ~25 s; its retry loop logs each failed request, and this check runs there."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+    unreachable = []
+
+    def check(record):
+        if "thrown while requesting" in record.getMessage():
+            try:
+                get_session().head(constants.ENDPOINT, timeout=5)  # any answer: reachable, let it retry
+            except Exception as e:
+                unreachable.append(f"cannot reach the Hugging Face Hub to {what} ({constants.ENDPOINT}: "
+                                   f"{one_line(e)}); offline: {offline}")
+                raise UserError(unreachable[0]) from None
+        return True
+    log = logging.getLogger("huggingface_hub.utils._http")
+    log.addFilter(check)
+    try:
+        yield
+    except Exception:
+        if unreachable:  # whatever the callers in between made of it
+            raise UserError(unreachable[0]) from None
+        raise
+    finally:
+        log.removeFilter(check)
+
+
 # -----------------------------------------------------------------------------
 # loading a trained model, the same way everywhere (trainer.init_from, evaluate.py glue | mteb, ...):
 # a run dir, model_checkpoints/<step>, checkpoints/<step>, an exported / released folder (config.json), or a hub id
@@ -392,8 +427,11 @@ def write_atomic(path: Path, text: str) -> None:
 def resolve_model_source(source) -> Path:
     """The folder holding the model that `source` names (neobert.resolve_model_dir: a run dir gives its newest
     complete checkpoint); a bad source is a UserError."""
+    offline = "pass a local folder (a run dir, a checkpoint or an exported folder), or set HF_HUB_OFFLINE=1 to use " \
+              "the HF cache"
     try:
-        return neobert.resolve_model_dir(source)
+        with hub_requests(f"download the model {source}", offline):
+            return neobert.resolve_model_dir(source)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
 

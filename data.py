@@ -18,7 +18,6 @@ Masks are seeded by (seed, epoch, row index) (streaming: (seed, row number)), ne
 import ast
 import hashlib
 import json
-import logging
 import multiprocessing
 import os
 import queue
@@ -31,7 +30,6 @@ import threading
 import time
 from array import array
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from glob import glob, has_magic
@@ -43,7 +41,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from config import UserError, require, warn, write_atomic
+from config import UserError, hub_requests, one_line, require, warn, write_atomic
 from neobert import batch_sequences
 
 # -----------------------------------------------------------------------------
@@ -120,40 +118,6 @@ def worker_count(n):
 # tokenizer
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def one_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {' '.join(str(e).split())}"
-
-
-@contextmanager
-def hub_requests(what: str, offline: str):
-    """Around huggingface_hub calls (datasets' and mteb's too): when a request fails and the hub does not answer one
-    5 s request either, stop at once with one line saying what to do offline. huggingface_hub would first retry for
-    ~25 s; its retry loop logs each failed request, and this check runs there."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-    unreachable = []
-
-    def check(record):
-        if "thrown while requesting" in record.getMessage():
-            try:
-                get_session().head(constants.ENDPOINT, timeout=5)  # any answer: reachable, let it retry
-            except Exception as e:
-                unreachable.append(f"cannot reach the Hugging Face Hub to {what} ({constants.ENDPOINT}: "
-                                   f"{one_line(e)}); offline: {offline}")
-                raise UserError(unreachable[0]) from None
-        return True
-    log = logging.getLogger("huggingface_hub.utils._http")
-    log.addFilter(check)
-    try:
-        yield
-    except Exception:
-        if unreachable:  # whatever the callers in between made of it
-            raise UserError(unreachable[0]) from None
-        raise
-    finally:
-        log.removeFilter(check)
 
 
 def _tokenizer_from_spec(tok_cfg):

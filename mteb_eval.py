@@ -322,7 +322,7 @@ def score_task(mteb, model, task, cache, overwrite: bool):
     stale = cached is not None and cached.dataset_revision != task.metadata.revision
     offline = "set HF_HUB_OFFLINE=1 to use task data already in the HF cache, or pass a local BEIR folder with " \
               "--mteb.beir_dir DIR"
-    with data.hub_requests(f"download the data of task {name}", offline):
+    with config.hub_requests(f"download the data of task {name}", offline):
         try:
             mteb.evaluate(model, task, cache=cache, co2_tracker=False, raise_error=True, show_progress_bar=False,
                           overwrite_strategy="always" if overwrite or stale else "only-missing",
@@ -332,7 +332,7 @@ def score_task(mteb, model, task, cache, overwrite: bool):
                            "DatasetNotFoundError", "HfHubHTTPError"}  # the hub (or network) could not be reached
             if unreachable & {c.__name__ for c in type(e).__mro__}:
                 raise UserError(f"task {name}: its data could not be fetched from the Hugging Face Hub "
-                                f"({data.one_line(e)}); MTEB tasks need the hub (or their datasets already in the "
+                                f"({config.one_line(e)}); MTEB tasks need the hub (or their datasets already in the "
                                 "HF cache); to score a local corpus offline, pass a BEIR folder with --mteb.beir_dir "
                                 "DIR") from None
             raise

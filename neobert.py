@@ -628,7 +628,8 @@ def resolve_model_dir(source, revision: Optional[str] = None, needs=MODEL_FILES,
             p = Path(snapshot_download(source, revision=revision, allow_patterns=HUB_FILES))
         except Exception as e:  # offline, unknown repo, gated
             raise FileNotFoundError(f"cannot get {source} from the Hugging Face Hub ({type(e).__name__}: "
-                                    f"{' '.join(str(e).split())[:200]}); pass a local folder instead: {what}") from None
+                                    f"{' '.join(str(e).split())}); offline, HF_HUB_OFFLINE=1 uses the HF cache; "
+                                    f"or pass a local folder instead: {what}") from None
         if missing := missing_model_files(p, needs):
             raise FileNotFoundError(f"hub repo {source} has no {' and no '.join(missing)}: is it a NeoBERT model?")
         return p

@@ -16,6 +16,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import config  # noqa: E402
 import data  # noqa: E402
 from data import DataCollatorConfig, DatasetConfig, TokenizerConfig, UserError  # noqa: E402
 
@@ -936,6 +937,12 @@ def test_unreachable_hub_is_one_line_at_once(monkeypatch, tmp_path):
         assert time.perf_counter() - t < 5 and "\n" not in msg, msg
         assert msg.startswith("cannot reach the Hugging Face Hub") and "Name or service not known" in msg, msg
         assert all(fix in msg for fix in fixes), msg
+    t = time.perf_counter()  # a model given as a hub id (trainer.init_from, glue.init_from, mteb.model, export)
+    with pytest.raises(UserError) as e:
+        config.resolve_model_source("org/model")
+    msg = str(e.value)
+    assert time.perf_counter() - t < 5 and "\n" not in msg and "Name or service not known" in msg, msg
+    assert "HF_HUB_OFFLINE=1" in msg and "pass a local folder" in msg and msg.endswith("chandar-lab/NeoBERT"), msg
 
 
 def test_parquet_errors_are_not_cut(tmp_path, monkeypatch):

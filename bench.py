@@ -5,10 +5,11 @@ config (trainer.objective: contrastive) gives pairs/s and peak memory with and w
 
     python bench.py configs/smoke.yaml
     python bench.py configs/pretrain.yaml --trainer.per_device_train_batch_size 16 --bench.steps 20
-    python bench.py --suite gpu [--tiny] [--steps N] [--budget-s S] [--data-dir DIR] [--no-tests]
+    python bench.py --suite gpu [--tiny] [--steps N] [--budget-s S] [--data-dir DIR] [--no-tests] [--only TEXT]
       the GPU suite; --tiny: a tiny model and short rows (CPU, a minute), the same code path; --steps: timed steps per
       variant (default 10); --budget-s: start no variant after this many seconds (default 420: the suite must fit 8
-      minutes); --data-dir: its synthetic data (default data_cache/bench-suite); --no-tests: skip pytest -k gpu
+      minutes); --data-dir: its synthetic data (default data_cache/bench-suite); --no-tests: skip pytest -k gpu;
+      --only: time only the variants whose label contains TEXT (e.g. --only "seq 4096")
 
 Honest timing: every variant first runs all of its timed steps once untimed (so every batch shape is compiled and
 cached), then runs them again under the clock. tokens/s counts real tokens (not padding) so packed and padded
@@ -393,6 +394,7 @@ def gpu_suite(argv: list[str]) -> None:
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--data-dir", default="data_cache/bench-suite")
     parser.add_argument("--no-tests", action="store_true")
+    parser.add_argument("--only", default="")
     args = parser.parse_args(argv)
     require(args.steps >= 1, f"--steps must be at least 1, got {args.steps}")
     t_start, tiny, steps, here = time.perf_counter(), args.tiny, args.steps, Path(__file__).resolve().parent
@@ -435,7 +437,8 @@ def gpu_suite(argv: list[str]) -> None:
         return [*speed_cells(r), act, f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x", f"{r['warm_s']:.0f}"]
 
     table(["real tokens/s", "ms/step", "MFU", "peak memory (MiB)", "activations (MiB)", "vs baseline", "warm-up s"],
-          suite_variants(base, long_base, tiny, backend), steps, cells, args.budget_s, since=t_start)
+          [v for v in suite_variants(base, long_base, tiny, backend) if args.only in v[0]], steps, cells, args.budget_s,
+          since=t_start)
     print(f"\nThe seq rows compare with the first seq {long_cfg.dataset.max_seq_length} row. Activations = peak minus "
           f"what was allocated before the timed steps (weights, optimizer state). Warm-up = the untimed first pass "
           f"(compile included)"

@@ -46,6 +46,14 @@ def test_suite_budget_skips_the_rest(suite_dir, capsys):
     assert "GPU tests" not in out and out.count("skipped: the 0 s budget is spent") == 11
 
 
+def test_suite_only_times_the_named_rows(suite_dir, capsys):
+    assert bench.main(["--suite", "gpu", "--tiny", "--steps", "1", "--data-dir", str(suite_dir), "--no-tests",
+                       "--only", "seq 256"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| seq 256, 1 rows", "| seq 256, gradient checkpointing"]
+    assert all("skipped" not in r and "failed" not in r for r in rows)
+
+
 def test_suite_bad_arguments_are_one_line(capsys):
     assert bench.main(["--suite", "gpu", "--steps", "0"]) == 2
     assert capsys.readouterr().err.startswith("error: --steps must be at least 1")

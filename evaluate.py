@@ -637,7 +637,9 @@ def run_fingerprint(cfg, run: GlueRun, source) -> dict:
                 early_stopping=t.early_stopping, warmup_ratio=g.warmup_ratio, epochs=run.num_train_epochs,
                 max_seq_length=run.max_seq_length, classifier_dropout=g.classifier_dropout,
                 gradient_clipping=t.gradient_clipping, text_columns=list(g.text_columns), label_column=g.label_column,
-                metric=g.metric, num_labels=g.num_labels)
+                metric=g.metric, num_labels=g.num_labels,
+                **({"optimizer": "muon", "muon_momentum": cfg.optimizer.muon_momentum}  # adamw runs keep their prints
+                   if cfg.optimizer.name == "muon" else {}))
 
 
 def bench_glue(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Context) -> dict:

@@ -733,6 +733,13 @@ def peak_flops(device=None) -> Optional[float]:
     return next((value for key, value in PEAK_BF16_FLOPS if key in name), None)
 
 
+def hidden_matrices(model: nn.Module) -> list:
+    """The encoder blocks' 2-D weights (qkv, wo, the MLP's w12 and w3): what optimizer.name muon orthogonalizes.
+    Embeddings, the decoder, norms and heads are not in a block, so they stay with AdamW."""
+    return [p for m in model.modules() if isinstance(m, EncoderBlock)
+            for p in m.parameters() if p.ndim == 2 and p.requires_grad]
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list:
     """AdamW groups: matmul weights decay; norms, biases and embeddings don't. Every parameter in exactly one group."""
     decay, no_decay, seen = [], [], set()

@@ -81,29 +81,40 @@ class TrainerConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["adamw"] = "adamw"  # adamw (fused on CUDA); norms, biases and embeddings get no weight decay
+    # adamw (fused on CUDA): norms, biases and embeddings get no weight decay. muon: torch.optim.Muon on the encoder
+    # blocks' matrices (qkv, wo, w12, w3) with the update scaled to AdamW's RMS, so `lr` and `weight_decay` serve
+    # both; AdamW (betas, eps) on the rest (embeddings, decoder, norms, a classifier head)
+    name: Literal["adamw", "muon"] = "adamw"
     lr: float = 6e-4
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum (its own default, as in nanochat and Moonlight)
 
     def __post_init__(self):
         require(self.lr >= 0 and self.weight_decay >= 0 and self.eps > 0,
                 "optimizer.lr and optimizer.weight_decay must be >= 0 and optimizer.eps > 0")
         require(all(0 <= b < 1 for b in self.betas), f"optimizer.betas must be in [0, 1), got {list(self.betas)}")
+        require(0 <= self.muon_momentum < 1, f"optimizer.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        require(self.name != "muon" or hasattr(torch.optim, "Muon"), f"optimizer.name muon needs torch.optim.Muon "
+                f"(torch >= 2.9); this is torch {torch.__version__}: upgrade torch or use optimizer.name adamw")
 
 
 @dataclass
 class SchedulerConfig:
-    name: Literal["cosine", "linear", "constant"] = "cosine"  # the decay after a linear warmup
+    # after a linear warmup: cosine or linear decay to final_lr_ratio; constant; or wsd (warmup-stable-decay): flat,
+    # then a 1-sqrt decay to final_lr_ratio over the last decay_ratio of the steps
+    name: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     warmup_steps: int = 0
     decay_steps: Optional[int] = None  # the step where the decay reaches final_lr_ratio; null = trainer.max_steps
     final_lr_ratio: float = 0.1
+    decay_ratio: float = 0.2  # wsd: the share of the steps (up to decay_steps) spent decaying
 
     def __post_init__(self):
         require(self.warmup_steps >= 0 and (self.decay_steps is None or self.decay_steps >= 0),
                 "scheduler.warmup_steps and scheduler.decay_steps must be >= 0")
         require(0 <= self.final_lr_ratio <= 1, f"scheduler.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
+        require(0 <= self.decay_ratio <= 1, f"scheduler.decay_ratio must be in [0, 1], got {self.decay_ratio}")
 
 
 @dataclass
@@ -144,22 +155,67 @@ def load_config(path, overrides: Optional[list[str]] = None, extra_sections: Opt
 
 def get_lr(step: int, lr: float, sched: SchedulerConfig, max_steps: int) -> float:
     """LR for optimizer step `step` (0-based): linear warmup to lr over warmup_steps, then cosine or linear decay
-    to lr * final_lr_ratio at decay_steps (default max_steps), flat after; constant stays at lr after warmup."""
+    to lr * final_lr_ratio at decay_steps (default max_steps), flat after; constant stays at lr after warmup; wsd
+    stays at lr until the last decay_ratio of the steps up to decay_steps, then decays as 1 - sqrt(progress)."""
     if step < sched.warmup_steps:
         return lr * (step + 1) / sched.warmup_steps
     if sched.name == "constant":
         return lr
     end = sched.decay_steps if sched.decay_steps is not None else max_steps
-    progress = min(1.0, (step - sched.warmup_steps) / max(1, end - sched.warmup_steps))
-    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if sched.name == "cosine" else 1.0 - progress
+    start = max(sched.warmup_steps, end - round(sched.decay_ratio * end)) if sched.name == "wsd" else sched.warmup_steps
+    progress = min(1.0, max(0, step - start) / max(1, end - start))
+    if sched.name == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        decay = 1.0 - (progress if sched.name == "linear" else math.sqrt(progress))  # wsd: 1-sqrt
     return lr * (sched.final_lr_ratio + (1.0 - sched.final_lr_ratio) * decay)
 
 
 def build_optimizer(module, o: OptimizerConfig, device, lr: Optional[float] = None, weight_decay=None):
-    """AdamW (fused on CUDA) over the module's parameters; matmul weights decay, the rest don't."""
-    wd = o.weight_decay if weight_decay is None else weight_decay
-    return torch.optim.AdamW(neobert.param_groups(module, wd), lr=o.lr if lr is None else lr, betas=o.betas,
-                             eps=o.eps, fused=torch.device(device).type == "cuda")
+    """AdamW (fused on CUDA) over the module's parameters; matmul weights decay, the rest don't. optimizer.name muon:
+    the encoder blocks' matrices go to torch.optim.Muon instead (see MuonAdamW)."""
+    wd, lr = o.weight_decay if weight_decay is None else weight_decay, o.lr if lr is None else lr
+    groups = neobert.param_groups(module, wd)
+    hidden = {id(p) for p in neobert.hidden_matrices(module)} if o.name == "muon" else set()
+    adamw = torch.optim.AdamW([{**g, "params": [p for p in g["params"] if id(p) not in hidden]} for g in groups],
+                              lr=lr, betas=o.betas, eps=o.eps, fused=torch.device(device).type == "cuda")
+    if o.name == "adamw":
+        return adamw
+    muon = torch.optim.Muon([p for g in groups for p in g["params"] if id(p) in hidden], lr=lr, weight_decay=wd,
+                            momentum=o.muon_momentum, adjust_lr_fn="match_rms_adamw")
+    split = [id(p) for opt in (muon, adamw) for g in opt.param_groups for p in g["params"]]
+    assert sorted(split) == sorted({id(p) for p in module.parameters() if p.requires_grad}), "each parameter once"
+    return MuonAdamW(muon, adamw)
+
+
+class MuonAdamW:
+    """Muon on the encoder blocks' 2-D matrices and AdamW on every other parameter, stepped as one optimizer: the
+    loop sets the lr of every param group, steps and zeroes once; the state dict holds both (exact resume). Muon's
+    update is scaled by 0.2 * sqrt(max(rows, cols)) (torch's match_rms_adamw), so its RMS matches AdamW's and one
+    lr and weight decay serve both, as in Moonlight ("Muon is Scalable for LLM Training")."""
+
+    def __init__(self, muon, adamw):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        require(set(state) == {"muon", "adamw"}, "the saved optimizer state is not a muon one")
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
 
 
 def dropout_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -537,6 +593,9 @@ def build_model(cfg, objective, ckpt: Optional[Path], rank: int, world_size: int
     loader = objective.loader("train", t.per_device_train_batch_size, t.gradient_accumulation_steps)
     if ckpt is not None:
         saved = json.loads((ckpt / "train_state.json").read_text())
+        was = (saved.get("config", {}).get("optimizer") or {}).get("name", "adamw")
+        require(was == cfg.optimizer.name, f"{ckpt} holds the state of optimizer.name {was}; resume it with "
+                f"--optimizer.name {was}, or start a new trainer.output_dir (trainer.init_from takes its weights)")
         try:
             optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
         except (ValueError, RuntimeError, KeyError) as e:

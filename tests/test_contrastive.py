@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -467,6 +468,22 @@ def test_exact_resume_after_kill_9(tmp_path, pretrained, pairs):
     assert not torch.equal(wa["model.encoder.weight"], start["model.encoder.weight"])
     saved = json.loads((resumed / "checkpoints/6/train_state.json").read_text())
     assert saved["loader_states"][0]["kind"] == "pairs" and saved["config"]["trainer"]["objective"] == "contrastive"
+
+
+def test_muon_trains_the_encoder_and_resumes_its_state(tmp_path, pretrained, pairs):
+    """optimizer.name muon in contrastive fine-tuning: the trained module is the encoder, so Muon holds its blocks'
+    matrices and AdamW its embeddings; the decoder stays as loaded; the loss falls; the checkpoint holds both."""
+    out = tmp_path / "run"
+    assert train.main(run_args(pretrained, pairs, out, **{"optimizer.name": "muon", "trainer.save_steps": 3})) == 0
+    log = metrics(out)
+    assert all(math.isfinite(m["loss"]) for m in log) and log[-1]["loss"] < log[0]["loss"]
+    state = torch.load(out / "checkpoints" / "6" / "optimizer.pt", weights_only=True)
+    layers = yaml.safe_load((out / "model_checkpoints" / "6" / "config.yaml").read_text())["model"]["num_hidden_layers"]
+    assert len(state["muon"]["state"]) == 4 * layers  # qkv, wo, w12, w3 per block
+    w, start = load_file(str(out / "model_checkpoints/6/model.safetensors")), \
+        load_file(str(pretrained / "model_checkpoints/0/model.safetensors"))
+    assert torch.equal(w["decoder.weight"], start["decoder.weight"])
+    assert not torch.equal(w["model.transformer_encoder.0.qkv.weight"], start["model.transformer_encoder.0.qkv.weight"])
 
 
 def test_held_out_mrr_rises_and_metrics_are_logged(tmp_path, pretrained, pairs):

@@ -410,6 +410,27 @@ def test_pair_task_learns_and_writes_its_run(custom_run):
     assert "custom (data)" in md and "GLUE score" not in md  # no GLUE score without GLUE tasks
 
 
+def test_muon_fine_tunes_the_pair_task(tmp_path, pretrained, custom_run):
+    """optimizer.name muon in GLUE: Muon on the encoder blocks' matrices, AdamW on the embeddings and the new head;
+    the custom pair task learns as it does with AdamW (chance is 0.5), and the run's fingerprint names the optimizer,
+    so the same sweep with AdamW does not reuse it."""
+    argv = ["--glue.task_name", "custom", "--glue.data_dir", str(custom_run[0].parent / "data"), "--glue.text_columns",
+            "premise,hypothesis", *glue_args(tmp_path / "out", pretrained, "--trainer.num_train_epochs", 3,
+                                             "--optimizer.lr", 2e-3, "--trainer.per_device_train_batch_size", 16,
+                                             "--trainer.eval_steps", 10)]
+    assert run_glue(*argv, "--optimizer.name", "muon") == 0
+    (run,) = (tmp_path / "out" / "glue" / "custom").iterdir()
+    res = json.loads((run / "results.json").read_text())
+    assert res["best"]["accuracy"] >= 0.8, res["evaluations"]
+    assert res["config"]["optimizer"]["name"] == "muon"
+    default = str(ROOT / "configs" / "glue.yaml")  # what glue_main reads when no CONFIG is given
+    prints = {name: evaluate.run_fingerprint(evaluate.load_glue_config([default, *argv, "--optimizer.name", name])[0],
+                                             evaluate.GlueRun(**res["setting"]), res["source"])
+              for name in ("muon", "adamw")}
+    assert prints["muon"] == res["fingerprint"]
+    assert {k: v for k, v in prints["muon"].items() if k not in ("optimizer", "muon_momentum")} == prints["adamw"]
+
+
 def test_regression_learns(tmp_path, pretrained):
     data_dir = write_custom(tmp_path / "reg", fmt="csv", make=regression_example, label_names=None)
     code = run_glue("--glue.task_name", "custom", "--glue.data_dir", data_dir, "--glue.text_columns",

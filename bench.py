@@ -10,23 +10,30 @@ config (trainer.objective: contrastive) gives pairs/s and peak memory with and w
       variant (default 10); --budget-s: start no variant after this many seconds (default 420: the suite must fit 8
       minutes); --data-dir: its synthetic data (default data_cache/bench-suite); --no-tests: skip pytest -k gpu;
       --only: time only the variants whose label contains TEXT (e.g. --only "seq 4096")
+    python bench.py --suite recipe [--budget-s 60] [--lrs 1e-3,3e-3,1e-2] [--config configs/smoke.yaml] [--out DIR]
+                    [--section.key value ...]
+      quality per compute: AdamW and Muon, each with cosine and wsd, each at the best of the lrs, every run trained
+      for the same time budget (steps = budget x the optimizer's measured steps/s); held-out loss and accuracy
 
 Honest timing: every variant first runs all of its timed steps once untimed (so every batch shape is compiled and
 cached), then runs them again under the clock. tokens/s counts real tokens (not padding) so packed and padded
 batches compare fairly. Single process; the numbers are per device. Every number is one loop (measure) over an
 objective's steps (train.MLM, contrastive.Contrastive, or MLM with full logits) as the trainer takes them.
 
-Read top to bottom: the timing loop -> bench CONFIG (MLM, contrastive) -> the GPU suite, main.
+Read top to bottom: the timing loop -> bench CONFIG (MLM, contrastive) -> the GPU suite -> the recipe suite, main.
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import io
 import json
 import math
 import multiprocessing
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -446,9 +453,76 @@ def gpu_suite(argv: list[str]) -> None:
              if device.type == "cpu" else ".") + f" Suite wall time {time.perf_counter() - t_start:.0f} s.")
 
 
+# -----------------------------------------------------------------------------
+# the recipe suite: AdamW and Muon x cosine and wsd, each at its best of three lrs, for the same training time
+
+def recipe_run(cfg: train.Config, out: Path, **sections) -> list[dict]:
+    """Trains cfg (with sections changed) from scratch in `out`, quietly; -> its metrics.jsonl records, or [] if it
+    stopped on a non-finite loss."""
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = change(cfg, **sections)
+    cfg = change(cfg, trainer=dict(output_dir=str(out), resume_from_checkpoint=False, disable_tqdm=True,
+                                   save_steps=0, save_total_limit=1), wandb=dict(mode="disabled"))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            train.train(cfg)
+    except config.UserError as e:
+        print(f"  {out.name}: {e}".split("; stopped")[0], flush=True)
+        return []
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def recipe_suite(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python bench.py")
+    parser.add_argument("--suite", choices=["recipe"], required=True)
+    parser.add_argument("--config", default=str(Path(__file__).resolve().parent / "configs" / "smoke.yaml"))
+    parser.add_argument("--budget-s", type=float, default=60.0)
+    parser.add_argument("--lrs", default="1e-3,3e-3,1e-2")
+    parser.add_argument("--out", default="runs/recipe")
+    args, overrides = parser.parse_known_args(argv)
+    lrs = [float(x) for x in args.lrs.split(",")]
+    require(args.budget_s > 0 and lrs and all(lr > 0 for lr in lrs), "--budget-s and every --lrs value must be > 0")
+    cfg, out = train.load_config(args.config, overrides), Path(args.out)
+    data.prepare(cfg.dataset, cfg.tokenizer, progress=False)
+    size = neobert.num_params(neobert.NeoBERTLMHead(cfg.model)) / 1e6
+    print(f"`python bench.py {' '.join(argv)}`: {args.config}, {size:.1f}M parameters, {args.budget_s:.0f} s of "
+          f"training per run; lrs {lrs}", flush=True)
+    rows, ref = [], None
+    for opt in ("adamw", "muon"):  # the steps that fit the budget: timed on 30 steps after 10 (warm-up, first shapes)
+        log = recipe_run(cfg, out / f"{opt}-timing", optimizer=dict(name=opt), trainer=dict(max_steps=40, eval_steps=0,
+                                                                                            logging_steps=10))
+        require(bool(log), f"{opt}: the timing run stopped on a non-finite loss; lower the --lrs")
+        seconds = log[-1]["elapsed"] - log[0]["elapsed"]
+        steps, tok_s = max(10, int(args.budget_s * 30 / seconds)), (log[-1]["tokens"] - log[0]["tokens"]) / seconds
+        for sched in ("cosine", "wsd"):
+            runs = {lr: recipe_run(cfg, out / f"{opt}-{sched}-{lr:g}", optimizer=dict(name=opt, lr=lr),
+                                   scheduler=dict(name=sched), trainer=dict(max_steps=steps,
+                                                                            eval_steps=max(1, steps // 10)))
+                    for lr in lrs}
+            final = {lr: log[-1]["eval_loss"] for lr, log in runs.items() if log}
+            require(bool(final), f"{opt} + {sched}: every lr stopped on a non-finite loss; lower the --lrs")
+            best = min(final, key=final.get)
+            rows.append((opt, sched, best, runs[best], final, tok_s))
+            ref = ref or runs[best][-1]["eval_loss"]
+    print(f"\n| optimizer + schedule | best lr | steps | real tokens/s | held-out loss | masked-token accuracy | "
+          f"held-out loss at each lr | first eval at or below AdamW + cosine's final loss |\n|---|---:|---:|---:|---:|"
+          f"---:|---|---|")
+    for opt, sched, best, log, final, tok_s in rows:
+        evals = [r for r in log if "eval_loss" in r]
+        hit = next((f"step {r['step']} ({r['elapsed']:.0f} s)" for r in evals if r["eval_loss"] <= ref), "not reached")
+        print(f"| {'AdamW' if opt == 'adamw' else 'Muon'} + {sched} | {best:g} | {log[-1]['step']} | {tok_s:,.0f} | "
+              f"{log[-1]['eval_loss']:.3f} | {100 * log[-1]['eval_accuracy']:.1f}% | "
+              f"{', '.join(f'{lr:g}: {v:.3f}' for lr, v in final.items()) or '-'} | "
+              f"{hit} |", flush=True)
+    print(f"\nSteps: what fits the budget at the speed of the optimizer's timing run (steps 10-40, no evaluation), "
+          f"whose real tokens/s the table shows. Held-out: the val split (trainer.eval_max_batches micro-batches), "
+          f"evaluated every tenth of a run; times are the run's wall time, evaluations included. Runs in {out}.")
+
+
 def _bench_cli(argv):
     if argv[0].startswith("--suite"):
-        return gpu_suite(argv)
+        suite = argv[0].partition("=")[2] or (argv[1] if len(argv) > 1 else "")
+        return recipe_suite(argv) if suite == "recipe" else gpu_suite(argv)
     cfg = train.load_config(argv[0], argv[1:], extra_sections={"bench": BenchConfig})
     bench_cfg = cfg.tasks["bench"]
     if cfg.trainer.objective == "contrastive":

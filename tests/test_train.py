@@ -230,6 +230,81 @@ def test_schedule_values(name):
     assert train.get_lr(60, lr, early, 1000) == (lr if name == "constant" else 0.0)
 
 
+def test_wsd_schedule_values():
+    """warmup-stable-decay, from the definition: linear warmup, flat, then 1 - sqrt(progress) to final_lr_ratio over
+    the last decay_ratio of the steps (to decay_steps when set)."""
+    lr = 1e-3
+    sched = train.SchedulerConfig(name="wsd", warmup_steps=10, final_lr_ratio=0.1, decay_ratio=0.2)
+    got = [train.get_lr(step, lr, sched, 110) for step in range(111)]
+    assert got[0] == lr / 10 and got[9] == lr  # warmup ends at lr exactly
+    assert all(v == lr for v in got[10:89])  # the plateau: steps 10..88 (decay over the last 22 of 110 steps)
+    assert got[99] == pytest.approx(lr * (0.1 + 0.9 * (1 - math.sqrt(11 / 22))), rel=1e-12)
+    assert got[109] == pytest.approx(lr * (0.1 + 0.9 * (1 - math.sqrt(21 / 22))), rel=1e-12)
+    assert got[110] == pytest.approx(lr * 0.1, rel=1e-12)  # the end: final_lr_ratio
+    assert all(a >= b for a, b in zip(got[88:], got[89:]))
+    early = train.SchedulerConfig(name="wsd", warmup_steps=0, decay_steps=50, decay_ratio=0.5, final_lr_ratio=0.0)
+    assert train.get_lr(24, lr, early, 1000) == lr and train.get_lr(50, lr, early, 1000) == 0.0
+    assert train.get_lr(31, lr, early, 1000) == pytest.approx(lr * (1 - math.sqrt(6 / 25)), rel=1e-12)
+    # extending a run: a step before the old decay start has the same lr under the longer max_steps
+    assert [train.get_lr(s, lr, sched, 110) for s in range(89)] == [train.get_lr(s, lr, sched, 220) for s in range(89)]
+
+
+def ns_float64(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Muon's orthogonalization (Jordan et al.'s quintic Newton-Schulz, coefficients 3.4445, -4.775, 2.0315) in
+    float64, written from the published iteration."""
+    x = g.double()
+    tall = x.shape[0] > x.shape[1]
+    x = (x.T if tall else x) / x.norm()
+    for _ in range(steps):
+        a = x @ x.T
+        x = 3.4445 * x + (-4.775 * a + 2.0315 * a @ a) @ x
+    return x.T if tall else x
+
+
+def test_muon_split_and_first_step_against_float64():
+    """optimizer.name muon: every parameter in exactly one group, the encoder blocks' matrices (and only they) in
+    Muon, for the MLM, classifier and contrastive modules; one step moves a hidden matrix by Muon's rule with
+    the AdamW-matching RMS scale 0.2 * sqrt(max(rows, cols)) and the rest by AdamW's."""
+    import contrastive
+    cfg = neobert.NeoBERTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=32)
+    hidden = re.compile(r"(^|\.)transformer_encoder\.\d+\.(qkv|wo|ffn\.w12|ffn\.w3)\.weight$")
+    for module in (neobert.NeoBERTLMHead(cfg), neobert.NeoBERTForSequenceClassification(cfg, num_labels=3),
+                   contrastive.Embedder(neobert.NeoBERT(cfg), "mean")):
+        opt = train.build_optimizer(module, train.OptimizerConfig(name="muon"), "cpu")
+        names = {id(p): n for n, p in module.named_parameters()}
+        muon = [names[id(p)] for g in opt.muon.param_groups for p in g["params"]]
+        adamw = [names[id(p)] for g in opt.adamw.param_groups for p in g["params"]]
+        assert sorted(muon + adamw) == sorted(names.values())  # each exactly once
+        assert sorted(muon) == sorted(n for n in names.values() if hidden.search(n)) and len(muon) == 8
+    model = neobert.NeoBERTLMHead(cfg)
+    o = train.OptimizerConfig(name="muon", weight_decay=0.1)
+    opt = train.build_optimizer(model, o, "cpu")
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = {n: p.detach().clone().double() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone().double() for n, p in model.named_parameters()}
+    lr = 0.01
+    train.optimizer_step(model, opt, lr, None, 1.0, "test")
+    after = dict(model.named_parameters())
+    for n in ("model.transformer_encoder.0.qkv.weight", "model.transformer_encoder.1.ffn.w3.weight"):
+        w0, g = before[n], grads[n]
+        want = w0 * (1 - lr * 0.1) - lr * 0.2 * math.sqrt(max(g.shape)) * ns_float64(g)
+        step = (want - w0).abs().max()
+        assert (after[n].double() - want).abs().max() < 0.03 * step, n  # Muon's Newton-Schulz runs in bf16
+    for n, wd in (("decoder.weight", 0.1), ("model.layer_norm.weight", 0.0), ("model.encoder.weight", 0.0)):
+        g = grads[n]  # AdamW's first step: m/sqrt(v) = g/(|g| + eps) after bias correction
+        want = before[n] * (1 - lr * wd) - lr * g / (g.abs() + o.eps)
+        torch.testing.assert_close(after[n].double(), want, rtol=0, atol=1e-6)
+
+
+def test_muon_needs_a_torch_that_has_it(capsys, tmp_path, monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon", raising=False)
+    expect_error(capsys, args(tmp_path, tmp_path / "run", **{"optimizer.name": "muon"}),
+                 "optimizer.name muon needs torch.optim.Muon (torch >= 2.9)", "optimizer.name adamw")
+
+
 # -----------------------------------------------------------------------------
 # training, checkpoints, resume
 
@@ -277,6 +352,75 @@ def test_exact_resume_after_kill_9(data_dir, tmp_path):
     assert a[-1]["tokens"] == b[-1]["tokens"]
     wa, wb = weights(tmp_path / "full", 8), weights(tmp_path / "resumed", 8)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_muon_wsd_resume_after_kill_9_is_exact_and_extends(data_dir, tmp_path):
+    """Muon + wsd, killed with SIGKILL after its step-4 checkpoint of an 8-step run (decay from step 6), resumed with
+    trainer.max_steps 12: bitwise the losses, grad norms, lrs and weights of a 12-step run from the start (Muon's
+    momentum and AdamW's moments restored; the longer run's decay starts later, at step 9)."""
+    kw = {"trainer.save_steps": 4, "trainer.resume_from_checkpoint": "auto", "optimizer.name": "muon",
+          "scheduler.name": "wsd", "scheduler.decay_ratio": 0.25}
+    full = run_cli(data_dir, tmp_path / "full", **kw, **{"trainer.max_steps": 12})
+    assert full.returncode == 0, full.stderr
+    killed = run_cli(data_dir, tmp_path / "resumed", env={"NEOBERT_TEST_KILL": "after_save:4"},
+                     **kw, **{"trainer.max_steps": 8})
+    assert killed.returncode == -signal.SIGKILL
+    state = torch.load(tmp_path / "resumed" / "checkpoints" / "4" / "optimizer.pt", weights_only=True)
+    assert set(state) == {"muon", "adamw"} and len(state["muon"]["state"]) == 8  # a momentum per hidden matrix
+    assert all("momentum_buffer" in v for v in state["muon"]["state"].values())
+    resumed = run_cli(data_dir, tmp_path / "resumed", **kw, **{"trainer.max_steps": 12})
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = metrics(tmp_path / "full"), metrics(tmp_path / "resumed")
+    assert [m["step"] for m in b] == list(range(1, 13))
+    for key in ("loss", "grad_norm", "lr"):
+        assert [m[key] for m in a] == [m[key] for m in b], key  # bitwise: CPU, fp32, compile off
+    assert [m["lr"] for m in a][7:] == sorted([m["lr"] for m in a][7:], reverse=True) and a[7]["lr"] == 3e-3
+    wa, wb = weights(tmp_path / "full", 12), weights(tmp_path / "resumed", 12)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # an adamw run refuses Muon's state (and the other way round) in one line
+    p = run_cli(data_dir, tmp_path / "resumed", **{**kw, "optimizer.name": "adamw", "trainer.max_steps": 16})
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "holds the state of optimizer.name muon; resume it with --optimizer.name muon" in p.stderr
+
+
+def test_muon_ddp_and_accumulation_match_one_process(data_dir, tmp_path):
+    """Muon: torchrun --nproc_per_node 2 (2 rows each) == one process with 4 rows == 4x1 accumulation. DDP averages
+    the gradients before Muon orthogonalizes them, so every rank applies the same update. Muon's Newton-Schulz runs
+    in bf16, so a float-rounding difference in the averaged gradient moves a hidden matrix's update by about a bf16
+    step (measured: 0.5-2.5% of it after one step, growing to ~7% by step 4 as the runs drift): the losses compare
+    over 4 steps, the hidden matrices after the first within 10% of how far they moved (Frobenius norms; a step on
+    2 rows instead of the 4 is off by ~90%), every other tensor within 1e-6. (optimizer.eps 1 keeps AdamW's
+    update smooth in g: with 1e-8 it is ~sign(g), and float noise flips rarely used embedding rows.)"""
+    kw = {"trainer.max_steps": 4, "optimizer.name": "muon", "scheduler.name": "wsd", "optimizer.eps": 1.0,
+          "trainer.save_steps": 1, "trainer.save_total_limit": None}
+    ddp = run_cli(data_dir, tmp_path / "ddp", nproc=2, **kw, **{"trainer.per_device_train_batch_size": 2})
+    assert ddp.returncode == 0, ddp.stderr
+    one = run(data_dir, tmp_path / "one", **kw)
+    run(data_dir, tmp_path / "acc", **kw, **{"trainer.per_device_train_batch_size": 1,
+                                             "trainer.gradient_accumulation_steps": 4})
+    cfg = train.load_config(SMOKE, args(data_dir, tmp_path / "one", **kw)[1:])
+    torch.manual_seed(cfg.trainer.seed)  # the trainer's initialisation: how far each tensor moved in the step
+    init, wo = neobert.NeoBERTLMHead(cfg.model).state_dict(), weights(tmp_path / "one", 1)
+    for other in ("ddp", "acc"):
+        torch.testing.assert_close(torch.tensor(losses(tmp_path / other)), torch.tensor([m["loss"] for m in one]),
+                                   rtol=1e-4, atol=0)
+        w = weights(tmp_path / other, 1)
+        for k in wo:
+            if re.search(r"\.(qkv|wo|w12|w3)\.weight$", k):
+                ratio = ((w[k] - wo[k]).norm() / (wo[k] - init[k]).norm()).item()
+                assert ratio < 0.1, (other, k, ratio)
+            else:
+                torch.testing.assert_close(w[k], wo[k], rtol=0, atol=1e-6, msg=f"{other} {k}")
+
+
+def test_muon_with_compile_and_bf16(data_dir, tmp_path):
+    """Muon under torch.compile and bf16 autocast (the GPU recipe, here on CPU): the loss falls and every hidden
+    matrix moves."""
+    log = run(data_dir, tmp_path / "run", **{"trainer.max_steps": 6, "optimizer.name": "muon",
+                                             "trainer.torch_compile": True, "trainer.mixed_precision": "bf16"})
+    assert all(math.isfinite(m["loss"]) for m in log) and log[-1]["loss"] < log[0]["loss"]
+    w = weights(tmp_path / "run", 6)
+    assert all(not k.startswith("_orig_mod.") for k in w)
 
 
 def test_external_kill_9_at_any_moment_then_resume(data_dir, tmp_path):
@@ -504,6 +648,29 @@ def test_bench_on_a_streaming_config(data_dir, capsys):
     out = capsys.readouterr().out
     assert "| baseline |" in out and "| sparse prediction off (full logits) |" in out and "data loader alone:" in out
     assert "packing off" not in out.split("| variant |")[1] and "'packing off' variant is left out" in out
+
+
+def test_recipe_suite_compares_the_four_recipes_at_equal_time(data_dir, tmp_path, capsys):
+    """python bench.py --suite recipe with a tiny budget: AdamW / Muon x cosine / wsd, each at the best of its lrs
+    (the lowest final held-out loss of the runs it lists), the steps that fit the budget, and the same held-out split
+    for every run."""
+    import bench
+    tiny = [x for k, v in TINY.items() if not k.startswith(("trainer.", "optimizer.", "scheduler.", "wandb."))
+            for x in (f"--{k}", str(v))]
+    assert bench.main(["--suite", "recipe", "--budget-s", "1.5", "--lrs", "1e-3,1e-2", "--out", str(tmp_path / "r"),
+                       "--dataset.path", str(data_dir), "--trainer.mixed_precision", "no", *tiny]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| AdamW", "| Muon"))]
+    assert [r[0] for r in rows] == ["| AdamW + cosine", "| AdamW + wsd", "| Muon + cosine", "| Muon + wsd"]
+    for r in rows:
+        per_lr = dict(x.split(": ") for x in r[6].split(", "))
+        assert set(per_lr) == {"0.001", "0.01"} and r[1] == min(per_lr, key=lambda lr: float(per_lr[lr]))
+        assert float(r[4]) == pytest.approx(float(per_lr[r[1]]), abs=1e-3) and 0 <= float(r[5].rstrip("%")) <= 100
+        assert int(r[2]) >= 10 and float(r[3].replace(",", "")) > 0
+        log = metrics(tmp_path / "r" / f"{r[0][2:].split(' + ')[0].lower()}-{r[0].split(' + ')[1]}-{r[1]}")
+        assert log[-1]["step"] == int(r[2]) and log[-1]["eval_loss"] == pytest.approx(float(r[4]), abs=1e-3)
+    assert rows[0][7].startswith("step ") or rows[0][7] == "not reached |"  # AdamW + cosine reaches its own loss
+    assert rows[0][7].startswith("step " + rows[0][2]) or int(rows[0][7].split()[1]) <= int(rows[0][2])
 
 
 def test_mfu_uses_step_flops_and_the_device_peak(data_dir, tmp_path, monkeypatch):

@@ -480,8 +480,11 @@ def recipe_suite(argv: list[str]) -> None:
     parser.add_argument("--lrs", default="1e-3,3e-3,1e-2")
     parser.add_argument("--out", default="runs/recipe")
     args, overrides = parser.parse_known_args(argv)
-    lrs = [float(x) for x in args.lrs.split(",")]
-    require(args.budget_s > 0 and lrs and all(lr > 0 for lr in lrs), "--budget-s and every --lrs value must be > 0")
+    try:
+        lrs = [float(x) for x in args.lrs.split(",")]
+    except ValueError:
+        raise config.UserError(f"--lrs takes comma-separated numbers, e.g. 1e-3,3e-3,1e-2; got {args.lrs!r}") from None
+    require(args.budget_s > 0 and all(lr > 0 for lr in lrs), "--budget-s and every --lrs value must be > 0")
     cfg, out = train.load_config(args.config, overrides), Path(args.out)
     data.prepare(cfg.dataset, cfg.tokenizer, progress=False)
     size = neobert.num_params(neobert.NeoBERTLMHead(cfg.model)) / 1e6

@@ -57,6 +57,10 @@ def test_suite_only_times_the_named_rows(suite_dir, capsys):
 def test_suite_bad_arguments_are_one_line(capsys):
     assert bench.main(["--suite", "gpu", "--steps", "0"]) == 2
     assert capsys.readouterr().err.startswith("error: --steps must be at least 1")
+    assert bench.main(["--suite", "recipe", "--lrs", "1e-3,fast"]) == 2
+    assert capsys.readouterr().err.startswith("error: --lrs takes comma-separated numbers")
+    assert bench.main(["--suite", "recipe", "--budget-s", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: --budget-s and every --lrs value must be > 0")
 
 
 def test_no_recompiles_after_warmup_tiny(suite_dir):

@@ -502,7 +502,7 @@ def recipe_suite(argv: list[str]) -> None:
                                    scheduler=dict(name=sched), trainer=dict(max_steps=steps,
                                                                             eval_steps=max(1, steps // 10)))
                     for lr in lrs}
-            final = {lr: log[-1]["eval_loss"] for lr, log in runs.items() if log}
+            final = {lr: records[-1]["eval_loss"] for lr, records in runs.items() if records}
             require(bool(final), f"{opt} + {sched}: every lr stopped on a non-finite loss; lower the --lrs")
             best = min(final, key=final.get)
             rows.append((opt, sched, best, runs[best], final, tok_s))

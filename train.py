@@ -300,13 +300,19 @@ def find_resume_checkpoint(t: TrainerConfig) -> Optional[Path]:
     return p
 
 
-def check_resume_objective(ckpt: Path, objective: str) -> None:
-    """A run resumes only checkpoints of its own objective (a contrastive run, contrastive ones)."""
+def check_resume(ckpt: Path, objective: str, optimizer: str) -> dict:
+    """A run resumes only checkpoints of its own objective (a contrastive run, contrastive ones) and optimizer (the
+    saved state is that optimizer's); -> the checkpoint's train_state."""
     saved = json.loads((ckpt / "train_state.json").read_text())
-    was = saved.get("objective") or (saved.get("config", {}).get("trainer") or {}).get("objective", "mlm")
+    config_was = saved.get("config", {})
+    was = saved.get("objective") or (config_was.get("trainer") or {}).get("objective", "mlm")
     require(was == objective, f"{ckpt} was written by a trainer.objective={was} run; this run is {objective}. Resume "
             f"it with trainer.objective: {was}, or start a new trainer.output_dir (trainer.init_from: "
             f"{ckpt.parent.parent} takes its weights)")
+    was = (config_was.get("optimizer") or {}).get("name", "adamw")
+    require(was == optimizer, f"{ckpt} holds the state of optimizer.name {was}; resume it with --optimizer.name "
+            f"{was}, or start a new trainer.output_dir (trainer.init_from takes its weights)")
+    return saved
 
 
 # -----------------------------------------------------------------------------
@@ -593,9 +599,6 @@ def build_model(cfg, objective, ckpt: Optional[Path], rank: int, world_size: int
     loader = objective.loader("train", t.per_device_train_batch_size, t.gradient_accumulation_steps)
     if ckpt is not None:
         saved = json.loads((ckpt / "train_state.json").read_text())
-        was = (saved.get("config", {}).get("optimizer") or {}).get("name", "adamw")
-        require(was == cfg.optimizer.name, f"{ckpt} holds the state of optimizer.name {was}; resume it with "
-                f"--optimizer.name {was}, or start a new trainer.output_dir (trainer.init_from takes its weights)")
         try:
             optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
         except (ValueError, RuntimeError, KeyError) as e:
@@ -636,8 +639,7 @@ def run(cfg: Config, make_objective, rank: int, world_size: int, device) -> dict
         prepare_run_dir(run_dir)
     ckpt = find_resume_checkpoint(t)  # before any work: "nothing to resume" should not wait for the data
     if ckpt is not None:
-        check_resume_objective(ckpt, make_objective.name)
-        done = json.loads((ckpt / "train_state.json").read_text())["step"]
+        done = check_resume(ckpt, make_objective.name, o.name)["step"]
         if done >= t.max_steps:
             print0(f"the run in {run_dir} is already at step {done} >= trainer.max_steps {t.max_steps}: nothing to "
                    "train; pass another trainer.output_dir to start over, or a larger trainer.max_steps to continue")

@@ -30,6 +30,7 @@ from test_model import write_released_folder  # noqa: E402
 
 FILL = [f"w{c}{d}" for c in "abcdefgh" for d in "xyz"]
 KEYWORDS = ["alpha", "omega", "up", "down", "entails", "neutral", "contradicts"]
+needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 
 
 def words(rng, lo, hi):
@@ -410,6 +411,7 @@ def test_pair_task_learns_and_writes_its_run(custom_run):
     assert "custom (data)" in md and "GLUE score" not in md  # no GLUE score without GLUE tasks
 
 
+@needs_muon
 def test_muon_fine_tunes_the_pair_task(tmp_path, pretrained, custom_run):
     """optimizer.name muon in GLUE: Muon on the encoder blocks' matrices, AdamW on the embeddings and the new head;
     the custom pair task learns as it does with AdamW (chance is 0.5), and the run's fingerprint names the optimizer,

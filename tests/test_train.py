@@ -38,6 +38,7 @@ TINY = {
     "scheduler.warmup_steps": 2, "wandb.mode": "disabled",
 }
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 
 
 @pytest.fixture(scope="session")
@@ -261,6 +262,7 @@ def ns_float64(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return x.T if tall else x
 
 
+@needs_muon
 def test_muon_split_and_first_step_against_float64():
     """optimizer.name muon: every parameter in exactly one group, the encoder blocks' matrices (and only they) in
     Muon, for the MLM, classifier and contrastive modules; one step moves a hidden matrix by Muon's rule with
@@ -354,6 +356,7 @@ def test_exact_resume_after_kill_9(data_dir, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@needs_muon
 def test_muon_wsd_resume_after_kill_9_is_exact_and_extends(data_dir, tmp_path):
     """Muon + wsd, killed with SIGKILL after its step-4 checkpoint of an 8-step run (decay from step 6), resumed with
     trainer.max_steps 12: bitwise the losses, grad norms, lrs and weights of a 12-step run from the start (Muon's
@@ -383,6 +386,7 @@ def test_muon_wsd_resume_after_kill_9_is_exact_and_extends(data_dir, tmp_path):
     assert "holds the state of optimizer.name muon; resume it with --optimizer.name muon" in p.stderr
 
 
+@needs_muon
 def test_muon_ddp_and_accumulation_match_one_process(data_dir, tmp_path):
     """Muon: torchrun --nproc_per_node 2 (2 rows each) == one process with 4 rows == 4x1 accumulation. DDP averages
     the gradients before Muon orthogonalizes them, so every rank applies the same update. Muon's Newton-Schulz runs
@@ -413,6 +417,7 @@ def test_muon_ddp_and_accumulation_match_one_process(data_dir, tmp_path):
                 torch.testing.assert_close(w[k], wo[k], rtol=0, atol=1e-6, msg=f"{other} {k}")
 
 
+@needs_muon
 def test_muon_with_compile_and_bf16(data_dir, tmp_path):
     """Muon under torch.compile and bf16 autocast (the GPU recipe, here on CPU): the loss falls and every hidden
     matrix moves."""
@@ -650,6 +655,7 @@ def test_bench_on_a_streaming_config(data_dir, capsys):
     assert "packing off" not in out.split("| variant |")[1] and "'packing off' variant is left out" in out
 
 
+@needs_muon
 def test_recipe_suite_compares_the_four_recipes_at_equal_time(data_dir, tmp_path, capsys):
     """python bench.py --suite recipe with a tiny budget: AdamW / Muon x cosine / wsd, each at the best of its lrs
     (the lowest final held-out loss of the runs it lists), the steps that fit the budget, and the same held-out split

@@ -51,6 +51,8 @@ import config
 import contrastive
 import data
 import neobert
+import prepare
+import runtime
 import train
 from config import require
 
@@ -70,7 +72,7 @@ def trainer_step(objective, steps: int, fused: bool = True):
     module = objective.train_module(model).to(device)  # contrastive: only the encoder goes to the device
     optimizer = train.build_optimizer(module, cfg.optimizer, device if fused else "cpu")  # "cpu": not fused
     step_module = torch.compile(module) if t.torch_compile else module
-    amp = config.autocast(device, config.resolve_precision(t.mixed_precision, device, warn=None))
+    amp = runtime.autocast(device, runtime.resolve_precision(t.mixed_precision, device, warn=None))
 
     def step(micro_batches):
         loss_sum, count, _ = objective.forward_backward(step_module, micro_batches, amp)
@@ -99,11 +101,7 @@ def measure(objective, steps: int, fused: bool = True) -> dict:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20  # weights and optimizer state: what stays between steps
     dt = run_steps()
-    tokens = positions = 0
-    for b in (b for mb in step_batches for b in mb):  # real tokens: a packed row is all real; padded rows: their masks
-        masks = [b[k] for k in ("attention_mask", "query_mask", "doc_mask") if k in b]
-        tokens += int(sum(m.sum() for m in masks)) if masks else b["input_ids"].numel()
-        positions += sum(b[k].numel() for k in ("input_ids", "query_ids", "doc_ids") if k in b)
+    positions, tokens = (sum(counts) for counts in zip(*(objective.tokens(mb) for mb in step_batches)))  # real: no pad
     peak = neobert.peak_flops(device)
     flops = sum(objective.flops(mb) for mb in step_batches)  # what the device computes
     # CPU: the process's high-water mark so far (it never goes down: read it as an upper bound)
@@ -132,7 +130,7 @@ class FullLogitsMLM(train.MLM):
                                            "max_position_embeddings", "pad_token_id")}
         if self.hf == "bert":  # a 2-matrix GELU MLP of intermediate_size: the same parameters as NeoBERT's SwiGLU
             lm = transformers.BertForMaskedLM(transformers.BertConfig(**same, intermediate_size=c.intermediate_size))
-        else:  # ModernBERT: GeGLU with 2 x intermediate in, again the same parameters; data.SPECIAL_TOKENS' ids
+        else:  # ModernBERT: GeGLU with 2 x intermediate in, again the same parameters; prepare.SPECIAL_TOKENS' ids
             lm = transformers.ModernBertForMaskedLM(transformers.ModernBertConfig(
                 **same, intermediate_size=c.ffn_hidden_size, cls_token_id=2, sep_token_id=3, bos_token_id=2,
                 eos_token_id=3))
@@ -166,7 +164,7 @@ def change(cfg, **sections):
 def setup(cfg, objective_class=train.MLM):
     """(device, its name, the baseline objective with its data opened as the trainer does). The bench never
     evaluates: trainer.eval_steps 0 keeps the objective from sizing (and warning about) an evaluation."""
-    _, _, device = config.setup_distributed()  # one process: cuda:0 (TF32 on, as the trainer) or cpu
+    _, _, device = runtime.setup_distributed()  # one process: cuda:0 (TF32 on, as the trainer) or cpu
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     objective = objective_class(change(cfg, trainer=dict(eval_steps=0)), 0, 1, device)
     train.load_data(objective, objective.cfg, master=True, ddp=False)
@@ -221,9 +219,15 @@ class BenchConfig:
         require(self.steps >= 1, f"bench.steps must be at least 1, got {self.steps}")
 
 
+@dataclass
+class BenchRun(train.Config):
+    """The sections `python bench.py CONFIG` reads: a training config's, plus bench."""
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
 def bench(cfg: train.Config, bench_cfg: BenchConfig, argv: list[str]) -> None:
     device, name, base = setup(cfg)
-    t, precision = cfg.trainer, config.resolve_precision(cfg.trainer.mixed_precision, device, warn=None)
+    t, precision = cfg.trainer, runtime.resolve_precision(cfg.trainer.mixed_precision, device, warn=None)
     print(f"`python bench.py {' '.join(argv)}`  \n{name}, torch {torch.__version__}; "
           f"{neobert.num_params(neobert.NeoBERTLMHead(cfg.model)) / 1e6:.1f}M parameters; "
           f"{t.per_device_train_batch_size * t.gradient_accumulation_steps} rows x {cfg.dataset.max_seq_length} "
@@ -320,8 +324,8 @@ def suite_config(path: str, root: Path, tiny: bool) -> train.Config:
     corpus, tok_path = corpus_dir / "corpus.jsonl", corpus_dir / "tokenizer.json"
     if not (corpus.is_file() and tok_path.is_file()):
         corpus_dir.mkdir(parents=True, exist_ok=True)
-        words = [f"w{i}" for i in range(V - len(data.SPECIAL_TOKENS))]
-        vocab = {token: i for i, token in enumerate(data.SPECIAL_TOKENS + words)}
+        words = [f"w{i}" for i in range(V - len(prepare.SPECIAL_TOKENS))]
+        vocab = {token: i for i, token in enumerate(prepare.SPECIAL_TOKENS + words)}
         tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         rng, total = np.random.default_rng(0), 0
@@ -340,7 +344,7 @@ def suite_config(path: str, root: Path, tiny: bool) -> train.Config:
                  trainer=dict(per_device_train_batch_size=rows, gradient_accumulation_steps=1,
                               gradient_checkpointing=False, torch_compile=cfg.trainer.torch_compile and not tiny),
                  tokenizer=dict(path=str(tok_path), train=False))
-    data.prepare(cfg.dataset, cfg.tokenizer, progress=False)  # shared by both configs: documents ignore the row length
+    prepare.prepare(cfg.dataset, cfg.tokenizer, progress=False)  # shared by both configs: documents ignore the row length
     return cfg
 
 
@@ -428,7 +432,7 @@ def gpu_suite(argv: list[str]) -> None:
         if p.returncode not in (0, 5):  # 5: nothing collected
             print("\n".join(lines[-40:]), flush=True)
         print(f"\n1. GPU tests: `{' '.join(cmd[2:])}`: {lines[-1] if lines else p.stderr.strip()[-300:]}", flush=True)
-    t, precision = cfg.trainer, config.resolve_precision(cfg.trainer.mixed_precision, device, warn=None)
+    t, precision = cfg.trainer, runtime.resolve_precision(cfg.trainer.mixed_precision, device, warn=None)
     print(f"\n2-4. {neobert.num_params(neobert.NeoBERTLMHead(cfg.model)) / 1e6:.1f}M parameters "
           f"({cfg.model.num_hidden_layers} x {cfg.model.hidden_size}); baseline {t.per_device_train_batch_size} rows x "
           f"{cfg.dataset.max_seq_length} tokens, packed, {'bf16 autocast' if precision == 'bf16' else 'fp32'}, compile "
@@ -486,7 +490,7 @@ def recipe_suite(argv: list[str]) -> None:
         raise config.UserError(f"--lrs takes comma-separated numbers, e.g. 1e-3,3e-3,1e-2; got {args.lrs!r}") from None
     require(args.budget_s > 0 and all(lr > 0 for lr in lrs), "--budget-s and every --lrs value must be > 0")
     cfg, out = train.load_config(args.config, overrides), Path(args.out)
-    data.prepare(cfg.dataset, cfg.tokenizer, progress=False)
+    prepare.prepare(cfg.dataset, cfg.tokenizer, progress=False)
     size = neobert.num_params(neobert.NeoBERTLMHead(cfg.model)) / 1e6
     print(f"`python bench.py {' '.join(argv)}`: {args.config}, {size:.1f}M parameters, {args.budget_s:.0f} s of "
           f"training per run; lrs {lrs}", flush=True)
@@ -526,8 +530,8 @@ def _bench_cli(argv):
     if argv[0].startswith("--suite"):
         suite = argv[0].partition("=")[2] or (argv[1] if len(argv) > 1 else "")
         return recipe_suite(argv) if suite == "recipe" else gpu_suite(argv)
-    cfg = train.load_config(argv[0], argv[1:], extra_sections={"bench": BenchConfig})
-    bench_cfg = cfg.tasks["bench"]
+    cfg = train.load_config(argv[0], argv[1:], schema=BenchRun)
+    bench_cfg = cfg.bench
     if cfg.trainer.objective == "contrastive":
         return contrastive_bench(cfg, bench_cfg, argv)
     if cfg.dataset.streaming and "packing" in bench_cfg.variants:
@@ -539,7 +543,7 @@ def _bench_cli(argv):
 
 
 def main(argv=None) -> int:
-    return config.run_main(argv, __doc__, _bench_cli)
+    return runtime.run_main(argv, __doc__, _bench_cli)
 
 
 if __name__ == "__main__":

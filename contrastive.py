@@ -2,8 +2,8 @@
 
 Reading order:
   1. config: ContrastiveConfig and its pair sources
-  2. pair data: sources (local files, hub parquet, stdlib pairs) -> prepared pairs, via data.py's reader and writer
-  3. PairLoader: one source per global batch, exactly resumable
+  2. pair data: sources (local files, hub parquet, stdlib pairs) -> prepared pairs, via prepare.py's reader and writer
+  3. pair_loader: one source per global batch, exactly resumable
   4. the objective: InfoNCE over the global batch, gradient caching, gather across processes
   5. evaluation: retrieval on held-out pairs
 """
@@ -15,6 +15,7 @@ import shutil
 import sysconfig
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -23,14 +24,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import config
-import data
+import checkpoint
 import neobert
-from config import UserError, build_section, load_pretrained, require, warn
-from data import (FORMAT_VERSION, PERM_STREAM, ReadStats, SourceFile, StepLoader, TokenStore, check_sources,
-                  held_out, hub_files, is_prepared, local_files, pin_batch, read_manifest, read_rows, report_stats,
-                  save_tokenizer, seeded_rng, spec_diff, special_token_ids, token_dtype, worker_count, write_json,
-                  write_shards)
+from config import UserError, build_section, require, warn
+from data import PERM_STREAM, Loader, pin_batch, rank_rows, seeded_rng
+from prepare import (FORMAT_VERSION, ReadStats, SourceFile, TokenStore, check_sources, held_out, hub_files,
+                     is_prepared, load_tokenizer, local_files, read_manifest, read_rows, report_stats, save_tokenizer,
+                     spec_diff, special_token_ids, token_dtype, worker_count, write_json, write_shards)
+from runtime import to_device
 
 # -----------------------------------------------------------------------------
 # contrastive.path: manifest.json (written last: format version, the sources' spec, tokenizer sha256, rows per
@@ -230,61 +231,55 @@ def pick_source(seed, step, probs):
     return min(int(np.searchsorted(np.cumsum(probs), u, side="right")), len(probs) - 1)
 
 
-class PairLoader(StepLoader):
+def pair_loader(data_dir, cc, split="train", *, micro_batch_size, grad_accum_steps=1, rank=0, world_size=1, seed=0,
+                prefetch=2, pin_memory=None) -> Loader:
     """Contrastive batches from prepared pairs. next_step() -> [one dict for this process]: query_ids/query_mask
     [B, Lq], doc_ids/doc_mask [B*(1+h), Ld] (the B positives, then each row's h hard negatives row by row),
     num_negatives h, source (index). B = micro_batch_size * grad_accum_steps rows: the process's share of the
     global batch (rows [rank*B, (rank+1)*B)), so the global batch is the same for any world size and split; the
     trainer chunks it (gradient caching), since the loss needs the whole global batch at once."""
+    man = read_pairs_manifest(data_dir)
+    sources = [PairSource(data_dir, e, split) for e in man["sources"]]
+    special = [man["special_ids"][k] for k in ("cls", "sep", "pad")]     # what pad_rows takes
+    G, (mine,) = rank_rows(micro_batch_size * grad_accum_steps, 1, rank, world_size)
+    for k, src in enumerate(sources):
+        require(src.rows >= G, f"pair source {k} ({src.label}) has {src.rows} {split} rows, fewer than one global "
+                f"batch of {G}; use a smaller batch or drop the source")
+    probs = source_probabilities([src.rows for src in sources], cc.alpha)
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
 
-    def __init__(self, data_dir, cc, split="train", *, micro_batch_size, grad_accum_steps=1, seed=0, **batch):
-        super().__init__(micro_batch_size * grad_accum_steps, 1, **batch)   # rank, world_size, prefetch, pin_memory
-        man = read_pairs_manifest(data_dir)
-        self.cc, self.seed, self.split = cc, seed, split
-        self.sources = [PairSource(data_dir, e, split) for e in man["sources"]]
-        self.special = [man["special_ids"][k] for k in ("cls", "sep", "pad")]     # what pad_rows takes
-        G = self.global_batch_rows
-        for k, s in enumerate(self.sources):
-            if s.rows < G:
-                raise UserError(f"pair source {k} ({s.label}) has {s.rows} {split} rows, fewer than one global batch "
-                                f"of {G}; use a smaller batch or drop the source")
-        self.probs = source_probabilities([s.rows for s in self.sources], cc.alpha)
-        digest = hashlib.sha256(json.dumps([[s.label, s.rows] for s in self.sources]).encode()).hexdigest()[:16]
-        self._start({"kind": "pairs", "split": split, "seed": seed, "sources": digest},
-                    {"step": 0, "cursors": [[0, 0] for _ in self.sources]})
-        self._perms = {}
+    @lru_cache(maxsize=None)  # one permutation per source and epoch (each a few bytes per row)
+    def perm(k, epoch):
+        return seeded_rng(PERM_STREAM, seed, k, epoch).permutation(sources[k].rows)
 
-    def _perm(self, k, epoch):
-        if (k, epoch) not in self._perms:
-            if len(self._perms) >= 2 * len(self.sources):
-                self._perms.pop(next(iter(self._perms)))
-            self._perms[k, epoch] = seeded_rng(PERM_STREAM, self.seed, k, epoch).permutation(self.sources[k].rows)
-        return self._perms[k, epoch]
-
-    def _batch(self, k, rows):
-        src, h = self.sources[k], min(self.cc.hard_negatives, self.sources[k].num_negatives)
+    def batch(k, rows):
+        src, h = sources[k], min(cc.hard_negatives, sources[k].num_negatives)
         q = [src.stores[0].doc(r).astype(np.int64) for r in rows]
         docs = [src.stores[1].doc(r).astype(np.int64) for r in rows]
         docs += [src.stores[2 + j].doc(r).astype(np.int64) for r in rows for j in range(h)]
-        query_ids, query_mask = pad_rows(q, self.cc.max_query_length, *self.special)
-        doc_ids, doc_mask = pad_rows(docs, self.cc.max_document_length, *self.special)
-        batch = {"query_ids": query_ids, "query_mask": query_mask, "doc_ids": doc_ids, "doc_mask": doc_mask,
-                 "num_negatives": h, "source": k}
-        return pin_batch(batch) if self.pin else batch
+        query_ids, query_mask = pad_rows(q, cc.max_query_length, *special)
+        doc_ids, doc_mask = pad_rows(docs, cc.max_document_length, *special)
+        out = {"query_ids": query_ids, "query_mask": query_mask, "doc_ids": doc_ids, "doc_mask": doc_mask,
+               "num_negatives": h, "source": k}
+        return pin_batch(out) if pin else out
 
-    def _steps(self, state):
-        step, cursors, G = state["step"], [list(c) for c in state["cursors"]], self.global_batch_rows
-        mine = self.micro_rows[0]
+    def steps(state):
+        step, cursors = state["step"], [list(c) for c in state["cursors"]]
         while True:
-            k = pick_source(self.seed, step, self.probs)
+            k = pick_source(seed, step, probs)
             epoch, row = cursors[k]
-            if row + G > self.sources[k].rows:
+            if row + G > sources[k].rows:
                 epoch, row = epoch + 1, 0
-            rows = self._perm(k, epoch)[row:row + G]
+            rows = perm(k, epoch)[row:row + G]
             cursors[k] = [epoch, row + G]
             step += 1
-            yield [self._batch(k, [int(rows[i]) for i in mine])], {**state, "step": step,
-                                                                   "cursors": [list(c) for c in cursors]}
+            yield [batch(k, [int(rows[i]) for i in mine])], {**state, "step": step,
+                                                             "cursors": [list(c) for c in cursors]}
+
+    digest = hashlib.sha256(json.dumps([[src.label, src.rows] for src in sources]).encode()).hexdigest()[:16]
+    settings = {"kind": "pairs", "split": split, "seed": seed, "sources": digest}
+    return Loader(steps, {**settings, "step": 0, "cursors": [[0, 0] for _ in sources]}, settings, prefetch,
+                  global_batch_rows=G, probs=probs)
 
 
 def held_out_pairs(data_dir, max_per_source):
@@ -359,7 +354,7 @@ def contrastive_metrics(sums, num_queries: float) -> dict:
 def contrastive_forward_backward(model, batch: dict, device, amp, temperature: float, chunk_size: int = 0,
                                  world_size: int = 1, rank: int = 0):
     """Forward and backward of one step's InfoNCE over the global batch (model: an Embedder, maybe compiled or in
-    DDP; batch: this process's PairLoader rows) -> (this process's loss sum, the global number of queries, logging
+    DDP; batch: this process's pair_loader rows) -> (this process's loss sum, the global number of queries, logging
     sums). The loss is the global batch's mean, scaled by world_size against DDP's averaging, so the gradients equal
     one process holding the whole batch.
 
@@ -367,7 +362,7 @@ def contrastive_forward_backward(model, batch: dict, device, amp, temperature: f
     https://arxiv.org/abs/2101.06983): 1. embed chunk_size rows at a time with no graph; 2. the loss and its gradient
     with respect to the embeddings; 3. each chunk again with its graph, backpropagating its slice of that gradient.
     Same gradients as the whole batch at once; activations are held for chunk_size rows only."""
-    batch = config.to_device(batch, device)
+    batch = to_device(batch, device)
     qi, qm, di, dm = batch["query_ids"], batch["query_mask"], batch["doc_ids"], batch["doc_mask"]
     B = qi.size(0)
     scale = world_size / (B * world_size)
@@ -443,10 +438,10 @@ def contrastive_model_config(cfg, ckpt: Optional[Path]):
         raise UserError("trainer.objective is contrastive but contrastive.sources is empty; list the pair sources "
                         "(see configs/contrastive.yaml)")
     tokenizer = None
-    source = ckpt.parent.parent / "model_checkpoints" / ckpt.name if ckpt is not None else t.init_from
+    source = ckpt if ckpt is not None else t.init_from  # checkpoints/<step>: checkpoint.resolve finds its weights
     if source:
         try:
-            _, info = load_pretrained(source, head="mlm")
+            _, info = checkpoint.load(source, head="mlm")
         except UserError as e:
             if Path(source).exists():
                 raise
@@ -457,7 +452,7 @@ def contrastive_model_config(cfg, ckpt: Optional[Path]):
         model_cfg = dataclasses.replace(info.model_config, attn_backend=cfg.model.attn_backend)
         cfg, tokenizer = dataclasses.replace(cfg, model=model_cfg), info.tokenizer
     if tokenizer is None:
-        tokenizer = data.load_tokenizer(cfg.tokenizer)
+        tokenizer = load_tokenizer(cfg.tokenizer)
     longest = max(cc.max_query_length, cc.max_document_length)
     if longest > cfg.model.max_position_embeddings:
         raise UserError(f"contrastive.max_query_length/max_document_length {longest} exceeds the model's "
@@ -498,7 +493,7 @@ class Contrastive:
         prepare_pairs(self.cc, self.init_tokenizer)
 
     def load(self):
-        self.tokenizer = data.load_tokenizer(self.cfg.tokenizer, self.data_dir)
+        self.tokenizer = load_tokenizer(self.cfg.tokenizer, self.data_dir)
         if self.cfg.trainer.eval_steps and self.cc.eval_pairs:
             self.held_out = held_out_pairs(self.data_dir, self.cc.eval_pairs)
             if len(self.held_out[0]) >= 2:
@@ -512,13 +507,17 @@ class Contrastive:
         return Embedder(model.model, self.cc.pooling)
 
     def loader(self, split: str, micro_batch_size: int, grad_accum_steps: int, prefetch: int = 2):
-        return PairLoader(self.data_dir, self.cc, split, micro_batch_size=micro_batch_size,
-                          grad_accum_steps=grad_accum_steps, rank=self.rank, world_size=self.world_size,
-                          seed=self.cfg.trainer.seed, prefetch=prefetch)
+        return pair_loader(self.data_dir, self.cc, split, micro_batch_size=micro_batch_size,
+                           grad_accum_steps=grad_accum_steps, rank=self.rank, world_size=self.world_size,
+                           seed=self.cfg.trainer.seed, prefetch=prefetch)
 
     def forward_backward(self, module, micro_batches: list[dict], amp):
         return contrastive_forward_backward(module, micro_batches[0], self.device, amp, self.cc.temperature,
                                             self.chunk, self.world_size, self.rank)
+
+    def tokens(self, micro_batches: list[dict]) -> tuple[int, int]:
+        b = micro_batches[0]
+        return b["query_ids"].numel() + b["doc_ids"].numel(), int(b["query_mask"].sum() + b["doc_mask"].sum())
 
     def metrics(self, sums: list, count: float) -> dict:
         return contrastive_metrics(sums, count)

@@ -1,90 +1,39 @@
-"""
-Data for NeoBERT pretraining: corpus -> tokenizer -> memory-mapped token shards -> packed MLM batches.
+"""The data a researcher edits: which tokens are predicted (Masker), how documents become rows (pack_rows), the batch
+format (Collator), and the loaders that turn a prepared or a streamed corpus into each step's micro-batches. Making a
+corpus ready (tokenizer, sources, token shards) is prepare.py's.
 
-    python data.py CONFIG [--section.key value ...]     # prepare dataset.path (tokenizer.json, shards, manifest)
-
-Sections: 1. config  2. tokenizer (a file, the hub, or trained WordPiece)  3. sources: local files, hub parquet,
-stdlib docstrings and pairs; one row reader for .txt .jsonl .csv .tsv .parquet (contrastive.py and GLUE too)
-4. tokenizing in worker processes  5. shards  6. prepare() (idempotent, crash-safe; its writer serves the pairs too)
-7. MLM masking  8. loaders: MLMLoader (shards), StreamingMLMLoader (on the fly), both exactly resumable; the
-prepare command (its command line is train.py's).
+    python data.py CONFIG [--section.key value ...]     # prepare the data (= python train.py CONFIG --prepare-only)
 
 Determinism: a step's global batch (all rows of all ranks and micro-steps) is a function of (seed, epoch, row
 position) only; rank r takes rows [r*B_r, (r+1)*B_r) of it, micro-step m the m-th micro_batch_size slice of those.
 Masks are seeded by (seed, epoch, row index) (streaming: (seed, row number)), never the rank, so 1 rank x batch 8,
 1 rank x 4 x 2 accumulation and 2 ranks x 4 see the same rows with the same masks.
+
+Reading order: config -> masking -> packing and the batch format -> Loader (prefetch, position) -> the prepared
+loader -> the streaming loader -> build_loader, the prepare command.
 """
 
-import ast
 import hashlib
-import json
-import multiprocessing
-import os
 import queue
-import shutil
-import signal
-import struct
 import sys
-import sysconfig
 import threading
 import time
-from array import array
-from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
-from glob import glob, has_magic
-from itertools import groupby, islice
+from itertools import islice
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from config import UserError, hub_requests, one_line, require, warn, write_atomic
+from config import require
 from neobert import batch_sequences
+from prepare import (Encoder, ReadStats, TokenStore, all_special_ids, check_sources, check_vocab, chunked,
+                     dataset_dir, dataset_label, iter_split, load_tokenizer, prepare, report_stats, source_files,
+                     special_token_ids, worker_count)
 
 # -----------------------------------------------------------------------------
-# config sections (train.py composes them); each checks its values when built, written `ok` first so NaN fails too
-
-@dataclass
-class TokenizerConfig:
-    name: str = "bert-base-uncased"     # hub repo holding a tokenizer.json (used when path is unset and train is false)
-    path: Optional[str] = None          # a local tokenizer.json
-    train: bool = False                 # train a BERT-style WordPiece vocabulary on the corpus's train split
-    vocab_size: int = 30522             # target vocabulary size when training
-    min_frequency: int = 2              # when training: minimum count of a merged piece
-    lowercase: bool = True              # when training: BERT uncased normalisation
-
-    def __post_init__(self):
-        require(self.vocab_size >= 1 and self.min_frequency >= 1, f"tokenizer.vocab_size and tokenizer.min_frequency "
-                f"must be >= 1, got {self.vocab_size}, {self.min_frequency}")
-
-
-@dataclass
-class DatasetConfig:
-    name: str = "stdlib"                # stdlib | stdlib+packages | hub dataset repo id (unused when data_files set)
-    config: Optional[str] = None        # hub dataset config (subset), e.g. "20231101.en"
-    train_split: str = "train"          # hub split to read
-    data_files: list[str] = field(default_factory=list)  # local files, globs or directories (.txt .jsonl .parquet)
-    text_column: str = "text"           # column of .jsonl/.parquet records holding the text
-    path: Optional[str] = None          # prepared dir; default data_cache/<name>
-    streaming: bool = False             # tokenize on the fly instead of reading prepared shards
-    max_seq_length: int = 1024          # tokens per row
-    shuffle_buffer_size: int = 10000    # streaming: documents shuffled together (a window of the reading order)
-    num_workers: int = 0                # tokenizer processes; 0 = all cores
-    pre_tokenize: bool = True           # train.py prepares the shards itself when they are missing
-    validation_split: float = 0.01      # fraction of documents held out (chosen by a hash of their position)
-    eval_samples: int = 0               # if > 0: hold out the first eval_samples documents instead
-    max_documents: int = 0              # read at most this many documents (0 = all)
-
-    def __post_init__(self):
-        require(0 <= self.validation_split < 1,
-                f"dataset.validation_split must be in [0, 1), got {self.validation_split}")
-        for key, low in (("max_seq_length", 8), ("eval_samples", 0), ("max_documents", 0), ("num_workers", 0),
-                         ("shuffle_buffer_size", 1)):
-            require(getattr(self, key) >= low, f"dataset.{key} must be >= {low}, got {getattr(self, key)}")
-
+# config: the datacollator section (dataset and tokenizer are prepare.py's)
 
 @dataclass
 class DataCollatorConfig:
@@ -100,809 +49,41 @@ class DataCollatorConfig:
                 f"datacollator.pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
 
 
-def dataset_dir(ds):
-    """The prepared directory: dataset.path, or data_cache/<name> (data_cache/local for data_files)."""
-    if ds.path:
-        return Path(ds.path)
-    name = "local" if ds.data_files else ds.name + (f"-{ds.config}" if ds.config else "")
-    return Path("data_cache") / "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
-
-
-def worker_count(n):
-    if n > 0:
-        return n
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-# -----------------------------------------------------------------------------
-# tokenizer
-
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def _tokenizer_from_spec(tok_cfg):
-    """The tokenizer named by tokenizer.path or tokenizer.name (not a trained one)."""
-    if tok_cfg.path:
-        path = Path(tok_cfg.path)
-        require(path.is_file(), f"tokenizer.path {str(path)!r} does not exist")
-        try:
-            return Tokenizer.from_file(str(path))
-        except Exception as e:
-            raise UserError(f"tokenizer.path {str(path)!r} is not a tokenizers tokenizer.json ({e})") from None
-    import huggingface_hub
-    fix = "set tokenizer.path to a local tokenizer.json or tokenizer.train: true"
-    with hub_requests(f"get tokenizer.json of {tok_cfg.name!r}", f"set HF_HUB_OFFLINE=1 to use the HF cache, or {fix}"):
-        try:
-            path = huggingface_hub.hf_hub_download(tok_cfg.name, "tokenizer.json")
-        except Exception as e:
-            raise UserError(f"could not get tokenizer.json of {tok_cfg.name!r} from the Hugging Face Hub "
-                            f"({type(e).__name__}); {fix}") from None
-    return Tokenizer.from_file(str(path))
-
-
-def train_tokenizer(texts, vocab_size, min_frequency=2, lowercase=True):
-    """A BERT-style WordPiece tokenizer trained on an iterable of strings (streamed). The trainer breaks count ties in
-    hash order, so two trainings may differ in rare pieces: prepare() trains once and saves tokenizer.json."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=SPECIAL_TOKENS, show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    tok.decoder = decoders.WordPiece(prefix="##")
-    return tok
-
-
-def load_tokenizer(tok_cfg, data_dir=None):
-    """The tokenizer.json a prepared data_dir was made with, else tokenizer.path, or tokenizer.name from the hub."""
-    if data_dir is not None and (Path(data_dir) / "tokenizer.json").is_file():
-        return Tokenizer.from_file(str(Path(data_dir) / "tokenizer.json"))
-    require(not tok_cfg.train, "tokenizer.train is true but no trained tokenizer.json exists yet in "
-            f"{str(data_dir)!r}: run python data.py CONFIG first")
-    return _tokenizer_from_spec(tok_cfg)
-
-
-def special_token_ids(tokenizer):
-    """dict(pad, cls, sep, mask, unk) -> ids; an error names the missing BERT special tokens."""
-    names = dict(pad="[PAD]", cls="[CLS]", sep="[SEP]", mask="[MASK]", unk="[UNK]")
-    ids = {k: tokenizer.token_to_id(v) for k, v in names.items()}
-    missing = [names[k] for k, v in ids.items() if v is None]
-    require(not missing, f"the tokenizer lacks the special tokens {missing}; a BERT-style tokenizer is needed")
-    return ids
-
-
-def check_vocab(tokenizer, model_vocab_size):
-    """The model's vocab_size may exceed the tokenizer's (rounded up for speed), never be smaller."""
-    n = tokenizer.get_vocab_size(with_added_tokens=True)
-    require(model_vocab_size >= n, f"model.vocab_size {model_vocab_size} is smaller than the tokenizer's vocabulary "
-            f"of {n} tokens; set model.vocab_size >= {n} (e.g. {-(-n // 64) * 64})")
-
-
-def _all_special_ids(tokenizer):
-    added = tokenizer.get_added_tokens_decoder().items()
-    return sorted(set(special_token_ids(tokenizer).values()) | {tid for tid, tok in added if tok.special})
-
-
-# -----------------------------------------------------------------------------
-# sources: files read one by one, each yielding its rows in a fixed order; a row's position is (file index, row
-# index within the file), counted before dropping empties. One reader serves the corpus (one column: the text),
-# contrastive.py's pair sources (query, positive and negative columns) and GLUE (read_table: whole files, strictly).
-
-@dataclass
-class ReadStats:
-    bad_bytes: int = 0          # undecodable bytes skipped
-    bad_lines: int = 0          # lines that held undecodable bytes
-    bad_records: int = 0        # .jsonl lines that are not a JSON object; records without a column; non-string text
-    skipped_files: int = 0      # .py files that do not parse
-    empty_documents: int = 0
-
-
-@dataclass
-class SourceFile:
-    name: str                   # shown in messages
-    kind: str                   # txt | jsonl | csv | tsv | parquet | py (its docstrings) | stdlib-pairs
-    local: Optional[str] = None  # local path, or None for a hub file fetched on first read
-    repo: Optional[str] = None
-    revision: Optional[str] = None
-
-    def fetch(self):
-        if self.local is None:
-            import huggingface_hub
-            with hub_requests(f"download {self.name} of dataset {self.repo!r}", "download the files and list them in "
-                              "data_files (dataset.data_files, contrastive.sources[i].data_files)"):
-                try:
-                    self.local = huggingface_hub.hf_hub_download(self.repo, self.name, repo_type="dataset",
-                                                                 revision=self.revision)
-                except Exception as e:
-                    raise UserError(f"could not download {self.name} of dataset {self.repo!r} ({one_line(e)})") \
-                        from None
-        return self.local
-
-
-KINDS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
-SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-
-
-def py_files(root, skip=SKIP_DIRS):
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in skip and not d.startswith(".")]
-        out += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
-    return sorted(out)
-
-
-def local_files(patterns, kinds=KINDS, key="dataset.data_files", label=".txt, .jsonl or .parquet"):
-    """The files that local paths, globs and directories name, each once, in sorted order per pattern."""
-    files = {}
-    for pat in patterns:
-        if has_magic(pat):
-            matched = sorted(glob(pat, recursive=True))
-            require(matched, f"{key} pattern {pat!r} matches no files")
-        elif os.path.isdir(pat):
-            matched = sorted(str(p) for p in Path(pat).rglob("*") if p.suffix in kinds and p.is_file())
-            require(matched, f"{key} directory {pat!r} holds no {label} files")
-        else:
-            require(os.path.exists(pat), f"{key}: no such file {pat!r}")
-            matched = [pat]
-        for m in matched:
-            if not os.path.isdir(m) and m not in files:
-                require(Path(m).suffix in kinds, f"{key}: {m!r} is not {label}")
-                files[m] = SourceFile(m, kinds[Path(m).suffix], local=m)
-    return list(files.values())
-
-
-def _match_hub_parquet(files, config, split):
-    files = [f for f in files if f.endswith(".parquet")]
-    if config:
-        files = [f for f in files if f.split("/")[0] == config or f.startswith(f"data/{config}/")]
-    else:           # a repo with data/ or default/ keeps its parquet files there
-        root = next((r for r in ("data/", "default/") if any(f.startswith(r) for f in files)), "")
-        files = [f for f in files if f.startswith(root)]
-    parts = {f: f.split("/") for f in files}
-    return sorted(f for f, p in parts.items()
-                  if p[-1].startswith(f"{split}-") or p[-1] == f"{split}.parquet" or split in p[1:-1])
-
-
-def hub_files(name, config, split, hint="check dataset.name, or use dataset.data_files for local files",
-              offline="list local files in dataset.data_files"):
-    """The parquet files of a hub dataset's config and split (listed, not downloaded), or of its parquet branch."""
-    import huggingface_hub
-    api, listed = huggingface_hub.HfApi(), []
-    for revision in (None, "refs/convert/parquet"):
-        try:
-            with hub_requests(f"list dataset {name!r}", offline):
-                files = api.list_repo_files(name, repo_type="dataset", revision=revision)
-        except UserError:
-            raise
-        except Exception as e:
-            if revision is None:
-                raise UserError(f"cannot list dataset {name!r} on the Hugging Face Hub ({type(e).__name__}); "
-                                f"{hint}") from None
-            continue
-        listed += [f for f in files if f.endswith(".parquet")]
-        matched = _match_hub_parquet(files, config, split)
-        if matched:
-            return [SourceFile(f, "parquet", repo=name, revision=revision) for f in matched]
-    raise UserError(f"dataset {name!r} has no parquet files for config {config!r} split {split!r}; "
-                    f"its parquet files: {sorted(set(listed))[:10] or 'none'}")
-
-
-def source_files(ds):
-    """The corpus's files in reading order (sorted; deterministic)."""
-    if ds.data_files:
-        return local_files(ds.data_files)
-    if ds.name in ("stdlib", "stdlib+packages"):
-        files = py_files(sysconfig.get_paths()["stdlib"])
-        if ds.name == "stdlib+packages":
-            for sp in sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}):
-                files += py_files(sp, SKIP_DIRS - {"site-packages", "dist-packages"})
-        return [SourceFile(f, "py", local=f) for f in files]
-    return hub_files(ds.name, ds.config, ds.train_split)
-
-
-def _decode(raw, stats):
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        s = raw.decode("utf-8", errors="ignore")
-        stats.bad_bytes += len(raw) - len(s.encode("utf-8"))
-        stats.bad_lines += 1
-        return s
-
-
-def _parse_py(path):
-    try:
-        return ast.parse(Path(path).read_bytes())
-    except (SyntaxError, ValueError, UnicodeDecodeError):
-        return None
-
-
-@lru_cache(maxsize=None)
-def _py_docstrings(path):
-    """The docstrings of a .py file (module, classes, functions), or None when it does not parse."""
-    tree = _parse_py(path)
-    if tree is None:
-        return None
-    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-    return tuple(filter(None, (ast.get_docstring(n, clean=True) for n in ast.walk(tree) if isinstance(n, kinds))))
-
-
-def stdlib_pairs(root):
-    """Offline pairs from the standard library: a public function's qualified name and signature (query) -> its
-    docstring (positive); the module's next documented function's docstring is a hard negative. Deterministic."""
-    for path in py_files(root):
-        tree = _parse_py(path)
-        if tree is None:
-            continue
-        module = os.path.relpath(path, root)[:-3].replace(os.sep, ".").removesuffix(".__init__")
-        found = []
-
-        def visit(node, prefix):
-            for child in ast.iter_child_nodes(node):
-                if isinstance(child, ast.ClassDef) and not child.name.startswith("_"):
-                    visit(child, f"{prefix}.{child.name}")
-                elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) and not child.name.startswith("_"):
-                    doc = ast.get_docstring(child, clean=True)
-                    if doc and len(doc) >= 20:
-                        found.append((f"{prefix}.{child.name}({ast.unparse(child.args)})", doc))
-        visit(tree, module)
-        for j, (query, doc) in enumerate(found):
-            negatives = [d for _, d in found[j + 1:] + found[:j] if d != doc]
-            if negatives:
-                yield {"query": query, "positive": doc, "negative": negatives[0]}
-
-
-def read_rows(sf, columns, stats, skip=0, hint="set dataset.text_column"):
-    """(row index, [value of each of `columns`]) of one file from row `skip` on; a .txt file (documents separated by
-    blank lines) and a .py file (its docstrings) give one text per row. A value may be None or not a string (the caller
-    decides); a missing column is an error listing the file's columns (`hint` names the setting to fix)."""
-    if sf.kind == "py":
-        docs = _py_docstrings(sf.local)
-        if docs is None:
-            stats.skipped_files += 1
-            return
-        yield from ((row, [doc]) for row, doc in enumerate(docs[skip:], start=skip))
-    elif sf.kind == "txt":
-        with open(sf.fetch(), "rb") as f:
-            lines = groupby((_decode(raw, stats) for raw in f), key=lambda line: bool(line.strip()))
-            docs = ("".join(group) for text, group in lines if text)
-            yield from ((row, [doc.strip()]) for row, doc in islice(enumerate(docs), skip, None))
-    elif sf.kind == "parquet":
-        yield from _parquet_rows(sf, columns, stats, skip, hint)
-    else:
-        yield from _record_rows(sf, columns, stats, skip, hint)
-
-
-def _no_column(sf, columns, names, hint, where=""):
-    missing = next((c for c in columns if c not in names), columns[0])
-    raise UserError(f"{sf.name} has no column {missing!r}{where}; its columns: {list(names)} ({hint})")
-
-
-def _records(sf, stats, skip, strict=False, header=None):
-    """(row index, record) of a .jsonl/.csv/.tsv file or of the stdlib pairs from row `skip` on. A .jsonl line that is
-    not a JSON object is counted and skipped (a corpus must not stop on one); with `strict` (GLUE) it is an error, as
-    is a CSV row of another width. A .tsv is split on tabs, unquoted: QQP and MNLI hold unbalanced quotes. `header`
-    names the columns of a headerless file (CoLA). Fields past the header's are ignored (some STS-B rows have one);
-    a row with fewer (a few in QQP's train.tsv) is counted and skipped."""
-    if sf.kind == "stdlib-pairs":
-        yield from islice(enumerate(stdlib_pairs(sf.local)), skip, None)
-    elif sf.kind in ("csv", "tsv"):
-        import csv
-        tsv = sf.kind == "tsv"
-        with open(sf.fetch(), encoding="utf-8-sig", errors="replace", newline="\n" if tsv else "") as f:
-            lines = (ln.rstrip("\r\n").split("\t") for ln in f if ln.strip()) if tsv else filter(None, csv.reader(f))
-            header = header or next(lines, [])
-            for row, fields in islice(enumerate(lines), skip, None):
-                if strict and not tsv and len(fields) != len(header):
-                    raise UserError(f"{sf.name} row {row + 2} has {len(fields)} fields but the header has "
-                                    f"{len(header)}")
-                if len(fields) < len(header):
-                    stats.bad_records += 1
-                else:
-                    yield row, dict(zip(header, fields))
-    else:
-        with open(sf.fetch(), "rb") as f:
-            for row, raw in islice(enumerate(f), skip, None):
-                if not raw.strip():
-                    continue
-                rec, why = None, "not a JSON object"
-                try:
-                    rec = json.loads(_decode(raw, stats))
-                except json.JSONDecodeError as e:
-                    why = f"not JSON ({e.msg}); one object per line is expected"
-                if isinstance(rec, dict):
-                    yield row, rec
-                elif strict:
-                    raise UserError(f"{sf.name} line {row + 1} is {why}")
-                else:
-                    stats.bad_records += 1
-
-
-RECORD_PROBE = 1000     # this many leading records without a wanted column make a file an error
-
-
-def _record_rows(sf, columns, stats, skip, hint):
-    # a record without a wanted column is skipped and counted (real corpora have a few); a file in which none of
-    # the first RECORD_PROBE records has them all (a wrong column setting) is an error listing the columns
-    seen, lacking, names = False, 0, {}
-    for row, rec in _records(sf, stats, skip):
-        if all(c in rec for c in columns):
-            seen = True
-            yield row, [rec[c] for c in columns]
-            continue
-        lacking += 1
-        names.update(dict.fromkeys(rec))
-        stats.bad_records += 1
-        if not seen and lacking >= RECORD_PROBE:
-            break
-    if lacking and not seen:
-        _no_column(sf, columns, names, hint, f" in any of its first {lacking} records")
-
-
-def _parquet_file(sf):
-    import pyarrow.parquet as pq
-    path = sf.fetch()  # its errors are its own
-    try:
-        return pq.ParquetFile(path)
-    except Exception as e:
-        raise UserError(f"{sf.name} is not a readable parquet file ({' '.join(str(e).split())})") from None
-
-
-def _parquet_rows(sf, columns, stats, skip, hint):
-    import pyarrow as pa
-    pf = _parquet_file(sf)
-    schema = pf.schema_arrow
-    if any(c not in schema.names for c in columns):
-        _no_column(sf, columns, schema.names, hint)
-    textual = [f.name for f in schema if f.type in (pa.string(), pa.large_string(), pa.binary(), pa.large_binary(),
-                                                     pa.null())]
-    for c in columns:
-        require(c in textual, f"{sf.name}: column {c!r} holds {schema.field(c).type}, not text; its text columns: "
-                f"{textual} ({hint})")
-    row = 0
-    for batch in pf.iter_batches(batch_size=1024, columns=list(dict.fromkeys(columns))):
-        if row + batch.num_rows > skip:
-            values = [batch.column(c).to_pylist() for c in columns]
-            for i in range(max(skip - row, 0), batch.num_rows):
-                yield row + i, [_decode(v[i], stats) if isinstance(v[i], bytes) else v[i] for v in values]
-        row += batch.num_rows
-
-
-def check_sources(files, columns, hint="set dataset.text_column"):
-    """Read each local file's first row, so a wrong column setting or unreadable file fails before any work."""
-    for sf in files:
-        if sf.local is not None and sf.kind not in ("txt", "py"):
-            rows = read_rows(sf, columns, ReadStats(), hint=hint)
-            next(rows, None)
-            rows.close()
-
-
-def read_table(path, header=None):
-    """{column: list of values} of a whole .parquet, .jsonl, .csv or .tsv file, read strictly (small labelled sets:
-    GLUE); a column of any type is kept (integer and float labels); an empty file is an error (nothing to score)."""
-    sf, stats = SourceFile(str(path), Path(path).suffix[1:].lower(), local=str(path)), ReadStats()
-    if sf.kind == "parquet":
-        table = _parquet_file(sf).read().to_pydict()
-    else:
-        records = [rec for _, rec in _records(sf, stats, 0, strict=True, header=header)]
-        table = {c: [r.get(c) for r in records] for c in dict.fromkeys(k for r in records for k in r)}
-    if stats.bad_records:
-        warn(f"{path}: skipped {stats.bad_records} malformed rows (fewer tab-separated fields than the header)")
-    require(any(table.values()), f"{path} holds no examples (an empty split)")
-    return table
-
-
-def iter_documents(ds, files=None, start=(0, 0), stats=None):
-    """(file index, row index, text) of every non-empty document from position `start`, one file at a time."""
-    files = source_files(ds) if files is None else files
-    stats = ReadStats() if stats is None else stats
-    for fi in range(start[0], len(files)):
-        for ri, (text,) in read_rows(files[fi], [ds.text_column], stats, skip=start[1] if fi == start[0] else 0):
-            if text is not None and not isinstance(text, str):
-                stats.bad_records += 1
-            elif not text or not text.strip():
-                stats.empty_documents += 1
-            else:
-                yield fi, ri, text
-
-
-def held_out(position, fraction):
-    """Whether the row at `position` ("file:row") is held out: its hash is below `fraction` (the same every run)."""
-    h = hashlib.blake2b(position.encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2**64 < fraction
-
-
-def _is_validation(ds, fi, ri, ordinal):
-    """Held-out rule of prepare() and streaming: the first eval_samples documents, else held_out("file:row")."""
-    if ds.eval_samples > 0:
-        return ordinal < ds.eval_samples
-    return held_out(f"{fi}:{ri}", ds.validation_split)
-
-
-def iter_split(ds, split, files=None, start=(0, 0, 0), stats=None):
-    """(file, row, ordinal, text) of one split's documents ('train' | 'val', None: both) from source position `start`;
-    ordinal counts the documents of both splits from the corpus's start (up to dataset.max_documents)."""
-    ordinal = start[2]
-    for fi, ri, text in iter_documents(ds, files, (start[0], start[1]), stats):
-        if (ds.max_documents and ordinal >= ds.max_documents) or (split == "val" and 0 < ds.eval_samples <= ordinal):
-            return
-        if split is None or _is_validation(ds, fi, ri, ordinal) == (split == "val"):
-            yield fi, ri, ordinal, text
-        ordinal += 1
-
-
-# -----------------------------------------------------------------------------
-# tokenizing in worker processes (bounded queue: the corpus is never materialised)
-
-_WORKER_TOKENIZER = None
-
-
-def _worker_init(tok_json):
-    global _WORKER_TOKENIZER
-    # Signals are the parent's business: a worker leaves its process group, so Ctrl-C or a preemption SIGTERM sent
-    # to the group does not kill it mid-task (that hung the parent's pending results), and it drops any Python
-    # handler inherited through fork (train.py's stop-at-step-boundary handler made Pool.terminate() hang).
-    try:
-        os.setpgid(0, 0)
-    except OSError:
-        pass
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _WORKER_TOKENIZER = Tokenizer.from_str(tok_json)
-
-
-def _encode_chunk(texts, tokenizer=None):
-    """-> (lengths int64 [n], ids uint32 [sum]) of a list of texts, without special tokens."""
-    encs = (tokenizer or _WORKER_TOKENIZER).encode_batch_fast(texts, add_special_tokens=False)  # no offsets: faster
-    lengths = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
-    ids = np.fromiter((i for e in encs for i in e.ids), dtype=np.uint32, count=int(lengths.sum()))
-    return lengths, ids
-
-
-class Encoder:
-    """encode_batch over chunks of documents in a pool of processes (or in-process for num_workers=1)."""
-
-    def __init__(self, tokenizer, num_workers):
-        self.num_workers, self.pool, self.tokenizer = num_workers, None, tokenizer
-        if num_workers > 1:
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # processes do the parallelism; no rayon after fork
-            ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-            self.pool = ctx.Pool(num_workers, initializer=_worker_init, initargs=(tokenizer.to_str(),))
-
-    def map(self, chunks):
-        """Yield (item, lengths, ids) for (item, texts) chunks, in order, at most 2 chunks per worker in flight."""
-        pending, in_flight = deque(), 2 * self.num_workers if self.pool else 1
-        for item, texts in chunks:
-            pending.append((item, self.pool.apply_async(_encode_chunk, (texts,)) if self.pool else texts))
-            if len(pending) >= in_flight:
-                yield self._result(*pending.popleft())
-        while pending:
-            yield self._result(*pending.popleft())
-
-    def _result(self, item, job):
-        return (item, *(job.get() if self.pool else _encode_chunk(job, self.tokenizer)))
-
-    def close(self):
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-            self.pool = None
-
-
-def chunked(items, n):
-    """Lists of n items (the last one shorter) from an iterable, read lazily."""
-    it = iter(items)
-    return iter(lambda: list(islice(it, n)), [])
-
-
-# -----------------------------------------------------------------------------
-# shards: a 32-byte header (magic, version, itemsize, token count) then raw little-endian uint16/uint32 tokens;
-# index.npy: int64 start offsets of the documents in the split's concatenated shards, plus the total at the end.
-
-SHARD_MAGIC = b"NEOBTOK\x00"
-SHARD_VERSION = 1
-HEADER = struct.Struct("<8sIIQ8x")      # 32 bytes
-FORMAT_VERSION = 1
-SHARD_TOKENS = 1 << 27                  # ~128M tokens (256 MB of uint16) per shard
-
-
-def token_dtype(vocab_size):
-    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
-
-
-class ShardWriter:
-    """Append documents to <dir>/shard_XXXXX.bin(.tmp); a shard is renamed when complete."""
-
-    def __init__(self, out_dir, dtype, shard_tokens=SHARD_TOKENS):
-        self.dir, self.dtype, self.shard_tokens = Path(out_dir), dtype, shard_tokens
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.shards, self.offsets = [], array("q", [0])     # offsets: the doc index, 8 bytes per document
-        self.f, self.count = None, 0
-
-    def _close_shard(self):
-        self.f.seek(0)
-        self.f.write(HEADER.pack(SHARD_MAGIC, SHARD_VERSION, self.dtype.itemsize, self.count))
-        self.f.close()
-        name = f"shard_{len(self.shards):05d}.bin"
-        os.replace(self.dir / (name + ".tmp"), self.dir / name)
-        self.shards.append({"file": name, "tokens": self.count})
-        self.f, self.count = None, 0
-
-    def write_docs(self, lengths, ids):
-        """Documents as lengths + concatenated ids; a shard closes after the document that fills it (none straddles)."""
-        ids = ids.astype(self.dtype, copy=False)
-        ends = np.cumsum(lengths)
-        self.offsets.extend((ends + self.offsets[-1]).tolist())
-        doc = tok = 0
-        while doc < len(lengths):
-            if self.f is None:
-                self.f = open(self.dir / f"shard_{len(self.shards):05d}.bin.tmp", "wb")
-                self.f.write(b"\0" * HEADER.size)
-            k = min(int(np.searchsorted(ends, tok + self.shard_tokens - self.count, side="left")) + 1, len(lengths))
-            self.f.write(ids[tok:ends[k - 1]].tobytes())
-            self.count += int(ends[k - 1]) - tok
-            doc, tok = k, int(ends[k - 1])
-            if self.count >= self.shard_tokens:
-                self._close_shard()
-
-    def finish(self):
-        if self.f is not None:
-            self._close_shard()
-        with open(self.dir / "index.npy.tmp", "wb") as f:
-            np.save(f, np.frombuffer(self.offsets, dtype=np.int64))
-        os.replace(self.dir / "index.npy.tmp", self.dir / "index.npy")
-        return {"documents": len(self.offsets) - 1, "tokens": int(self.offsets[-1]), "shards": self.shards}
-
-
-def _check_shard(path, n_tokens, dtype):
-    require(path.is_file(), f"token shard {path} is missing; delete {path.parent.parent} and prepare again")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(HEADER.size)
-    require(len(head) == HEADER.size and head[:8] == SHARD_MAGIC, f"{path} is not a neobert token shard (bad "
-            f"header); delete {path.parent.parent} and prepare again")
-    _, version, itemsize, count = HEADER.unpack(head)
-    require((version, itemsize, count) == (SHARD_VERSION, dtype.itemsize, n_tokens), f"{path}: header says version "
-            f"{version}, {itemsize}-byte tokens, {count} tokens; manifest.json expects version {SHARD_VERSION}, "
-            f"{dtype.itemsize}-byte, {n_tokens}")
-    expected = HEADER.size + n_tokens * dtype.itemsize
-    require(size == expected, f"{path} is truncated or has trailing bytes: {size} bytes, expected {expected}; "
-            f"delete {path.parent.parent} and prepare again")
-
-
-def read_manifest(data_dir):
-    path = Path(data_dir) / "manifest.json"
-    require(path.is_file(), f"{str(data_dir)!r} is not a prepared dataset (no manifest.json); "
-            f"run python data.py CONFIG")
-    try:
-        man = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from None
-    require(man.get("format_version") == FORMAT_VERSION, f"{path} has format_version {man.get('format_version')!r}; "
-            f"this data.py reads {FORMAT_VERSION}: prepare the data again")
-    return man
-
-
-class TokenStore:
-    """One split of a prepared dir: memory-mapped shards and the document index (all it holds in RAM)."""
-
-    def __init__(self, data_dir, split="train"):
-        self.dir = Path(data_dir)
-        self.manifest = man = read_manifest(data_dir)
-        require(split in man["splits"], f"{data_dir} has no split {split!r}; it has {sorted(man['splits'])}")
-        info = man["splits"][split]
-        self.split, self.dtype = split, np.dtype(man["dtype"])
-        self.shards, starts = [], [0]
-        for sh in info["shards"]:
-            path = self.dir / split / sh["file"]
-            _check_shard(path, sh["tokens"], self.dtype)
-            self.shards.append(np.memmap(path, dtype=self.dtype, mode="r", offset=HEADER.size, shape=(sh["tokens"],)))
-            starts.append(starts[-1] + sh["tokens"])
-        self.shard_starts = np.asarray(starts, dtype=np.int64)
-        index = self.dir / split / "index.npy"
-        try:
-            self.offsets = np.load(index, allow_pickle=False)
-        except FileNotFoundError:
-            raise UserError(f"document index {index} is missing; delete {data_dir} and prepare again") from None
-        except Exception as e:
-            raise UserError(f"document index {index} is unreadable or truncated ({e}); delete {data_dir} "
-                            f"and prepare again") from None
-        n = info["documents"]
-        require(not (self.offsets.dtype != np.int64 or self.offsets.shape != (n + 1,) or self.offsets[0] != 0
-                     or self.offsets[-1] != starts[-1] or np.any(np.diff(self.offsets) < 0)),
-                f"document index {index} does not match its shards ({n} documents, {starts[-1]} tokens expected); "
-                f"delete {data_dir} and prepare again")
-        self.lengths = np.diff(self.offsets)
-        self.n_docs, self.n_tokens = n, starts[-1]
-
-    def doc(self, d):
-        """Tokens of document d (a read-only memmap view)."""
-        start, end = int(self.offsets[d]), int(self.offsets[d + 1])
-        s = int(np.searchsorted(self.shard_starts, start, side="right")) - 1
-        base = int(self.shard_starts[s])
-        return self.shards[s][start - base:end - base]
-
-
-# -----------------------------------------------------------------------------
-# prepare
-
-def _source_spec(ds):
-    return {"name": "local" if ds.data_files else ds.name, "config": ds.config, "train_split": ds.train_split,
-            "data_files": list(ds.data_files), "text_column": ds.text_column, "validation_split": ds.validation_split,
-            "eval_samples": ds.eval_samples, "max_documents": ds.max_documents}
-
-
-def _tokenizer_spec(tok_cfg, ds):
-    if tok_cfg.path:
-        return {"path": str(tok_cfg.path), "sha256": hashlib.sha256(Path(tok_cfg.path).read_bytes()).hexdigest()
-                if Path(tok_cfg.path).is_file() else None}
-    if tok_cfg.train:
-        return {"train": True, "vocab_size": tok_cfg.vocab_size, "min_frequency": tok_cfg.min_frequency,
-                "lowercase": tok_cfg.lowercase, "corpus": _source_spec(ds)}
-    return {"name": tok_cfg.name}
-
-
-def spec_diff(old, new, prefix):
-    """`prefix.key: old -> new` for each difference of two specs; nested ones (dicts, lists of dicts) name leaf keys."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, list) and isinstance(b, list) and all(isinstance(x, dict) for x in a + b):
-            a, b = dict(enumerate(a)), dict(enumerate(b))
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += spec_diff(a, b, f"{prefix}.{k}")
-        elif a != b:
-            out.append(f"{prefix}.{k}: {a!r} -> {b!r}")
-    return out
-
-
-def is_prepared(out, changes, made_from, key):
-    """Whether `out` is a finished prepared directory (manifest.json is written last). One made from another spec
-    (changes(manifest) lists the differences) is refused: reading it would silently train on other data."""
-    if not (Path(out) / "manifest.json").is_file():
-        return False
-    diff = changes(read_manifest(out))
-    require(not diff, f"{out} was prepared from {made_from} ({'; '.join(diff)}); delete it or set another {key}")
-    return True
-
-
-def write_json(path, obj):
-    write_atomic(Path(path), json.dumps(obj, indent=2) + "\n")
-
-
-def save_tokenizer(tok, out):
-    write_atomic(Path(out) / "tokenizer.json", tok.to_str(pretty=True))
-
-
-def write_shards(out, rows, fields, tokenizer, num_workers, *, shard_tokens=SHARD_TOKENS, desc, unit, progress):
-    """Tokenize rows (is_val, [text of each field]) in worker processes into shards: out/<split>/ for a corpus's one
-    unnamed field (fields [""]), out/<split>.<field>/ for pairs; row i of a split is document i of each field. A row
-    with a text of no tokens is dropped. -> (shard info per directory, rows per split, rows dropped)."""
-    dtype = token_dtype(tokenizer.get_vocab_size(with_added_tokens=True))
-    dirs = {(s, f): f"{s}.{f}" if f else s for s in ("train", "val") for f in fields}
-    for d in dirs.values():              # leftovers of an interrupted run
-        shutil.rmtree(out / d, ignore_errors=True)
-    writers = {key: ShardWriter(out / d, dtype, shard_tokens) for key, d in dirs.items()}
-    # a chunk's texts go field by field (all queries, all positives, ...) so one encode call serves them all
-    chunks = ((np.asarray([v for v, _ in c], dtype=bool), [texts[k] for k in range(len(fields)) for _, texts in c])
-              for c in chunked(rows, 256))
-    from tqdm import tqdm
-    encoder = Encoder(tokenizer, num_workers)
-    bar = tqdm(desc=desc, unit=unit, unit_scale=True, file=sys.stderr, mininterval=0.5, disable=not progress)
-    t0, n_tok, counts, dropped = time.time(), 0, {"train": 0, "val": 0}, 0
-    try:
-        for is_val, lengths, ids in encoder.map(chunks):
-            lengths = lengths.reshape(len(fields), len(is_val))
-            keep = (lengths > 0).all(axis=0)
-            dropped += int((~keep).sum())
-            starts = np.concatenate([[0], np.cumsum(lengths.sum(axis=1))])
-            for split, sel in (("train", ~is_val & keep), ("val", is_val & keep)):
-                counts[split] += int(sel.sum())
-                for k, f in enumerate(fields):
-                    field_ids = ids[starts[k]:starts[k + 1]]
-                    if sel.all():
-                        writers[split, f].write_docs(lengths[k], field_ids)
-                    elif sel.any():
-                        writers[split, f].write_docs(lengths[k][sel], field_ids[np.repeat(sel, lengths[k])])
-            n_tok += int(lengths.sum())
-            bar.update(len(is_val))
-            bar.set_postfix_str(f"{n_tok / max(time.time() - t0, 1e-9):,.0f} tokens/s", refresh=False)
-    finally:
-        encoder.close()
-        bar.close()
-    return {dirs[key]: w.finish() for key, w in writers.items()}, counts, dropped
-
-
-def _prepare_tokenizer(ds, tok_cfg, out, files, stats):
-    """tokenizer.json (+ tokenizer_spec.json) in `out`; reused when its spec matches."""
-    spec = _tokenizer_spec(tok_cfg, ds)
-    spec_path, tok_path = out / "tokenizer_spec.json", out / "tokenizer.json"
-    if tok_path.is_file() and spec_path.is_file() and json.loads(spec_path.read_text()) == spec:
-        return Tokenizer.from_file(str(tok_path))
-    if tok_cfg.train:
-        print(f"training a WordPiece tokenizer (vocab_size {tok_cfg.vocab_size}) on {dataset_label(ds)}", flush=True)
-        t0 = time.time()
-        texts = (text for _, _, _, text in iter_split(ds, "train", files, stats=stats))
-        tok = train_tokenizer(texts, tok_cfg.vocab_size, tok_cfg.min_frequency, tok_cfg.lowercase)
-        print(f"trained {tok.get_vocab_size()} tokens in {time.time() - t0:.1f}s", flush=True)
-    else:
-        tok = _tokenizer_from_spec(tok_cfg)
-    special_token_ids(tok)
-    save_tokenizer(tok, out)
-    write_json(spec_path, spec)
-    return tok
-
-
-def dataset_label(ds):
-    if ds.data_files:
-        return f"local files {ds.data_files}"
-    if ds.name.startswith("stdlib"):
-        return f"the docstrings of the Python {ds.name} ({sysconfig.get_paths()['stdlib']})"
-    return f"hub dataset {ds.name} (config {ds.config}, split {ds.train_split})"
-
-
-def prepare(ds, tok_cfg, *, shard_tokens=SHARD_TOKENS, progress=True):
-    """Build dataset.path (returned): tokenizer.json, train/ and val/ shards, manifest.json (written last: it marks a
-    complete directory). A finished one returns at once (if made from the same source and tokenizer); an interrupted
-    one is rebuilt. Streaming prepares only the tokenizer. Call it on one rank only (then barrier)."""
-    out = dataset_dir(ds)
-
-    def changes(man):
-        return (spec_diff(man["source"], _source_spec(ds), "dataset")
-                + spec_diff(man["tokenizer"]["spec"], _tokenizer_spec(tok_cfg, ds), "tokenizer"))
-    if is_prepared(out, changes, "another source or tokenizer", "dataset.path"):
-        return out
-    files = source_files(ds)                # bad paths and globs fail here, before any work
-    check_sources(files, [ds.text_column])  # and a text_column missing from a local file
-    out.mkdir(parents=True, exist_ok=True)
-    tok = _prepare_tokenizer(ds, tok_cfg, out, files, ReadStats())
-    if ds.streaming:
-        return out
-    stats, t0 = ReadStats(), time.time()
-    rows = ((_is_validation(ds, fi, ri, ordinal), [text])
-            for fi, ri, ordinal, text in iter_split(ds, None, files, stats=stats))
-    splits, _, n_empty = write_shards(out, rows, [""], tok, worker_count(ds.num_workers), shard_tokens=shard_tokens,
-                                      desc=f"tokenize {out}", unit=" docs", progress=progress)
-    require(splits["train"]["documents"] > 0, f"the corpus is empty: no training documents with text in "
-            f"{dataset_label(ds)}" + (f" ({stats.empty_documents} empty)" if stats.empty_documents else ""))
-    report_stats(stats, [ds.text_column])
-    stats.empty_documents += n_empty
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    write_json(out / "manifest.json", {
-        "format_version": FORMAT_VERSION, "source": _source_spec(ds),
-        "tokenizer": {"spec": _tokenizer_spec(tok_cfg, ds), "vocab_size": vocab_size,
-                      "sha256": hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest(),
-                      "special_ids": special_token_ids(tok), "all_special_ids": _all_special_ids(tok)},
-        "dtype": token_dtype(vocab_size).name, "splits": splits, "skipped": asdict(stats),
-        "seconds": round(time.time() - t0, 2)})
-    t, v = splits["train"], splits["val"]
-    print(f"prepared {out}: train {t['documents']:,} docs / {t['tokens']:,} tokens, "
-          f"val {v['documents']:,} docs / {v['tokens']:,} tokens in {time.time() - t0:.1f}s", flush=True)
-    return out
-
-
-def report_stats(stats, columns):
-    if stats.bad_bytes:
-        warn(f"skipped {stats.bad_bytes} undecodable bytes in {stats.bad_lines} lines (not UTF-8)")
-    if stats.bad_records:
-        warn(f"skipped {stats.bad_records} records that were not JSON objects with a string "
-             f"{' and '.join(map(repr, columns))} (including records without one)")
-    if stats.skipped_files:
-        warn(f"skipped {stats.skipped_files} .py files that do not parse")
-
-
-# -----------------------------------------------------------------------------
-# MLM masking and collation
-
 PERM_STREAM, MASK_STREAM = 0x7065726D, 0x6D61736B    # keep the permutation and mask RNG streams apart
 
 
 def seeded_rng(*key):
     return np.random.default_rng([int(k) % 2**63 for k in key])
 
+
+# -----------------------------------------------------------------------------
+# masking
+
+class Masker:
+    """Select each non-special token with probability mlm_probability; selected -> [MASK] (mask_all), or 80% [MASK] /
+    10% a random non-special id / 10% unchanged. labels = original id where selected, else -100. The same random
+    draws are made in both modes, so a row's selection does not depend on mask_all."""
+
+    def __init__(self, cfg, mask_id: int, never_ids, vocab_size: int):
+        self.p, self.mask_all, self.mask_id = cfg.mlm_probability, cfg.mask_all, mask_id
+        self.never = np.asarray(sorted(never_ids), dtype=np.int64)
+        self.random_ids = np.setdiff1d(np.arange(vocab_size, dtype=np.int64), self.never)
+
+    def __call__(self, ids, rng):
+        n = len(ids)
+        selected = (rng.random(n) < self.p) & ~np.isin(ids, self.never)
+        how = rng.random(n)
+        random_ids = self.random_ids[rng.integers(0, len(self.random_ids), n)]
+        if self.mask_all:
+            inputs = np.where(selected, self.mask_id, ids)
+        else:
+            inputs = np.where(selected & (how < 0.8), self.mask_id, ids)
+            inputs = np.where(selected & (how >= 0.8) & (how < 0.9), random_ids, inputs)
+        return inputs, np.where(selected, ids, -100)
+
+
+# -----------------------------------------------------------------------------
+# packing and the batch format
 
 def pack_rows(docs, seq_len, cls, sep, offset=0):
     """Both MLM loaders' packing rule: units [CLS] doc [SEP] of `docs` ((key, tokens) pairs) from token `offset` of
@@ -930,120 +111,21 @@ def pin_batch(batch):
     return {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-# -----------------------------------------------------------------------------
-# loaders
+class Collator:
+    """Rows -> an MLM batch. A row is (ids, segment lengths (packed) or None, rng key): its masks depend only on the
+    key, so not on the rank, the micro-step or the padding.
+    Packed -> input_ids, labels, position_ids [B, S], cu_seqlens int32 [N+1] over the flattened B*S tokens (every row
+    start is a segment start), max_seqlen (python int). Padded -> input_ids, labels, attention_mask [B, L], L = the
+    longest row rounded up to pad_to_multiple_of (at most S)."""
 
-class StepLoader:
-    """Rank / micro-step slicing of global batches, prefetch (a daemon thread runs prefetch steps ahead; 0: none) and
-    the JSON state, shared by every loader. A subclass sets its state with _start(settings, position) (a state saved
-    under other settings is refused) and defines _steps(state) -> (this rank's micro-batches, state after) items."""
-
-    def __init__(self, micro_batch_size, grad_accum_steps=1, rank=0, world_size=1, prefetch=2, pin_memory=None):
-        self.global_batch_rows = micro_batch_size * grad_accum_steps * world_size
-        first = rank * micro_batch_size * grad_accum_steps
-        self.micro_rows = [list(range(first + m * micro_batch_size, first + (m + 1) * micro_batch_size))
-                           for m in range(grad_accum_steps)]
-        self.prefetch = prefetch
-        self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self._gen = self._thread = None
-
-    def _start(self, settings, position):
-        self._state, self._must_match = {**settings, **position}, tuple(settings)
-
-    def next_step(self):
-        """The grad_accum_steps micro-batches of this rank for the next optimizer step."""
-        if self._gen is None:
-            self._gen = self._items(dict(self._state))
-            if self.prefetch > 0:
-                self._queue, self._stop = queue.Queue(self.prefetch), threading.Event()
-                self._thread = threading.Thread(target=self._run_ahead, args=(self._gen, self._queue, self._stop),
-                                                daemon=True)
-                self._thread.start()
-        item = self._queue.get() if self._thread is not None else next(self._gen)
-        if isinstance(item, Exception):
-            raise item
-        batches, self._state = item
-        return batches
-
-    def _items(self, state):
-        """_steps(state), then for ever the error that ended it: raised in the consumer's thread, on every call."""
-        try:
-            yield from self._steps(state)
-        except Exception as e:
-            while True:
-                yield e
-
-    @staticmethod
-    def _run_ahead(items, q, stop):
-        while not stop.is_set():
-            q.put(next(items))      # close() empties the queue after setting stop: a put blocked here returns
-
-    def state_dict(self):
-        """A small JSON-serialisable dict: the position after the last step returned."""
-        return dict(self._state)
-
-    def load_state_dict(self, state):
-        for k, v in self._state.items():
-            require(k in state, f"loader state lacks {k!r}; it was saved by another loader kind")
-            require(k not in self._must_match or state[k] == v, f"loader state was saved with {k} = {state[k]!r}, "
-                    f"this run has {v!r}; resume with the same setting")
-        StepLoader.close(self)          # the thread only: a subclass's close() may free what the loader still needs
-        self._state = {k: state[k] for k in self._state}
-
-    def close(self):
-        """Stop the background thread (a later next_step() restarts it from the last state returned)."""
-        if self._thread is not None:
-            self._stop.set()
-            while not self._queue.empty():
-                self._queue.get_nowait()
-            self._thread.join(timeout=10)
-        self._gen = self._thread = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-
-class Masker:
-    """Select each non-special token with probability mlm_probability; selected -> [MASK] (mask_all), or 80% [MASK] /
-    10% a random non-special id / 10% unchanged. labels = original id where selected, else -100. The same random
-    draws are made in both modes, so a row's selection does not depend on mask_all."""
-
-    def __init__(self, cfg, mask_id: int, never_ids, vocab_size: int):
-        self.p, self.mask_all, self.mask_id = cfg.mlm_probability, cfg.mask_all, mask_id
-        self.never = np.asarray(sorted(never_ids), dtype=np.int64)
-        self.random_ids = np.setdiff1d(np.arange(vocab_size, dtype=np.int64), self.never)
-
-    def __call__(self, ids, rng):
-        n = len(ids)
-        selected = (rng.random(n) < self.p) & ~np.isin(ids, self.never)
-        how = rng.random(n)
-        random_ids = self.random_ids[rng.integers(0, len(self.random_ids), n)]
-        if self.mask_all:
-            inputs = np.where(selected, self.mask_id, ids)
-        else:
-            inputs = np.where(selected & (how < 0.8), self.mask_id, ids)
-            inputs = np.where(selected & (how >= 0.8) & (how < 0.9), random_ids, inputs)
-        return inputs, np.where(selected, ids, -100)
-
-
-class _MLMBatches(StepLoader):
-    """What both MLM loaders share: masking and collation. A row is (ids, segment lengths (packed) or None, rng key):
-    its masks depend only on the key, so not on the rank, the micro-step or the padding."""
-
-    def __init__(self, special, all_special, vocab_size, *, split, seq_len, seed, collator_cfg, **batch):
-        super().__init__(**batch)           # micro_batch_size, grad_accum_steps, rank, world_size, prefetch, ...
-        self.cfg = collator_cfg or DataCollatorConfig()
-        self.split, self.seq_len, self.seed, self.packed = split, seq_len, seed, self.cfg.pack_sequences
+    def __init__(self, cfg, special: dict, never_ids, vocab_size: int, seq_len: int, pin_memory=None):
+        self.cfg = cfg or DataCollatorConfig()
+        self.seq_len, self.packed = seq_len, self.cfg.pack_sequences
         self.cls, self.sep, self.pad_id = (special[k] for k in ("cls", "sep", "pad"))
-        self.masker = Masker(self.cfg, special["mask"], all_special, vocab_size)
+        self.masker = Masker(self.cfg, special["mask"], never_ids, vocab_size)
+        self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
 
-    def _collate(self, rows):
-        """Packed -> input_ids, labels, position_ids [B, S], cu_seqlens int32 [N+1] over the flattened B*S tokens
-        (every row start is a segment start), max_seqlen (python int). Padded -> input_ids, labels, attention_mask
-        [B, L], L = the longest row rounded up to pad_to_multiple_of (at most S)."""
+    def __call__(self, rows) -> dict:
         inputs, labels = zip(*(self.masker(ids, seeded_rng(*key)) for ids, _, key in rows))
         if self.packed:
             segs = [n for _, row_segs, _ in rows for n in row_segs]
@@ -1052,151 +134,227 @@ class _MLMBatches(StepLoader):
                      "position_ids": torch.from_numpy(positions), "max_seqlen": int(max(segs)),
                      "cu_seqlens": torch.from_numpy(np.cumsum([0, *segs]).astype(np.int32))}
         else:
-            padded = batch_sequences(inputs, self.pad_id, multiple=self.cfg.pad_to_multiple_of)
-            padded["labels"] = batch_sequences(labels, -100, multiple=self.cfg.pad_to_multiple_of)["input_ids"]
+            multiple = self.cfg.pad_to_multiple_of
+            padded = batch_sequences(inputs, self.pad_id, multiple=multiple)
+            padded["labels"] = batch_sequences(labels, -100, multiple=multiple)["input_ids"]
             batch = {k: padded[k][:, :self.seq_len].contiguous() for k in ("input_ids", "labels", "attention_mask")}
         return pin_batch(batch) if self.pin else batch
 
 
-def _epoch_units(lengths, seq_len, packed):
+# -----------------------------------------------------------------------------
+# Loader: a step generator run ahead in a thread, and the position after the last step it returned
+
+def rank_rows(micro_batch_size, grad_accum_steps=1, rank=0, world_size=1):
+    """(rows of a global batch, this rank's row indices in it per micro-step)."""
+    first = rank * micro_batch_size * grad_accum_steps
+    return micro_batch_size * grad_accum_steps * world_size, [
+        list(range(first + m * micro_batch_size, first + (m + 1) * micro_batch_size)) for m in range(grad_accum_steps)]
+
+
+class Loader:
+    """What the trainer uses of every loader: next_step() -> this rank's micro-batches of the next optimizer step;
+    state_dict() -> the position after the last step returned (a small JSON dict, what a checkpoint saves);
+    load_state_dict(state) resumes there. steps(state) is a generator of (micro-batches, state after them) from a
+    position; a daemon thread runs it up to `prefetch` steps ahead (0: in the caller). `settings` are the state's keys
+    a resumed run must share (kind, seed, ...); `info` becomes attributes (global_batch_rows, row, ...)."""
+
+    def __init__(self, steps, state: dict, settings, prefetch: int = 2, on_close=None, **info):
+        self.steps, self.state, self.settings, self.prefetch = steps, dict(state), set(settings), prefetch
+        self.on_close = on_close
+        self.items = self.thread = self.error = None
+        self.__dict__.update(info)
+
+    def next_step(self) -> list:
+        if self.error is not None:  # a failed generator fails every later call the same way
+            raise self.error
+        if self.items is None:
+            self.items = self.steps(dict(self.state))
+            if self.prefetch > 0:
+                self.queue, self.stop = queue.Queue(self.prefetch), threading.Event()
+                self.thread = threading.Thread(target=run_ahead, args=(self.items, self.queue, self.stop), daemon=True)
+                self.thread.start()
+        item = self.queue.get() if self.thread is not None else next_item(self.items)
+        if isinstance(item, Exception):
+            self.error = item
+            raise item
+        batches, self.state = item
+        return batches
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict):
+        for k, v in self.state.items():
+            require(k in state, f"loader state lacks {k!r}; it was saved by another loader kind")
+            require(k not in self.settings or state[k] == v, f"loader state was saved with {k} = {state[k]!r}, "
+                    f"this run has {v!r}; resume with the same setting")
+        self.stop_thread()
+        self.state = {k: state[k] for k in self.state}
+
+    def stop_thread(self):
+        """Stop the background thread (a later next_step() restarts it from the last state returned)."""
+        if self.thread is not None:
+            self.stop.set()
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.thread.join(timeout=10)
+        self.items = self.thread = self.error = None
+
+    def close(self):
+        self.stop_thread()
+        if self.on_close is not None:
+            self.on_close()
+
+    def __del__(self):
+        try:
+            self.stop_thread()
+        except Exception:
+            pass
+
+
+def next_item(items):
+    try:
+        return next(items)
+    except Exception as e:  # handed to the consumer, as the thread does
+        return e
+
+
+def run_ahead(items, q, stop):
+    while not stop.is_set():
+        item = next_item(items)
+        q.put(item)  # close() empties the queue after setting stop: a put blocked here returns
+        if isinstance(item, Exception):
+            return
+
+
+# -----------------------------------------------------------------------------
+# the prepared loader: rows of an epoch by random access into prepared shards
+
+def epoch_units(lengths, seq_len, packed):
     """(start of each unit, rows) of documents of these lengths in this order. Packed, a unit is [CLS] doc [SEP]
     and the units' tokens are cut into rows of seq_len; padded, a unit is the rows a document's chunks take."""
     sizes = lengths + 2 if packed else -(-lengths // (seq_len - 2))
     return np.cumsum(sizes) - sizes, int(sizes.sum()) // (seq_len if packed else 1)
 
 
-@dataclass
-class _EpochPlan:
-    perm: np.ndarray        # document order of this epoch
-    starts: np.ndarray      # start of each unit (packed: its first token; padded: its first row) in that order
-    n_rows: int
+def split_rows(data_dir, split, seq_len, pack_sequences=True, store=None):
+    """Rows of seq_len tokens one epoch of a prepared split gives, as prepared_loader cuts them (0 for none)."""
+    return epoch_units((store or TokenStore(data_dir, split)).lengths, seq_len, pack_sequences)[1]
 
 
-class MLMLoader(_MLMBatches):
-    """MLM batches from prepared shards. Packed: each epoch packs (pack_rows) the documents in a seeded permutation;
-    row r is found by a binary search in the unit starts (random access; only the document index and the permutation
-    are in RAM). Padded: one [CLS] chunk [SEP] per row, chunks of seq_len - 2. Position = (epoch, row); a step that
-    does not fit into the epoch's rows starts the next epoch at row 0 (the tail is dropped)."""
+def prepared_loader(data_dir, split="train", *, seq_len, micro_batch_size, grad_accum_steps=1, rank=0, world_size=1,
+                    seed=0, collator_cfg=None, prefetch=2, pin_memory=None, store=None) -> Loader:
+    """MLM batches from prepared shards (store: the split already opened). Packed: each epoch packs (pack_rows) the
+    documents in a seeded permutation; row r is found by a binary search in the unit starts (random access; only the
+    document index and the permutation are in RAM). Padded: one [CLS] chunk [SEP] per row, chunks of seq_len - 2.
+    Position = (epoch, row); a step that does not fit into the epoch's rows starts the next epoch at row 0."""
+    store = store or TokenStore(data_dir, split)
+    tok = store.manifest["tokenizer"]
+    collate = Collator(collator_cfg, tok["special_ids"], tok["all_special_ids"], tok["vocab_size"], seq_len, pin_memory)
+    G, micro_rows = rank_rows(micro_batch_size, grad_accum_steps, rank, world_size)
+    n_rows = epoch_units(store.lengths, seq_len, collate.packed)[1]  # the same in every epoch
+    require(n_rows >= G, f"the {split} split of {data_dir} gives {n_rows} rows of {seq_len} tokens per epoch, fewer "
+            f"than one global batch of {G} rows; use more data, a smaller batch or a smaller dataset.max_seq_length")
 
-    def __init__(self, data_dir, split="train", *, seq_len, seed=0, collator_cfg=None, **batch):
-        self.store = TokenStore(data_dir, split)
-        tok = self.store.manifest["tokenizer"]
-        super().__init__(tok["special_ids"], tok["all_special_ids"], tok["vocab_size"], split=split, seq_len=seq_len,
-                         seed=seed, collator_cfg=collator_cfg, **batch)
-        self.n_rows = _epoch_units(self.store.lengths, seq_len, self.packed)[1]      # the same in every epoch
-        self.steps_per_epoch = self.n_rows // self.global_batch_rows
-        self.plan = lru_cache(maxsize=2)(self._plan)        # this epoch's and the next one's
-        self._start({"kind": "packed" if self.packed else "padded", "split": split, "seed": seed, "seq_len": seq_len,
-                     "documents": self.store.n_docs}, {"epoch": 0, "row": 0})
-        require(self.n_rows >= self.global_batch_rows, f"the {split} split of {data_dir} gives {self.n_rows} rows "
-                f"of {seq_len} tokens per epoch, fewer than one global batch of {self.global_batch_rows} rows; use "
-                f"more data, a smaller batch or a smaller dataset.max_seq_length")
+    @lru_cache(maxsize=2)  # this epoch's and the next one's
+    def plan(epoch):  # (document order, start of each unit in that order)
+        perm = seeded_rng(PERM_STREAM, seed, epoch).permutation(store.n_docs)
+        return perm, epoch_units(store.lengths[perm], seq_len, collate.packed)[0]
 
-    def _plan(self, epoch):
-        perm = seeded_rng(PERM_STREAM, self.seed, epoch).permutation(self.store.n_docs)
-        return _EpochPlan(perm, *_epoch_units(self.store.lengths[perm], self.seq_len, self.packed))
+    def row(epoch, r):
+        """(ids int64, segment lengths or None) of row r of an epoch."""
+        perm, starts = plan(epoch)
+        u = int(np.searchsorted(starts, r * seq_len if collate.packed else r, side="right")) - 1
+        if collate.packed:
+            docs = ((d, store.doc(int(d))) for d in perm[u:])
+            return next(pack_rows(docs, seq_len, collate.cls, collate.sep, r * seq_len - int(starts[u])))[:2]
+        chunk, k = seq_len - 2, r - int(starts[u])
+        body = store.doc(int(perm[u]))[k * chunk:(k + 1) * chunk]
+        return np.concatenate([[collate.cls], body, [collate.sep]], dtype=np.int64), None
 
-    def packed_row(self, epoch, r):
-        """(ids int64 [seq_len], segment lengths) of row r of an epoch."""
-        plan, t = self.plan(epoch), r * self.seq_len
-        u = int(np.searchsorted(plan.starts, t, side="right")) - 1
-        docs = ((d, self.store.doc(int(d))) for d in plan.perm[u:])
-        return next(pack_rows(docs, self.seq_len, self.cls, self.sep, t - int(plan.starts[u])))[:2]
-
-    def padded_row(self, epoch, r):
-        """ids int64 of row r: [CLS] k-th chunk of a document [SEP]."""
-        plan, chunk = self.plan(epoch), self.seq_len - 2
-        u = int(np.searchsorted(plan.starts, r, side="right")) - 1
-        k = r - int(plan.starts[u])
-        body = self.store.doc(int(plan.perm[u]))[k * chunk:(k + 1) * chunk]
-        return np.concatenate([[self.cls], body, [self.sep]], dtype=np.int64)
-
-    def _row(self, epoch, r):
-        key = (MASK_STREAM, self.seed, epoch, r)
-        return (*self.packed_row(epoch, r), key) if self.packed else (self.padded_row(epoch, r), None, key)
-
-    def _steps(self, state):
-        epoch, row, G = state["epoch"], state["row"], self.global_batch_rows
+    def steps(state):
+        epoch, r = state["epoch"], state["row"]
         while True:
-            if row + G > self.n_rows:
-                epoch, row = epoch + 1, 0
-            batches = [self._collate([self._row(epoch, row + i) for i in idx]) for idx in self.micro_rows]
-            row += G
-            yield batches, {**state, "epoch": epoch, "row": row}
+            if r + G > n_rows:
+                epoch, r = epoch + 1, 0
+            yield [collate([(*row(epoch, r + i), (MASK_STREAM, seed, epoch, r + i)) for i in idx])
+                   for idx in micro_rows], {**state, "epoch": epoch, "row": r + G}
+            r += G
+
+    settings = {"kind": "packed" if collate.packed else "padded", "split": split, "seed": seed, "seq_len": seq_len,
+                "documents": store.n_docs}
+    return Loader(steps, {**settings, "epoch": 0, "row": 0}, settings, prefetch, global_batch_rows=G, row=row,
+                  plan=plan, rows_per_epoch=n_rows, steps_per_epoch=n_rows // G, seq_len=seq_len, store=store,
+                  packed=collate.packed)
 
 
-class StreamingMLMLoader(_MLMBatches):
-    """Packed MLM batches tokenized on the fly (dataset.streaming): the split's documents in reading order, in windows
-    of dataset.shuffle_buffer_size tokenized by the workers, shuffled by (seed, epoch, window), packed (pack_rows); row
+# -----------------------------------------------------------------------------
+# the streaming loader: the corpus tokenized on the fly (dataset.streaming)
+
+def streaming_loader(ds, tokenizer, split="train", *, seq_len, micro_batch_size, grad_accum_steps=1, rank=0,
+                     world_size=1, seed=0, collator_cfg=None, prefetch=2, pin_memory=None) -> Loader:
+    """Packed MLM batches tokenized on the fly: the split's documents in reading order, in windows of
+    dataset.shuffle_buffer_size tokenized by the workers, shuffled by (seed, epoch, window), packed (pack_rows); row
     n is masked by (seed, n). The state is the next token's position (epoch, window's source position, window,
     document, offset): a resume re-tokenizes only that window and yields exactly the uninterrupted run's batches while
     files, seed, shuffle buffer, max_seq_length and tokenizer are unchanged; batch and world size may change. Every
     rank tokenizes the whole stream and keeps its own rows: give each rank enough dataset.num_workers."""
+    collate = Collator(collator_cfg, special_token_ids(tokenizer), all_special_ids(tokenizer),
+                       tokenizer.get_vocab_size(with_added_tokens=True), seq_len, pin_memory)
+    require(collate.packed, "dataset.streaming supports packed rows only: set datacollator.pack_sequences: true")
+    files = source_files(ds)
+    check_sources(files, [ds.text_column])
+    G, micro_rows = rank_rows(micro_batch_size, grad_accum_steps, rank, world_size)
+    encoder = Encoder(tokenizer, worker_count(ds.num_workers))
 
-    def __init__(self, ds, tokenizer, split="train", *, seq_len, seed=0, collator_cfg=None, **batch):
-        super().__init__(special_token_ids(tokenizer), _all_special_ids(tokenizer),
-                         tokenizer.get_vocab_size(with_added_tokens=True), split=split, seq_len=seq_len, seed=seed,
-                         collator_cfg=collator_cfg, **batch)
-        require(self.packed, "dataset.streaming supports packed rows only: set datacollator.pack_sequences: true")
-        self.ds, self.files, self.stats = ds, source_files(ds), ReadStats()
-        check_sources(self.files, [ds.text_column])
-        files_digest = hashlib.sha256("\n".join(f.name for f in self.files).encode()).hexdigest()[:16]
-        self._start({"kind": "streaming", "split": split, "seed": seed, "seq_len": seq_len,
-                     "shuffle_buffer_size": ds.shuffle_buffer_size, "files": files_digest},
-                    {"epoch": 0, "file": 0, "row": 0, "ordinal": 0, "window": 0, "doc": 0, "offset": 0, "rows": 0})
-        self.encoder = Encoder(tokenizer, worker_count(ds.num_workers))
-
-    def _docs(self, state):
+    def docs(state):
         """((epoch, window's source position, window, document within it), tokens) from the state's document on."""
-        epoch, pos, w = state["epoch"], (state["file"], state["row"], state["ordinal"]), state["window"]
-        first = state["doc"]
+        epoch, pos, w, first, stats = state["epoch"], (state["file"], state["row"], state["ordinal"]), \
+            state["window"], state["doc"], ReadStats()
         while True:
-            docs_iter = iter_split(self.ds, self.split, self.files, start=pos, stats=self.stats)
-            while items := list(islice(docs_iter, self.ds.shuffle_buffer_size)):   # the reader stays open
-                docs = []
-                for _, lengths, ids in self.encoder.map((None, c) for c in chunked([t for *_, t in items], 256)):
-                    docs += np.split(ids.astype(np.int64), np.cumsum(lengths)[:-1])
-                order = seeded_rng(PERM_STREAM, self.seed, epoch, w).permutation(len(docs))
-                yield from (((epoch, pos, w, i), docs[order[i]]) for i in range(first, len(docs)))
+            reader = iter_split(ds, split, files, start=pos, stats=stats)
+            while items := list(islice(reader, ds.shuffle_buffer_size)):   # the reader stays open
+                window = []
+                for _, lengths, ids in encoder.map((None, c) for c in chunked([t for *_, t in items], 256)):
+                    window += np.split(ids.astype(np.int64), np.cumsum(lengths)[:-1])
+                order = seeded_rng(PERM_STREAM, seed, epoch, w).permutation(len(window))
+                yield from (((epoch, pos, w, i), window[order[i]]) for i in range(first, len(window)))
                 fi, ri, ordinal, _ = items[-1]
                 pos, w, first = (fi, ri + 1, ordinal + 1), w + 1, 0
-            require(pos != (0, 0, 0), f"streaming: the {self.split} split of {dataset_label(self.ds)} has no documents")
-            report_stats(self.stats, [self.ds.text_column])
-            self.stats = ReadStats()
-            epoch, pos, w = epoch + 1, (0, 0, 0), 0
+            require(pos != (0, 0, 0), f"streaming: the {split} split of {dataset_label(ds)} has no documents")
+            report_stats(stats, [ds.text_column])
+            epoch, pos, w, stats = epoch + 1, (0, 0, 0), 0, ReadStats()
 
-    def _steps(self, state):
-        rows, done = pack_rows(self._docs(state), self.seq_len, self.cls, self.sep, state["offset"]), state["rows"]
-        for step in chunked(rows, self.global_batch_rows):
-            batches = [self._collate([(*step[g][:2], (MASK_STREAM, self.seed, done + g)) for g in idx])
-                       for idx in self.micro_rows]
+    def steps(state):
+        rows, done = pack_rows(docs(state), seq_len, collate.cls, collate.sep, state["offset"]), state["rows"]
+        for step in chunked(rows, G):
+            batches = [collate([(*step[g][:2], (MASK_STREAM, seed, done + g)) for g in idx]) for idx in micro_rows]
             (epoch, (fi, ri, ordinal), w, i), offset = step[-1][2:]
             done += len(step)
             yield batches, {**state, "epoch": epoch, "file": fi, "row": ri, "ordinal": ordinal, "window": w,
                             "doc": i, "offset": offset, "rows": done}
 
-    def close(self):
-        """Stop the prefetch thread and the tokenizer processes."""
-        super().close()
-        if getattr(self, "encoder", None) is not None:
-            self.encoder.close()        # a later next_step() tokenizes in this process
+    digest = hashlib.sha256("\n".join(f.name for f in files).encode()).hexdigest()[:16]
+    settings = {"kind": "streaming", "split": split, "seed": seed, "seq_len": seq_len,
+                "shuffle_buffer_size": ds.shuffle_buffer_size, "files": digest}
+    position = {"epoch": 0, "file": 0, "row": 0, "ordinal": 0, "window": 0, "doc": 0, "offset": 0, "rows": 0}
+    # closing stops the tokenizer processes; a later next_step() tokenizes in this process
+    return Loader(steps, {**settings, **position}, settings, prefetch, on_close=encoder.close, global_batch_rows=G,
+                  seq_len=seq_len, packed=True)
 
 
-def build_loader(ds, tok_cfg, collator_cfg, split="train", **batch):
-    """StreamingMLMLoader when dataset.streaming, else MLMLoader over dataset.path (run prepare() first, on one rank);
-    batch: micro_batch_size, grad_accum_steps, rank, world_size, seed, prefetch, pin_memory."""
+def build_loader(ds, tok_cfg, collator_cfg, split="train", **batch) -> Loader:
+    """streaming_loader when dataset.streaming, else prepared_loader over dataset.path (run prepare() first, on one
+    rank); batch: micro_batch_size, grad_accum_steps, rank, world_size, seed, prefetch, pin_memory, store."""
     out, kw = dataset_dir(ds), dict(seq_len=ds.max_seq_length, collator_cfg=collator_cfg, **batch)
     if ds.streaming:
-        return StreamingMLMLoader(ds, load_tokenizer(tok_cfg, out), split, **kw)
-    require((out / "manifest.json").is_file(), f"{out} holds no prepared data: run python data.py CONFIG "
-            f"(or set dataset.pre_tokenize: true)")
-    return MLMLoader(out, split, **kw)
+        kw.pop("store", None)
+        return streaming_loader(ds, load_tokenizer(tok_cfg, out), split, **kw)
+    return prepared_loader(out, split, **kw)
 
 
-def split_rows(data_dir, split, seq_len, pack_sequences=True):
-    """Rows of seq_len tokens one epoch of a prepared split gives, as MLMLoader cuts them (0 for an empty split)."""
-    return _epoch_units(TokenStore(data_dir, split).lengths, seq_len, pack_sequences)[1]
-
+# -----------------------------------------------------------------------------
+# the prepare command, and the loader's own speed
 
 def bench_loader(loader, steps=50, warmup=3):
     """Loader throughput as consumed by a trainer that takes no time: steps/s, micro-batches/s, tokens/s (all
@@ -1216,8 +374,8 @@ def bench_loader(loader, steps=50, warmup=3):
 
 
 def packing_stats(loader):
-    """Packed MLMLoader: the fraction of real tokens in its rows (1.0: rows are never padded) and the fraction of
-    an epoch's [CLS] doc [SEP] tokens that its full global batches use (the rest is the dropped epoch tail)."""
+    """A packed prepared loader: the fraction of real tokens in its rows (1.0: rows are never padded) and the fraction
+    of an epoch's [CLS] doc [SEP] tokens that its full global batches use (the rest is the dropped epoch tail)."""
     used = loader.steps_per_epoch * loader.global_batch_rows * loader.seq_len
     units = int(loader.store.lengths.sum()) + 2 * loader.store.n_docs
     return {"real_token_fraction": 1.0, "epoch_tokens_used": used / units}
@@ -1236,7 +394,7 @@ def prepare_only(cfg, bench=False):
         loader = build_loader(cfg.dataset, cfg.tokenizer, cfg.datacollator, micro_batch_size=
                               t.per_device_train_batch_size, grad_accum_steps=t.gradient_accumulation_steps,
                               seed=t.seed)
-        if isinstance(loader, MLMLoader) and loader.packed:
+        if getattr(loader, "store", None) is not None and loader.packed:
             p = packing_stats(loader)
             print(f"packing: {p['real_token_fraction']:.2%} of batch tokens are real, full batches use "
                   f"{p['epoch_tokens_used']:.2%} of an epoch's tokens ({loader.steps_per_epoch} steps/epoch)")

@@ -17,7 +17,6 @@ finished runs, the MNLI model transfer starts from), the report, the entry (glue
 
 import dataclasses
 import datetime
-import functools
 import itertools
 import json
 import math
@@ -31,10 +30,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import config
-import data
+import hub
 import mteb_eval
 import neobert
+import prepare
+import runtime
 import train
 from config import UserError
 
@@ -103,9 +105,20 @@ class GlueConfig:
         return tuple(m.strip() for m in (self.metric or "").split(",") if m.strip())
 
 
+@dataclass
+class GlueRunConfig:
+    """The sections `evaluate.py glue` reads (configs/glue.yaml)."""
+    glue: GlueConfig = field(default_factory=GlueConfig)
+    trainer: train.TrainerConfig = field(default_factory=train.TrainerConfig)
+    optimizer: train.OptimizerConfig = field(default_factory=train.OptimizerConfig)
+    scheduler: train.SchedulerConfig = field(default_factory=train.SchedulerConfig)
+    model: neobert.NeoBERTConfig = field(default_factory=neobert.NeoBERTConfig)  # glue.allow_random_weights only
+    tokenizer: prepare.TokenizerConfig = field(default_factory=prepare.TokenizerConfig)  # a model without one
+
+
 def load_glue_config(argv: list):
-    """CONFIG [overrides] -> (Config with cfg.tasks["glue"], the dotted keys given on the command line)."""
-    cfg = train.load_config(argv[0], argv[1:], extra_sections={"glue": GlueConfig})
+    """CONFIG [overrides] -> (GlueRunConfig, the dotted keys given on the command line)."""
+    cfg = config.load_config(GlueRunConfig, argv[0], argv[1:])
     return cfg, {key for key, _ in config.parse_overrides(argv[1:])}
 
 
@@ -219,7 +232,7 @@ def load_glue_task(task: GlueTask, g: GlueConfig) -> dict:
             columns, label, header = task.tsv[0] or task.columns, *task.tsv[1:]
     out = {}
     for split, paths in files.items():
-        tables = [data.read_table(p, header) for p in paths]
+        tables = [prepare.read_table(p, header) for p in paths]
         table = {c: [v for t in tables for v in t.get(c, [])] for c in tables[0]}
         path = paths[0] if len(paths) == 1 else paths[0].parent / f"{split}-*.parquet"
         out[split] = _make_split(table, columns, label, path, task.num_labels, task.labels, hint)
@@ -233,22 +246,12 @@ def tsv_files(task: GlueTask) -> dict:
 
 
 def _hub_parquet(task: GlueTask, split: str, g: GlueConfig) -> Path:
-    import huggingface_hub as hub
     filename = f"{task.name}/{split}-00000-of-00001.parquet"
-    download = functools.partial(hub.hf_hub_download, "nyu-mll/glue", filename, repo_type="dataset",
-                                 cache_dir=g.cache_dir)
-    try:
-        return Path(download(local_files_only=True))  # in the cache: no network call
-    except Exception:
-        pass
-    try:  # one request, no retries: unreachable, hf_hub_download would retry for half a minute
-        hub.get_hf_file_metadata(hub.hf_hub_url("nyu-mll/glue", filename, repo_type="dataset"), timeout=5)
-        return Path(download())
-    except Exception as e:  # offline, blocked, renamed
-        raise UserError(f"cannot download {filename} of the hub dataset nyu-mll/glue ({type(e).__name__}: "
-                        f"{' '.join(str(e).split())}); offline, download GLUE and set glue.data_dir to a folder "
-                        f"holding {task.name}/<split>-*.parquet or the GLUE TSV files "
-                        f"{', '.join(tsv_files(task).values())}, and set HF_HUB_OFFLINE=1 (no hub calls)") from None
+    return Path(hub.download("nyu-mll/glue", filename, repo_type="dataset", cache_dir=g.cache_dir,
+                             what=f"download {filename} of the hub dataset nyu-mll/glue",
+                             offline=f"download GLUE and set glue.data_dir to a folder holding {task.name}/<split>-*"
+                                     f".parquet or the GLUE TSV files {', '.join(tsv_files(task).values())}, and "
+                                     "set HF_HUB_OFFLINE=1 (no hub calls)"))
 
 
 def load_custom_task(g: GlueConfig) -> tuple[dict, int, Optional[dict]]:
@@ -266,7 +269,7 @@ def load_custom_task(g: GlueConfig) -> tuple[dict, int, Optional[dict]]:
                        "(or dev.*) there")
     for path in (p for p in paths.values() if p.suffix == ".tsv"):
         _check_tsv_rows(path)
-    tables = {s: data.read_table(p) for s, p in paths.items()}
+    tables = {s: prepare.read_table(p) for s, p in paths.items()}
     values = [v for s, t in tables.items() for v in _columns(t, [g.label_column], paths[s], "label")[0]
               if not _no_label(v)]
     numbers = [_number(v) for v in values]  # CSV/TSV labels are strings: "1", "2.5"
@@ -292,7 +295,7 @@ def load_custom_task(g: GlueConfig) -> tuple[dict, int, Optional[dict]]:
 
 
 def _check_tsv_rows(path: Path) -> None:
-    """A row of a custom .tsv with fewer fields than its header is an error naming its line (data.read_table skips
+    """A row of a custom .tsv with fewer fields than its header is an error naming its line (prepare.read_table skips
     such rows, as the GLUE download's QQP needs, with a count only)."""
     with open(path, encoding="utf-8-sig", errors="replace", newline="\n") as f:
         lines = ((n, ln.rstrip("\r\n").split("\t")) for n, ln in enumerate(f, 1) if ln.strip())
@@ -351,7 +354,7 @@ def truncate_pair(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
 
 
 def encode(tokenizer, split: Split, max_len: int) -> Encoded:
-    cls, sep = (data.special_token_ids(tokenizer)[k] for k in ("cls", "sep"))
+    cls, sep = (prepare.special_token_ids(tokenizer)[k] for k in ("cls", "sep"))
     pieces = [[e.ids for e in tokenizer.encode_batch(list(col), add_special_tokens=False)] for col in zip(*split.texts)]
     seqs = []
     for a, *b in zip(*pieces):
@@ -488,7 +491,7 @@ def train_batch(model, enc: Encoded, idx, accum: int, unpadded: bool, ctx: Conte
     the batch mean's."""
     loss = torch.zeros((), device=ctx.device)
     for micro in np.array_split(idx, min(accum, len(idx))):
-        batch = config.to_device(make_batch(enc, micro, ctx.pad_id, unpadded), ctx.device)
+        batch = runtime.to_device(make_batch(enc, micro, ctx.pad_id, unpadded), ctx.device)
         with ctx.amp:
             micro_loss = model(**batch).loss * (len(micro) / len(idx))
         micro_loss.backward()
@@ -506,7 +509,7 @@ def predict(model, enc: Encoded, batch_size: int, pad_id: int, unpadded: bool, d
         batch = make_batch(enc, idx, pad_id, unpadded)
         batch.pop("labels")
         with amp:
-            logits = model(**config.to_device(batch, device)).logits.float()
+            logits = model(**runtime.to_device(batch, device)).logits.float()
         pred = logits[:, 0] if logits.shape[-1] == 1 else logits.argmax(-1)
         out[idx] = pred.cpu().double().numpy()
     model.train()
@@ -546,9 +549,9 @@ def glue_task_score(task: GlueTask, metrics: dict) -> float:
 def start_run(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Context):
     """(model with a classifier head seeded by run.seed, info, tokenizer, train, {val split}, optimizer). The encoded
     splits stay in ctx for the next run of the same task, tokenizer and length (one task at a time in memory)."""
-    g = cfg.tasks["glue"]
+    g = cfg.glue
     torch.manual_seed(run.seed)  # the new head's init
-    model, info = config.load_pretrained(source, head="classifier", num_labels=task.num_labels,
+    model, info = checkpoint.load(source, head="classifier", num_labels=task.num_labels,
                                          classifier_dropout=g.classifier_dropout,
                                          classifier_init_range=g.classifier_init_range, new_head_if_mismatch=True)
     tokenizer = info.tokenizer if info.tokenizer is not None else ctx.tokenizer
@@ -567,7 +570,7 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Conte
     counts as finished). Randomness (head init, data order, dropout) comes from run.seed only, so any process gives
     the same run."""
     from tqdm import tqdm
-    g, t, out = cfg.tasks["glue"], cfg.trainer, run_dir(cfg, run)
+    g, t, out = cfg.glue, cfg.trainer, run_dir(cfg, run)
     out.mkdir(parents=True, exist_ok=True)
     model, info, tokenizer, train_enc, val, optimizer = start_run(cfg, run, task, source, splits, ctx)
     steps_per_epoch = math.ceil(len(train_enc.labels) / run.batch_size)
@@ -618,7 +621,7 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Conte
                 glue={**plain["glue"], "task_name": task.name, "run": dataclasses.asdict(run)},
                 classifier=dict(num_labels=task.num_labels, id2label=id2label,
                                 classifier_dropout=g.classifier_dropout, classifier_init_range=g.classifier_init_range))
-    config.save_model_dir(out / "best", model, full, tokenizer)
+    checkpoint.save_model_dir(out / "best", model, full, tokenizer)
     results = dict(task=run.task, run=run.name, setting=dataclasses.asdict(run), config=plain, source=str(source),
                    process=ctx.rank, model_path=str(info.path), fingerprint=run_fingerprint(cfg, run, source),
                    steps=done, total_steps=total, steps_per_epoch=steps_per_epoch, eval_every=eval_every,
@@ -626,13 +629,13 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Conte
                    constant_score=constant_score(task, val),
                    wall_time_s=time.perf_counter() - t0, device=str(ctx.device), train_examples=len(train_enc.labels),
                    id2label=id2label, precision=ctx.precision, batching="unpadded" if ctx.unpadded else "padded")
-    config.write_atomic(out / "results.json", json.dumps(results, indent=1))  # last: the run counts as finished now
+    runtime.write_atomic(out / "results.json", json.dumps(results, indent=1))  # last: the run counts as finished now
     return results
 
 
 def run_fingerprint(cfg, run: GlueRun, source) -> dict:
     """What decides a run's result beyond its name: a finished run with another fingerprint is not reused."""
-    g, t = cfg.tasks["glue"], cfg.trainer
+    g, t = cfg.glue, cfg.trainer
     return dict(source=str(source), data_dir=g.data_dir, max_steps=t.max_steps, eval_steps=t.eval_steps,
                 early_stopping=t.early_stopping, warmup_ratio=g.warmup_ratio, epochs=run.num_train_epochs,
                 max_seq_length=run.max_seq_length, classifier_dropout=g.classifier_dropout,
@@ -644,7 +647,7 @@ def run_fingerprint(cfg, run: GlueRun, source) -> dict:
 
 def bench_glue(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Context) -> dict:
     """Fine-tuning examples/s with padded and with unpadded batches: the same model, data and steps."""
-    device, steps, warmup = ctx.device, cfg.tasks["glue"].bench_steps, 3
+    device, steps, warmup = ctx.device, cfg.glue.bench_steps, 3
     model, _, _, train_enc, _, optimizer = start_run(cfg, run, task, source, splits, ctx)
     plan = epoch_batches(train_enc, run.batch_size, run.seed, 0)[:steps + warmup]  # the same batches both ways
     timed = plan[warmup:]
@@ -692,7 +695,7 @@ def parse_tasks(name: str) -> list[str]:
 def plan_runs(cfg, tasks: list, cli: set) -> list[GlueRun]:
     """Every run, in order. A setting comes from (lowest first): trainer/optimizer sections, glue.tasks.<task>,
     the same keys given on the command line (--optimizer.lr ...), then glue.sweep lists (the grid)."""
-    g, t, o = cfg.tasks["glue"], cfg.trainer, cfg.optimizer
+    g, t, o = cfg.glue, cfg.trainer, cfg.optimizer
     base = {"batch_size": ("trainer.per_device_train_batch_size", t.per_device_train_batch_size),
             "lr": ("optimizer.lr", o.lr), "weight_decay": ("optimizer.weight_decay", o.weight_decay),
             "num_train_epochs": ("trainer.num_train_epochs", t.num_train_epochs),
@@ -718,7 +721,7 @@ def _finished(cfg, run: GlueRun, source) -> bool:
         return False
     want = run_fingerprint(cfg, run, source)
     diff = [k for k in want if res.get("fingerprint", {}).get(k) != want[k]]
-    if diff == ["source"] and run.task in TRANSFER_TASKS and cfg.tasks["glue"].transfer_from_task:
+    if diff == ["source"] and run.task in TRANSFER_TASKS and cfg.glue.transfer_from_task:
         config.warn(f"{run_dir(cfg, run)}: the best MNLI model is now {source}; running it again from there")
         return False
     if diff:
@@ -757,7 +760,7 @@ def summarize_glue(cfg, runs: list, tasks: dict) -> dict:
                            at_chance=all(map(at_chance, chosen)))
     scored = [table[n]["score"] for n in PAPER_EIGHT if n in table]
     glue_score = float(np.mean(scored)) if len(scored) == len(PAPER_EIGHT) else None
-    return dict(model=cfg.tasks["glue"].init_from, split="validation", tasks=table, glue_score=glue_score,
+    return dict(model=cfg.glue.init_from, split="validation", tasks=table, glue_score=glue_score,
                 glue_tasks_done=len(scored), paper_glue_score=PAPER_GLUE_SCORE)
 
 
@@ -804,28 +807,15 @@ def results_markdown(summary: dict) -> str:
 # -----------------------------------------------------------------------------
 # entry point: processes, the model to start from, every task's data, then the runs phase by phase
 
-def auto_output_dir(init_from: Optional[str]) -> str:
-    """trainer.output_dir: auto -> beside the model it scores: the run directory of a training checkpoint (a run dir,
-    or its model_checkpoints/<step>), else runs/<the folder's name or the hub id with _ for />."""
-    if init_from is None:
-        return "runs/glue_random_init"
-    p = Path(init_from).expanduser()
-    if (p / "model_checkpoints").is_dir():
-        return str(p)
-    if p.parent.name in ("model_checkpoints", "checkpoints") and p.name.isdigit():
-        return str(p.parent.parent)
-    return str(Path("runs") / (p.name if p.exists() else init_from.strip("/").replace("/", "_")))
-
-
 def _random_source(cfg, ctx: Context) -> Path:
     """glue.allow_random_weights with no init_from: a randomly initialised model.* written once as a checkpoint, so
     every run starts from the same weights through the same loading code."""
     path = Path(cfg.trainer.output_dir) / "glue" / "random_init"
     if not (path / "model.safetensors").is_file() and ctx.rank == 0:
         torch.manual_seed(cfg.trainer.seed)
-        tokenizer = data.load_tokenizer(cfg.tokenizer)
-        data.check_vocab(tokenizer, cfg.model.vocab_size)
-        config.save_model_dir(path, neobert.NeoBERTLMHead(cfg.model), {"model": dataclasses.asdict(cfg.model)},
+        tokenizer = prepare.load_tokenizer(cfg.tokenizer)
+        prepare.check_vocab(tokenizer, cfg.model.vocab_size)
+        checkpoint.save_model_dir(path, neobert.NeoBERTLMHead(cfg.model), {"model": dataclasses.asdict(cfg.model)},
                               tokenizer)
     if ctx.world > 1:
         dist.barrier()
@@ -836,14 +826,14 @@ def check_start_model(cfg, source, runs: list, ctx: Context) -> None:
     """The start model's tokenizer (the config's for a folder with none) into ctx, once: a missing checkpoint or
     special token, or a max_seq_length beyond its positions, stops here before any work."""
     try:
-        _, info = config.load_pretrained(source, head="encoder")
+        _, info = checkpoint.load(source, head="encoder")
     except UserError as e:  # the key that chose it, and the runs it could name instead
-        found = [str(d) for d in sorted(Path("runs").glob("*/")) if train.list_checkpoints(d)]
+        found = [str(d) for d in sorted(Path("runs").glob("*/")) if checkpoint.list_checkpoints(d)]
         raise UserError(f"glue.init_from={source}: {e}" + (f"; runs with a checkpoint here: {', '.join(found)}"
                                                              if found else "")) from None
-    ctx.tokenizer = info.tokenizer if info.tokenizer is not None else data.load_tokenizer(cfg.tokenizer)
-    data.check_vocab(ctx.tokenizer, info.model_config.vocab_size)
-    ctx.pad_id = data.special_token_ids(ctx.tokenizer)["pad"]
+    ctx.tokenizer = info.tokenizer if info.tokenizer is not None else prepare.load_tokenizer(cfg.tokenizer)
+    prepare.check_vocab(ctx.tokenizer, info.model_config.vocab_size)
+    ctx.pad_id = prepare.special_token_ids(ctx.tokenizer)["pad"]
     positions = info.model_config.max_position_embeddings
     for run in (r for r in runs if r.max_seq_length > positions):
         raise UserError(f"{run.task}: max_seq_length={run.max_seq_length} exceeds the model's "
@@ -901,19 +891,19 @@ def run_phase(cfg, phase: list, start, tasks: dict, splits: dict, id2labels: dic
 
 
 def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
-    g, t = cfg.tasks["glue"], cfg.trainer
+    g, t = cfg.glue, cfg.trainer
     names = parse_tasks(g.task_name)
     runs = plan_runs(cfg, names, cli)
     # under torchrun each process fine-tunes its own runs on its own GPU; a gloo group (with a long timeout: runs take
     # hours) only carries barriers and the list of runs to do
-    rank, world, device = config.setup_distributed("gloo", timeout=datetime.timedelta(days=7))
+    rank, world, device = runtime.setup_distributed("gloo", timeout=datetime.timedelta(days=7))
     try:
-        precision = config.resolve_precision(t.mixed_precision, device, warn=config.warn if rank == 0 else None)
-        ctx = Context(rank, world, device, precision, config.autocast(device, precision),
+        precision = runtime.resolve_precision(t.mixed_precision, device, warn=config.warn if rank == 0 else None)
+        ctx = Context(rank, world, device, precision, runtime.autocast(device, precision),
                       unpadded=g.batching == "unpadded" or (g.batching == "auto" and device.type == "cuda"),
                       eval_batch_size=t.per_device_eval_batch_size)
         if t.output_dir == "auto":
-            t.output_dir = auto_output_dir(g.init_from)
+            t.output_dir = str(checkpoint.home(g.init_from) if g.init_from else Path("runs/glue_random_init"))
         source = g.init_from if g.init_from is not None else _random_source(cfg, ctx)
         check_start_model(cfg, source, runs, ctx)
         tasks, splits, id2labels = load_tasks(names, g, rank, world)
@@ -940,8 +930,8 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
         if rank > 0:
             return None
         summary, out = summarize_glue(cfg, runs, tasks), Path(t.output_dir) / "glue"  # every run wrote in it
-        config.write_atomic(out / "results.json", json.dumps(summary, indent=1))
-        config.write_atomic(out / "results.md", results_markdown(summary))
+        runtime.write_atomic(out / "results.json", json.dumps(summary, indent=1))
+        runtime.write_atomic(out / "results.md", results_markdown(summary))
         print(results_markdown(summary), end="")
         print(f"written: {out / 'results.md'}, {out / 'results.json'}")
         return summary
@@ -962,7 +952,7 @@ def glue_main(argv) -> int:
     argv = [a for a in argv if a != "--bench"]
     if argv[:1] not in (["-h"], ["--help"]) and (not argv or argv[0].startswith("--") or "=" in argv[0]):
         argv.insert(0, str(Path(__file__).resolve().parent / "configs" / "glue.yaml"))  # no CONFIG: the default one
-    return config.run_main(argv, GLUE_USAGE, lambda args: glue(*load_glue_config(args), bench=bench))
+    return runtime.run_main(argv, GLUE_USAGE, lambda args: glue(*load_glue_config(args), bench=bench))
 
 
 USAGE = __doc__[:__doc__.index("\n\nGLUE follows")]  # the command lines that open this docstring
@@ -973,7 +963,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["glue"], ["mteb"]):
         return glue_main(argv[1:]) if argv[0] == "glue" else mteb_eval.main(argv[1:])
-    return config.run_main(argv if argv[:1] in (["-h"], ["--help"]) else [], USAGE, None)
+    return runtime.run_main(argv if argv[:1] in (["-h"], ["--help"]) else [], USAGE, None)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,9 @@
-"""Export a training checkpoint as a Hugging Face folder that transformers, sentence-transformers and MTEB load as is.
+"""usage: python export.py --out HF_DIR [MODEL] [--force]
+  MODEL: a run directory (its newest complete checkpoint), a model_checkpoints/<step> directory, an exported or
+  released Hugging Face folder, or a hub id; none: the newest complete checkpoint among the runs under ./runs
+  --force: replace a non-empty HF_DIR
 
-    python export.py --out HF_DIR [RUN_DIR | CHECKPOINT_DIR] [--force]
-
-RUN_DIR is a training run's output_dir (the newest complete model checkpoint is taken: model_checkpoints/latest, else
-the highest complete step); CHECKPOINT_DIR is one model checkpoint (model.safetensors, config.yaml, tokenizer.json).
-With neither, the newest complete model checkpoint among the runs under ./runs is exported.
+Export a model as a Hugging Face folder that transformers, sentence-transformers and MTEB load as is.
 The folder holds config.json (model_type neobert, auto_map), model.safetensors (the released chandar-lab/NeoBERT
 tensor names: model.*, decoder.*; a fine-tuned classifier: model.*, dense.*, classifier.*), neobert.py and
 modeling_neobert.py (the thin adapter to transformers) copied byte for byte, the tokenizer files, the
@@ -31,50 +30,20 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import processors
 
+import checkpoint
 import config
-import data
-import neobert
+import prepare
+import runtime
+from checkpoint import PretrainedInfo
 from config import UserError, require
 
 MODELING_FILE_NAME = "modeling_neobert.py"
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
                   "mask_token": "[MASK]"}
-CHECKPOINT_FILES = ("model.safetensors", "config.yaml", "tokenizer.json")
-RUNS_DIR = Path("runs")  # where `python export.py --out HF_DIR` looks for the newest run (relative to the cwd)
 
 
 # -----------------------------------------------------------------------------
 # finding and reading a checkpoint
-
-def find_checkpoint(path: Path) -> Path:
-    """The model checkpoint `path` names, by neobert.resolve_model_dir's rule (a run gives its newest complete one).
-    Local training checkpoints only: export needs the training config and tokenizer (no hub ids, no HF folders)."""
-    try:
-        return neobert.resolve_model_dir(path, needs=tuple((name,) for name in CHECKPOINT_FILES), hub=False,
-                                         what=f"a run directory or a model checkpoint directory holding "
-                                              f"{', '.join(CHECKPOINT_FILES)}")
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from None
-
-
-def find_newest_run(runs: Path = RUNS_DIR) -> Path:
-    """The newest complete model checkpoint (by its weights' write time) among the run directories under `runs`."""
-    how = "train one (python train.py CONFIG) or name the run to export: python export.py --out HF_DIR RUN_DIR"
-    require(runs.is_dir(), f"no run directory given and no {runs.resolve()} folder to look in; {how}")
-    found = []
-    for dirpath, dirnames, _ in os.walk(runs):
-        if "model_checkpoints" in dirnames:
-            try:
-                checkpoint = find_checkpoint(Path(dirpath))
-            except UserError:  # a run that has not saved a complete checkpoint yet
-                continue
-            found.append(((checkpoint / "model.safetensors").stat().st_mtime, str(checkpoint), checkpoint))
-        # a run's own folders and earlier exports hold no further runs
-        dirnames[:] = [d for d in dirnames if d not in ("model_checkpoints", "checkpoints", "wandb")
-                       and not d.startswith(".") and not (Path(dirpath) / d / "config.json").exists()]
-    require(found, f"no run directory given and no complete model checkpoint under {runs.resolve()}; {how}")
-    return max(found)[2]
-
 
 @dataclass
 class ClassifierSection:
@@ -96,35 +65,51 @@ class ClassifierSection:
                     f"classifier.id2label must name labels 0..{n - 1}, got ids {sorted(self.id2label)}")
 
 
-def read_checkpoint(checkpoint: Path):
-    """(state dict, config.PretrainedInfo, ClassifierSection or None) of a training checkpoint (load_pretrained checks
-    every tensor). The kernel the run used (e.g. flash_attn) says how it ran, not what it computes: auto here."""
-    try:  # a classifier head in model.safetensors? (load_pretrained reports a bad file)
-        with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
-            head = "classifier" if "classifier.weight" in f.keys() else "mlm"
-    except (SafetensorError, OSError):
-        head = "mlm"
-    model, info = config.load_pretrained(checkpoint, head=head, attn_backend="auto")
-    where = checkpoint / "config.yaml"  # (load_pretrained has checked its contrastive.pooling too)
+def head_of(folder: Path) -> str:
+    """classifier when the folder's weights hold a classification head, else mlm."""
+    try:
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as weights:
+                if "classifier.weight" in weights.keys():
+                    return "classifier"
+    except (SafetensorError, OSError):  # checkpoint.load names the file it cannot read
+        pass
+    return "mlm"
+
+
+def read_checkpoint(folder: Path):
+    """(state dict, PretrainedInfo, ClassifierSection or None) of a model folder (checkpoint.load checks every
+    tensor). The kernel the run used (e.g. flash_attn) says how it ran, not what it computes: auto here."""
+    head = head_of(folder)
+    model, info = checkpoint.load(folder, head=head, attn_backend="auto")
+    require(info.tokenizer is not None, f"{folder} has no tokenizer.json: the exported folder needs the tokenizer "
+            "the model was trained with; copy it there")
+    trained = (folder / "config.yaml").is_file()  # a training checkpoint: its classifier: section, if any
+    where = folder / ("config.yaml" if trained else "config.json")
+    section = info.full_config.get("classifier") if trained else None
+    if not trained and head == "classifier":  # an exported classifier: config.json's label keys
+        section = {"num_labels": info.num_labels, "id2label": info.id2label,
+                   **{k: info.full_config[k] for k in ("classifier_dropout", "classifier_init_range")
+                      if k in info.full_config}}
     classifier = None
-    if info.full_config.get("classifier") is not None:
+    if section is not None:
         try:
-            classifier = config.build_section("classifier", ClassifierSection, info.full_config["classifier"])
+            classifier = config.build_section("classifier", ClassifierSection, section)
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
-        require(head == "classifier", f"{checkpoint / 'model.safetensors'} has no tensor 'dense.weight' (nor any "
+        require(head == "classifier", f"{folder / 'model.safetensors'} has no tensor 'dense.weight' (nor any "
                                       f"classifier head), but {where} has a classifier: section")
-        require(info.num_labels == classifier.num_labels, f"{checkpoint} holds a classifier with {info.num_labels} "
+        require(info.num_labels == classifier.num_labels, f"{folder} holds a classifier with {info.num_labels} "
                 f"labels, but {where} says classifier.num_labels {classifier.num_labels}")
     require(classifier is not None or head == "mlm",
-            f"{checkpoint} holds a classifier head, but {where} has no classifier: section (num_labels, id2label)")
+            f"{folder} holds a classifier head, but {where} has no classifier: section (num_labels, id2label)")
     return model.state_dict(), info, classifier
 
 
 # -----------------------------------------------------------------------------
 # the files of the folder
 
-def folder_files(info: config.PretrainedInfo, dtype, classifier: Optional[ClassifierSection]) -> dict:
+def folder_files(info: PretrainedInfo, dtype, classifier: Optional[ClassifierSection]) -> dict:
     """{file name: JSON-able object}: config.json (neobert.NeoBERTConfig's fields, which modeling_neobert.py's config
     reads by the same names), the tokenizer files and the sentence-transformers files (the run's pooling:
     neobert.pool's mean over real tokens, or the [CLS] vector)."""
@@ -149,8 +134,8 @@ def folder_files(info: config.PretrainedInfo, dtype, classifier: Optional[Classi
         **(labels if classifier else {}),
     }
     try:  # data.py's rules: the BERT special tokens, and no more tokens than the model has embeddings
-        ids = data.special_token_ids(tokenizer)
-        data.check_vocab(tokenizer, c.vocab_size)
+        ids = prepare.special_token_ids(tokenizer)
+        prepare.check_vocab(tokenizer, c.vocab_size)
     except UserError as e:
         raise UserError(f"{info.path / 'tokenizer.json'}: {e}") from None
     if tokenizer.post_processor is None:  # add [CLS] a [SEP] (b [SEP]) as BERT and the released tokenizer do
@@ -274,10 +259,10 @@ clf = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code
 label = clf.config.id2label[clf(**batch).logits.argmax(-1).item()]"""
 
 
-def model_card(info: config.PretrainedInfo, checkpoint: Path, n_params: int, classifier) -> str:
+def model_card(info: PretrainedInfo, folder: Path, n_params: int, classifier) -> str:
     """README.md (CARD): the model, how to load it, its data, its evaluations and the resolved training config."""
     c = info.model_config
-    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "model_checkpoints" else None  # a run's step
+    run_dir = checkpoint.owning_run(folder)  # a run's step: its metrics and evaluations
     metrics, entries = run_dir and run_dir / "metrics.jsonl", []
     for line in metrics.read_text().splitlines() if metrics and metrics.is_file() else []:
         try:
@@ -310,8 +295,8 @@ def model_card(info: config.PretrainedInfo, checkpoint: Path, n_params: int, cla
         labels = ", ".join((classifier.id2label or {i: str(i) for i in range(classifier.num_labels)}).values())
         head = f"| classification head | [CLS] -> dense -> tanh -> {classifier.num_labels} labels ({labels}) |"
     return CARD.format(
-        pipeline="fill-mask" if classifier is None else "text-classification", checkpoint=checkpoint,
-        step=f" (training step {checkpoint.name})." if checkpoint.name.isdigit() else ".", n_params=n_params, c=c,
+        pipeline="fill-mask" if classifier is None else "text-classification", checkpoint=folder,
+        step=f" (training step {folder.name})." if run_dir else ".", n_params=n_params, c=c,
         ffn=f"SwiGLU ({c.ffn_hidden_size} hidden)" if c.hidden_act == "swiglu" else
         f"GELU MLP ({c.intermediate_size} hidden)", norm="RMSNorm" if c.rms_norm else "LayerNorm",
         positions="rotary (RoPE, theta 10000)" if c.rope else "learned absolute", head=head,
@@ -326,19 +311,19 @@ def model_card(info: config.PretrainedInfo, checkpoint: Path, n_params: int, cla
 # writing the folder, main
 
 def export(src: Path, out: Path, force: bool = False) -> Path:
-    """Writes the Hugging Face folder for the checkpoint at (or newest under) src to out; returns the checkpoint.
-    Not config.write_dir: an interrupted export removes its temporary folder and puts a replaced --out back."""
-    checkpoint = find_checkpoint(src)
+    """Writes the Hugging Face folder of the model src names (checkpoint.resolve) to out; returns its folder.
+    Not runtime.write_dir: an interrupted export removes its temporary folder and puts a replaced --out back."""
+    folder = checkpoint.resolve(src)
     out = Path(os.path.abspath(out))  # normalised: `--out .` and `--out ..` have a parent to write next to
     require(out.parent != out, f"--out {out} is a filesystem root; name a folder to create")
     require(not out.exists() or out.is_dir(), f"--out {out} exists and is not a folder")
     require(force or not out.is_dir() or not any(out.iterdir()),
             f"--out {out} exists and is not empty; pass --force to replace it")
-    require(out.resolve() != checkpoint.resolve() and out.resolve() not in checkpoint.resolve().parents,
+    require(out.resolve() != folder.resolve() and out.resolve() not in folder.resolve().parents,
             f"--out {out} contains the checkpoint being exported; choose another folder")
-    state, info, classifier = read_checkpoint(checkpoint)
+    state, info, classifier = read_checkpoint(folder)
     files = folder_files(info, next(iter(state.values())).dtype, classifier)
-    card = model_card(info, checkpoint, sum(t.numel() for t in state.values()), classifier)
+    card = model_card(info, folder, sum(t.numel() for t in state.values()), classifier)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -369,14 +354,14 @@ def export(src: Path, out: Path, force: bool = False) -> Path:
     finally:
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
-    return checkpoint
+    return folder
 
 
-USAGE_LINE = "python export.py --out HF_DIR [RUN_DIR | CHECKPOINT_DIR] [--force]"
+USAGE_LINE = "python export.py --out HF_DIR [MODEL] [--force]"
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one `error: ...` line, as every error (config.run_main), not argparse's usage block
+    def error(self, message):  # one `error: ...` line, as every error (runtime.run_main), not argparse's usage block
         raise UserError(f"{message}; usage: {USAGE_LINE}")
 
 
@@ -387,23 +372,23 @@ def main(argv=None) -> int:
         parser.add_argument("--out", required=True)  # HF_DIR
         parser.add_argument("--force", action="store_true")
         args = parser.parse_args(argv)
-        src, out = find_newest_run() if args.src is None else args.src, args.out
+        src, out = checkpoint.newest_run() if args.src is None else args.src, args.out
         if args.src is None:
-            print(f"no run directory given: exporting {src}, the newest checkpoint under ./{RUNS_DIR} "
+            print(f"no run directory given: exporting {src}, the newest checkpoint under ./runs "
                   f"(name a run to export another: python export.py --out {out} RUN_DIR)")
         try:
-            checkpoint = export(Path(src), Path(out), force=args.force)
+            folder = export(Path(src), Path(out), force=args.force)
         except OSError as e:  # disk full, permissions, ...
             raise UserError(str(e)) from None
         except KeyboardInterrupt:
             print(f"error: interrupted; {out} was not written", file=sys.stderr)
             raise
-        print(f"exported {checkpoint} -> {out}")
+        print(f"exported {folder} -> {out}")
 
     # SIGTERM (a scheduler, `kill`) cleans up as Ctrl-C does: it raises KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        return config.run_main(argv, __doc__, work)
+        return runtime.run_main(argv, __doc__, work)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -12,6 +12,7 @@ from dataclasses import fields
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
 
@@ -76,10 +77,31 @@ class NeoBERTPreTrainedModel(PreTrainedModel):
 
     def encode(self, input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen, inputs_embeds,
                output_hidden_states):
+        """neobert.NeoBERT's forward, block by block, with what transformers callers also pass: inputs_embeds in place
+        of the token embeddings, a flat (T,) packed sequence, left padding (real tokens keep positions 0..n-1) and
+        output_hidden_states (the embeddings, then every block's output)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        enc = self.model
+        x = enc.encoder(input_ids) if inputs_embeds is None else inputs_embeds
+        if x.dim() == 2:  # one flat packed sequence
+            x, position_ids = x[None], None if position_ids is None else position_ids[None]
+        attention_mask = None if cu_seqlens is not None else attention_mask  # packing says all the mask would
+        if position_ids is None:
+            position_ids = enc.positions(x.shape[:2], x.device, cu_seqlens, max_seqlen)
+            if attention_mask is not None:  # left padding: real tokens keep positions 0..n-1
+                position_ids = (position_ids - attention_mask.long().argmax(-1, keepdim=True)).clamp(min=0)
+        if not enc.config.rope:
+            x = x + enc.positional_embedding(position_ids)
+        rotary = (enc.rope_cos[position_ids], enc.rope_sin[position_ids])
+        states = [x]
+        for block in enc.transformer_encoder:
+            args = (x, *rotary, attention_mask, cu_seqlens, max_seqlen)
+            use_checkpoint = enc.gradient_checkpointing and self.training
+            x = checkpoint(block, *args, use_reentrant=False) if use_checkpoint else block(*args)
+            states.append(x)
         want = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        out = self.model(input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen, inputs_embeds, bool(want))
-        hidden, states = out if want else (out, None)
-        return BaseModelOutput(last_hidden_state=hidden, hidden_states=states)
+        return BaseModelOutput(last_hidden_state=enc.layer_norm(x), hidden_states=tuple(states) if want else None)
 
     def returns_dict(self, return_dict):
         return return_dict if return_dict is not None else \

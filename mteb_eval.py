@@ -27,10 +27,12 @@ import torch
 import torch.distributed as dist
 import yaml
 
+import checkpoint
 import config
-import data
+import hub
 import neobert
-import train
+import prepare
+import runtime
 from config import UserError
 
 MTEB_TYPE_LABELS = {"Classification": "Class.", "Clustering": "Clust.", "PairClassification": "PairClass.",
@@ -57,7 +59,7 @@ class MtebConfig:
     overwrite: bool = False             # re-score tasks that already have results for this checkpoint
 
     def __post_init__(self):
-        config.require(self.model, f"mteb.model is not set; pass --mteb.model with {neobert.MODEL_SOURCES}")
+        config.require(self.model, f"mteb.model is not set; pass --mteb.model with {checkpoint.MODEL_SOURCES}")
         config.require(self.max_seq_length >= 2, "mteb.max_seq_length must be >= 2")
         config.require(self.batch_size >= 1, "mteb.batch_size must be >= 1")
 
@@ -78,7 +80,7 @@ class SentenceEncoder:
         self.max_seq_length = min(max_seq_length, model.config.max_position_embeddings)
         self.tokenizer.enable_truncation(self.max_seq_length)
         self.tokenizer.no_padding()
-        self.pad_id = data.special_token_ids(self.tokenizer)["pad"]
+        self.pad_id = prepare.special_token_ids(self.tokenizer)["pad"]
         self.pooling, self.batch_size, self.precision = pooling, batch_size, precision
         # padded batches on CPU: there the packed path masks a (T, T) block-diagonal matrix
         self.packed = self.device.type == "cuda" if packed is None else packed
@@ -88,7 +90,7 @@ class SentenceEncoder:
         ids = [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=True)]
         bar = lambda starts: tqdm(starts, desc=desc, disable=not show_progress_bar, leave=False)  # noqa: E731
         return neobert.embed(self.model, ids, self.pad_id, self.pooling, self.batch_size, self.packed,
-                             config.autocast(self.device, self.precision), bar).numpy()
+                             runtime.autocast(self.device, self.precision), bar).numpy()
 
 
 # -----------------------------------------------------------------------------
@@ -165,8 +167,8 @@ def model_identity(source: str, path: Path) -> str:
     """The name mteb files results under: a hub id as is; a checkpoint as local/<run>-step<N>; a folder by its name."""
     if not Path(source).expanduser().exists():
         return source  # a hub id, downloaded
-    if path.parent.name == "model_checkpoints" and path.name.isdigit():
-        return f"local/{path.parent.parent.resolve().name}-step{path.name}"
+    if (run := checkpoint.owning_run(path)) is not None:
+        return f"local/{run.resolve().name}-step{path.name}"
     return f"local/{path.resolve().name}"
 
 
@@ -322,7 +324,7 @@ def score_task(mteb, model, task, cache, overwrite: bool):
     stale = cached is not None and cached.dataset_revision != task.metadata.revision
     offline = "set HF_HUB_OFFLINE=1 to use task data already in the HF cache, or pass a local BEIR folder with " \
               "--mteb.beir_dir DIR"
-    with config.hub_requests(f"download the data of task {name}", offline):
+    with hub.requests(f"download the data of task {name}", offline):
         try:
             mteb.evaluate(model, task, cache=cache, co2_tracker=False, raise_error=True, show_progress_bar=False,
                           overwrite_strategy="always" if overwrite or stale else "only-missing",
@@ -386,24 +388,23 @@ def render_markdown(s: dict) -> str:
 # the run: every process scores its share of the tasks; rank 0 writes the summary once all are done
 
 def run_mteb(cfg, progress: bool = True) -> Optional[dict]:
-    """Score cfg.tasks["mteb"].model; returns the summary on rank 0 (None elsewhere)."""
-    mc = cfg.tasks["mteb"]
+    """Score cfg.mteb.model; returns the summary on rank 0 (None elsewhere)."""
+    mc = cfg.mteb
     mteb = import_mteb()
     tasks = select_tasks(mc)  # every rank checks everything before any work, so all fail alike
     instructions = load_instructions(mc.instructions, mc.use_instructions)
-    model, info = config.load_pretrained(mc.model, head="encoder")
+    model, info = checkpoint.load(mc.model, head="encoder")
     config.require(info.tokenizer is not None, f"{info.path} has no tokenizer.json; the model folder needs its "
                    "tokenizer")
     # each process scores its share of the tasks: gloo carries the one barrier, however long the tasks take
-    rank, world, device = config.setup_distributed("gloo", timeout=datetime.timedelta(days=7))
-    precision = config.resolve_precision(cfg.trainer.mixed_precision, device)
+    rank, world, device = runtime.setup_distributed("gloo", timeout=datetime.timedelta(days=7))
+    precision = runtime.resolve_precision(cfg.trainer.mixed_precision, device)
     pooling = info.pooling if mc.pooling == "auto" else mc.pooling
     encoder = SentenceEncoder(model, info.tokenizer, pooling, mc.max_seq_length, mc.batch_size, device, precision)
     name, revision = model_identity(mc.model, info.path), weights_digest(info.path)
     meta = model_meta(name, revision, neobert.num_params(model), encoder, instructions, mc.use_instructions)
-    # output_dir null: <run dir>/mteb beside a training checkpoint, else runs/mteb
-    checkpoint = info.path.parent.name == "model_checkpoints"
-    out = Path(mc.output_dir or (info.path.parent.parent / "mteb" if checkpoint else "runs/mteb")).expanduser()
+    # output_dir null: beside the model (<run dir>/mteb for a training checkpoint, else runs/<its name>/mteb)
+    out = Path(mc.output_dir).expanduser() if mc.output_dir else checkpoint.home(mc.model) / "mteb"
     out.mkdir(parents=True, exist_ok=True)
     cache = mteb.ResultCache(cache_path=out)
     wrapped = mteb_encoder(encoder, meta, instructions, show_progress_bar=progress and rank == 0)
@@ -420,22 +421,34 @@ def run_mteb(cfg, progress: bool = True) -> Optional[dict]:
                     instructions=f"{mc.instructions} ({instructions.digest})" if mc.use_instructions else "off",
                     mteb_version=mteb.__version__, results_dir=str(cache.get_task_result_path("TASK", meta).parent))
     summary = summarize(tasks, cache, meta, info_row)
-    config.write_atomic(out / "results.json", json.dumps(summary, indent=2) + "\n")
-    config.write_atomic(out / "results.md", markdown := render_markdown(summary))
+    runtime.write_atomic(out / "results.json", json.dumps(summary, indent=2) + "\n")
+    runtime.write_atomic(out / "results.md", markdown := render_markdown(summary))
     print(markdown)
     print(f"wrote {out / 'results.md'} and results.json; mteb's files: {summary['results_dir']}", file=sys.stderr)
     return summary
 
 
+@dataclass
+class PrecisionConfig:
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # the trainer's key: auto is bf16 on GPUs and bf16 CPUs
+
+
+@dataclass
+class MtebRunConfig:
+    """The sections `evaluate.py mteb` reads (configs/mteb.yaml)."""
+    mteb: MtebConfig = field(default_factory=MtebConfig)
+    trainer: PrecisionConfig = field(default_factory=PrecisionConfig)
+
+
 def load_mteb_config(argv):
     if not argv or argv[0].startswith("--") or "=" in argv[0]:  # no CONFIG: the default one
         argv = [str(Path(__file__).resolve().parent / "configs" / "mteb.yaml"), *argv]
-    return train.load_config(argv[0], argv[1:], extra_sections={"mteb": MtebConfig})
+    return config.load_config(MtebRunConfig, argv[0], argv[1:])
 
 
 def main(argv) -> int:
     try:
-        return config.run_main(argv, __doc__, lambda args: run_mteb(load_mteb_config(args)))
+        return runtime.run_main(argv, __doc__, lambda args: run_mteb(load_mteb_config(args)))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,7 +1,9 @@
 """NeoBERT: a modern BERT-style encoder, weight-for-weight the released chandar-lab/NeoBERT.
 
 Read top to bottom: varlen kernels -> config -> norms, rotary, attention, feed-forward -> block -> encoder -> heads
--> pooling, batching, embed -> loading -> FLOPs/MFU and optimizer groups. Paper: https://arxiv.org/abs/2502.19587
+and the MLM loss -> pooling, batching, embed -> FLOPs/MFU and optimizer groups. Paper: https://arxiv.org/abs/2502.19587
+This file is the model only: loading a trained model is checkpoint.py's, what transformers needs modeling_neobert.py's.
+It imports nothing of the project, so an exported folder ships it as it is.
 
 Conventions used everywhere below:
 - attention_mask: 1/True = a real token to attend to, 0/False = padding.
@@ -12,10 +14,8 @@ Conventions used everywhere below:
 
 import contextlib
 import importlib.util
-import json
 import math
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 ATTN_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
-ATTN_BACKEND_ALIASES = {"flash_attn_varlen": "flash_attn"}  # the NeoBERT training guide's name for it
 HIDDEN_ACTS = ("swiglu", "gelu")
 FIELD_KINDS = {int: (int, "an integer"), float: ((int, float), "a number"), bool: (bool, "true or false"),
                str: (str, "a string")}  # NeoBERTConfig's field types: what each accepts, as the error names it
@@ -75,9 +74,7 @@ class NeoBERTConfig:
     rms_norm: bool = True  # False: LayerNorm (with bias)
     hidden_act: str = "swiglu"  # swiglu | gelu (a 2-layer GELU MLP)
     dropout: float = 0.0
-    attn_backend: str = "auto"  # auto | flash_attn (alias flash_attn_varlen) | torch_varlen | sdpa
-    kernel_backend: str = "auto"  # the NeoBERT guide's fused-kernel switch (liger | torch there): no Liger kernels
-    # here, so auto and torch both run PyTorch's (the attention kernel is attn_backend's choice)
+    attn_backend: str = "auto"  # auto | flash_attn | torch_varlen | sdpa
     init_range: float = 0.02  # uniform(-r, r) for every linear and embedding weight, as released
     # how the MLM loss runs (no effect on the weights or the math, like attn_backend):
     static_predictions: float = 0.0  # 0: the decoder on exactly the predicted positions (a data-dependent shape);
@@ -96,7 +93,6 @@ class NeoBERTConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
         self.hidden_act = self.hidden_act.lower()
-        self.attn_backend = ATTN_BACKEND_ALIASES.get(self.attn_backend, self.attn_backend)
         for name, allowed in (("hidden_act", HIDDEN_ACTS), ("attn_backend", ATTN_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} is unknown; choose one of {', '.join(allowed)}")
@@ -109,8 +105,6 @@ class NeoBERTConfig:
              "flash-attn package is not installed; install it (CUDA only) or use attn_backend: auto"),
             (backend != "torch_varlen" or KERNEL_INSTALLED["torch_varlen"],
              "model.attn_backend=torch_varlen needs torch.nn.attention.varlen (PyTorch >= 2.9); use auto"),
-            (self.kernel_backend in ("auto", "torch"), f"model.kernel_backend={self.kernel_backend!r}: this "
-             "project has no fused (Liger) kernels; use auto or torch (model.attn_backend picks the attention kernel)"),
             (0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}"),
             (self.norm_eps > 0 and self.init_range > 0, "model.norm_eps and model.init_range must be positive"),
             (0.0 <= self.static_predictions <= 1.0,
@@ -135,18 +129,6 @@ class NeoBERTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_hf_dict(cls, d: dict, **overrides) -> "NeoBERTConfig":
-        """A released (chandar-lab/NeoBERT) or exported config.json; fields this model has no use for are ignored."""
-        kwargs = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        if "max_length" in d:
-            kwargs.setdefault("max_position_embeddings", d["max_length"])
-        cfg = cls(**{**kwargs, **overrides})
-        if "dim_head" in d and d["dim_head"] != cfg.head_dim:
-            raise ValueError(f"config.json says dim_head={d['dim_head']} but hidden_size/num_attention_heads = "
-                             f"{cfg.head_dim}")
-        return cfg
 
 
 # -----------------------------------------------------------------------------
@@ -328,47 +310,33 @@ class NeoBERT(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cu_seqlens=None, max_seqlen=None,
-                inputs_embeds=None, output_hidden_states=False):
-        """-> hidden states (B, S, H) after the final norm. inputs_embeds (B, S, H) replaces the token embedding
-        lookup. output_hidden_states: returns (hidden, (embeddings, block 1 output, ..., block L output))."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        x = self.encoder(input_ids) if inputs_embeds is None else inputs_embeds
-        if x.dim() == 2:  # one flat packed sequence
-            x = x.unsqueeze(0)
-            position_ids = position_ids.unsqueeze(0) if position_ids is not None else None
-        B, S = x.shape[:2]
-        if cu_seqlens is not None:
-            attention_mask = None  # packing says everything the mask would
-            if position_ids is None:
-                position_ids = packed_position_ids(cu_seqlens, (B, S))
-        elif position_ids is None:
-            position_ids = torch.arange(S, device=x.device).expand(B, S)
-            if attention_mask is not None:  # left padding: real tokens still sit at 0..len-1 (right padding: shift 0)
-                first = attention_mask.long().argmax(dim=-1, keepdim=True)
-                position_ids = (position_ids - first).clamp(min=0)
-        # packed rows restart positions in each segment: only the longest segment must fit (S when it is not given)
-        longest = int(max_seqlen) if cu_seqlens is not None and max_seqlen is not None else S
+    def positions(self, shape, device, cu_seqlens=None, max_seqlen=None):
+        """Position ids (B, S): 0..S-1 in every row, or restarting in each document of a packed batch (then only the
+        longest document, max_seqlen, must fit the position tables)."""
+        longest = max_seqlen if cu_seqlens is not None and max_seqlen is not None else shape[1]
         if longest > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {longest} exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
-        if not self.config.rope:
+        if cu_seqlens is not None:
+            return packed_position_ids(cu_seqlens, shape)
+        return torch.arange(shape[1], device=device).expand(*shape)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, max_seqlen=None):
+        """input_ids (B, S) -> hidden states (B, S, H) after the final norm. Padded rows: attention_mask (B, S), 1 = a
+        real token. Packed rows: cu_seqlens and max_seqlen (the longest document); positions restart per document."""
+        if position_ids is None:
+            position_ids = self.positions(input_ids.shape, input_ids.device, cu_seqlens, max_seqlen)
+        x = self.encoder(input_ids)
+        if not self.config.rope:  # learned absolute positions
             x = x + self.positional_embedding(position_ids)
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]  # (B, S, hd/2)
-        hidden_states = [x] if output_hidden_states else None
+        mask = None if cu_seqlens is not None else attention_mask  # packing says everything the mask would
         for block in self.transformer_encoder:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, attention_mask, cu_seqlens, max_seqlen, use_reentrant=False)
+            if self.gradient_checkpointing and self.training:  # keep only x; recompute the block in the backward
+                x = checkpoint(block, x, cos, sin, mask, cu_seqlens, max_seqlen, use_reentrant=False)
             else:
-                x = block(x, cos, sin, attention_mask, cu_seqlens, max_seqlen)
-            if output_hidden_states:
-                hidden_states.append(x)
-        return (self.layer_norm(x), tuple(hidden_states)) if output_hidden_states else self.layer_norm(x)
-
-    @classmethod
-    def from_pretrained(cls, path_or_id: str, revision: Optional[str] = None, **config_overrides):
-        return _from_pretrained(cls, path_or_id, revision, config_overrides)
+                x = block(x, cos, sin, mask, cu_seqlens, max_seqlen)
+        return self.layer_norm(x)
 
 
 # -----------------------------------------------------------------------------
@@ -465,9 +433,6 @@ class NeoBERTLMHead(nn.Module):
         num_masked = (labels != -100).sum()
         return MaskedLMOutput(None, loss_sum / num_masked.clamp(min=1), loss_sum, num_masked)
 
-    @classmethod
-    def from_pretrained(cls, path_or_id: str, revision: Optional[str] = None, **config_overrides):
-        return _from_pretrained(cls, path_or_id, revision, config_overrides)
 
 
 class ClassifierOutput(NamedTuple):
@@ -507,14 +472,6 @@ class NeoBERTForSequenceClassification(nn.Module):
         """Logits from the encoder's hidden states, read at each sequence's (or packed segment's) first token."""
         cls = hidden[:, 0] if cu_seqlens is None else hidden.reshape(-1, hidden.size(-1))[cu_seqlens[:-1].long()]
         return self.classifier(self.dropout(torch.tanh(self.dense(self.dropout(cls)))))
-
-    @classmethod
-    def from_pretrained(cls, path_or_id: str, num_labels: Optional[int] = None, revision: Optional[str] = None,
-                        classifier_dropout: Optional[float] = None, **config_overrides):
-        """From an MLM folder (a new head with num_labels, default 2) or a fine-tuned classifier folder (num_labels
-        read from its classifier weights; a different num_labels is an error)."""
-        return _from_pretrained(cls, path_or_id, revision, config_overrides, num_labels=num_labels,
-                                classifier_dropout=classifier_dropout)
 
 
 def pool(hidden, attention_mask=None, mode: str = "mean"):
@@ -580,119 +537,6 @@ def embed(encoder, seqs, pad_id: int, pooling: str = "mean", batch_size: int = 3
                      else pool(hidden, batch["attention_mask"], pooling)).cpu()
     encoder.train(was_training)
     return out
-
-
-# -----------------------------------------------------------------------------
-# loading weights (released chandar-lab/NeoBERT folders, exported folders, training checkpoints)
-
-def load_state_dict_strict(module: nn.Module, state_dict: dict):
-    """load_state_dict(strict=True), but the error names the first offending tensor and what was expected."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    if missing:
-        raise ValueError(f"checkpoint has no tensor {missing[0]!r} ({len(missing)} missing); is it from another model?")
-    if unexpected:
-        raise ValueError(f"checkpoint tensor {unexpected[0]!r} is not in this model ({len(unexpected)} unexpected)")
-    for k, t in own.items():  # in the model's order: the embedding is named first
-        if tuple(state_dict[k].shape) != tuple(t.shape):
-            raise ValueError(f"checkpoint tensor {k!r} has shape {list(state_dict[k].shape)} but the model expects "
-                             f"{list(t.shape)}: the checkpoint is from a different model shape")
-    module.load_state_dict(state_dict, strict=True)
-
-
-# which folder a model source names: one rule for every loader (from_pretrained, config.load_pretrained, export.py)
-MODEL_SOURCES = ("a run directory, a model_checkpoints/<step> or checkpoints/<step> directory, a Hugging Face folder "
-                 "with config.json and model.safetensors, or a hub id such as chandar-lab/NeoBERT")
-MODEL_FILES = (("model.safetensors", "model.safetensors.index.json"), ("config.yaml", "config.json"))  # weights, config
-HUB_FILES = ["config.json", "config.yaml", "*.safetensors", "*.safetensors.index.json", "tokenizer*",
-             "special_tokens_map.json", "vocab.txt", "modules.json", "1_Pooling/config.json"]
-
-
-def missing_model_files(folder, needs=MODEL_FILES) -> list:
-    """The entries of `needs` (each a tuple of alternative file names) that `folder` lacks, as `a or b` strings."""
-    return [" or ".join(names) for names in needs if not any((Path(folder) / n).is_file() for n in names)]
-
-
-def resolve_model_dir(source, revision: Optional[str] = None, needs=MODEL_FILES, hub: bool = True,
-                      what: str = MODEL_SOURCES) -> Path:
-    """The folder holding the model that `source` names (a folder holding `needs`; a run's newest complete step; an
-    owner/name fetched from the hub if `hub`), or FileNotFoundError: one line naming the source and `what` to pass."""
-    source = str(source)
-    p = Path(source).expanduser()
-    # owner/name goes to the hub, unless `owner` is a local folder (runs/mistyped is a missing run, not a repo)
-    if (hub and not p.exists() and source.count("/") == 1 and not source.startswith((".", "/", "~"))
-            and not source.endswith("/") and not p.parent.is_dir()):
-        from huggingface_hub import snapshot_download
-        try:
-            p = Path(snapshot_download(source, revision=revision, allow_patterns=HUB_FILES))
-        except Exception as e:  # offline, unknown repo, gated
-            raise FileNotFoundError(f"cannot get {source} from the Hugging Face Hub ({type(e).__name__}: "
-                                    f"{' '.join(str(e).split())}); offline, HF_HUB_OFFLINE=1 uses the HF cache; "
-                                    f"or pass a local folder instead: {what}") from None
-        if missing := missing_model_files(p, needs):
-            raise FileNotFoundError(f"hub repo {source} has no {' and no '.join(missing)}: is it a NeoBERT model?")
-        return p
-    if not p.exists():
-        raise FileNotFoundError(f"{source} is not a model folder: it does not exist; pass {what}")
-    if p.parent.name == "checkpoints" and (p.parent.parent / "model_checkpoints" / p.name).is_dir():
-        p = p.parent.parent / "model_checkpoints" / p.name  # resume state: its weights sit beside it
-    if p.name != "model_checkpoints" and (p / "model_checkpoints").is_dir():
-        p = p / "model_checkpoints"  # a run directory
-    if p.name == "model_checkpoints":
-        step = (p / "latest").read_text().strip() if (p / "latest").is_file() else ""
-        if step.isdigit() and not missing_model_files(p / step, needs):
-            return p / step
-        steps = [int(d.name) for d in p.iterdir() if d.name.isdigit() and not missing_model_files(d, needs)]
-        if steps:  # `latest` lost, or naming a step that is gone or incomplete
-            return p / str(max(steps))
-        names = ", ".join(alternatives[0] for alternatives in needs)
-        raise FileNotFoundError(f"no model checkpoint in {p}: the run has saved no complete model checkpoint yet "
-                                f"(model_checkpoints/<step>/ with {names})")
-    if missing := missing_model_files(p, needs):
-        raise FileNotFoundError(f"{p} is not a model folder (it has no {' and no '.join(missing)}); pass {what}")
-    return p
-
-
-def read_safetensors(folder) -> dict:
-    """model.safetensors, or the shards model.safetensors.index.json names, as one state dict."""
-    from safetensors.torch import load_file
-    folder = Path(folder)
-    if (folder / "model.safetensors").exists():
-        return load_file(str(folder / "model.safetensors"))
-    if not (folder / "model.safetensors.index.json").exists():
-        raise FileNotFoundError(f"no model.safetensors in {folder}")
-    shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
-    return {k: v for shard in sorted(shards) for k, v in load_file(str(folder / shard)).items()}
-
-
-def _from_pretrained(cls, path_or_id, revision, config_overrides, num_labels=None, classifier_dropout=None):
-    folder = resolve_model_dir(path_or_id, revision)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"no config.json in {folder}: a training checkpoint loads with config.load_pretrained, "
-                                "or export it first (python export.py --out HF_DIR RUN_DIR)")
-    hf_config = json.loads((folder / "config.json").read_text())
-    config = NeoBERTConfig.from_hf_dict(hf_config, **config_overrides)
-    sd = read_safetensors(folder)
-    if not any(k.startswith("model.") for k in sd):  # a bare encoder file
-        sd = {"model." + k: v for k, v in sd.items()}
-    encoder_sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
-    if cls is not NeoBERTForSequenceClassification:
-        model = cls(config)
-        load_state_dict_strict(model, encoder_sd if cls is NeoBERT else sd)
-        return model
-    saved = sd["classifier.weight"].shape[0] if "classifier.weight" in sd else None
-    if saved is not None and num_labels not in (None, saved):
-        raise ValueError(f"{path_or_id} holds a classifier with {saved} labels but num_labels={num_labels} was asked "
-                         "for; leave num_labels out to keep the saved head")
-    if classifier_dropout is None:
-        classifier_dropout = hf_config.get("classifier_dropout")
-    model = cls(config, num_labels=num_labels if num_labels is not None else saved or 2,
-                classifier_dropout=0.1 if classifier_dropout is None else float(classifier_dropout))
-    # from an MLM checkpoint: the encoder strictly, the head if the checkpoint has one
-    load_state_dict_strict(model.model, encoder_sd)
-    model.load_state_dict({k: v for k, v in sd.items() if k.split(".")[0] in ("dense", "classifier")}, strict=False)
-    return model
 
 
 # -----------------------------------------------------------------------------

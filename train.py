@@ -1,24 +1,21 @@
-"""Train a NeoBERT encoder: one loop, one code path from a laptop CPU to torchrun on 8 GPUs.
+"""usage: python train.py CONFIG [--section.key value | section.key=value ...] [--print-config]
+       python train.py CONFIG --prepare-only [--bench]                 only prepare the data (= python data.py CONFIG)
+       torchrun --nproc_per_node N train.py CONFIG [...]                data-parallel, the same code
+  CONFIG: configs/smoke.yaml (offline, CPU, minutes), configs/pretrain.yaml, configs/contrastive_smoke.yaml, ...
+  sections: model tokenizer dataset datacollator trainer optimizer scheduler wandb contrastive (docs/pretraining.md)
+  e.g. --trainer.max_steps 50 --optimizer.lr 2e-4 --trainer.resume_from_checkpoint auto --trainer.objective contrastive
+  --print-config: print the whole resolved config first; --bench (with --prepare-only): time the data loader
+  writes <trainer.output_dir>/metrics.jsonl, model_checkpoints/<step>/, checkpoints/<step>/ (python export.py)
 
-    python train.py configs/smoke.yaml                                   # one process: CPU or one GPU
-    python train.py configs/smoke.yaml --trainer.max_steps 50 optimizer.lr=2e-4
-    torchrun --nproc_per_node 8 train.py configs/pretrain.yaml           # data-parallel (DDP), same code
-    python train.py configs/smoke.yaml --prepare-only [--bench]          # only prepare the data (= python data.py)
-    python train.py configs/smoke.yaml --print-config                    # print the resolved config first
-
-The config is one YAML file with the sections model, tokenizer, dataset, datacollator, trainer, optimizer, scheduler,
-wandb (and contrastive); every key can be overridden on the command line as `--section.key value`.
-The loop knows one interface, the objective (listed above class MLM; contrastive.Contrastive is the second).
-
-Read top to bottom: config -> schedule and optimizer step -> checkpoints -> the MLM objective -> logging -> setup ->
-the loop -> main.
+Train a NeoBERT encoder: one loop, one code path from a laptop CPU to torchrun on 8 GPUs. The loop knows one
+interface, the objective (MLM below, contrastive.Contrastive the second). Read top to bottom: config -> schedule and
+optimizer step -> the MLM objective -> logging -> setup -> the loop -> main.
 """
 
 import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -31,12 +28,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import checkpoint
 import config
 import contrastive
 import data
 import neobert
-from config import UserError, autocast, config_to_dict, config_to_yaml, load_pretrained, require, setup_distributed
+import prepare
+import runtime
+from config import UserError, config_to_dict, config_to_yaml, require, warn
 from contrastive import ContrastiveConfig
+from runtime import autocast, to_device
 
 # -----------------------------------------------------------------------------
 # config: the sections this file owns, and Config, the whole run (model, data and task sections from their files)
@@ -123,25 +124,23 @@ class WandbConfig:
     project: str = "neobert"
     name: Optional[str] = None
 
-
 @dataclass
 class Config:
     model: neobert.NeoBERTConfig = field(default_factory=neobert.NeoBERTConfig)
-    tokenizer: data.TokenizerConfig = field(default_factory=data.TokenizerConfig)
-    dataset: data.DatasetConfig = field(default_factory=data.DatasetConfig)
+    tokenizer: prepare.TokenizerConfig = field(default_factory=prepare.TokenizerConfig)
+    dataset: prepare.DatasetConfig = field(default_factory=prepare.DatasetConfig)
     datacollator: data.DataCollatorConfig = field(default_factory=data.DataCollatorConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # objective contrastive
-    tasks: dict = field(default_factory=dict)  # extra sections a caller asked for (load_config's extra_sections)
 
 
-def load_config(path, overrides: Optional[list[str]] = None, extra_sections: Optional[dict] = None) -> Config:
-    """A YAML file (or None) and `--section.key value` overrides -> Config, strictly (config.load_config: each section
-    checks its own values), then the rules that span sections."""
-    cfg = config.load_config(Config, path, overrides, extra_sections)
+def load_config(path, overrides: Optional[list[str]] = None, schema=Config):
+    """A YAML file (or None) and `--section.key value` overrides -> Config (or a schema extending it, e.g. bench's),
+    strictly (config.load_config: each section checks its own values), then the rules that span sections."""
+    cfg = config.load_config(schema, path, overrides)
     require(not cfg.dataset.streaming or cfg.datacollator.pack_sequences,
             "dataset.streaming supports packed rows only: set datacollator.pack_sequences: true")
     require(cfg.dataset.max_seq_length <= cfg.model.max_position_embeddings,
@@ -235,86 +234,6 @@ def optimizer_step(model, optimizer, lr: float, clipping: Optional[float], loss:
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
-
-# -----------------------------------------------------------------------------
-# checkpoints
-#   model_checkpoints/<step>/  model.safetensors (plain keys), config.yaml, tokenizer.json   <- export, init_from
-#   model_checkpoints/latest   the newest complete step
-#   checkpoints/<step>/        optimizer.pt, train_state.json (step, tokens, every rank's loader state, config)
-# Each directory is written as <name>.tmp-<pid> and renamed when complete; a step counts only when both exist.
-
-def list_checkpoints(run_dir) -> list[int]:
-    """Steps with a complete resume checkpoint (in both checkpoints/ and model_checkpoints/), oldest first."""
-    def steps(d: Path) -> set:
-        return {int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()} if d.is_dir() else set()
-
-    return sorted(steps(Path(run_dir) / "checkpoints") & steps(Path(run_dir) / "model_checkpoints"))
-
-
-def kill_point(where: str, step: int) -> None:
-    # test hook: NEOBERT_TEST_KILL=<where>:<step> SIGKILLs this process there (where: mid_save | after_save)
-    if os.environ.get("NEOBERT_TEST_KILL") == f"{where}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, cfg: Config, tokenizer, train_state: dict) -> None:
-    """Called on rank 0 only, with the raw (uncompiled, unwrapped) model."""
-
-    def write_state(d: Path):
-        torch.save(optimizer.state_dict(), d / "optimizer.pt")
-        (d / "train_state.json").write_text(json.dumps(train_state))
-
-    config.save_model_dir(run_dir / "model_checkpoints" / str(step), model, cfg, tokenizer,
-                          after_write=lambda d: kill_point("mid_save", step))
-    config.write_dir(run_dir / "checkpoints" / str(step), write_state)
-    config.write_atomic(run_dir / "model_checkpoints" / "latest", f"{step}\n")
-    limit = cfg.trainer.save_total_limit
-    if limit:
-        for old in list_checkpoints(run_dir)[:-limit]:
-            shutil.rmtree(run_dir / "checkpoints" / str(old), ignore_errors=True)
-            shutil.rmtree(run_dir / "model_checkpoints" / str(old), ignore_errors=True)
-
-
-def find_resume_checkpoint(t: TrainerConfig) -> Optional[Path]:
-    """The checkpoints/<step> dir to resume from, or None for a fresh run."""
-    r, run_dir = t.resume_from_checkpoint, Path(t.output_dir)
-    steps = list_checkpoints(run_dir)
-    if r is None or r is False:
-        require(not steps, f"{run_dir} already holds checkpoints; set trainer.resume_from_checkpoint auto to continue "
-                "that run, or choose a new trainer.output_dir")
-        return None
-    if r is True or r in ("latest", "auto"):
-        if steps:
-            return run_dir / "checkpoints" / str(steps[-1])
-        if r == "auto":
-            return None
-        raise UserError(f"trainer.resume_from_checkpoint={str(r).lower()} but {run_dir} holds no complete checkpoint "
-                        "to resume; use auto to start fresh when there is none")
-    p = Path(r)
-    if p.parent.name == "model_checkpoints":  # given the model dir of a step: its resume state sits beside it
-        p = p.parent.parent / "checkpoints" / p.name
-    if not (p / "train_state.json").is_file() and list_checkpoints(p):  # a run dir: its newest step
-        p = p / "checkpoints" / str(list_checkpoints(p)[-1])
-    require((p / "train_state.json").is_file() and (p.parent.parent / "model_checkpoints" / p.name).is_dir(),
-            f"trainer.resume_from_checkpoint={r}: not a run directory or a complete checkpoints/<step> directory")
-    return p
-
-
-def check_resume(ckpt: Path, objective: str, optimizer: str) -> dict:
-    """A run resumes only checkpoints of its own objective (a contrastive run, contrastive ones) and optimizer (the
-    saved state is that optimizer's); -> the checkpoint's train_state."""
-    saved = json.loads((ckpt / "train_state.json").read_text())
-    config_was = saved.get("config", {})
-    was = saved.get("objective") or (config_was.get("trainer") or {}).get("objective", "mlm")
-    require(was == objective, f"{ckpt} was written by a trainer.objective={was} run; this run is {objective}. Resume "
-            f"it with trainer.objective: {was}, or start a new trainer.output_dir (trainer.init_from: "
-            f"{ckpt.parent.parent} takes its weights)")
-    was = (config_was.get("optimizer") or {}).get("name", "adamw")
-    require(was == optimizer, f"{ckpt} holds the state of optimizer.name {was}; resume it with --optimizer.name "
-            f"{was}, or start a new trainer.output_dir (trainer.init_from takes its weights)")
-    return saved
-
-
 # -----------------------------------------------------------------------------
 # the MLM objective (trainer.objective: mlm). An objective is what the loop needs to know of a task:
 #   name                                    checked when a run resumes (an MLM run resumes only MLM checkpoints)
@@ -324,8 +243,9 @@ def check_resume(ckpt: Path, objective: str, optimizer: str) -> dict:
 #   eval_batch_size                         None: no evaluation (load() said why)
 #   eval_at_start                           evaluate the starting model (step 0) too
 #   train_module(model) -> module           what is trained, compiled and wrapped in DDP (model: the saved LM head)
-#   loader(split, batch, accum, prefetch)   an exactly resumable loader: next_step(), state_dict(), close()
+#   loader(split, batch, accum, prefetch)   an exactly resumable data.Loader: next_step(), state_dict(), close()
 #   forward_backward(module, micro_batches, amp) -> (loss sum, global count, extra sums)   the backward included
+#   tokens(micro_batches) -> (positions, real tokens)   this process's share of the step (real: not padding)
 #   metrics(extra sums, count) -> dict      training metrics from the extra sums, summed over processes
 #   evaluate(model, amp) -> dict            held-out metrics; every process takes part and gets the same
 #   flops(micro_batches) -> float           this process's training FLOPs for the step (for MFU)
@@ -337,15 +257,18 @@ class MLM:
 
     def __init__(self, cfg, rank: int, world_size: int, device, resume: Optional[Path] = None):
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
-        self.data_dir, self.eval_batch_size = data.dataset_dir(cfg.dataset), None
+        self.data_dir, self.eval_batch_size, self.val_store = prepare.dataset_dir(cfg.dataset), None, None
 
     def prepare(self):
         if self.cfg.dataset.pre_tokenize or self.cfg.dataset.streaming:
-            data.prepare(self.cfg.dataset, self.cfg.tokenizer)
+            prepare.prepare(self.cfg.dataset, self.cfg.tokenizer)
 
     def load(self):
-        self.eval_batch_size = eval_batch_size(self.cfg, self.data_dir, self.world_size, self.rank == 0)
-        return data.load_tokenizer(self.cfg.tokenizer, self.data_dir)
+        t, ds = self.cfg.trainer, self.cfg.dataset
+        if t.eval_steps and t.eval_max_batches and not ds.streaming:  # the val split, opened (and checked) once
+            self.val_store = prepare.TokenStore(self.data_dir, "val")
+        self.eval_batch_size = eval_batch_size(self.cfg, self.val_store, self.world_size, self.rank == 0)
+        return prepare.load_tokenizer(self.cfg.tokenizer, self.data_dir)
 
     def train_module(self, model):
         return model
@@ -358,7 +281,8 @@ class MLM:
             ds = dataclasses.replace(ds, num_workers=1, shuffle_buffer_size=min(ds.shuffle_buffer_size, 256))
         return data.build_loader(ds, self.cfg.tokenizer, self.cfg.datacollator, split,
                                  micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps, rank=self.rank,
-                                 world_size=self.world_size, seed=self.cfg.trainer.seed, prefetch=prefetch)
+                                 world_size=self.world_size, seed=self.cfg.trainer.seed, prefetch=prefetch,
+                                 store=self.val_store if split == "val" else None)
 
     def forward_backward(self, module, micro_batches: list[dict], amp):
         """The loss is normalised by the predicted tokens of the whole step on every process, so the gradient does
@@ -370,7 +294,7 @@ class MLM:
         scale = world_size / num_masked.clamp(min=1.0)  # x world_size: DDP averages gradients over ranks
         loss_sum = torch.zeros((), device=device)
         for i, batch in enumerate(micro_batches):
-            batch = config.to_device(batch, device)
+            batch = to_device(batch, device)
             sync = i == len(micro_batches) - 1 or world_size == 1
             with nullcontext() if sync else module.no_sync():  # the forward too: DDP prepares its hooks there
                 with amp:
@@ -378,6 +302,11 @@ class MLM:
                 (out.loss_sum * scale).backward()
             loss_sum += out.loss_sum.detach()
         return loss_sum, num_masked.item(), torch.zeros(0, device=device)
+
+    def tokens(self, micro_batches: list[dict]) -> tuple[int, int]:
+        positions = sum(b["input_ids"].numel() for b in micro_batches)
+        return positions, sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                              for b in micro_batches)
 
     def metrics(self, sums: list, count: float) -> dict:
         return {}
@@ -390,7 +319,7 @@ class MLM:
         try:
             for _ in range(self.cfg.trainer.eval_max_batches):
                 for batch in val.next_step():
-                    batch = config.to_device(batch, self.device)
+                    batch = to_device(batch, self.device)
                     labels = batch.pop("labels").reshape(-1)
                     keep = labels != -100
                     with amp:
@@ -411,27 +340,28 @@ class MLM:
         return step_flops(self.cfg.model, micro_batches)
 
 
-def eval_batch_size(cfg: Config, data_dir, world_size: int, master: bool = True) -> Optional[int]:
+def eval_batch_size(cfg: Config, val_store, world_size: int, master: bool = True) -> Optional[int]:
     """The per-process eval batch size, decided before training: None when evaluation is off or there is no
     held-out data (a warning says so), else per_device_eval_batch_size, lowered to what the val split holds."""
     t, ds = cfg.trainer, cfg.dataset
-    warn = config.warn if master else (lambda msg: None)
+    say = warn if master else (lambda msg: None)
     if t.eval_steps == 0 or t.eval_max_batches == 0:
         return None
     if ds.streaming:
         if ds.validation_split <= 0 and ds.eval_samples <= 0:
-            warn("dataset.validation_split and dataset.eval_samples are 0: no held-out documents, evaluation is off")
+            say("dataset.validation_split and dataset.eval_samples are 0: no held-out documents, evaluation is off")
             return None
         return t.per_device_eval_batch_size
-    rows = data.split_rows(data_dir, "val", ds.max_seq_length, cfg.datacollator.pack_sequences)
+    rows, where = data.split_rows(None, "val", ds.max_seq_length, cfg.datacollator.pack_sequences, val_store), \
+        val_store.dir
     if rows < world_size:
-        warn(f"the val split of {data_dir} gives {rows} rows of {ds.max_seq_length} tokens, fewer than one per "
-             f"process: evaluation is off (raise dataset.validation_split or dataset.eval_samples)")
+        say(f"the val split of {where} gives {rows} rows of {ds.max_seq_length} tokens, fewer than one per "
+            f"process: evaluation is off (raise dataset.validation_split or dataset.eval_samples)")
         return None
     if rows < t.per_device_eval_batch_size * world_size:
-        warn(f"the val split of {data_dir} gives {rows} rows of {ds.max_seq_length} tokens: evaluating with "
-             f"{rows // world_size} rows per process instead of trainer.per_device_eval_batch_size="
-             f"{t.per_device_eval_batch_size}")
+        say(f"the val split of {where} gives {rows} rows of {ds.max_seq_length} tokens: evaluating with "
+            f"{rows // world_size} rows per process instead of trainer.per_device_eval_batch_size="
+            f"{t.per_device_eval_batch_size}")
         return rows // world_size
     return t.per_device_eval_batch_size
 
@@ -488,16 +418,23 @@ def truncate_metrics(path: Path, step: int) -> None:
         elif record["step"] <= step:
             kept.append(line)
     if bad:
-        config.warn(f"{path}: dropped {bad} damaged line{'s' * (bad > 1)} (a write cut short by a kill or a full disk)")
-    config.write_atomic(path, "".join(line + "\n" for line in kept))
+        warn(f"{path}: dropped {bad} damaged line{'s' * (bad > 1)} (a write cut short by a kill or a full disk)")
+    runtime.write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def metrics_line(record: dict) -> str:
+    """`step 200: eval_loss 5.332, eval_accuracy 0.1658`: a record's held-out metrics, as the console shows them."""
+    evals = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("eval_"))
+    return f"step {record['step']}: {evals}"
 
 
 class Logger:
-    """metrics.jsonl, wandb and the progress bar, on rank 0; on the other ranks every call does nothing."""
+    """metrics.jsonl, wandb, the progress bar and one console line per evaluation, on rank 0; elsewhere nothing."""
 
     def __init__(self, cfg, run_dir: Path, master: bool, step: int):
         t = cfg.trainer
-        self.file = self.wandb = None
+        self.file = self.wandb = self.last_eval = None
+        self.master = master
         if master:
             truncate_metrics(run_dir / "metrics.jsonl", step)
             self.file = open(run_dir / "metrics.jsonl", "a")
@@ -520,6 +457,9 @@ class Logger:
             self.file.flush()
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
+        if self.master and any(k.startswith("eval_") for k in record):
+            self.last_eval = metrics_line(record)
+            self.bar.write(self.last_eval)  # above the bar (a plain print when it is off)
         if "loss" in record:
             mfu = record["mfu"]
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
@@ -537,22 +477,19 @@ class Logger:
 # -----------------------------------------------------------------------------
 # setup: the run directory, the data, the model with its optimizer (and what it resumes from)
 
-def prepare_run_dir(run_dir: Path) -> None:
-    """Rank 0: make trainer.output_dir (a clear error when it cannot be written) and remove what a save killed
-    half-way left behind (never picked by resume)."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"trainer.output_dir {run_dir} cannot be written ({e.strerror or e}); choose another "
-                        "directory") from None
-    for stale in [*run_dir.glob("*checkpoints/*.tmp-*"), *run_dir.glob("*checkpoints/*.old-*")]:
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
+def check_resume(ckpt: Path, objective: str, optimizer: str) -> dict:
+    """A run resumes only checkpoints of its own objective (a contrastive run, contrastive ones) and optimizer (the
+    saved state is that optimizer's); -> the checkpoint's train_state."""
+    saved = checkpoint.read_train_state(ckpt)
+    config_was = saved.get("config", {})
+    was = saved.get("objective") or (config_was.get("trainer") or {}).get("objective", "mlm")
+    require(was == objective, f"{ckpt} was written by a trainer.objective={was} run; this run is {objective}. Resume "
+            f"it with trainer.objective: {was}, or start a new trainer.output_dir (trainer.init_from: "
+            f"{ckpt.parent.parent} takes its weights)")
+    was = (config_was.get("optimizer") or {}).get("name", "adamw")
+    require(was == optimizer, f"{ckpt} holds the state of optimizer.name {was}; resume it with --optimizer.name "
+            f"{was}, or start a new trainer.output_dir (trainer.init_from takes its weights)")
+    return saved
 
 
 def load_data(objective, cfg, master: bool, ddp: bool):
@@ -562,8 +499,8 @@ def load_data(objective, cfg, master: bool, ddp: bool):
     if ddp:
         dist.barrier()
     tokenizer = objective.load()
-    data.check_vocab(tokenizer, cfg.model.vocab_size)
-    pad_id = data.special_token_ids(tokenizer)["pad"]
+    prepare.check_vocab(tokenizer, cfg.model.vocab_size)
+    pad_id = prepare.special_token_ids(tokenizer)["pad"]
     require(pad_id == cfg.model.pad_token_id, f"model.pad_token_id={cfg.model.pad_token_id} but the tokenizer's "
             f"[PAD] is {pad_id}; set model.pad_token_id: {pad_id}")
     return tokenizer
@@ -572,41 +509,27 @@ def load_data(objective, cfg, master: bool, ddp: bool):
 def build_model(cfg, objective, ckpt: Optional[Path], rank: int, world_size: int, device, print0):
     """(model, train module, optimizer, loader, state): the same init on every rank, then the weights of the
     checkpoint it resumes (with the optimizer and the loader's position) or of trainer.init_from."""
-    from safetensors.torch import load_file
     t = cfg.trainer
     torch.manual_seed(t.seed)
     model = neobert.NeoBERTLMHead(cfg.model)
     model.model.gradient_checkpointing = t.gradient_checkpointing
-    state = dict(step=0, tokens=0, elapsed=0.0)
-    if ckpt is not None:  # strictly: a different shape is a UserError naming the tensor
-        path = ckpt.parent.parent / "model_checkpoints" / ckpt.name / "model.safetensors"
-        try:
-            neobert.load_state_dict_strict(model, load_file(str(path)))
-        except ValueError as e:
-            raise UserError(f"{path}: {e}") from None
-        except Exception as e:  # unreadable / truncated file
-            raise UserError(f"cannot read {path}: {e}") from None
-    elif t.init_from:  # the weights of any MODEL_SOURCES, strictly
-        loaded, info = load_pretrained(t.init_from, head="mlm")
-        try:
-            neobert.load_state_dict_strict(model, loaded.state_dict())
-        except ValueError as e:
-            raise UserError(f"trainer.init_from={t.init_from} ({info.path}): {e}") from None
-    model.to(device)
-    print0(f"model: {neobert.num_params(model) / 1e6:.2f}M parameters")
+    if ckpt is not None:  # strictly: a different shape is an error naming the tensor
+        checkpoint.resume_weights(ckpt, model)
+    elif t.init_from:  # the weights of any model source, strictly
+        loaded, info = checkpoint.load(t.init_from, head="mlm")
+        checkpoint.load_state_dict_strict(model, loaded.state_dict(), f"trainer.init_from={t.init_from} ({info.path})")
+    model.to(device)  # before the optimizer: its state is made (or loaded) on the parameters' device
     module = objective.train_module(model)  # contrastive: the encoder alone; the MLM decoder stays as loaded
     optimizer = build_optimizer(module, cfg.optimizer, device)
     loader = objective.loader("train", t.per_device_train_batch_size, t.gradient_accumulation_steps)
-    if ckpt is not None:
-        saved = json.loads((ckpt / "train_state.json").read_text())
-        try:
-            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
-        except (ValueError, RuntimeError, KeyError) as e:
-            raise UserError(f"{ckpt / 'optimizer.pt'} does not fit this model/optimizer: {e}") from None
+    state = dict(step=0, tokens=0, elapsed=0.0)
+    if ckpt is not None:  # the optimizer state and every rank's loader position
+        saved = checkpoint.resume_state(ckpt, optimizer)
         # a loader state is a position in the global stream, so any rank's works for any world size
-        loader_states = saved["loader_states"]
-        loader.load_state_dict(loader_states[rank] if len(loader_states) == world_size else loader_states[0])
+        states = saved["loader_states"]
+        loader.load_state_dict(states[rank] if len(states) == world_size else states[0])
         state = {k: saved[k] for k in state}
+    print0(f"model: {neobert.num_params(model) / 1e6:.2f}M parameters")
     # compile after loading weights and before DDP; `model` stays the raw module for saving and evaluation
     module = torch.compile(module) if t.torch_compile else module
     if world_size > 1:
@@ -623,7 +546,7 @@ def train(cfg: Config, objective=None) -> dict:
     trainer.objective's: MLM or contrastive.Contrastive), called as objective(cfg, rank, world_size, device, resume)."""
     if objective is None:
         objective = contrastive.Contrastive if cfg.trainer.objective == "contrastive" else MLM
-    rank, world_size, device = setup_distributed()
+    rank, world_size, device = runtime.setup_distributed()
     try:
         return run(cfg, objective, rank, world_size, device)
     finally:
@@ -632,18 +555,17 @@ def train(cfg: Config, objective=None) -> dict:
 
 
 def run(cfg: Config, make_objective, rank: int, world_size: int, device) -> dict:
-    t, o, master, ddp = cfg.trainer, cfg.optimizer, rank == 0, world_size > 1
+    """Setup (run directory, what it resumes, data, model, logger), then the loop; -> the last metrics record."""
+    t, master, ddp = cfg.trainer, rank == 0, world_size > 1
     print0 = print if master else (lambda *a, **k: None)
     run_dir = Path(t.output_dir)
     if master:
-        prepare_run_dir(run_dir)
-    ckpt = find_resume_checkpoint(t)  # before any work: "nothing to resume" should not wait for the data
-    if ckpt is not None:
-        done = check_resume(ckpt, make_objective.name, o.name)["step"]
-        if done >= t.max_steps:
-            print0(f"the run in {run_dir} is already at step {done} >= trainer.max_steps {t.max_steps}: nothing to "
-                   "train; pass another trainer.output_dir to start over, or a larger trainer.max_steps to continue")
-            return {}
+        checkpoint.prepare_run_dir(run_dir)
+    ckpt = checkpoint.find_resume(t.resume_from_checkpoint, run_dir)  # before any work: no waiting for the data
+    if ckpt is not None and (done := check_resume(ckpt, make_objective.name, cfg.optimizer.name)["step"]) >= t.max_steps:
+        print0(f"the run in {run_dir} is already at step {done} >= trainer.max_steps {t.max_steps}: nothing to "
+               "train; pass another trainer.output_dir to start over, or a larger trainer.max_steps to continue")
+        return {}
     objective = make_objective(cfg, rank, world_size, device, ckpt)
     print0(f"run: {run_dir} ({objective.name}, {world_size} process{'es' if ddp else ''}, {device}); data: "
            f"{getattr(objective, 'data_dir', '-')}; "
@@ -651,12 +573,10 @@ def run(cfg: Config, make_objective, rank: int, world_size: int, device) -> dict
     cfg = objective.cfg  # e.g. contrastive: the model section of the checkpoint it starts from
     tokenizer = load_data(objective, cfg, master, ddp)
     model, module, optimizer, loader, state = build_model(cfg, objective, ckpt, rank, world_size, device, print0)
-    precision = config.resolve_precision(t.mixed_precision, device, warn=config.warn if master else None)
+    precision = runtime.resolve_precision(t.mixed_precision, device, warn=warn if master else None)
     print0(f"precision: {'bf16 autocast' if precision == 'bf16' else 'fp32'} "
            f"(trainer.mixed_precision={t.mixed_precision})")
-    amp = autocast(device, precision)
     logger = Logger(cfg, run_dir, master, state["step"])
-    peak = neobert.peak_flops(device)  # None on CPU or an unknown GPU: no MFU rather than a wrong one
 
     def save(step):
         loader_states = [loader.state_dict()]
@@ -666,68 +586,84 @@ def run(cfg: Config, make_objective, rank: int, world_size: int, device) -> dict
         if master:
             train_state = dict(step=step, tokens=state["tokens"], elapsed=state["elapsed"], world_size=world_size,
                                objective=objective.name, loader_states=loader_states, config=config_to_dict(cfg))
-            save_checkpoint(run_dir, step, model, optimizer, cfg, tokenizer, train_state)
+            checkpoint.save(run_dir, step, model, optimizer, cfg, tokenizer, train_state, t.save_total_limit,
+                            after_model=lambda d: kill_point("mid_save", step))
         if ddp:
             dist.barrier()
         kill_point("after_save", step)
 
-    step, record, last_saved = state["step"], {}, state["step"] if ckpt is not None else None
-    t_start = time.perf_counter() - state["elapsed"]  # elapsed carries over a resume
-    t_log, tokens_log, flops_log = time.perf_counter(), state["tokens"], 0.0  # since the last metrics line
     stop = StopRequest()
     try:
-        if objective.eval_at_start and objective.eval_batch_size is not None and ckpt is None and step == 0:
-            record = dict(step=0, **{f"eval_{k}": v for k, v in objective.evaluate(model, amp).items()})
-            logger.log(record)
-        while step < t.max_steps:
-            lr = get_lr(step, o.lr, cfg.scheduler, t.max_steps)
-            torch.manual_seed(dropout_seed(t.seed, step, rank))
-            micro_batches = loader.next_step()
-            loss_sum, count, sums = objective.forward_backward(module, micro_batches, amp)
-            stats = torch.cat([torch.stack([loss_sum.float(), torch.tensor(float(stop.requested), device=device)]),
-                               sums.float()])
-            if ddp:
-                dist.all_reduce(stats)  # after DDP's all-reduce, the grad norm is already the same on every rank
-            loss, stopping = stats[0].item() / max(count, 1.0), bool(stats[1] > 0)
-            where = f"{run_dir}/checkpoints/{last_saved}" if last_saved is not None else "none was written"
-            grad_norm = optimizer_step(model, optimizer, lr, t.gradient_clipping, loss, context=(
-                f"at step {step + 1}; stopped without saving (last good checkpoint: {where}). Lower optimizer.lr, "
-                "raise scheduler.warmup_steps or set trainer.gradient_clipping"))
-            step += 1
-            state["step"] = step
-            state["tokens"] += sum(v.numel() for b in micro_batches for k, v in b.items()
-                                   if k in ("input_ids", "query_ids", "doc_ids")) * world_size
-            state["elapsed"] = time.perf_counter() - t_start
-            flops_log += world_size * objective.flops(micro_batches) if peak else 0.0
-
-            last_step = step == t.max_steps or stopping
-            do_eval = objective.eval_batch_size is not None and (step % t.eval_steps == 0 or last_step)
-            if step % t.logging_steps == 0 or last_step or do_eval:
-                seconds = max(time.perf_counter() - t_log, 1e-9)
-                record = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=state["tokens"],
-                              tokens_per_s=(state["tokens"] - tokens_log) / seconds,
-                              mfu=flops_log / seconds / (peak * world_size) if peak else None,
-                              elapsed=state["elapsed"], **objective.metrics(stats[2:].tolist(), count))
-                if do_eval:
-                    record.update({f"eval_{k}": v for k, v in objective.evaluate(model, amp).items()})
-                logger.log(record)
-                t_log, tokens_log, flops_log = time.perf_counter(), state["tokens"], 0.0
-            logger.bar.update(1)
-            if last_step or (t.save_steps > 0 and step % t.save_steps == 0):
-                save(step)
-                last_saved = step
-            if stopping:
-                print0(f"\nstopped by signal at step {step}; checkpoint saved. Resume with "
-                       f"--trainer.resume_from_checkpoint auto")
-                break
-        if last_saved != step:  # a fresh run with max_steps == 0
-            save(step)
+        record = loop(cfg, objective, model, module, optimizer, loader, logger, state, save, stop,
+                      autocast(device, precision), resumed=ckpt is not None)
     finally:
         stop.restore()
         logger.close()
         loader.close()
-    print0(f"done: step {step}, {state['tokens']} tokens, checkpoints in {run_dir}")
+    print0(f"done: step {state['step']}, {state['tokens']} tokens, checkpoints in {run_dir}"
+           + (f"; last evaluation: {logger.last_eval}" if logger.last_eval else ""))
     return record
+
+
+def loop(cfg, objective, model, module, optimizer, loader, logger, state, save, stop, amp, resumed) -> dict:
+    """From state["step"] to trainer.max_steps: the lr, this rank's micro-batches, forward and backward, one optimizer
+    step; then a metrics line, an evaluation and a checkpoint when due. A signal saves at the next step and stops."""
+    t, world_size, device = cfg.trainer, objective.world_size, objective.device
+    peak = neobert.peak_flops(device)  # None on CPU or an unknown GPU: no MFU rather than a wrong one
+    step, record, last_saved = state["step"], {}, state["step"] if resumed else None
+    t_start = time.perf_counter() - state["elapsed"]  # elapsed carries over a resume
+    t_log, tokens_log, flops_log = time.perf_counter(), state["tokens"], 0.0  # since the last metrics line
+    if objective.eval_at_start and objective.eval_batch_size is not None and not resumed and step == 0:
+        logger.log(dict(step=0, **{f"eval_{k}": v for k, v in objective.evaluate(model, amp).items()}))
+    while step < t.max_steps:
+        lr = get_lr(step, cfg.optimizer.lr, cfg.scheduler, t.max_steps)
+        torch.manual_seed(dropout_seed(t.seed, step, objective.rank))
+        micro_batches = loader.next_step()
+        loss_sum, count, sums = objective.forward_backward(module, micro_batches, amp)
+        stats = torch.cat([torch.stack([loss_sum.float(), torch.tensor(float(stop.requested), device=device)]),
+                           sums.float()])
+        if world_size > 1:
+            dist.all_reduce(stats)  # after DDP's all-reduce, the grad norm is already the same on every rank
+        loss, stopping = stats[0].item() / max(count, 1.0), bool(stats[1] > 0)
+        where = f"{t.output_dir}/checkpoints/{last_saved}" if last_saved is not None else "none was written"
+        grad_norm = optimizer_step(model, optimizer, lr, t.gradient_clipping, loss, context=(
+            f"at step {step + 1}; stopped without saving (last good checkpoint: {where}). Lower optimizer.lr, "
+            "raise scheduler.warmup_steps or set trainer.gradient_clipping"))
+        step += 1
+        state.update(step=step, tokens=state["tokens"] + objective.tokens(micro_batches)[0] * world_size,
+                     elapsed=time.perf_counter() - t_start)
+        flops_log += world_size * objective.flops(micro_batches) if peak else 0.0
+
+        last_step = step == t.max_steps or stopping
+        do_eval = objective.eval_batch_size is not None and (step % t.eval_steps == 0 or last_step)
+        if step % t.logging_steps == 0 or last_step or do_eval:
+            seconds = max(time.perf_counter() - t_log, 1e-9)
+            record = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=state["tokens"],
+                          tokens_per_s=(state["tokens"] - tokens_log) / seconds,
+                          mfu=flops_log / seconds / (peak * world_size) if peak else None,
+                          elapsed=state["elapsed"], **objective.metrics(stats[2:].tolist(), count))
+            if do_eval:
+                record.update({f"eval_{k}": v for k, v in objective.evaluate(model, amp).items()})
+            logger.log(record)
+            t_log, tokens_log, flops_log = time.perf_counter(), state["tokens"], 0.0
+        logger.bar.update(1)
+        if last_step or (t.save_steps > 0 and step % t.save_steps == 0):
+            save(step)
+            last_saved = step
+        if stopping:
+            if objective.rank == 0:
+                logger.bar.write(f"stopped by signal at step {step}; checkpoint saved. Resume with "
+                                 "--trainer.resume_from_checkpoint auto")
+            break
+    if last_saved != step:  # a fresh run with max_steps == 0
+        save(step)
+    return record
+
+
+def kill_point(where: str, step: int) -> None:
+    # test hook: NEOBERT_TEST_KILL=<where>:<step> SIGKILLs this process there (where: mid_save | after_save)
+    if os.environ.get("NEOBERT_TEST_KILL") == f"{where}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def resolved(cfg, dotted: str) -> str:
@@ -754,7 +690,7 @@ def main(argv=None) -> int:
             return contrastive.prepare_pairs_only(cfg)
         return data.prepare_only(cfg, bench="--bench" in flags) if flags else train(cfg)
 
-    return config.run_main(argv, __doc__, work)
+    return runtime.run_main(argv, __doc__, work)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import checkpoint  # noqa: E402
+import prepare  # noqa: E402
 import config  # noqa: E402
 import contrastive  # noqa: E402
 import data  # noqa: E402
@@ -57,7 +59,7 @@ def pretrained(tmp_path_factory):
     vocabulary trained on the pair texts, so trainer.init_from resolves it as it would a pretraining run."""
     run = tmp_path_factory.mktemp("pretrained") / "run"
     sf = contrastive.pair_source_files(contrastive.PairSourceConfig(name="stdlib"))[0]
-    texts = [t for _, row in zip(range(3000), data.read_rows(sf, ["query", "positive"], data.ReadStats()))
+    texts = [t for _, row in zip(range(3000), prepare.read_rows(sf, ["query", "positive"], prepare.ReadStats()))
              for t in row[1]]
     tokenizer = word_tokenizer(texts, vocab_size=1024)
     vocab = tokenizer.get_vocab_size()
@@ -83,7 +85,7 @@ def word_tokenizer(texts, vocab_size):
     norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     counts = Counter(w for t in texts for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
     chars = sorted({c for w in counts for c in w})
-    vocab = list(data.SPECIAL_TOKENS) + chars + ["##" + c for c in chars]
+    vocab = list(prepare.SPECIAL_TOKENS) + chars + ["##" + c for c in chars]
     vocab += [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if w not in vocab]
     tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab[:vocab_size])}, unk_token="[UNK]"))
     tok.normalizer, tok.pre_tokenizer, tok.decoder = norm, pre, decoders.WordPiece()
@@ -97,7 +99,7 @@ def pairs(pretrained, tmp_path_factory):
     """The prepared stdlib pairs (contrastive.path), shared by every run of the session."""
     path = tmp_path_factory.mktemp("pairs") / "stdlib"
     cc = contrastive.ContrastiveConfig(sources=[SOURCE], path=str(path), validation_split=0.15, num_workers=1)
-    _, info = config.load_pretrained(pretrained)
+    _, info = checkpoint.load(pretrained)
     contrastive.prepare_pairs(cc, info.tokenizer, progress=False)
     return path
 
@@ -319,7 +321,7 @@ def test_sources_formats_mixing_and_single_source_batches(tmp_path, pretrained):
     ∝ rows^alpha; the global batch does not depend on the world size or the micro-batch split."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    _, info = config.load_pretrained(pretrained)
+    _, info = checkpoint.load(pretrained)
     words = ["file", "list", "string"]  # whole tokens of the docstring vocabulary
     sizes = [40, 160, 640]
 
@@ -339,7 +341,7 @@ def test_sources_formats_mixing_and_single_source_batches(tmp_path, pretrained):
     contrastive.prepare_pairs(cc, info.tokenizer, progress=False)
     marker = {info.tokenizer.token_to_id(w): k for k, w in enumerate(words)}
 
-    loader = contrastive.PairLoader(cc.path, cc, micro_batch_size=8, prefetch=0)
+    loader = contrastive.pair_loader(cc.path, cc, micro_batch_size=8, prefetch=0)
     want = np.asarray(sizes, dtype=float) ** 0.5
     want /= want.sum()
     assert np.allclose(loader.probs, want)
@@ -360,8 +362,8 @@ def test_sources_formats_mixing_and_single_source_batches(tmp_path, pretrained):
             parts = [ld.next_step()[0] for ld in loaders]
             out.append([row[m.bool()].tolist() for p in parts for row, m in zip(p["query_ids"], p["query_mask"])])
         return out
-    one = rows_of([contrastive.PairLoader(cc.path, cc, micro_batch_size=8, prefetch=0)])
-    two = rows_of([contrastive.PairLoader(cc.path, cc, micro_batch_size=2, grad_accum_steps=2, rank=r, world_size=2,
+    one = rows_of([contrastive.pair_loader(cc.path, cc, micro_batch_size=8, prefetch=0)])
+    two = rows_of([contrastive.pair_loader(cc.path, cc, micro_batch_size=2, grad_accum_steps=2, rank=r, world_size=2,
                                    prefetch=0) for r in range(2)])
     assert one == two
 
@@ -391,7 +393,7 @@ def test_hub_source_reads_its_subset_and_split_and_prefixes_the_instruction(tmp_
         return str(root / filename)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
-    _, info = config.load_pretrained(pretrained)
+    _, info = checkpoint.load(pretrained)
     source = {"name": repo, "config": "triplet", "query_column": "anchor", "positive_column": "positive",
               "negative_columns": ["negative"], "instruction": "Given a premise, retrieve a hypothesis."}
     cc = contrastive.ContrastiveConfig(sources=[source], path=str(tmp_path / "prepared"), validation_split=0.0,
@@ -400,14 +402,28 @@ def test_hub_source_reads_its_subset_and_split_and_prefixes_the_instruction(tmp_
     assert downloads == ["triplet/train-00000-of-00001.parquet"]
     man = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
     assert man["sources"][0]["rows"] == {"train": 30, "val": 0} and man["sources"][0]["negatives"] == 1
-    loader = contrastive.PairLoader(cc.path, cc, micro_batch_size=4, prefetch=0)
+    loader = contrastive.pair_loader(cc.path, cc, micro_batch_size=4, prefetch=0)
     b = loader.next_step()[0]
     prefix = info.tokenizer.encode(source["instruction"], add_special_tokens=False).ids
     assert all(row[1:1 + len(prefix)].tolist() == prefix for row in b["query_ids"])
 
 
+def test_a_pair_line_that_does_not_parse_is_named(tmp_path, pretrained, capsys):
+    """A .jsonl pair source with a broken line: skipped and counted, and the warning names the file and its line."""
+    _, info = checkpoint.load(pretrained)
+    lines = [json.dumps({"query": f"q{i}", "positive": f"answer {i}"}) for i in range(12)]
+    lines[2] = '{"query": "q2", "positive": '  # cut short
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    cc = contrastive.ContrastiveConfig(sources=[{"data_files": [str(tmp_path / "p.jsonl")]}],
+                                       path=str(tmp_path / "prepared"), validation_split=0.0, num_workers=1)
+    contrastive.prepare_pairs(cc, info.tokenizer, progress=False)
+    err = capsys.readouterr().err
+    assert "skipped 1 records" in err and f"the first: {tmp_path / 'p.jsonl'} line 3" in err, err
+    assert json.loads((tmp_path / "prepared" / "manifest.json").read_text())["sources"][0]["rows"]["train"] == 11
+
+
 def test_prepared_pairs_are_reused_refused_and_checked(tmp_path, pretrained, pairs):
-    _, info = config.load_pretrained(pretrained)
+    _, info = checkpoint.load(pretrained)
     man = pairs / "manifest.json"
     before = man.stat().st_mtime_ns
     cc = contrastive.ContrastiveConfig(sources=[SOURCE], path=str(pairs), validation_split=0.15, num_workers=1)
@@ -422,7 +438,7 @@ def test_prepared_pairs_are_reused_refused_and_checked(tmp_path, pretrained, pai
     shard = copy / "source_00" / "train.positive" / "shard_00000.bin"
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(config.UserError, match="shard_00000.bin is truncated"):
-        contrastive.PairLoader(copy, dict_cc(cc, copy), micro_batch_size=4)
+        contrastive.pair_loader(copy, dict_cc(cc, copy), micro_batch_size=4)
     # an interrupted prepare (no top-level manifest) is completed; the finished source is kept
     (copy / "manifest.json").unlink()
     shard.unlink()
@@ -539,10 +555,10 @@ def test_cls_pooling_is_honoured_through_export(tmp_path, pretrained, pairs):
     texts = ["json.dumps(obj)", "Return the number of items in a container, counting nested ones too."]
     got = st.SentenceTransformer(str(tmp_path / "hf"), trust_remote_code=True, device="cpu").encode(
         texts, convert_to_tensor=True)
-    model, info = config.load_pretrained(out, head="encoder")
+    model, info = checkpoint.load(out, head="encoder")
     assert info.pooling == "cls"
     ids, mask = contrastive.pad_rows([np.asarray(e.ids[1:-1]) for e in info.tokenizer.encode_batch(texts)], 64,
-                              *(data.special_token_ids(info.tokenizer)[k] for k in ("cls", "sep", "pad")))
+                              *(prepare.special_token_ids(info.tokenizer)[k] for k in ("cls", "sep", "pad")))
     with torch.no_grad():
         want = neobert.pool(model.eval()(ids, attention_mask=mask), mask, "cls")
     assert torch.allclose(got.cpu(), want, atol=1e-5)

@@ -16,9 +16,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import checkpoint  # noqa: E402
+import prepare  # noqa: E402
 import config  # noqa: E402
 import data  # noqa: E402
-from data import DataCollatorConfig, DatasetConfig, TokenizerConfig, UserError  # noqa: E402
+from config import UserError  # noqa: E402
+from data import DataCollatorConfig  # noqa: E402
+from prepare import DatasetConfig, TokenizerConfig  # noqa: E402
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega the of and to in is was for on with as by at from neural network token").split()
@@ -55,7 +59,7 @@ def write_parquet(path, docs, column="text"):
 
 @pytest.fixture(scope="session")
 def tok_path(tmp_path_factory):
-    tok = data.train_tokenizer(make_docs(400, seed=123), vocab_size=300, min_frequency=1)
+    tok = prepare.train_tokenizer(make_docs(400, seed=123), vocab_size=300, min_frequency=1)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     tok.save(str(path))
     return path
@@ -76,13 +80,13 @@ def ds_cfg(tmp_path, files, **kw):
 def prepared(tmp_path, tok_path, docs=None, n=200, **kw):
     docs = make_docs(n) if docs is None else docs
     src = write_txt(tmp_path / "corpus.txt", docs)
-    return data.prepare(ds_cfg(tmp_path, [src], **kw), TokenizerConfig(path=str(tok_path)), progress=False), docs
+    return prepare.prepare(ds_cfg(tmp_path, [src], **kw), TokenizerConfig(path=str(tok_path)), progress=False), docs
 
 
 def loader(out, **kw):
     kw.setdefault("seq_len", 32)
     kw.setdefault("micro_batch_size", 4)
-    return data.MLMLoader(out, "train", **kw)
+    return data.prepared_loader(out, "train", **kw)
 
 
 def original(batch):
@@ -112,7 +116,7 @@ def units_of(stream, cls, sep):
 # tokenizer
 
 def test_trained_tokenizer_is_bert_style(tok):
-    ids = data.special_token_ids(tok)
+    ids = prepare.special_token_ids(tok)
     assert ids == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
     one = tok.encode("alpha beta")
     assert one.ids[0] == ids["cls"] and one.ids[-1] == ids["sep"] and one.tokens[1] == "alpha"
@@ -123,26 +127,26 @@ def test_trained_tokenizer_is_bert_style(tok):
 
 def test_vocab_mismatch_names_both_numbers(tok):
     n = tok.get_vocab_size()
-    data.check_vocab(tok, n)
-    data.check_vocab(tok, n + 64)                       # larger (rounded up) is fine
+    prepare.check_vocab(tok, n)
+    prepare.check_vocab(tok, n + 64)                       # larger (rounded up) is fine
     with pytest.raises(UserError, match=f"{n - 1}.*{n}"):
-        data.check_vocab(tok, n - 1)
+        prepare.check_vocab(tok, n - 1)
 
 
 def test_tokenizer_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="does not exist"):
-        data.load_tokenizer(TokenizerConfig(path=str(tmp_path / "nope.json")))
+        prepare.load_tokenizer(TokenizerConfig(path=str(tmp_path / "nope.json")))
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     with pytest.raises(UserError, match="not a tokenizers"):
-        data.load_tokenizer(TokenizerConfig(path=str(bad)))
+        prepare.load_tokenizer(TokenizerConfig(path=str(bad)))
     import huggingface_hub
 
     def offline(*a, **k):
         raise OSError("no network")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(UserError, match="bert-base-uncased.*tokenizer.path"):
-        data.load_tokenizer(TokenizerConfig())
+        prepare.load_tokenizer(TokenizerConfig())
 
 
 def test_hub_tokenizer_through_huggingface_hub(tok_path, monkeypatch):
@@ -153,7 +157,7 @@ def test_hub_tokenizer_through_huggingface_hub(tok_path, monkeypatch):
         calls.append((repo, filename))
         return str(tok_path)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
-    t = data.load_tokenizer(TokenizerConfig(name="someone/tok"))
+    t = prepare.load_tokenizer(TokenizerConfig(name="someone/tok"))
     assert calls == [("someone/tok", "tokenizer.json")] and t.token_to_id("[MASK]") == 4
 
 
@@ -167,10 +171,10 @@ def test_txt_to_shards_to_batches_reproduces_token_ids(tmp_path, tok_path, tok):
     assert man["dtype"] == "uint16" and man["splits"]["train"]["documents"] == len(docs)
     assert (out / "tokenizer.json").read_bytes() == tok_path.read_bytes()
     want = [tok.encode(d, add_special_tokens=False).ids for d in docs]
-    store = data.TokenStore(out, "train")
+    store = prepare.TokenStore(out, "train")
     assert [store.doc(i).tolist() for i in range(store.n_docs)] == want      # stored without specials, in order
     shard = out / "train" / man["splits"]["train"]["shards"][0]["file"]
-    raw = np.fromfile(shard, dtype="<u2", offset=data.HEADER.size)
+    raw = np.fromfile(shard, dtype="<u2", offset=prepare.HEADER.size)
     assert raw.tolist() == [t for w in want for t in w]                      # raw little-endian uint16 after header
 
     # packed rows of one epoch, concatenated, are exactly the [CLS] doc [SEP] units in the epoch's permutation
@@ -180,7 +184,7 @@ def test_txt_to_shards_to_batches_reproduces_token_ids(tmp_path, tok_path, tok):
         (b,) = ld.next_step()
         assert b["input_ids"].shape == (4, 32) and "attention_mask" not in b
         stream += original(b).flatten().tolist()
-    perm = ld.plan(0).perm
+    perm = ld.plan(0)[0]
     units = [t for d in perm for t in [2, *want[d], 3]]
     assert stream == units[:len(stream)] and len(units) - len(stream) < ld.global_batch_rows * 32
     # positions restart at every segment start, and cu_seqlens agrees with them
@@ -195,8 +199,8 @@ def test_jsonl_and_parquet_sources(tmp_path, tok_path, tok):
     j = write_jsonl(tmp_path / "a.jsonl", docs[:30], column="body")
     p = write_parquet(tmp_path / "b.parquet", docs[30:], column="body")
     ds = ds_cfg(tmp_path, [j, p], text_column="body")
-    out = data.prepare(ds, TokenizerConfig(path=str(tok_path)), progress=False)
-    store = data.TokenStore(out, "train")
+    out = prepare.prepare(ds, TokenizerConfig(path=str(tok_path)), progress=False)
+    store = prepare.TokenStore(out, "train")
     assert [store.doc(i).tolist() for i in range(store.n_docs)] == [
         tok.encode(d, add_special_tokens=False).ids for d in docs]
 
@@ -205,15 +209,15 @@ def test_txt_documents_are_separated_by_blank_lines(tmp_path):
     f = tmp_path / "t.txt"
     f.write_text("first line\nsame doc\n\n\n  \nsecond doc\n\nthird\n")
     ds = DatasetConfig(data_files=[str(f)])
-    assert [t for *_, t in data.iter_documents(ds)] == ["first line\nsame doc", "second doc", "third"]
+    assert [t for *_, t in prepare.iter_documents(ds)] == ["first line\nsame doc", "second doc", "third"]
 
 
 def test_glob_and_directory_inputs(tmp_path):
     (tmp_path / "d").mkdir()
     for i in range(3):
         write_txt(tmp_path / "d" / f"{i}.txt", [f"file {i} doc"])
-    by_glob = data.source_files(DatasetConfig(data_files=[str(tmp_path / "d" / "*.txt")]))
-    by_dir = data.source_files(DatasetConfig(data_files=[str(tmp_path / "d")]))
+    by_glob = prepare.source_files(DatasetConfig(data_files=[str(tmp_path / "d" / "*.txt")]))
+    by_dir = prepare.source_files(DatasetConfig(data_files=[str(tmp_path / "d")]))
     assert [f.name for f in by_glob] == [f.name for f in by_dir] == sorted(f.name for f in by_glob)
     assert len(by_glob) == 3
 
@@ -222,22 +226,22 @@ def test_stdlib_corpus_and_trained_tokenizer(tmp_path):
     ds = DatasetConfig(name="stdlib", path=str(tmp_path / "std"), max_documents=300, validation_split=0.1,
                        num_workers=1)
     tcfg = TokenizerConfig(train=True, vocab_size=800)
-    out = data.prepare(ds, tcfg, progress=False)
+    out = prepare.prepare(ds, tcfg, progress=False)
     man = json.loads((out / "manifest.json").read_text())
     s = man["splits"]
     assert s["train"]["documents"] + s["val"]["documents"] == 300 and 10 < s["val"]["documents"] < 60
-    tok = data.load_tokenizer(tcfg, out)
+    tok = prepare.load_tokenizer(tcfg, out)
     assert tok.get_vocab_size() == man["tokenizer"]["vocab_size"] <= 800
-    assert data.special_token_ids(tok)["cls"] == 2
+    assert prepare.special_token_ids(tok)["cls"] == 2
     # deterministic reading order: the same documents every time
-    first = [t for *_, t in data.iter_split(ds, "train")][:5]
-    assert first == [t for *_, t in data.iter_split(ds, "train")][:5] and all(isinstance(t, str) for t in first)
-    assert data.prepare(ds, tcfg, progress=False) == out           # idempotent
+    first = [t for *_, t in prepare.iter_split(ds, "train")][:5]
+    assert first == [t for *_, t in prepare.iter_split(ds, "train")][:5] and all(isinstance(t, str) for t in first)
+    assert prepare.prepare(ds, tcfg, progress=False) == out           # idempotent
 
 
 def test_stdlib_plus_installed_packages():
-    std = data.source_files(DatasetConfig(name="stdlib"))
-    both = data.source_files(DatasetConfig(name="stdlib+packages"))
+    std = prepare.source_files(DatasetConfig(name="stdlib"))
+    both = prepare.source_files(DatasetConfig(name="stdlib+packages"))
     assert all(f.kind == "py" for f in both) and [f.name for f in both[:len(std)]] == [f.name for f in std]
     assert any("site-packages" in f.name for f in both[len(std):])
     assert not any("/test/" in f.name for f in std)                         # test suites are left out
@@ -247,17 +251,17 @@ def test_validation_split_and_eval_samples(tmp_path, tok_path, tok):
     docs = make_docs(300)
     src = write_txt(tmp_path / "c.txt", docs)
     tcfg = TokenizerConfig(path=str(tok_path))
-    out = data.prepare(ds_cfg(tmp_path, [src], validation_split=0.1), tcfg, progress=False)
-    tr, va = data.TokenStore(out, "train"), data.TokenStore(out, "val")
+    out = prepare.prepare(ds_cfg(tmp_path, [src], validation_split=0.1), tcfg, progress=False)
+    tr, va = prepare.TokenStore(out, "train"), prepare.TokenStore(out, "val")
     assert tr.n_docs + va.n_docs == 300 and 15 <= va.n_docs <= 50
     both = sorted([tuple(st.doc(i).tolist()) for st in (tr, va) for i in range(st.n_docs)])
     assert both == sorted(tuple(tok.encode(d, add_special_tokens=False).ids) for d in docs)   # a partition
     ds = ds_cfg(tmp_path, [src], eval_samples=7)
     ds.path = str(tmp_path / "p2")
-    out2 = data.prepare(ds, tcfg, progress=False)
-    va2 = data.TokenStore(out2, "val")
+    out2 = prepare.prepare(ds, tcfg, progress=False)
+    va2 = prepare.TokenStore(out2, "val")
     assert [va2.doc(i).tolist() for i in range(7)] == [tok.encode(d, add_special_tokens=False).ids for d in docs[:7]]
-    assert data.TokenStore(out2, "train").n_docs == 293
+    assert prepare.TokenStore(out2, "train").n_docs == 293
 
 
 def test_worker_processes_give_the_same_shards(tmp_path, tok_path):
@@ -267,8 +271,8 @@ def test_worker_processes_give_the_same_shards(tmp_path, tok_path):
     for w in (1, 2):
         ds = ds_cfg(tmp_path, [src], num_workers=w)
         ds.path = str(tmp_path / f"w{w}")
-        outs.append(data.prepare(ds, TokenizerConfig(path=str(tok_path)), progress=False))
-    a, b = (data.TokenStore(o, "train") for o in outs)
+        outs.append(prepare.prepare(ds, TokenizerConfig(path=str(tok_path)), progress=False))
+    a, b = (prepare.TokenStore(o, "train") for o in outs)
     assert np.array_equal(a.offsets, b.offsets) and np.array_equal(a.shards[0], b.shards[0])
 
 
@@ -277,7 +281,7 @@ def test_interrupted_prepare_finishes_on_rerun(tmp_path, tok_path, monkeypatch):
     src = write_txt(tmp_path / "c.txt", docs)
     ds = ds_cfg(tmp_path, [src], validation_split=0.05)
     tcfg = TokenizerConfig(path=str(tok_path))
-    real = data.ShardWriter.write_docs
+    real = prepare.ShardWriter.write_docs
     calls = {"n": 0}
 
     def crash(self, lengths, ids):
@@ -285,28 +289,28 @@ def test_interrupted_prepare_finishes_on_rerun(tmp_path, tok_path, monkeypatch):
         if calls["n"] == 3:
             raise KeyboardInterrupt("power cut")
         return real(self, lengths, ids)
-    monkeypatch.setattr(data.ShardWriter, "write_docs", crash)
+    monkeypatch.setattr(prepare.ShardWriter, "write_docs", crash)
     with pytest.raises(KeyboardInterrupt):
-        data.prepare(ds, tcfg, shard_tokens=500, progress=False)
+        prepare.prepare(ds, tcfg, shard_tokens=500, progress=False)
     out = Path(ds.path)
     assert not (out / "manifest.json").exists()
     assert any(out.rglob("*.tmp")) and list(out.rglob("shard_00000.bin"))    # partial, complete-looking shards exist
     with pytest.raises(UserError, match="no manifest.json"):
-        data.TokenStore(out, "train")                                       # ...but never taken as complete
-    monkeypatch.setattr(data.ShardWriter, "write_docs", real)
-    data.prepare(ds, tcfg, shard_tokens=500, progress=False)
+        prepare.TokenStore(out, "train")                                       # ...but never taken as complete
+    monkeypatch.setattr(prepare.ShardWriter, "write_docs", real)
+    prepare.prepare(ds, tcfg, shard_tokens=500, progress=False)
     assert not any(out.rglob("*.tmp"))
     clean = ds_cfg(tmp_path, [src], validation_split=0.05)
     clean.path = str(tmp_path / "clean")
-    data.prepare(clean, tcfg, shard_tokens=500, progress=False)
+    prepare.prepare(clean, tcfg, shard_tokens=500, progress=False)
     for split in ("train", "val"):
-        a, b = data.TokenStore(out, split), data.TokenStore(clean.path, split)
+        a, b = prepare.TokenStore(out, split), prepare.TokenStore(clean.path, split)
         assert len(a.shards) == len(b.shards) > (1 if split == "train" else 0)
         assert np.array_equal(a.offsets, b.offsets)
         assert all(np.array_equal(x, y) for x, y in zip(a.shards, b.shards))
     # idempotent: a finished directory is returned as is
     mtime = (out / "manifest.json").stat().st_mtime_ns
-    data.prepare(ds, tcfg, progress=False)
+    prepare.prepare(ds, tcfg, progress=False)
     assert (out / "manifest.json").stat().st_mtime_ns == mtime
 
 
@@ -314,15 +318,15 @@ def test_prepared_dir_from_another_source_is_refused(tmp_path, tok_path):
     out, _ = prepared(tmp_path, tok_path, n=50)
     ds = ds_cfg(tmp_path, [tmp_path / "corpus.txt"], max_documents=10)
     with pytest.raises(UserError, match="max_documents: 0 -> 10"):
-        data.prepare(ds, TokenizerConfig(path=str(tok_path)), progress=False)
+        prepare.prepare(ds, TokenizerConfig(path=str(tok_path)), progress=False)
 
 
 def test_refusal_names_the_changed_leaf_keys():
     """A trained tokenizer's spec nests the corpus spec: the refusal names the changed key, not two whole dicts."""
     old = {"train": True, "vocab_size": 512, "corpus": {"name": "local", "validation_split": 0.05}}
     new = {"train": True, "vocab_size": 512, "corpus": {"name": "local", "validation_split": 0.1}}
-    assert data.spec_diff(old, new, "tokenizer") == ["tokenizer.corpus.validation_split: 0.05 -> 0.1"]
-    assert data.spec_diff(old, {"path": "t.json"}, "tokenizer") == [
+    assert prepare.spec_diff(old, new, "tokenizer") == ["tokenizer.corpus.validation_split: 0.05 -> 0.1"]
+    assert prepare.spec_diff(old, {"path": "t.json"}, "tokenizer") == [
         "tokenizer.corpus: {'name': 'local', 'validation_split': 0.05} -> None", "tokenizer.path: None -> 't.json'",
         "tokenizer.train: True -> None", "tokenizer.vocab_size: 512 -> None"]
 
@@ -331,7 +335,7 @@ def test_shard_writer_keeps_documents_whole(tmp_path):
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 40, 300)
     ids = rng.integers(0, 60000, int(lengths.sum())).astype(np.uint32)
-    w = data.ShardWriter(tmp_path / "s", np.dtype("<u2"), shard_tokens=500)
+    w = prepare.ShardWriter(tmp_path / "s", np.dtype("<u2"), shard_tokens=500)
     for part in np.array_split(np.arange(300), 7):                          # several calls, shards cross calls
         lo, hi = int(lengths[:part[0]].sum()), int(lengths[:part[-1] + 1].sum())
         w.write_docs(lengths[part], ids[lo:hi])
@@ -341,18 +345,18 @@ def test_shard_writer_keeps_documents_whole(tmp_path):
     offsets = np.load(tmp_path / "s" / "index.npy")
     assert offsets.tolist() == [0, *np.cumsum(lengths).tolist()]
     assert set(np.cumsum(sizes).tolist()) <= set(offsets.tolist())          # shard boundaries are document starts
-    raw = np.concatenate([np.fromfile(tmp_path / "s" / sh["file"], dtype="<u2", offset=data.HEADER.size)
+    raw = np.concatenate([np.fromfile(tmp_path / "s" / sh["file"], dtype="<u2", offset=prepare.HEADER.size)
                           for sh in info["shards"]])
     assert np.array_equal(raw, ids)
 
 
 def test_uint32_shards_for_large_vocab(tmp_path):
-    assert data.token_dtype(65536) == np.uint16 and data.token_dtype(65537) == np.uint32
-    w = data.ShardWriter(tmp_path / "s", np.dtype("<u4"))
+    assert prepare.token_dtype(65536) == np.uint16 and prepare.token_dtype(65537) == np.uint32
+    w = prepare.ShardWriter(tmp_path / "s", np.dtype("<u4"))
     w.write_docs(np.array([2, 1]), np.array([70000, 5, 99999], dtype=np.uint32))
     info = w.finish()
-    data._check_shard(tmp_path / "s" / "shard_00000.bin", 3, np.dtype("<u4"))
-    raw = np.fromfile(tmp_path / "s" / "shard_00000.bin", dtype="<u4", offset=data.HEADER.size)
+    prepare._check_shard(tmp_path / "s" / "shard_00000.bin", 3, np.dtype("<u4"))
+    raw = np.fromfile(tmp_path / "s" / "shard_00000.bin", dtype="<u4", offset=prepare.HEADER.size)
     assert raw.tolist() == [70000, 5, 99999] and info["documents"] == 2
 
 
@@ -393,19 +397,19 @@ def test_hub_parquet_source_file_by_file(tmp_path, tok_path, tok, monkeypatch):
     downloads = fake_hub(monkeypatch, root, "org/corpus")
     ds = DatasetConfig(name="org/corpus", config="en", train_split="train", path=str(tmp_path / "p"),
                        validation_split=0.0, num_workers=1)
-    files = data.source_files(ds)
+    files = prepare.source_files(ds)
     assert [f.name for f in files] == ["en/train-00000-of-00002.parquet", "en/train-00001-of-00002.parquet"]
     assert downloads == []                                   # listing only: files are fetched when read
-    out = data.prepare(ds, TokenizerConfig(path=str(tok_path)), progress=False)
-    store = data.TokenStore(out, "train")
+    out = prepare.prepare(ds, TokenizerConfig(path=str(tok_path)), progress=False)
+    store = prepare.TokenStore(out, "train")
     assert [store.doc(i).tolist() for i in range(store.n_docs)] == [
         tok.encode(d, add_special_tokens=False).ids for d in docs[:80]]
     ds.text_column = "content"
     with pytest.raises(UserError, match=r"no column 'content'.*\['text', 'n'\]"):
-        next(data.iter_documents(ds))
+        next(prepare.iter_documents(ds))
     ds.train_split = "validation"
     with pytest.raises(UserError, match="no parquet files for config 'en' split 'validation'"):
-        data.source_files(ds)
+        prepare.source_files(ds)
 
 
 def test_hub_layouts_data_dir_and_parquet_conversion_branch(tmp_path, monkeypatch):
@@ -414,16 +418,16 @@ def test_hub_layouts_data_dir_and_parquet_conversion_branch(tmp_path, monkeypatc
     write_parquet(main / "data" / "train-00000-of-00001.parquet", ["a b"])
     write_parquet(main / "data" / "validation-00000-of-00001.parquet", ["c d"])
     fake_hub(monkeypatch, main, "org/x")
-    assert [f.name for f in data.source_files(DatasetConfig(name="org/x"))] == ["data/train-00000-of-00001.parquet"]
+    assert [f.name for f in prepare.source_files(DatasetConfig(name="org/x"))] == ["data/train-00000-of-00001.parquet"]
     (main / "data" / "train-00000-of-00001.parquet").unlink()
     (main / "data" / "validation-00000-of-00001.parquet").unlink()
     (main / "script.py").write_text("")
     (conv / "default" / "train").mkdir(parents=True)
     write_parquet(conv / "default" / "train" / "0000.parquet", ["e f"])
     fake_hub(monkeypatch, main, "org/x", revisions={None: main, "refs/convert/parquet": conv})
-    files = data.source_files(DatasetConfig(name="org/x"))
+    files = prepare.source_files(DatasetConfig(name="org/x"))
     assert [(f.name, f.revision) for f in files] == [("default/train/0000.parquet", "refs/convert/parquet")]
-    assert [t for *_, t in data.iter_documents(DatasetConfig(name="org/x"))] == ["e f"]
+    assert [t for *_, t in prepare.iter_documents(DatasetConfig(name="org/x"))] == ["e f"]
 
 
 def test_hub_listing_failure_is_a_user_error(monkeypatch):
@@ -433,7 +437,7 @@ def test_hub_listing_failure_is_a_user_error(monkeypatch):
         raise ConnectionError("offline")
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", fail)
     with pytest.raises(UserError, match="cannot list dataset 'org/none'"):
-        data.source_files(DatasetConfig(name="org/none"))
+        prepare.source_files(DatasetConfig(name="org/none"))
 
 
 # -----------------------------------------------------------------------------
@@ -442,30 +446,30 @@ def test_hub_listing_failure_is_a_user_error(monkeypatch):
 def test_missing_path_and_empty_glob(tmp_path, tok_path):
     tcfg = TokenizerConfig(path=str(tok_path))
     with pytest.raises(UserError, match="no such file"):
-        data.prepare(ds_cfg(tmp_path, [tmp_path / "missing.txt"]), tcfg, progress=False)
+        prepare.prepare(ds_cfg(tmp_path, [tmp_path / "missing.txt"]), tcfg, progress=False)
     with pytest.raises(UserError, match="matches no files"):
-        data.prepare(ds_cfg(tmp_path, [tmp_path / "*.jsonl"]), tcfg, progress=False)
+        prepare.prepare(ds_cfg(tmp_path, [tmp_path / "*.jsonl"]), tcfg, progress=False)
     (tmp_path / "x.csv").write_text("a")
     with pytest.raises(UserError, match="not .txt, .jsonl or .parquet"):
-        data.prepare(ds_cfg(tmp_path, [tmp_path / "x.csv"]), tcfg, progress=False)
+        prepare.prepare(ds_cfg(tmp_path, [tmp_path / "x.csv"]), tcfg, progress=False)
 
 
 def test_empty_corpus(tmp_path, tok_path):
     src = tmp_path / "empty.txt"
     src.write_text("\n\n   \n\n")
     with pytest.raises(UserError, match="corpus is empty"):
-        data.prepare(ds_cfg(tmp_path, [src]), TokenizerConfig(path=str(tok_path)), progress=False)
+        prepare.prepare(ds_cfg(tmp_path, [src]), TokenizerConfig(path=str(tok_path)), progress=False)
     assert not (tmp_path / "prepared" / "manifest.json").exists()
 
 
 def test_undecodable_bytes_are_skipped_and_counted(tmp_path, tok_path, tok, capsys):
     src = tmp_path / "bad.txt"
     src.write_bytes(b"alpha \xff\xfe beta\n\ngamma delta\n\nbroken \xc3 end\n")
-    out = data.prepare(ds_cfg(tmp_path, [src]), TokenizerConfig(path=str(tok_path)), progress=False)
+    out = prepare.prepare(ds_cfg(tmp_path, [src]), TokenizerConfig(path=str(tok_path)), progress=False)
     assert "skipped 3 undecodable bytes in 2 lines" in capsys.readouterr().err
     man = json.loads((out / "manifest.json").read_text())
     assert man["skipped"]["bad_bytes"] == 3 and man["splits"]["train"]["documents"] == 3
-    store = data.TokenStore(out, "train")
+    store = prepare.TokenStore(out, "train")
     assert store.doc(0).tolist() == tok.encode("alpha  beta", add_special_tokens=False).ids
 
 
@@ -473,13 +477,13 @@ def test_missing_text_column_lists_columns(tmp_path, tok_path):
     tcfg = TokenizerConfig(path=str(tok_path))
     j = write_jsonl(tmp_path / "a.jsonl", ["x y"], column="body")
     with pytest.raises(UserError, match=r"no column 'text'.*\['body', 'id'\]"):
-        data.prepare(ds_cfg(tmp_path, [j]), tcfg, progress=False)
+        prepare.prepare(ds_cfg(tmp_path, [j]), tcfg, progress=False)
     p = write_parquet(tmp_path / "b.parquet", ["x y"], column="content")
     with pytest.raises(UserError, match=r"no column 'text'.*\['content', 'n'\]"):
-        data.prepare(ds_cfg(tmp_path, [p]), tcfg, progress=False)
+        prepare.prepare(ds_cfg(tmp_path, [p]), tcfg, progress=False)
 
 
-def test_records_without_text_are_skipped_and_counted(tmp_path, tok_path, tok):
+def test_records_without_text_are_skipped_and_counted(tmp_path, tok_path, tok, capsys):
     """Real .jsonl corpora have a few records without the text column or with null text: they are skipped and
     counted (this used to stop the whole prepare at the first such line); a .parquet text_column that is not text
     is a clear error, not a traceback."""
@@ -492,26 +496,30 @@ def test_records_without_text_are_skipped_and_counted(tmp_path, tok_path, tok):
                 f.write(json.dumps({"title": "no body here"}) + "\n")
             if i % 10 == 6:
                 f.write(json.dumps({"body": None}) + "\n")
-    out = data.prepare(ds_cfg(tmp_path, [j], text_column="body"), TokenizerConfig(path=str(tok_path)),
+    out = prepare.prepare(ds_cfg(tmp_path, [j], text_column="body"), TokenizerConfig(path=str(tok_path)),
                        progress=False)
-    man = data.read_manifest(out)
+    man = prepare.read_manifest(out)
     assert man["splits"]["train"]["documents"] == len(docs)
     assert man["skipped"]["bad_records"] == 3 and man["skipped"]["empty_documents"] == 3
-    store = data.TokenStore(out, "train")
+    # the warning names the file and the first bad line: docs 0-4 are lines 1-5, the record without body line 6
+    assert man["skipped"]["first_bad"] == f"{j} line 6"
+    err = capsys.readouterr().err
+    assert "skipped 3 records" in err and f"the first: {j} line 6" in err, err
+    store = prepare.TokenStore(out, "train")
     assert [store.doc(i).tolist() for i in range(len(docs))] == [
         tok.encode(d, add_special_tokens=False).ids for d in docs]
     p = write_parquet(tmp_path / "b.parquet", docs, column="content")
     with pytest.raises(UserError, match=r"column 'n' holds int64, not text; its text columns: \['content'\]"):
-        data.prepare(ds_cfg(tmp_path / "p2", [p], text_column="n"),
+        prepare.prepare(ds_cfg(tmp_path / "p2", [p], text_column="n"),
                      TokenizerConfig(path=str(tok_path)), progress=False)
     # a file late in a mixture without the column fails before any work (nothing written), not after the others
     t = write_txt(tmp_path / "a_first.txt", make_docs(50))
     ds = ds_cfg(tmp_path / "p3", [t, p], text_column="body")
     with pytest.raises(UserError, match=r"b.parquet has no column 'body'; its columns: \['content', 'n'\]"):
-        data.prepare(ds, TokenizerConfig(path=str(tok_path)), progress=False)
+        prepare.prepare(ds, TokenizerConfig(path=str(tok_path)), progress=False)
     assert not (tmp_path / "p3" / "prepared" / "tokenizer.json").exists()
     with pytest.raises(UserError, match="no column 'body'"):
-        data.StreamingMLMLoader(ds, tok, seq_len=32, micro_batch_size=4)
+        data.streaming_loader(ds, tok, seq_len=32, micro_batch_size=4)
 
 
 def test_truncated_or_foreign_shard_names_the_file(tmp_path, tok_path):
@@ -551,8 +559,8 @@ def test_packing_efficiency_and_long_documents(tmp_path, tok_path, tok):
     want = [tok.encode(d, add_special_tokens=False).ids for d in docs]
     assert all(len(w) > 64 for w in want[-3:])
     # all rows of the epoch, concatenated, are the units in order: long documents span rows, nothing is cut away
-    every = [t for r in range(ld.plan(0).n_rows) for t in ld.packed_row(0, r)[0].tolist()]
-    units = [t for d in ld.plan(0).perm for t in [2, *want[d], 3]]
+    every = [t for r in range(ld.rows_per_epoch) for t in ld.row(0, r)[0].tolist()]
+    units = [t for d in ld.plan(0)[0] for t in [2, *want[d], 3]]
     assert every == units[:len(every)] and len(units) - len(every) < 64
 
 
@@ -572,10 +580,10 @@ def test_padded_mode_chunks_long_documents(tmp_path, tok_path, tok):
             assert (ids[r, n:] == 0).all() and (b["labels"][r, n:] == -100).all()
             assert ids[r, 0] == 2 and ids[r, n - 1] == 3
             rows.append(ids[r, 1:n - 1].tolist())
-    n_rows = ld.plan(0).n_rows
+    n_rows = ld.rows_per_epoch
     assert n_rows == sum(-(-len(tok.encode(d, add_special_tokens=False).ids) // 30) for d in docs)
     assert len(rows) == ld.steps_per_epoch * 4 > n_rows - 4                 # only the last partial batch is dropped
-    every = [ld.padded_row(0, r)[1:-1].tolist() for r in range(n_rows)]
+    every = [ld.row(0, r)[0][1:-1].tolist() for r in range(n_rows)]
     assert rows == every[:len(rows)]
     long_doc = tok.encode(docs[-1], add_special_tokens=False).ids
     chunks = [long_doc[i:i + 30] for i in range(0, len(long_doc), 30)]
@@ -678,7 +686,7 @@ def test_rank_streams_disjoint_and_covering(tmp_path, tok_path):
         for r, ld in enumerate(lds):
             for m in ld.next_step():
                 rows[r] += [tuple(x) for x in original(m).tolist()]
-    every = [tuple(lds[0].packed_row(0, i)[0].tolist()) for i in range(n * lds[0].global_batch_rows)]
+    every = [tuple(lds[0].row(0, i)[0].tolist()) for i in range(n * lds[0].global_batch_rows)]
     assert len(set(every)) == len(every)
     assert not set(rows[0]) & set(rows[1])
     assert sorted(rows[0] + rows[1]) == sorted(every)
@@ -724,7 +732,7 @@ def test_eval_batches_are_fixed(tmp_path, tok_path):
     out, _ = prepared(tmp_path, tok_path, n=300, validation_split=0.3)
     # train.py builds a fresh val loader for every evaluation: it must give the same rows and masks each time
     def batches():
-        ld = data.MLMLoader(out, "val", seq_len=32, micro_batch_size=4, prefetch=0)
+        ld = data.prepared_loader(out, "val", seq_len=32, micro_batch_size=4, prefetch=0)
         return [ld.next_step()[0] for _ in range(3)]
     a, b = batches(), batches()
     assert all(torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"]) for x, y in zip(a, b))
@@ -749,7 +757,7 @@ def streaming(tmp_path, tok, files, **kw):
     kw.setdefault("seq_len", 32)
     kw.setdefault("micro_batch_size", 4)
     split = kw.pop("split", "train")
-    return data.StreamingMLMLoader(ds, tok, split, **kw)
+    return data.streaming_loader(ds, tok, split, **kw)
 
 
 @pytest.fixture
@@ -872,7 +880,7 @@ def test_prepare_command_on_prepared_data_is_quick(tmp_path, tok_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model: {{vocab_size: 512}}\ntokenizer: {{path: {tok_path}}}\n"
                    f"dataset: {{data_files: [{src}], path: {tmp_path / 'out'}, num_workers: 1}}\n")
-    data.prepare(data.DatasetConfig(data_files=[str(src)], path=str(tmp_path / "out"), num_workers=1),
+    prepare.prepare(prepare.DatasetConfig(data_files=[str(src)], path=str(tmp_path / "out"), num_workers=1),
                  TokenizerConfig(path=str(tok_path)), progress=False)
     # one process: the time of `import torch`, then of the whole command after it (the rest of the imports,
     # the config, checking the prepared directory)
@@ -896,14 +904,14 @@ def test_build_loader_prepared_and_streaming(tmp_path, tok_path):
     tcfg, coll = TokenizerConfig(path=str(tok_path)), DataCollatorConfig()
     with pytest.raises(UserError, match="python data.py CONFIG"):
         data.build_loader(ds, tcfg, coll, micro_batch_size=2)
-    data.prepare(ds, tcfg, progress=False)
+    prepare.prepare(ds, tcfg, progress=False)
     a = data.build_loader(ds, tcfg, coll, micro_batch_size=2)
-    assert isinstance(a, data.MLMLoader) and a.next_step()[0]["input_ids"].shape == (2, 32)
+    assert a.state_dict()["kind"] == "packed" and a.next_step()[0]["input_ids"].shape == (2, 32)
     ds.streaming, ds.path = True, str(tmp_path / "streamed")
-    assert data.prepare(ds, tcfg, progress=False) == Path(ds.path)           # streaming: only the tokenizer
+    assert prepare.prepare(ds, tcfg, progress=False) == Path(ds.path)           # streaming: only the tokenizer
     assert (Path(ds.path) / "tokenizer.json").exists() and not (Path(ds.path) / "train").exists()
     b = data.build_loader(ds, tcfg, coll, micro_batch_size=2, prefetch=0)
-    assert isinstance(b, data.StreamingMLMLoader) and b.next_step()[0]["input_ids"].shape == (2, 32)
+    assert b.state_dict()["kind"] == "streaming" and b.next_step()[0]["input_ids"].shape == (2, 32)
     a.close()
     b.close()
 
@@ -924,10 +932,10 @@ def test_unreachable_hub_is_one_line_at_once(monkeypatch, tmp_path):
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # nothing cached
-    calls = {("dataset.data_files",): lambda: data.source_files(DatasetConfig(name="org/corpus")),
-             ("HF_HUB_OFFLINE=1", "tokenizer.path"): lambda: data.load_tokenizer(TokenizerConfig(name="org/tok")),
-             ("data_files",): lambda: data.SourceFile("train.parquet", "parquet", repo="org/corpus").fetch(),
-             ("data_files", "train.parquet"): lambda: data._parquet_file(data.SourceFile("train.parquet", "parquet",
+    calls = {("dataset.data_files",): lambda: prepare.source_files(DatasetConfig(name="org/corpus")),
+             ("HF_HUB_OFFLINE=1", "tokenizer.path"): lambda: prepare.load_tokenizer(TokenizerConfig(name="org/tok")),
+             ("data_files",): lambda: prepare.SourceFile("train.parquet", "parquet", repo="org/corpus").fetch(),
+             ("data_files", "train.parquet"): lambda: prepare._parquet_file(prepare.SourceFile("train.parquet", "parquet",
                                                                                          repo="org/corpus"))}
     for fixes, call in calls.items():
         t = time.perf_counter()
@@ -939,7 +947,7 @@ def test_unreachable_hub_is_one_line_at_once(monkeypatch, tmp_path):
         assert all(fix in msg for fix in fixes), msg
     t = time.perf_counter()  # a model given as a hub id (trainer.init_from, glue.init_from, mteb.model, export)
     with pytest.raises(UserError) as e:
-        config.resolve_model_source("org/model")
+        checkpoint.resolve("org/model")
     msg = str(e.value)
     assert time.perf_counter() - t < 5 and "\n" not in msg and "Name or service not known" in msg, msg
     assert "HF_HUB_OFFLINE=1" in msg and "pass a local folder" in msg and msg.endswith("chandar-lab/NeoBERT"), msg
@@ -950,4 +958,4 @@ def test_parquet_errors_are_not_cut(tmp_path, monkeypatch):
     reason = "a reason " * 40 + "that ends here"
     monkeypatch.setattr(pq, "ParquetFile", lambda *a, **k: (_ for _ in ()).throw(OSError(reason)))
     with pytest.raises(UserError, match="that ends here"):
-        data._parquet_file(data.SourceFile("x.parquet", "parquet", local=str(tmp_path / "x.parquet")))
+        prepare._parquet_file(prepare.SourceFile("x.parquet", "parquet", local=str(tmp_path / "x.parquet")))

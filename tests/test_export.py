@@ -21,6 +21,8 @@ from tokenizers import Tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import checkpoint  # noqa: E402
+import prepare  # noqa: E402
 import config  # noqa: E402
 import data  # noqa: E402
 import export  # noqa: E402
@@ -51,7 +53,7 @@ TEXTS = ["hello world", "The lazy dog sleeps; the quick fox does not.", "a",
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return data.train_tokenizer(SENTENCES * 4, vocab_size=300, min_frequency=1)
+    return prepare.train_tokenizer(SENTENCES * 4, vocab_size=300, min_frequency=1)
 
 
 def tiny_config(tokenizer, **kw):
@@ -144,7 +146,7 @@ def test_folder_files(folder, run):
     assert all(v.startswith("modeling_neobert.") for v in cfg["auto_map"].values())
     assert "max_length" not in cfg and cfg["max_position_embeddings"] == 128
     assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast"  # transformers 4.50's pipelines need it
-    assert neobert.NeoBERTConfig.from_hf_dict(cfg) == run[1].config
+    assert checkpoint.config_from_hf(cfg) == run[1].config
 
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}
@@ -185,7 +187,7 @@ def test_model_card_step(folder, run, tmp_path):
     assert "(training step 20)" in (folder / "README.md").read_text()
     best = tmp_path / "best"  # a checkpoint folder copied out of its run: its name is not a step
     best.mkdir()
-    for name in export.CHECKPOINT_FILES:
+    for name in ("model.safetensors", "config.yaml", "tokenizer.json"):
         (best / name).write_bytes((run[0] / "model_checkpoints" / "20" / name).read_bytes())
     export.export(best, tmp_path / "hf")
     card = (tmp_path / "hf" / "README.md").read_text()
@@ -205,8 +207,8 @@ def test_model_card_skips_model_folders_in_the_run(run, tmp_path, tokenizer):
 
 def test_newest_complete_checkpoint(run, tmp_path, tokenizer):
     run_dir, model = run
-    assert export.find_checkpoint(run_dir) == run_dir / "model_checkpoints" / "20"  # model_checkpoints/latest
-    assert export.find_checkpoint(run_dir / "model_checkpoints" / "10") == run_dir / "model_checkpoints" / "10"
+    assert checkpoint.resolve(run_dir) == run_dir / "model_checkpoints" / "20"  # model_checkpoints/latest
+    assert checkpoint.resolve(run_dir / "model_checkpoints" / "10") == run_dir / "model_checkpoints" / "10"
 
     other = tmp_path / "run"  # no latest file, an incomplete newer step, a temporary dir of the trainer
     write_checkpoint(other, 5, model, tokenizer, latest=False)
@@ -214,16 +216,16 @@ def test_newest_complete_checkpoint(run, tmp_path, tokenizer):
     (other / "model_checkpoints" / "9").mkdir()
     (other / "model_checkpoints" / "9" / "model.safetensors").write_bytes(b"")
     (other / "model_checkpoints" / "11.tmp-123").mkdir()
-    assert export.find_checkpoint(other) == other / "model_checkpoints" / "7"
+    assert checkpoint.resolve(other) == other / "model_checkpoints" / "7"
     (other / "model_checkpoints" / "latest").write_text("5\n")
-    assert export.find_checkpoint(other) == other / "model_checkpoints" / "5"
+    assert checkpoint.resolve(other) == other / "model_checkpoints" / "5"
     (other / "model_checkpoints" / "latest").write_text("42\n")  # names a step that is gone: the newest complete
-    assert export.find_checkpoint(other) == other / "model_checkpoints" / "7"
+    assert checkpoint.resolve(other) == other / "model_checkpoints" / "7"
     (other / "checkpoints" / "5").mkdir(parents=True)  # resume state: the model checkpoint beside it, as init_from
-    assert export.find_checkpoint(other / "checkpoints" / "5") == other / "model_checkpoints" / "5"
-    # the rule is neobert's, but export takes local training checkpoints only: an owner/name is never fetched
-    with pytest.raises(config.UserError, match="someone/model is not a model folder: it does not exist"):
-        export.find_checkpoint(Path("someone/model"))
+    assert checkpoint.resolve(other / "checkpoints" / "5") == other / "model_checkpoints" / "5"
+    # export resolves with the one rule (checkpoint.resolve): a missing local path says so
+    with pytest.raises(config.UserError, match="runs/mistyped is not a model folder: it does not exist"):
+        checkpoint.resolve(tmp_path / "runs" / "mistyped")
 
 
 # -----------------------------------------------------------------------------
@@ -289,7 +291,7 @@ def test_tokenizer_ids(folder, tokenizer):
     want = [e.ids for e in tokenizer.encode_batch(TEXTS + ["Unseen Wörds, ÜBER-long tokens!!",
                                                            "two\nlines\tand  spaces"])]
     assert got == want
-    ids = data.special_token_ids(tokenizer)
+    ids = prepare.special_token_ids(tokenizer)
     assert all(g[0] == ids["cls"] and g[-1] == ids["sep"] for g in got)
     assert (tok.pad_token_id, tok.mask_token_id, tok.cls_token_id, tok.sep_token_id, tok.unk_token_id) == \
         (ids["pad"], ids["mask"], ids["cls"], ids["sep"], ids["unk"])
@@ -395,7 +397,7 @@ def test_trainer_gradient_accumulation_loss_scale(folder):
 
 def test_from_pretrained_roundtrip(folder, run, tmp_path):
     expected = run[1].state_dict()
-    loaded = neobert.NeoBERTLMHead.from_pretrained(str(folder)).state_dict()
+    loaded = checkpoint.load(str(folder))[0].state_dict()
     assert list(loaded) == list(expected) and all(torch.equal(loaded[k], expected[k]) for k in expected)
 
     # a folder laid out like chandar-lab/NeoBERT: max_length, hidden_act "SwiGLU", dim_head, kwargs, *_init_range
@@ -414,7 +416,7 @@ def test_from_pretrained_roundtrip(folder, run, tmp_path):
         "transformers_version": "4.48.2", "vocab_size": c.vocab_size}))
     for name in ("model.safetensors", export.MODELING_FILE_NAME, "neobert.py"):
         (released / name).write_bytes((folder / name).read_bytes())
-    loaded = neobert.NeoBERTLMHead.from_pretrained(str(released))
+    loaded = checkpoint.load(str(released))[0]
     assert loaded.config.max_position_embeddings == 128
     assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
     # and the exported modeling file reads the released config.json as well
@@ -439,7 +441,7 @@ def test_variant_learned_positions_layernorm_gelu(tmp_path, tokenizer):
     plain = Tokenizer.from_str(json.dumps(plain))
     write_checkpoint(tmp_path / "run", 3, model, plain)
     export.export(tmp_path / "run", tmp_path / "hf")
-    ids = data.special_token_ids(tokenizer)
+    ids = prepare.special_token_ids(tokenizer)
     hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
     assert hf_tok(TEXTS)["input_ids"] == [[ids["cls"]] + e.ids + [ids["sep"]] for e in plain.encode_batch(TEXTS)]
     mlm = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
@@ -456,7 +458,7 @@ def test_variant_learned_positions_layernorm_gelu(tmp_path, tokenizer):
     for i in range(len(TEXTS)):
         assert_close(got[i][lb["attention_mask"][i].bool()], want[i][batch["attention_mask"][i].bool()])
     assert "LayerNorm" in (tmp_path / "hf" / "README.md").read_text()
-    back = neobert.NeoBERTLMHead.from_pretrained(str(tmp_path / "hf"))
+    back = checkpoint.load(str(tmp_path / "hf"))[0]
     assert back.config == cfg
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in back.state_dict().items())
 
@@ -476,13 +478,13 @@ def test_export_of_a_smoke_training_run(tmp_path):
                      "--trainer.save_steps", "2", "--trainer.eval_steps", "2", "--trainer.logging_steps", "1"])
     assert rc in (0, None)
     assert export.main([str(run_dir), "--out", str(tmp_path / "hf")]) == 0
-    checkpoint = run_dir / "model_checkpoints" / "2"
-    trained = load_file(str(checkpoint / "model.safetensors"))
-    model = neobert.NeoBERTLMHead.from_pretrained(str(tmp_path / "hf")).eval()
+    step_dir = run_dir / "model_checkpoints" / "2"
+    trained = load_file(str(step_dir / "model.safetensors"))
+    model = checkpoint.load(str(tmp_path / "hf"))[0].eval()
     assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
     mlm = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
     batch = padded_batch(tmp_path / "hf")
-    raw = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))  # the tokenizer data.py trained for this run
+    raw = Tokenizer.from_file(str(step_dir / "tokenizer.json"))  # the tokenizer data.py trained for this run
     assert [e.ids for e in raw.encode_batch(TEXTS)] == \
         [row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"])]
     with torch.no_grad():
@@ -517,7 +519,10 @@ def test_incomplete_or_mismatched_checkpoint(run, tmp_path, capsys, tokenizer):
     half.mkdir()
     (half / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
     code, err = run_main([half, "--out", tmp_path / "hf"], capsys)
-    assert code == 2 and "config.yaml" in err and "tokenizer.json" in err
+    assert code == 2 and "config.yaml" in err
+    (half / "config.yaml").write_text((src / "config.yaml").read_text())  # then the tokenizer is what is missing
+    code, err = run_main([half, "--out", tmp_path / "hf"], capsys)
+    assert code == 2 and "tokenizer.json" in err and str(half) in err
 
     wrong = tmp_path / "wrong"  # weights of another shape than config.yaml says
     model = neobert.NeoBERTLMHead(tiny_config(tokenizer, hidden_size=32, num_attention_heads=2))
@@ -637,6 +642,54 @@ def test_folder_runs_the_repos_neobert_py(folder):
     assert (Path(sys.modules[encoder.__module__].__file__).read_bytes() == (ROOT / "neobert.py").read_bytes())
 
 
+@pytest.mark.parametrize("rope", [True, False])
+def test_left_padding_equals_unpadded(tokenizer, rope):
+    """Left padding is the adapter's (modeling_neobert.py): real tokens keep positions 0..n-1, as unpadded."""
+    import modeling_neobert
+    cfg = tiny_config(tokenizer, rope=rope)
+    model = randomize(modeling_neobert.NeoBERT(modeling_neobert.NeoBERTConfig(**cfg.to_dict())))
+    seq = torch.randint(5, cfg.vocab_size, (6,))
+    ids = torch.zeros(1, 10, dtype=torch.long)
+    ids[0, 4:] = seq
+    with torch.no_grad():
+        padded = model(ids, attention_mask=(ids != 0).long()).last_hidden_state[0, 4:]
+        assert torch.allclose(padded, model(seq[None]).last_hidden_state[0], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_flat_1d_input(tokenizer):
+    """A flat (T,) packed sequence is the adapter's (transformers callers pass one): row 0 of (1, T)."""
+    import modeling_neobert
+    cfg = tiny_config(tokenizer)
+    model = randomize(modeling_neobert.NeoBERT(modeling_neobert.NeoBERTConfig(**cfg.to_dict())))
+    a, b = torch.randint(5, cfg.vocab_size, (5,)), torch.randint(5, cfg.vocab_size, (8,))
+    cu = torch.tensor([0, 5, 13], dtype=torch.int32)
+    with torch.no_grad():
+        out = model(torch.cat([a, b]), cu_seqlens=cu, max_seqlen=8).last_hidden_state[0]
+        assert torch.allclose(out[5:], model(b[None]).last_hidden_state[0], atol=1e-5, rtol=1e-5)
+
+
+def test_inputs_embeds_and_hidden_states_with_learned_positions(tokenizer):
+    """The adapter's inputs_embeds and output_hidden_states, exactly: learned positions are added to inputs_embeds
+    too, hidden_states[0] is the embeddings and the last one, normed, is the output."""
+    import modeling_neobert
+    cfg = tiny_config(tokenizer, rope=False)
+    model = randomize(modeling_neobert.NeoBERT(modeling_neobert.NeoBERTConfig(**cfg.to_dict())))
+    enc = model.model
+    ids = torch.randint(5, cfg.vocab_size, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        want = model(ids, mask).last_hidden_state
+        assert torch.equal(want, enc(ids, mask))  # neobert.py's own forward
+        assert torch.equal(model(inputs_embeds=enc.encoder(ids), attention_mask=mask).last_hidden_state, want)
+        out = model(ids, mask, output_hidden_states=True)
+    assert torch.equal(out.last_hidden_state, want) and len(out.hidden_states) == cfg.num_hidden_layers + 1
+    assert torch.equal(out.hidden_states[0], enc.encoder(ids) + enc.positional_embedding(torch.arange(7)))
+    assert torch.equal(enc.layer_norm(out.hidden_states[-1]), want)
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        model(ids, inputs_embeds=enc.encoder(ids))
+
+
 def test_inputs_embeds_and_hidden_states(folder, run):
     model = run[1]
     batch = padded_batch(folder)
@@ -731,7 +784,7 @@ def test_fine_tune_save_and_reload(folder, run, tmp_path):
         want = clf(**batch).logits
         back = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ft", trust_remote_code=True).eval()
         assert_close(back(**batch).logits, want)
-        ours = neobert.NeoBERTForSequenceClassification.from_pretrained(str(tmp_path / "ft")).eval()
+        ours = checkpoint.load(str(tmp_path / "ft"), head="classifier")[0].eval()
         assert_close(ours(batch["input_ids"], batch["attention_mask"]).logits, want)
 
 
@@ -836,7 +889,7 @@ def test_no_run_named_exports_the_newest_run(run, tmp_path, tokenizer, monkeypat
     assert export.main(["--out", "hf"]) == 0
     assert str(Path("runs") / "sub" / "newer" / "model_checkpoints" / "3") in capsys.readouterr().out
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "neobert"
-    assert export.find_newest_run(Path("runs")) == Path("runs") / "sub" / "newer" / "model_checkpoints" / "3"
+    assert checkpoint.newest_run(Path("runs")) == Path("runs") / "sub" / "newer" / "model_checkpoints" / "3"
     assert newer.is_dir()
 
 

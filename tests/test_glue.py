@@ -21,6 +21,9 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import checkpoint  # noqa: E402
+import prepare  # noqa: E402
+import runtime  # noqa: E402
 import config  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
@@ -55,7 +58,7 @@ def one_thread():
 def tokenizer():
     rng = random.Random(0)
     corpus = [words(rng, 3, 10) + " " + " ".join(KEYWORDS) for _ in range(300)]
-    return data.train_tokenizer(corpus, vocab_size=200, min_frequency=1)
+    return prepare.train_tokenizer(corpus, vocab_size=200, min_frequency=1)
 
 
 def tiny_config(tokenizer, **kw):
@@ -221,7 +224,7 @@ def test_truncation_is_longest_first():
 
 
 def test_pairs_are_cls_a_sep_b_sep(tokenizer):
-    ids = data.special_token_ids(tokenizer)
+    ids = prepare.special_token_ids(tokenizer)
     split = evaluate.Split([("wax wbx", "wcx"), ("wax " * 40, "wbx wcx")], np.array([0, 1]), "x")
     enc = evaluate.encode(tokenizer, split, 16)
     a = tokenizer.encode("wax wbx", add_special_tokens=False).ids
@@ -392,18 +395,18 @@ def test_pair_task_learns_and_writes_its_run(custom_run):
     assert cfg["glue"]["task_name"] == "custom" and cfg["glue"]["run"]["batch_size"] == 16
     assert "classifier.weight" in load_file(str(best / "model.safetensors"))
     # the saved model is the best evaluation's: reloading it and predicting gives its score back
-    model, info = config.load_pretrained(best, head="classifier")
+    model, info = checkpoint.load(best, head="classifier")
     assert info.id2label == {0: "neg", 1: "pos"}
     tok = info.tokenizer
     splits, _, _ = evaluate.load_custom_task(evaluate.GlueConfig(data_dir=str(out.parent / "data"),
                                                                  text_columns=["premise", "hypothesis"]))
     enc = evaluate.encode(tok, splits["validation"], 32)
-    pred = evaluate.predict(model, enc, 64, data.special_token_ids(tok)["pad"], False, torch.device("cpu"),
-                            config.autocast("cpu", "no"))
+    pred = evaluate.predict(model, enc, 64, prepare.special_token_ids(tok)["pad"], False, torch.device("cpu"),
+                            runtime.autocast("cpu", "no"))
     assert evaluate.accuracy(pred.astype(int), enc.labels) == pytest.approx(res["best"]["accuracy"])
     # the unpadded path (one row, cu_seqlens: the GPU's varlen attention; an exact block mask here) agrees
-    unpadded = evaluate.predict(model, enc, 64, data.special_token_ids(tok)["pad"], True, torch.device("cpu"),
-                                config.autocast("cpu", "no"))
+    unpadded = evaluate.predict(model, enc, 64, prepare.special_token_ids(tok)["pad"], True, torch.device("cpu"),
+                                runtime.autocast("cpu", "no"))
     np.testing.assert_array_equal(unpadded, pred)
     summary = json.loads((out / "glue" / "results.json").read_text())
     assert summary["tasks"]["custom"]["score"] == pytest.approx(res["best"]["score"])
@@ -523,7 +526,7 @@ def test_settings_per_task_command_line_and_sweep(tmp_path):
     cfg, cli = evaluate.load_glue_config([str(ROOT / "configs" / "glue.yaml"), "--glue.tasks.rte.lr", "1e-5",
                                           "--glue.task_name", "rte,cola", "--glue.sweep.seed", "0,1,2",
                                           "--glue.sweep.batch_size", "[8, 16]"])
-    runs = evaluate.plan_runs(cfg, evaluate.parse_tasks(cfg.tasks["glue"].task_name), cli)
+    runs = evaluate.plan_runs(cfg, evaluate.parse_tasks(cfg.glue.task_name), cli)
     assert len(runs) == 2 * 3 * 2 and {r.lr for r in runs if r.task == "rte"} == {1e-5}
     assert {r.lr for r in runs if r.task == "cola"} == {8e-6} and {r.seed for r in runs} == {0, 1, 2}
     cfg, cli = evaluate.load_glue_config([str(ROOT / "configs" / "glue.yaml"), "--optimizer.lr", "3e-5",
@@ -532,11 +535,11 @@ def test_settings_per_task_command_line_and_sweep(tmp_path):
 
 
 def test_output_dir_auto_is_beside_the_model(pretrained, tmp_path):
-    assert evaluate.auto_output_dir(str(pretrained)) == str(pretrained)
-    assert evaluate.auto_output_dir(str(pretrained / "model_checkpoints" / "5")) == str(pretrained)
-    assert evaluate.auto_output_dir("chandar-lab/NeoBERT") == "runs/chandar-lab_NeoBERT"
+    assert checkpoint.home(str(pretrained)) == pretrained
+    assert checkpoint.home(str(pretrained / "model_checkpoints" / "5")) == pretrained
+    assert checkpoint.home("chandar-lab/NeoBERT") == Path("runs/chandar-lab_NeoBERT")
     (tmp_path / "hf_dir").mkdir()
-    assert evaluate.auto_output_dir(str(tmp_path / "hf_dir")) == "runs/hf_dir"
+    assert checkpoint.home(str(tmp_path / "hf_dir")) == Path("runs/hf_dir")
     cfg, _ = evaluate.load_glue_config([str(ROOT / "configs" / "glue.yaml")])
     assert cfg.trainer.output_dir == "auto"
 
@@ -594,14 +597,14 @@ def write_tiny_glue(root: Path) -> Path:
 def test_mnli_to_rte_transfer_keeps_the_encoder_new_head(tmp_path, pretrained, monkeypatch):
     glue_dir = write_tiny_glue(tmp_path / "glue")
     loads = []
-    real = config.load_pretrained
+    real = checkpoint.load
 
     def spy(source, **kw):
         model, info = real(source, **kw)
         loads.append((Path(source), kw.get("head"), {k: v.clone() for k, v in model.state_dict().items()}))
         return model, info
 
-    monkeypatch.setattr(config, "load_pretrained", spy)
+    monkeypatch.setattr(checkpoint, "load", spy)
     out = tmp_path / "out"
     code = run_glue("--glue.task_name", "rte,mnli", "--glue.data_dir", glue_dir, "--glue.transfer_from_task", "true",
                     *glue_args(out, pretrained, "--trainer.max_steps", 6, "--trainer.eval_steps", 3,
@@ -713,7 +716,7 @@ def test_start_from_released_and_exported_folders(tmp_path, pretrained, tokenize
     export.export(pretrained, exported)
     data_dir = write_custom(tmp_path / "data", n_train=32, n_val=16)
     loads = []
-    real = config.load_pretrained
+    real = checkpoint.load
 
     def spy(source, **kw):
         model, info = real(source, **kw)
@@ -721,7 +724,7 @@ def test_start_from_released_and_exported_folders(tmp_path, pretrained, tokenize
             loads.append({k: v.clone() for k, v in model.model.state_dict().items()})
         return model, info
 
-    monkeypatch.setattr(config, "load_pretrained", spy)
+    monkeypatch.setattr(checkpoint, "load", spy)
     ckpt = load_file(str(pretrained / "model_checkpoints" / "5" / "model.safetensors"))
     want = {released: src.model.state_dict(),
             exported: {k.removeprefix("model."): v for k, v in ckpt.items() if k.startswith("model.")}}
@@ -747,7 +750,7 @@ def test_finetuned_classifier_exports_and_loads_in_transformers(custom_run, tmp_
     clf = transformers.AutoModelForSequenceClassification.from_pretrained(hf, trust_remote_code=True).eval()
     assert clf.config.num_labels == 2 and clf.config.id2label == {0: "neg", 1: "pos"}
     assert clf.config.label2id == {"neg": 0, "pos": 1}
-    ours, _ = config.load_pretrained(run / "best", head="classifier")
+    ours, _ = checkpoint.load(run / "best", head="classifier")
     ours.eval()
     tok = transformers.AutoTokenizer.from_pretrained(hf)
     batch = tok(["wax wbx", "wcx"], ["omega wdx", "alpha"], padding=True, return_tensors="pt")
@@ -843,7 +846,7 @@ def test_random_weights_only_when_allowed_and_unpadded_training(tmp_path, tokeni
     data_dir = write_custom(tmp_path / "data", n_train=24, n_val=8)
     tiny = ["--model.vocab_size", 256, "--model.hidden_size", 32, "--model.num_hidden_layers", 1,
             "--model.num_attention_heads", 2, "--model.intermediate_size", 64, "--model.max_position_embeddings", 64,
-            "--tokenizer.path", tok_path, "--dataset.max_seq_length", 64]
+            "--tokenizer.path", tok_path]
     args = ["--glue.task_name", "custom", "--glue.data_dir", data_dir, "--glue.text_columns", "premise,hypothesis",
             *glue_args(tmp_path / "out", "null", "--trainer.max_steps", 2, "--glue.batching", "unpadded"), *tiny]
     one_line_error(capsys, run_glue(*args), "glue.init_from is null", "glue.allow_random_weights: true")
@@ -895,7 +898,7 @@ def test_offline_hub_fails_at_once_with_the_whole_message(tmp_path, pretrained, 
 
 def test_missing_init_from_names_the_key_and_the_runs_here(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    for d in ("checkpoints/600", "model_checkpoints/600"):  # a run with a complete checkpoint (train.list_checkpoints)
+    for d in ("checkpoints/600", "model_checkpoints/600"):  # a run with a complete checkpoint (checkpoint.list_checkpoints)
         (tmp_path / "runs" / "smoke" / d).mkdir(parents=True)
     (tmp_path / "runs" / "broken").mkdir()
     code = run_glue("--glue.task_name", "rte", *glue_args(tmp_path / "out", "runs/pretrain"))

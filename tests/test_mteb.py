@@ -21,6 +21,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import checkpoint  # noqa: E402
+import prepare  # noqa: E402
 import config  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
@@ -46,7 +48,7 @@ def stdlib_docs():
     root = Path(sysconfig.get_paths()["stdlib"])
     docs, seen = [], set()
     for label, module in enumerate(MODULES):
-        for doc in data._py_docstrings(root / module)[:12]:
+        for doc in prepare._py_docstrings(root / module)[:12]:
             first, _, rest = doc.partition("\n")
             first, rest = first.strip(), " ".join(rest.split())[:300]
             # no repeated texts: their similarities tie exactly, and rank metrics would then hinge on rounding
@@ -115,7 +117,7 @@ def custom_tasks():
 @pytest.fixture(scope="module")
 def tokenizer():
     texts = [f"{first} {rest}" for _, first, rest in DOCS]
-    return data.train_tokenizer(texts * 2, vocab_size=600, min_frequency=1)
+    return prepare.train_tokenizer(texts * 2, vocab_size=600, min_frequency=1)
 
 
 def write_checkpoint(run_dir: Path, step: int, tokenizer, seed: int, pooling=None) -> Path:
@@ -169,7 +171,7 @@ def load_cfg(*overrides):
 
 
 def encoder_for(run_dir, **kw):
-    model, info = config.load_pretrained(run_dir, head="encoder")
+    model, info = checkpoint.load(run_dir, head="encoder")
     args = dict(pooling=info.pooling, max_seq_length=1024, batch_size=8, device="cpu", precision="no")
     args.update(kw)
     return mteb_eval.SentenceEncoder(model, info.tokenizer, **args), model, info
@@ -226,7 +228,7 @@ def test_embeddings_match_a_float64_reference(run, cls_run, packed):
 
 def test_pooling_override_and_truncation(cls_run):
     cfg = load_cfg("--mteb.model", str(cls_run), "--mteb.pooling", "mean", "--mteb.max_seq_length", "16")
-    assert cfg.tasks["mteb"].pooling == "mean"
+    assert cfg.mteb.pooling == "mean"
     enc, model, info = encoder_for(cls_run, pooling="mean", max_seq_length=16)
     long = " ".join(first for _, first, _ in DOCS[:5])
     assert len(info.tokenizer.encode(long).ids) > 16
@@ -550,8 +552,8 @@ def test_qrels_naming_absent_documents_are_counted_and_named(tmp_path, capsys):
 
 
 def test_results_land_in_one_folder(tmp_path, tokenizer, monkeypatch):
-    """mteb.output_dir is the results folder itself; unset: <run dir>/mteb for a training checkpoint, runs/mteb
-    (from the working directory) for any other model folder. Never <...>/mteb/mteb."""
+    """mteb.output_dir is the results folder itself; unset: <run dir>/mteb for a training checkpoint, runs/<its
+    name>/mteb (from the working directory, as GLUE's runs/<name>/glue) for any other model folder. Never mteb/mteb."""
     import shutil
     monkeypatch.setattr(mteb_eval, "select_tasks", lambda mc: [DocSTS()])
     ckpt = write_checkpoint(tmp_path / "run", 10, tokenizer, seed=3)
@@ -562,4 +564,4 @@ def test_results_land_in_one_folder(tmp_path, tokenizer, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copytree(ckpt, tmp_path / "plain")
     mteb_eval.run_mteb(load_cfg("--mteb.model", "plain"), progress=False)
-    assert (tmp_path / "runs/mteb/results.json").is_file() and not (tmp_path / "runs/mteb/mteb").exists()
+    assert (tmp_path / "runs/plain/mteb/results.json").is_file() and not (tmp_path / "runs/plain/mteb/mteb").exists()

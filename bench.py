@@ -1,10 +1,5 @@
-"""Training throughput of a config: tokens/s, MFU (where the device's peak is known) and peak memory, then the same
-config with one thing changed at a time (packing, sparse prediction, compile, gradient checkpointing), each printed
-as a ratio to the baseline; and the data loader's own throughput next to what training consumes. A contrastive
-config (trainer.objective: contrastive) gives pairs/s and peak memory with and without gradient caching.
-
-    python bench.py configs/smoke.yaml
-    python bench.py configs/pretrain.yaml --trainer.per_device_train_batch_size 16 --bench.steps 20
+"""usage: python bench.py CONFIG [--bench.steps N] [--bench.variants packing,sparse,...] [--section.key value ...]
+    e.g. python bench.py configs/smoke.yaml
     python bench.py --suite gpu [--tiny] [--steps N] [--budget-s S] [--data-dir DIR] [--no-tests] [--only TEXT]
       the GPU suite; --tiny: a tiny model and short rows (CPU, a minute), the same code path; --steps: timed steps per
       variant (default 10); --budget-s: start no variant after this many seconds (default 420: the suite must fit 8
@@ -14,6 +9,11 @@ config (trainer.objective: contrastive) gives pairs/s and peak memory with and w
                     [--section.key value ...]
       quality per compute: AdamW and Muon, each with cosine and wsd, each at the best of the lrs, every run trained
       for the same time budget (steps = budget x the optimizer's measured steps/s); held-out loss and accuracy
+
+Training throughput of a config: tokens/s, MFU (where the device's peak is known) and peak memory, then the same
+config with one thing changed at a time (packing, sparse prediction, compile, gradient checkpointing), each printed
+as a ratio to the baseline; and the data loader's own throughput next to what training consumes. A contrastive
+config (trainer.objective: contrastive) gives pairs/s and peak memory with and without gradient caching.
 
 Honest timing: every variant first runs all of its timed steps once untimed (so every batch shape is compiled and
 cached), then runs them again under the clock. tokens/s counts real tokens (not padding) so packed and padded
@@ -205,8 +205,7 @@ def table(columns: list[str], variants: list, steps: int, cells, budget_s: float
 
 
 # -----------------------------------------------------------------------------
-# bench CONFIG: the config's own setup, then one setting flipped at a time; a contrastive config (contrastive_bench):
-# pairs/s and peak memory with and without gradient caching
+# bench CONFIG: the config's own setup, then one setting flipped at a time; a contrastive config: contrastive_bench
 
 @dataclass
 class BenchConfig:
@@ -344,13 +343,12 @@ def suite_config(path: str, root: Path, tiny: bool) -> train.Config:
                  trainer=dict(per_device_train_batch_size=rows, gradient_accumulation_steps=1,
                               gradient_checkpointing=False, torch_compile=cfg.trainer.torch_compile and not tiny),
                  tokenizer=dict(path=str(tok_path), train=False))
-    prepare.prepare(cfg.dataset, cfg.tokenizer, progress=False)  # shared by both configs: documents ignore the row length
+    prepare.prepare(cfg.dataset, cfg.tokenizer, progress=False)  # shared by both configs: documents ignore row length
     return cfg
 
 
 def suite_variants(base: train.MLM, long_base: train.MLM, tiny: bool, backend: str) -> list:
-    """[(label, objective, fused AdamW)]: the baseline and one change at a time (attention backend, transformers'
-    models, seq 4096 with and without checkpointing, the loss options, compile, fused AdamW, micro-batch size)."""
+    """[(label, objective, fused AdamW)]: the baseline, then one change at a time."""
     cfg, long_cfg, device = base.cfg, long_base.cfg, base.device
 
     def mlm(c, **sections):
@@ -511,16 +509,15 @@ def recipe_suite(argv: list[str]) -> None:
             best = min(final, key=final.get)
             rows.append((opt, sched, best, runs[best], final, tok_s))
             ref = ref or runs[best][-1]["eval_loss"]
-    print(f"\n| optimizer + schedule | best lr | steps | real tokens/s | held-out loss | masked-token accuracy | "
-          f"held-out loss at each lr | first eval at or below AdamW + cosine's final loss |\n|---|---:|---:|---:|---:|"
-          f"---:|---|---|")
+    print("\n| optimizer + schedule | best lr | steps | real tokens/s | held-out loss | masked-token accuracy | "
+          "held-out loss at each lr | first eval at or below AdamW + cosine's final loss |\n|---|---:|---:|---:|---:|"
+          "---:|---|---|")
     for opt, sched, best, log, final, tok_s in rows:
         evals = [r for r in log if "eval_loss" in r]
         hit = next((f"step {r['step']} ({r['elapsed']:.0f} s)" for r in evals if r["eval_loss"] <= ref), "not reached")
         print(f"| {'AdamW' if opt == 'adamw' else 'Muon'} + {sched} | {best:g} | {log[-1]['step']} | {tok_s:,.0f} | "
               f"{log[-1]['eval_loss']:.3f} | {100 * log[-1]['eval_accuracy']:.1f}% | "
-              f"{', '.join(f'{lr:g}: {v:.3f}' for lr, v in final.items()) or '-'} | "
-              f"{hit} |", flush=True)
+              f"{', '.join(f'{lr:g}: {v:.3f}' for lr, v in final.items()) or '-'} | {hit} |", flush=True)
     print(f"\nSteps: what fits the budget at the speed of the optimizer's timing run (steps 10-40, no evaluation), "
           f"whose real tokens/s the table shows. Held-out: the val split (trainer.eval_max_batches micro-batches), "
           f"evaluated every tenth of a run; times are the run's wall time, evaluations included. Runs in {out}.")

@@ -1,7 +1,7 @@
 """Where trained models live, and the one way to find and load one. A model is named by a source: a run directory (its
 newest complete step), a model_checkpoints/<step> or checkpoints/<step> directory, an exported or released Hugging
-Face folder, or a hub id. train.py (init_from, resume), evaluate.py (glue, mteb), export.py and bench.py all go
-through resolve() and load() here, and only this file knows the run directory's layout:
+Face folder, or a hub id. train.py (init_from, resume, contrastive's start), evaluate.py (glue, mteb) and export.py
+all go through resolve() and load() here, and only this file knows the run directory's layout:
 
     <run>/model_checkpoints/<step>/  model.safetensors (plain keys), config.yaml (resolved), tokenizer.json
     <run>/model_checkpoints/latest   the newest complete step

@@ -172,7 +172,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
 
 def load_config(schema, path, overrides: Optional[list[str]] = None):
     """YAML file (or None: the defaults) + overrides -> schema, a dataclass whose fields are the sections the entry
-    point uses (train.Config, evaluate.GlueRun, ...), strictly, before any work."""
+    point uses (train.Config, evaluate.GlueRunConfig, ...), strictly, before any work."""
     raw = {}
     if path is not None:
         path = Path(path)

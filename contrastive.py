@@ -1,11 +1,9 @@
 """Contrastive fine-tuning (trainer.objective: contrastive): pair data, the InfoNCE objective and its evaluation.
 
-Reading order:
-  1. config: ContrastiveConfig and its pair sources
-  2. pair data: sources (local files, hub parquet, stdlib pairs) -> prepared pairs, via prepare.py's reader and writer
-  3. pair_loader: one source per global batch, exactly resumable
-  4. the objective: InfoNCE over the global batch, gradient caching, gather across processes
-  5. evaluation: retrieval on held-out pairs
+Reading order: config (ContrastiveConfig, its pair sources) -> pair data (local files, hub parquet or stdlib pairs ->
+prepared pairs, via prepare.py's reader and writer) -> pair_loader (one source per global batch, exactly resumable)
+-> the objective (InfoNCE over the global batch, gradient caching, gathered across processes) -> retrieval
+evaluation on held-out pairs.
 """
 
 import dataclasses
@@ -93,7 +91,6 @@ class ContrastiveConfig:
                 f"contrastive.validation_split must be in [0, 1), got {self.validation_split}")
 
 
-
 def pairs_dir(cc):
     return Path(cc.path) if cc.path else Path("data_cache") / "pairs"
 
@@ -179,7 +176,6 @@ def prepare_pairs(cc, tokenizer, *, progress=True):
     for i, (src, fs) in enumerate(zip(cc.sources, files)):
         man = _prepare_pair_source(src, i, cc, dict(spec["sources"][i], tokenizer_sha256=sha), fs, tokenizer,
                                    out / f"source_{i:02d}", progress)
-
         summary.append({"dir": f"source_{i:02d}", "label": src.label, "rows": man["rows"],
                         "negatives": len(man["fields"]) - 2})
         print(f"pairs: {src.label}: {man['rows']['train']:,} train / {man['rows']['val']:,} held-out rows",
@@ -219,12 +215,6 @@ def pad_rows(seqs, max_len, cls_id, sep_id, pad_id, multiple=8):
 SOURCE_STREAM = 0x736F7572
 
 
-def source_probabilities(rows, alpha):
-    """P(source k) ∝ rows_k^alpha (alpha 0: uniform, 1: proportional to size)."""
-    w = np.asarray(rows, dtype=np.float64) ** alpha
-    return w / w.sum()
-
-
 def pick_source(seed, step, probs):
     """The source of global step `step`: a function of (seed, step) only, so resuming needs no RNG state."""
     u = seeded_rng(SOURCE_STREAM, seed, step).random()
@@ -245,7 +235,8 @@ def pair_loader(data_dir, cc, split="train", *, micro_batch_size, grad_accum_ste
     for k, src in enumerate(sources):
         require(src.rows >= G, f"pair source {k} ({src.label}) has {src.rows} {split} rows, fewer than one global "
                 f"batch of {G}; use a smaller batch or drop the source")
-    probs = source_probabilities([src.rows for src in sources], cc.alpha)
+    weights = np.asarray([src.rows for src in sources], dtype=np.float64) ** cc.alpha  # 0: uniform, 1: ∝ rows
+    probs = weights / weights.sum()
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
 
     @lru_cache(maxsize=None)  # one permutation per source and epoch (each a few bytes per row)
@@ -254,10 +245,8 @@ def pair_loader(data_dir, cc, split="train", *, micro_batch_size, grad_accum_ste
 
     def batch(k, rows):
         src, h = sources[k], min(cc.hard_negatives, sources[k].num_negatives)
-        q = [src.stores[0].doc(r).astype(np.int64) for r in rows]
-        docs = [src.stores[1].doc(r).astype(np.int64) for r in rows]
-        docs += [src.stores[2 + j].doc(r).astype(np.int64) for r in rows for j in range(h)]
-        query_ids, query_mask = pad_rows(q, cc.max_query_length, *special)
+        docs = [src.stores[1].doc(r) for r in rows] + [src.stores[2 + j].doc(r) for r in rows for j in range(h)]
+        query_ids, query_mask = pad_rows([src.stores[0].doc(r) for r in rows], cc.max_query_length, *special)
         doc_ids, doc_mask = pad_rows(docs, cc.max_document_length, *special)
         out = {"query_ids": query_ids, "query_mask": query_mask, "doc_ids": doc_ids, "doc_mask": doc_mask,
                "num_negatives": h, "source": k}
@@ -283,24 +272,20 @@ def pair_loader(data_dir, cc, split="train", *, micro_batch_size, grad_accum_ste
 
 
 def held_out_pairs(data_dir, max_per_source):
-    """(queries, positives, source index) token arrays of the first max_per_source held-out rows of every source."""
-    man = read_pairs_manifest(data_dir)
-    queries, positives, source = [], [], []
-    for k, entry in enumerate(man["sources"]):
-        if entry["rows"]["val"] == 0:
-            continue
-        src = PairSource(data_dir, entry, "val")
-        for r in range(min(src.rows, max_per_source)):
-            queries.append(src.stores[0].doc(r).astype(np.int64))
-            positives.append(src.stores[1].doc(r).astype(np.int64))
-            source.append(k)
-    return queries, positives, np.asarray(source, dtype=np.int64)
+    """(queries, positives): token arrays of the first max_per_source held-out rows of every source."""
+    queries, positives = [], []
+    for entry in read_pairs_manifest(data_dir)["sources"]:
+        if entry["rows"]["val"]:
+            src = PairSource(data_dir, entry, "val")
+            rows = range(min(src.rows, max_per_source))
+            queries += [src.stores[0].doc(r).astype(np.int64) for r in rows]
+            positives += [src.stores[1].doc(r).astype(np.int64) for r in rows]
+    return queries, positives
 
 
 # -----------------------------------------------------------------------------
-# contrastive objective (trainer.objective: contrastive): InfoNCE over the global batch, gradient caching, retrieval
-# evaluation. The model stays a NeoBERTLMHead, so checkpoints keep the MLM layout; only its encoder is trained.
-
+# the objective (trainer.objective: contrastive): InfoNCE over the global batch, gradient caching, retrieval
+# evaluation, and class Contrastive: what train.py's loop needs of it (the interface is described beside train.MLM)
 
 class Embedder(torch.nn.Module):
     """Encoder + pooling: the module contrastive training runs (and compiles, and wraps in DDP), so the MLM decoder,
@@ -318,13 +303,26 @@ class Embedder(torch.nn.Module):
         return emb, neobert.pool(self.encoder(doc_ids, attention_mask=doc_mask), doc_mask, self.pooling)
 
 
+class GatherWithGrad(torch.autograd.Function):
+    """Every process's rows (the same count on each), in rank order, differentiably: in the backward each process's
+    gradient for a slice is summed into the process that owns it (all_reduce, then this rank's slice)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
 def gather_with_grad(x):
-    """Every process's rows, in rank order, differentiably: torch.distributed.nn's all_gather sums, in the backward,
-    every process's gradient for a slice into the process that owns it."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    import torch.distributed.nn.functional as dist_nn
-    return torch.cat(dist_nn.all_gather(x.contiguous()))
+    """Every process's rows, in rank order, with their gradient (GatherWithGrad); one process: x itself."""
+    return GatherWithGrad.apply(x) if dist.is_initialized() and dist.get_world_size() > 1 else x
 
 
 def contrastive_loss(q, pos, neg, temperature: float, rank: int = 0):
@@ -364,37 +362,34 @@ def contrastive_forward_backward(model, batch: dict, device, amp, temperature: f
     Same gradients as the whole batch at once; activations are held for chunk_size rows only."""
     batch = to_device(batch, device)
     qi, qm, di, dm = batch["query_ids"], batch["query_mask"], batch["doc_ids"], batch["doc_mask"]
-    B = qi.size(0)
-    scale = world_size / (B * world_size)
+    B, cuda = qi.size(0), device.type == "cuda"
     if not chunk_size:
         with amp:
             q, d = model(qi, qm, di, dm)
-        loss_sum, sums = contrastive_loss(q, d[:B], d[B:], temperature, rank)
-        (loss_sum * scale).backward()
-        return loss_sum.detach(), B * world_size, sums
-    chunks = [(ids[i:i + chunk_size], mask[i:i + chunk_size])
-              for ids, mask in ((qi, qm), (di, dm)) for i in range(0, ids.size(0), chunk_size)]
-    cuda = device.type == "cuda"
-    embs, states = [], []
-    with torch.no_grad():  # 1.
-        for ids, mask in chunks:
-            states.append((torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None))  # same dropout
-            with amp:
-                embs.append(model(ids, mask).float())
-    n_q = -(-B // chunk_size)
-    q, d = (torch.cat(part).requires_grad_() for part in (embs[:n_q], embs[n_q:]))
+    else:
+        chunks = [(ids[i:i + chunk_size], mask[i:i + chunk_size])
+                  for ids, mask in ((qi, qm), (di, dm)) for i in range(0, ids.size(0), chunk_size)]
+        embs, states = [], []
+        with torch.no_grad():  # 1. (with each chunk's RNG state, so that 3. draws the same dropout)
+            for ids, mask in chunks:
+                states.append((torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None))
+                with amp:
+                    embs.append(model(ids, mask).float())
+        n_q = -(-B // chunk_size)
+        q, d = (torch.cat(part).requires_grad_() for part in (embs[:n_q], embs[n_q:]))
     loss_sum, sums = contrastive_loss(q, d[:B], d[B:], temperature, rank)  # 2.
-    (loss_sum * scale).backward()
-    grads = list(q.grad.split(chunk_size)) + list(d.grad.split(chunk_size))
-    for i, ((ids, mask), grad, state) in enumerate(zip(chunks, grads, states)):  # 3.
-        sync = i == len(chunks) - 1 or world_size == 1
-        with nullcontext() if sync else model.no_sync():  # DDP all-reduces once, after the last chunk
-            torch.set_rng_state(state[0])
-            if cuda:
-                torch.cuda.set_rng_state(state[1], device)
-            with amp:
-                emb = model(ids, mask)
-            (emb.float() * grad).sum().backward()
+    (loss_sum * (1 / B)).backward()  # 1 / B = the global mean's 1 / (B * world_size), x world_size
+    if chunk_size:
+        grads = list(q.grad.split(chunk_size)) + list(d.grad.split(chunk_size))
+        for i, ((ids, mask), grad, state) in enumerate(zip(chunks, grads, states)):  # 3.
+            sync = i == len(chunks) - 1 or world_size == 1
+            with nullcontext() if sync else model.no_sync():  # DDP all-reduces once, after the last chunk
+                torch.set_rng_state(state[0])
+                if cuda:
+                    torch.cuda.set_rng_state(state[1], device)
+                with amp:
+                    emb = model(ids, mask)
+                (emb.float() * grad).sum().backward()
     return loss_sum.detach(), B * world_size, sums
 
 
@@ -469,10 +464,6 @@ def prepare_pairs_only(cfg) -> None:
     print(f"{out}: {len(rows)} pair source(s), {sum(rows):,} training pairs ready")
 
 
-# -----------------------------------------------------------------------------
-# the objective: what train.py's loop needs of contrastive training (the interface is described beside train.MLM)
-
-
 class Contrastive:
     """InfoNCE over the global batch of one pair source per step. The model stays a NeoBERTLMHead, so checkpoints
     keep the MLM layout; only its encoder (with pooling: Embedder) is trained. Gradient accumulation is gradient
@@ -519,12 +510,11 @@ class Contrastive:
         b = micro_batches[0]
         return b["query_ids"].numel() + b["doc_ids"].numel(), int(b["query_mask"].sum() + b["doc_mask"].sum())
 
-    def metrics(self, sums: list, count: float) -> dict:
-        return contrastive_metrics(sums, count)
+    metrics = staticmethod(contrastive_metrics)
 
     def evaluate(self, model, amp) -> dict:
-        special = special_token_ids(self.tokenizer)
-        return evaluate_retrieval(model.model, self.held_out, self.cc, special, self.eval_batch_size, self.device, amp)
+        return evaluate_retrieval(model.model, self.held_out, self.cc, special_token_ids(self.tokenizer),
+                                  self.eval_batch_size, self.device, amp)
 
     def flops(self, micro_batches: list[dict]) -> float:
         """This process's step (no decoder); gradient caching adds one forward (x 4/3)."""

@@ -1,18 +1,14 @@
-"""Evaluate NeoBERT checkpoints: fine-tune and score on GLUE here, or embed and score on MTEB (mteb_eval.py).
+"""usage: python evaluate.py glue [CONFIG] [--section.key value ...]     CONFIG defaults to configs/glue.yaml
+       python evaluate.py mteb [CONFIG] [--section.key value ...]     CONFIG defaults to configs/mteb.yaml
+       torchrun --nproc_per_node 8 evaluate.py glue|mteb [...]        runs / tasks spread over the processes
+  python evaluate.py glue --help, python evaluate.py mteb --help: each one's options
+  A model may be a run directory, a model_checkpoints/<step> directory, an exported HF folder or a hub id.
 
-    python evaluate.py glue [CONFIG] [--section.key value ...]     # CONFIG defaults to configs/glue.yaml
-    python evaluate.py mteb [CONFIG] [--section.key value ...]     # CONFIG defaults to configs/mteb.yaml
-    torchrun --nproc_per_node 8 evaluate.py glue|mteb [...]        # runs / tasks spread over the processes
-
-A model may be a run directory, a model_checkpoints/<step> directory, an exported HF folder or a hub id.
+Evaluate NeoBERT models: fine-tune and score on GLUE here, or embed and score on MTEB (mteb_eval.py).
 
 GLUE follows the NeoBERT paper's protocol (Appendix C; docs/glue.md): the best evaluation of a run is its score. A
 sweep is a grid of runs; every run writes <output_dir>/glue/<task>/<run>/results.json when it is done, so the same
 command continues a stopped sweep.
-
-Sections: config (GlueConfig), the GLUE task table, data (hub parquet, GLUE TSV or custom files -> Split), tokens
-([CLS] A [SEP] B [SEP], padded or unpadded batches), metrics, one run (finetune, bench_glue), the sweep (the grid,
-finished runs, the MNLI model transfer starts from), the report, the entry (glue | mteb).
 """
 
 import dataclasses
@@ -174,9 +170,9 @@ class Split:
 
 
 def _columns(table: dict, names, path, what: str) -> list:
-    missing = [n for n in names if n not in table]
-    if missing:
-        raise UserError(f"{path} has no {what} column {missing[0]!r}; its columns: {', '.join(map(str, table))}")
+    for name in names:
+        config.require(name in table, f"{path} has no {what} column {name!r}; its columns: "
+                                      f"{', '.join(map(str, table))}")
     return [table[n] for n in names]
 
 
@@ -198,36 +194,40 @@ def _label(value, row: int, path, num_labels: int, names: tuple, hint: str):
     name in `names`, or the integer it is), a float for a regression (num_labels 1), or None when there is none."""
     if _no_label(value):
         return None
-    number = _number(value)
+    number, where = _number(value), f"{path} row {row + 1}: label"
     if num_labels == 1:
-        config.require(number is not None, f"{path} row {row + 1}: label {value!r} is not a number (a regression: "
-                                           f"{hint})")
+        config.require(number is not None, f"{where} {value!r} is not a number (a regression: {hint})")
         return number
     if str(value) in names:
         return names.index(str(value))
-    config.require(number is not None and number.is_integer(), f"{path} row {row + 1}: label {value!r} is neither "
-                   f"one of {', '.join(names)} nor an id 0..{num_labels - 1}")
-    config.require(0 <= number < num_labels, f"{path} row {row + 1}: label {int(number)} is outside "
-                   f"0..{num_labels - 1} ({hint})")
+    config.require(number is not None and number.is_integer(),
+                   f"{where} {value!r} is neither one of {', '.join(names)} nor an id 0..{num_labels - 1}")
+    config.require(0 <= number < num_labels, f"{where} {int(number)} is outside 0..{num_labels - 1} ({hint})")
     return int(number)
 
 
 def load_glue_task(task: GlueTask, g: GlueConfig) -> dict:
-    """{split: Split} with train and the task's validation split(s), from glue.data_dir (hub parquet layout
-    <task>/<split>-*.parquet, or the GLUE download's <Task>/train.tsv, dev.tsv) or from the hub."""
+    """{split: Split} of train and the validation split(s), from the hub or glue.data_dir: hub parquet layout
+    <task>/<split>-*.parquet, or the GLUE download's <Task>/train.tsv, dev.tsv (MNLI: dev_matched, dev_mismatched)."""
     splits = ("train", *task.val_splits)
     hint = f"{task.name} has {task.num_labels} label{'s' if task.num_labels > 1 else ''}"
+    tsv = {s: f"{task.title}/{'train' if s == 'train' else 'dev' + s.removeprefix('validation')}.tsv" for s in splits}
     columns, label, header = task.columns, "label", None
     if g.data_dir is None:
-        files = {s: [_hub_parquet(task, s, g)] for s in splits}
+        offline = (f"download GLUE and set glue.data_dir to a folder holding {task.name}/<split>-*.parquet or the GLUE "
+                   f"TSV files {', '.join(tsv.values())}, and set HF_HUB_OFFLINE=1 (no hub calls)")
+        parquet = {s: f"{task.name}/{s}-00000-of-00001.parquet" for s in splits}
+        files = {s: [Path(hub.download("nyu-mll/glue", name, repo_type="dataset", cache_dir=g.cache_dir,
+                                       what=f"download {name} of the hub dataset nyu-mll/glue", offline=offline))]
+                 for s, name in parquet.items()}
     else:
         root = Path(g.data_dir)
         files = {s: sorted((root / task.name).glob(f"{s}-*.parquet")) for s in splits}
         if not all(files.values()):
-            files = {s: [root / name] for s, name in tsv_files(task).items()}
+            files = {s: [root / name] for s, name in tsv.items()}
             config.require(all(p.is_file() for (p,) in files.values()),
                            f"glue.data_dir={root} holds neither {task.name}/<split>-*.parquet for {', '.join(splits)} "
-                           f"nor the GLUE TSV files {', '.join(tsv_files(task).values())}; "
+                           f"nor the GLUE TSV files {', '.join(tsv.values())}; "
                            "set glue.data_dir to a folder with one of those layouts, or to null for the hub")
             columns, label, header = task.tsv[0] or task.columns, *task.tsv[1:]
     out = {}
@@ -237,21 +237,6 @@ def load_glue_task(task: GlueTask, g: GlueConfig) -> dict:
         path = paths[0] if len(paths) == 1 else paths[0].parent / f"{split}-*.parquet"
         out[split] = _make_split(table, columns, label, path, task.num_labels, task.labels, hint)
     return out
-
-
-def tsv_files(task: GlueTask) -> dict:
-    """{split: path} of the task in the GLUE download: <Task>/train.tsv, dev.tsv (MNLI: dev_matched, dev_mismatched)."""
-    return {s: f"{task.title}/{'train' if s == 'train' else 'dev' + s.removeprefix('validation')}.tsv"
-            for s in ("train", *task.val_splits)}
-
-
-def _hub_parquet(task: GlueTask, split: str, g: GlueConfig) -> Path:
-    filename = f"{task.name}/{split}-00000-of-00001.parquet"
-    return Path(hub.download("nyu-mll/glue", filename, repo_type="dataset", cache_dir=g.cache_dir,
-                             what=f"download {filename} of the hub dataset nyu-mll/glue",
-                             offline=f"download GLUE and set glue.data_dir to a folder holding {task.name}/<split>-*"
-                                     f".parquet or the GLUE TSV files {', '.join(tsv_files(task).values())}, and "
-                                     "set HF_HUB_OFFLINE=1 (no hub calls)"))
 
 
 def load_custom_task(g: GlueConfig) -> tuple[dict, int, Optional[dict]]:
@@ -267,8 +252,14 @@ def load_custom_task(g: GlueConfig) -> tuple[dict, int, Optional[dict]]:
         config.require(paths[split] is not None, f"glue.data_dir={root} has no {split}.tsv/.csv/.jsonl/.parquet"
                        f"{' (or dev.*)' if len(stems) > 1 else ''}; a custom task needs train.* and validation.* "
                        "(or dev.*) there")
-    for path in (p for p in paths.values() if p.suffix == ".tsv"):
-        _check_tsv_rows(path)
+    for path in (p for p in paths.values() if p.suffix == ".tsv"):  # prepare.read_table would skip a short row
+        with open(path, encoding="utf-8-sig", errors="replace", newline="\n") as f:
+            lines = ((n, ln.rstrip("\r\n").split("\t")) for n, ln in enumerate(f, 1) if ln.strip())
+            _, header = next(lines, (0, []))
+            for n, fields in lines:
+                config.require(len(fields) >= len(header), f"{path} line {n} has {len(fields)} tab-separated field"
+                               f"{'s' if len(fields) > 1 else ''} but its header has {len(header)} "
+                               f"({', '.join(header)}); fix or delete that line")
     tables = {s: prepare.read_table(p) for s, p in paths.items()}
     values = [v for s, t in tables.items() for v in _columns(t, [g.label_column], paths[s], "label")[0]
               if not _no_label(v)]
@@ -292,18 +283,6 @@ def load_custom_task(g: GlueConfig) -> tuple[dict, int, Optional[dict]]:
     splits = {s: _make_split(tables[s], g.text_columns, g.label_column, paths[s], num_labels, names, hint)
               for s in paths}
     return splits, num_labels, id2label
-
-
-def _check_tsv_rows(path: Path) -> None:
-    """A row of a custom .tsv with fewer fields than its header is an error naming its line (prepare.read_table skips
-    such rows, as the GLUE download's QQP needs, with a count only)."""
-    with open(path, encoding="utf-8-sig", errors="replace", newline="\n") as f:
-        lines = ((n, ln.rstrip("\r\n").split("\t")) for n, ln in enumerate(f, 1) if ln.strip())
-        _, header = next(lines, (0, []))
-        for n, fields in lines:
-            config.require(len(fields) >= len(header), f"{path} line {n} has {len(fields)} tab-separated field"
-                           f"{'s' if len(fields) > 1 else ''} but its header has {len(header)} ({', '.join(header)}); "
-                           "fix or delete that line")
 
 
 def _no_label(value) -> bool:
@@ -516,13 +495,8 @@ def predict(model, enc: Encoded, batch_size: int, pad_id: int, unpadded: bool, d
     return out
 
 
-def evaluate_task(model, task: GlueTask, val: dict, ctx: Context) -> dict:
-    """{metric: value} on the validation split(s); MNLI: the accuracy of each (accuracy_matched / _mismatched)."""
-    return split_metrics(task, {split: predict(model, enc, ctx.eval_batch_size, ctx.pad_id, ctx.unpadded, ctx.device,
-                                               ctx.amp) for split, enc in val.items()}, val)
-
-
 def split_metrics(task: GlueTask, preds: dict, val: dict) -> dict:
+    """{metric: value} on the validation split(s); MNLI: the accuracy of each (accuracy_matched / _mismatched)."""
     result = {}
     for split, pred in preds.items():
         pred, labels = pred.astype(np.int64) if task.num_labels > 1 else pred, val[split].labels
@@ -549,11 +523,10 @@ def glue_task_score(task: GlueTask, metrics: dict) -> float:
 def start_run(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Context):
     """(model with a classifier head seeded by run.seed, info, tokenizer, train, {val split}, optimizer). The encoded
     splits stay in ctx for the next run of the same task, tokenizer and length (one task at a time in memory)."""
-    g = cfg.glue
     torch.manual_seed(run.seed)  # the new head's init
-    model, info = checkpoint.load(source, head="classifier", num_labels=task.num_labels,
-                                         classifier_dropout=g.classifier_dropout,
-                                         classifier_init_range=g.classifier_init_range, new_head_if_mismatch=True)
+    model, info = checkpoint.load(source, head="classifier", num_labels=task.num_labels, new_head_if_mismatch=True,
+                                  classifier_dropout=cfg.glue.classifier_dropout,
+                                  classifier_init_range=cfg.glue.classifier_init_range)
     tokenizer = info.tokenizer if info.tokenizer is not None else ctx.tokenizer
     key = (task.name, run.max_seq_length)  # a task's runs share one start model, so one tokenizer
     if key not in ctx.encoded:
@@ -601,7 +574,8 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Conte
                 print(json.dumps(dict(step=done, epoch=done / steps_per_epoch, loss=loss, lr=lr, grad_norm=grad_norm,
                                       examples_per_s=examples / elapsed, elapsed=elapsed)), file=log)
             if done % eval_every == 0 or last:
-                metrics = evaluate_task(model, task, val, ctx)
+                metrics = split_metrics(task, {s: predict(model, enc, ctx.eval_batch_size, ctx.pad_id, ctx.unpadded,
+                                                          ctx.device, ctx.amp) for s, enc in val.items()}, val)
                 record = dict(step=done, epoch=done / steps_per_epoch, score=glue_task_score(task, metrics), **metrics)
                 evaluations.append(record)
                 best = max(evaluations, key=lambda r: r["score"])  # the first of equal scores
@@ -648,6 +622,7 @@ def run_fingerprint(cfg, run: GlueRun, source) -> dict:
 def bench_glue(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Context) -> dict:
     """Fine-tuning examples/s with padded and with unpadded batches: the same model, data and steps."""
     device, steps, warmup = ctx.device, cfg.glue.bench_steps, 3
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     model, _, _, train_enc, _, optimizer = start_run(cfg, run, task, source, splits, ctx)
     plan = epoch_batches(train_enc, run.batch_size, run.seed, 0)[:steps + warmup]  # the same batches both ways
     timed = plan[warmup:]
@@ -656,13 +631,11 @@ def bench_glue(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Con
     for mode in slots:  # token slots fed: padding included
         for i, idx in enumerate(plan):
             if i == warmup:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync()
                 t0 = time.perf_counter()
             loss = train_batch(model, train_enc, idx, 1, mode == "unpadded", ctx)
             train.optimizer_step(model, optimizer, run.lr, cfg.trainer.gradient_clipping, loss, "in glue --bench")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         elapsed = time.perf_counter() - t0
         results[mode] = dict(examples_per_s=n / elapsed, tokens_per_s=tokens / elapsed,
                              padding=1 - tokens / max(slots[mode], 1), steps=len(timed))
@@ -807,24 +780,21 @@ def results_markdown(summary: dict) -> str:
 # -----------------------------------------------------------------------------
 # entry point: processes, the model to start from, every task's data, then the runs phase by phase
 
-def _random_source(cfg, ctx: Context) -> Path:
-    """glue.allow_random_weights with no init_from: a randomly initialised model.* written once as a checkpoint, so
+def start_model(cfg, runs: list, ctx: Context):
+    """The model every run starts from, its tokenizer into ctx: a missing checkpoint or special token, or a
+    max_seq_length beyond its positions, stops here before any work. No init_from: a random model.* saved once, so
     every run starts from the same weights through the same loading code."""
-    path = Path(cfg.trainer.output_dir) / "glue" / "random_init"
-    if not (path / "model.safetensors").is_file() and ctx.rank == 0:
-        torch.manual_seed(cfg.trainer.seed)
-        tokenizer = prepare.load_tokenizer(cfg.tokenizer)
-        prepare.check_vocab(tokenizer, cfg.model.vocab_size)
-        checkpoint.save_model_dir(path, neobert.NeoBERTLMHead(cfg.model), {"model": dataclasses.asdict(cfg.model)},
-                              tokenizer)
-    if ctx.world > 1:
-        dist.barrier()
-    return path
-
-
-def check_start_model(cfg, source, runs: list, ctx: Context) -> None:
-    """The start model's tokenizer (the config's for a folder with none) into ctx, once: a missing checkpoint or
-    special token, or a max_seq_length beyond its positions, stops here before any work."""
+    source = cfg.glue.init_from
+    if source is None:
+        source = Path(cfg.trainer.output_dir) / "glue" / "random_init"
+        if not (source / "model.safetensors").is_file() and ctx.rank == 0:
+            torch.manual_seed(cfg.trainer.seed)
+            tokenizer = prepare.load_tokenizer(cfg.tokenizer)
+            prepare.check_vocab(tokenizer, cfg.model.vocab_size)
+            checkpoint.save_model_dir(source, neobert.NeoBERTLMHead(cfg.model),
+                                      {"model": dataclasses.asdict(cfg.model)}, tokenizer)
+        if ctx.world > 1:
+            dist.barrier()
     try:
         _, info = checkpoint.load(source, head="encoder")
     except UserError as e:  # the key that chose it, and the runs it could name instead
@@ -839,6 +809,7 @@ def check_start_model(cfg, source, runs: list, ctx: Context) -> None:
         raise UserError(f"{run.task}: max_seq_length={run.max_seq_length} exceeds the model's "
                         f"max_position_embeddings={positions}; lower glue.max_seq_length (or "
                         "glue.tasks.<task>.max_seq_length)")
+    return source
 
 
 def load_tasks(names: list, g: GlueConfig, rank: int, world: int) -> tuple[dict, dict, dict]:
@@ -904,8 +875,7 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
                       eval_batch_size=t.per_device_eval_batch_size)
         if t.output_dir == "auto":
             t.output_dir = str(checkpoint.home(g.init_from) if g.init_from else Path("runs/glue_random_init"))
-        source = g.init_from if g.init_from is not None else _random_source(cfg, ctx)
-        check_start_model(cfg, source, runs, ctx)
+        source = start_model(cfg, runs, ctx)
         tasks, splits, id2labels = load_tasks(names, g, rank, world)
         if bench:
             return bench_glue(cfg, runs[0], tasks[runs[0].task], source, splits[runs[0].task], ctx)
@@ -920,8 +890,7 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
                   f"process{'es' if world > 1 else ''} ({device}, {'bf16 autocast' if precision == 'bf16' else 'fp32'},"
                   f" {'unpadded' if ctx.unpadded else 'length-grouped padded'} batches) -> "
                   f"{Path(t.output_dir) / 'glue'}", flush=True)
-        if len(moved) < len(runs):
-            run_phase(cfg, [r for r in runs if r not in moved], source, tasks, splits, id2labels, ctx)
+        run_phase(cfg, [r for r in runs if r not in moved], source, tasks, splits, id2labels, ctx)
         if moved:
             start = _best_mnli(cfg)
             if rank == 0:
@@ -955,7 +924,7 @@ def glue_main(argv) -> int:
     return runtime.run_main(argv, GLUE_USAGE, lambda args: glue(*load_glue_config(args), bench=bench))
 
 
-USAGE = __doc__[:__doc__.index("\n\nGLUE follows")]  # the command lines that open this docstring
+USAGE = __doc__[:__doc__.index("\n\nEvaluate NeoBERT")]  # the command lines that open this docstring
 
 
 def main(argv=None) -> int:

@@ -38,8 +38,7 @@ from checkpoint import PretrainedInfo
 from config import UserError, require
 
 MODELING_FILE_NAME = "modeling_neobert.py"
-SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-                  "mask_token": "[MASK]"}
+SPECIAL_TOKENS = {f"{token[1:-1].lower()}_token": token for token in prepare.SPECIAL_TOKENS}  # pad_token: [PAD], ...
 
 
 # -----------------------------------------------------------------------------
@@ -130,10 +129,8 @@ def folder_files(info: PretrainedInfo, dtype, classifier: Optional[ClassifierSec
         "tie_word_embeddings": False, "torch_dtype": str(dtype).replace("torch.", ""),
         # pipeline("fill-mask") of transformers 4.50 loads a tokenizer for a custom model_type only when config.json
         # names its class (4.57 and 5.x read tokenizer_config.json)
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **(labels if classifier else {}),
-    }
-    try:  # data.py's rules: the BERT special tokens, and no more tokens than the model has embeddings
+        "tokenizer_class": "PreTrainedTokenizerFast", **(labels if classifier else {})}
+    try:  # prepare.py's rules: the BERT special tokens, and no more tokens than the model has embeddings
         ids = prepare.special_token_ids(tokenizer)
         prepare.check_vocab(tokenizer, c.vocab_size)
     except UserError as e:
@@ -206,8 +203,7 @@ tags: [neobert, fill-mask, feature-extraction, sentence-transformers]
 A NeoBERT encoder trained with the neobert project, exported by `export.py` from `{checkpoint}`{step}
 The tensor names and layout are those of the released \
 [chandar-lab/NeoBERT](https://huggingface.co/chandar-lab/NeoBERT) ([paper](https://arxiv.org/abs/2502.19587)). \
-The model code is `neobert.py`, the training code itself; \
-`modeling_neobert.py` adapts it to transformers.
+The model code is `neobert.py`, the training code itself; `modeling_neobert.py` adapts it to transformers.
 
 ## Architecture
 
@@ -228,7 +224,7 @@ The model code is `neobert.py`, the training code itself; \
 ```python
 path = "path/to/this/folder"  # or its hub id once uploaded
 from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, pipeline
-tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)  # transformers 5 reads config.json
+tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # a standard tokenizer: no model code
 model = AutoModel.from_pretrained(path, trust_remote_code=True)
 batch = tokenizer(["a sentence"], truncation=True, return_tensors="pt")  # at most {c.max_position_embeddings} tokens
 out = model(**batch)  # out.last_hidden_state: (B, S, H)
@@ -244,9 +240,7 @@ embeddings = SentenceTransformer(path, trust_remote_code=True).encode(["a senten
 
 ## Evaluation
 
-{evaluation}## Training config
-
-The resolved config this checkpoint was trained with:
+{evaluation}## Training config (resolved)
 
 ```yaml
 {config}
@@ -260,7 +254,6 @@ label = clf.config.id2label[clf(**batch).logits.argmax(-1).item()]"""
 
 
 def model_card(info: PretrainedInfo, folder: Path, n_params: int, classifier) -> str:
-    """README.md (CARD): the model, how to load it, its data, its evaluations and the resolved training config."""
     c = info.model_config
     run_dir = checkpoint.owning_run(folder)  # a run's step: its metrics and evaluations
     metrics, entries = run_dir and run_dir / "metrics.jsonl", []
@@ -277,10 +270,13 @@ def model_card(info: PretrainedInfo, folder: Path, n_params: int, classifier) ->
     if last_eval:
         keys = {k: v for k, v in last_eval.items() if k == "step" or k.startswith(("eval", "val"))}
         blocks.insert(0, ("Last evaluation logged in metrics.jsonl", json.dumps(keys, indent=2)))
-    dataset, tok = info.full_config.get("dataset") or {}, info.full_config.get("tokenizer") or {}
-    named = tok.get("path") or tok.get("name")
-    tokenizer = f"WordPiece (BERT-style) trained on the dataset, {tok.get('vocab_size', '?')} tokens" \
-        if tok.get("train") else f"`{named}`" if named else "see tokenizer.json"
+    full, dataset = dict(info.full_config), info.full_config.get("dataset") or {}
+    tok = tokenizer_section(full.get("tokenizer"))  # only the keys that chose the tokenizer
+    if tok:
+        full["tokenizer"] = tok
+    how = "trained on the dataset" if tok.get("train") else f"`{tok.get('path') or tok.get('name')}`" if tok else ""
+    tokenizer = f"{json.loads(info.tokenizer.to_str())['model']['type']}, " \
+                f"{info.tokenizer.get_vocab_size(with_added_tokens=True):,} tokens" + (f", {how}" if how else "")
     prepared = f" (prepared at `{dataset['path']}`)" if dataset.get("path") else ""
     data_lines = [f"- dataset: `{dataset.get('name', 'unknown')}`{prepared}", f"- tokenizer: {tokenizer}"]
     if "max_seq_length" in dataset:
@@ -304,7 +300,17 @@ def model_card(info: PretrainedInfo, folder: Path, n_params: int, classifier) ->
         data="\n".join(data_lines),
         evaluation="".join(f"{title}:\n\n```json\n{text}\n```\n\n" for title, text in blocks)
         or "No evaluation results were found in the run directory.\n\n",
-        config=yaml.safe_dump(info.full_config, sort_keys=False).rstrip())
+        config=yaml.safe_dump(full, sort_keys=False).rstrip())
+
+
+def tokenizer_section(tok) -> dict:
+    """The keys of a run's tokenizer: section that chose its tokenizer (trained, a file, or a hub name); the others
+    are defaults the run never read, and the card must not show them as if they were used. {}: no such section."""
+    if not isinstance(tok, dict) or not tok:
+        return {}
+    keys = ("train", "vocab_size", "min_frequency", "lowercase") if tok.get("train") else \
+        ("path",) if tok.get("path") else ("name",)
+    return {k: tok[k] for k in keys if k in tok}
 
 
 # -----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ usage: python evaluate.py mteb [CONFIG=configs/mteb.yaml] --mteb.model RUN_DIR|C
   --mteb.task_types STS,Retrieval (keeps only these types of the tasks above)
   --mteb.pooling auto|mean|cls  --mteb.max_seq_length 1024  --mteb.batch_size 64  --mteb.use_instructions true|false
   torchrun --nproc_per_node N evaluate.py mteb ...: the tasks are spread over the processes
-  results: mteb's files and results.md / results.json in mteb.output_dir (default: <run dir>/mteb or runs/mteb)
+  results: mteb's files and results.md / results.json in mteb.output_dir (default: <run dir>/mteb, or runs/<name>/mteb)
 
 Reading order: config -> encoder -> instructions -> mteb adapter (model meta) -> tasks (registry, BEIR) -> report ->
 run. mteb is imported only inside the functions that need it (it is optional, and importing it takes seconds).
@@ -17,10 +17,9 @@ import hashlib
 import importlib.util
 import json
 import sys
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 import numpy as np
 import torch
@@ -55,7 +54,7 @@ class MtebConfig:
     batch_size: int = 64                # texts per forward pass
     instructions: Optional[str] = "configs/mteb_instructions.yaml"  # per-task query / document instructions
     use_instructions: bool = True
-    output_dir: Optional[str] = None    # results folder; null: <run dir>/mteb for a training checkpoint, else runs/mteb
+    output_dir: Optional[str] = None    # results folder; null: <run dir>/mteb (a checkpoint), else runs/<name>/mteb
     overwrite: bool = False             # re-score tasks that already have results for this checkpoint
 
     def __post_init__(self):
@@ -68,8 +67,7 @@ class MtebConfig:
 # the encoder: texts -> (N, H) float32 embeddings
 
 class SentenceEncoder:
-    """A NeoBERT encoder and its tokenizer as a text embedder: texts truncated to max_seq_length tokens, then
-    neobert.embed (packed: unpadded rows on the varlen kernels)."""
+    """A NeoBERT encoder and its tokenizer as a text embedder (neobert.embed; packed: unpadded rows, varlen kernels)."""
 
     def __init__(self, model, tokenizer, pooling: str, max_seq_length: int, batch_size: int, device, precision: str,
                  packed: Optional[bool] = None):
@@ -234,7 +232,8 @@ def beir_task(folder: Path):
     config.require(not missing, f"mteb.beir_dir: {folder} lacks {', '.join(missing)}; a BEIR folder holds "
                    f"{', '.join(BEIR_FILES)}")
     corpus, queries, qrels = _read_jsonl(folder / "corpus.jsonl"), _read_jsonl(folder / "queries.jsonl"), {}
-    with open(folder / "qrels" / "test.tsv", encoding="utf-8") as f:
+    qrels_file = folder / "qrels" / "test.tsv"
+    with open(qrels_file, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             parts = line.rstrip("\n").split("\t")
             if i == 1 and parts[-1].strip().lower() == "score" or not line.strip():
@@ -242,12 +241,11 @@ def beir_task(folder: Path):
             try:
                 qid, did, score = parts[0], parts[-2], int(float(parts[-1]))
             except (IndexError, ValueError):
-                raise UserError(f"{folder / 'qrels' / 'test.tsv'}:{i}: expected query-id<TAB>corpus-id<TAB>score") \
-                    from None
+                raise UserError(f"{qrels_file}:{i}: expected query-id<TAB>corpus-id<TAB>score") from None
             qrels.setdefault(qid, {})[did] = score
     doc_ids = {r["id"] for r in corpus}
     if missing := [d for docs in qrels.values() for d in docs if d not in doc_ids]:
-        config.warn(f"{folder / 'qrels' / 'test.tsv'}: {len(missing)} judgements name documents missing from "
+        config.warn(f"{qrels_file}: {len(missing)} judgements name documents missing from "
                     f"corpus.jsonl (e.g. {missing[0]!r}); they are skipped, as BEIR does")
     qrels = {q: {d: s for d, s in docs.items() if d in doc_ids} for q, docs in qrels.items()}
     queries = [{"id": r["id"], "text": r["text"]} for r in queries if qrels.get(r["id"])]
@@ -286,7 +284,7 @@ def select_tasks(mc: MtebConfig) -> list:
     import difflib
     mteb = import_mteb()
     from mteb.abstasks.task_metadata import TaskType
-    types = typing.get_args(TaskType)
+    types = get_args(TaskType)
     bad = [t for t in mc.task_types if t not in types]
     close = difflib.get_close_matches(bad[0], types, n=3, cutoff=0.5) if bad else []
     config.require(not bad, f"mteb.task_types: unknown task type {', '.join(bad)}; did you mean "
@@ -306,8 +304,7 @@ def select_tasks(mc: MtebConfig) -> list:
     except (KeyError, ValueError) as e:
         raise UserError(f"mteb.tasks: {str(e.args[0] if e.args else e).removeprefix('KeyError: ')}") from None
     tasks = [own.get(n) or found[n] for n in mc.tasks] + (beir_tasks(mc.beir_dir) if mc.beir_dir else [])
-    if not (mc.tasks or mc.beir_dir):
-        tasks = list(bench.tasks)
+    tasks = tasks or list(bench.tasks)  # neither tasks nor beir_dir given: the benchmark's
     if mc.task_types:
         tasks = [t for t in tasks if t.metadata.type in mc.task_types]
         config.require(tasks, f"mteb.task_types {','.join(mc.task_types)}: none of the selected tasks has these types")
@@ -364,23 +361,20 @@ def summarize(tasks, cache, meta, info: dict) -> dict:
 
 def render_markdown(s: dict) -> str:
     fmt = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
+    row = lambda *cells: "| " + " | ".join(map(str, cells)) + " |"  # noqa: E731
     types = [*MTEB_TYPE_LABELS, *sorted(t for t in s["types"] if t not in MTEB_TYPE_LABELS)]
-    head = "| Model | " + " | ".join(MTEB_TYPE_LABELS.get(t, t) for t in types) + " | Avg. |"
-    ours = [fmt(s["types"].get(t, {}).get("score")) for t in types]
+    ours = {t: s["types"].get(t, {}) for t in types}
     lines = [f"# MTEB: {s['model']}", "",
              f"`{s['source']}` ({s['path']}), revision {s['revision']}; pooling {s['pooling']}, max_seq_length "
              f"{s['max_seq_length']}, precision {s['precision']}, instructions {s['instructions']}. "
              f"{s['tasks_scored']}/{s['tasks_total']} tasks scored; main score x 100.", "",
-             head, "|" + " --- |" * (len(types) + 2),
-             "| " + " | ".join([s["model"], *ours, fmt(s["average"])]) + " |",
-             "| " + " | ".join([s["paper"]["model"], *(fmt(s["paper"].get(t)) for t in types),
-                                fmt(s["paper"]["Average"])]) + " |",
-             "| tasks | " + " | ".join(str(s["types"].get(t, {}).get("tasks", 0)) for t in types)
-             + f" | {s['tasks_scored']} |", "",
+             row("Model", *(MTEB_TYPE_LABELS.get(t, t) for t in types), "Avg."), "|" + " --- |" * (len(types) + 2),
+             row(s["model"], *(fmt(ours[t].get("score")) for t in types), fmt(s["average"])),
+             row(s["paper"]["model"], *(fmt(s["paper"].get(t)) for t in types), fmt(s["paper"]["Average"])),
+             row("tasks", *(ours[t].get("tasks", 0) for t in types), s["tasks_scored"]), "",
              "Per type: the mean of its tasks; Avg.: the mean over all tasks scored (the paper's: over the 56 tasks "
-             "of MTEB(eng, v1)).", "", "| Task | Type | Main score | Score |", "| --- | --- | --- | --- |"]
-    for name, row in s["tasks"].items():
-        lines.append(f"| {name} | {row['type']} | {row['main_score']} | {fmt(row['score'])} |")
+             "of MTEB(eng, v1)).", "", "| Task | Type | Main score | Score |", "| --- | --- | --- | --- |",
+             *(row(name, r["type"], r["main_score"], fmt(r["score"])) for name, r in s["tasks"].items())]
     return "\n".join(lines) + "\n"
 
 

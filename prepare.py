@@ -1,12 +1,10 @@
-"""Preparing a corpus, once, before training: the tokenizer (a file, the hub, or WordPiece trained on the corpus), the
-sources (local .txt .jsonl .csv .tsv .parquet files, a hub dataset's parquet files, the stdlib's docstrings), one row
-reader for all of them (contrastive.py's pair sources and GLUE read through it too), tokenizing in worker processes,
-and the token shards that the loaders in data.py read (TokenStore).
+"""Preparing a corpus, once, before training. In reading order: config; the tokenizer (a file, the hub, or WordPiece
+trained on the corpus); the sources (local .txt .jsonl .csv .tsv .parquet files, a hub dataset's parquet files, the
+stdlib's docstrings) and one row reader for all of them (contrastive.py's pair sources and GLUE read through it too);
+tokenizing in worker processes; the token shards that data.py's loaders read (TokenStore); prepare() (idempotent,
+crash-safe: manifest.json is written last).
 
     python data.py CONFIG [--section.key value ...]     # prepare dataset.path (tokenizer.json, shards, manifest)
-
-Reading order: config -> tokenizer -> sources and the row reader -> tokenizing workers -> shards (write, read) ->
-prepare() (idempotent, crash-safe: manifest.json is written last).
 """
 
 import ast
@@ -78,7 +76,6 @@ class DatasetConfig:
             require(getattr(self, key) >= low, f"dataset.{key} must be >= {low}, got {getattr(self, key)}")
 
 
-
 def dataset_dir(ds):
     """The prepared directory: dataset.path, or data_cache/<name> (data_cache/local for data_files)."""
     if ds.path:
@@ -99,8 +96,28 @@ def worker_count(n):
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def _tokenizer_from_spec(tok_cfg):
-    """The tokenizer named by tokenizer.path or tokenizer.name (not a trained one)."""
+def train_tokenizer(texts, vocab_size, min_frequency=2, lowercase=True):
+    """A BERT-style WordPiece tokenizer trained on an iterable of strings (streamed). The trainer breaks count ties in
+    hash order, so two trainings may differ in rare pieces: prepare() trains once and saves tokenizer.json."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[(t, tok.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+def load_tokenizer(tok_cfg, data_dir=None):
+    """The tokenizer.json a prepared data_dir was made with, else tokenizer.path, or tokenizer.name from the hub."""
+    if data_dir is not None and (Path(data_dir) / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(Path(data_dir) / "tokenizer.json"))
+    require(not tok_cfg.train, "tokenizer.train is true but no trained tokenizer.json exists yet in "
+            f"{str(data_dir)!r}: run python data.py CONFIG first")
     if tok_cfg.path:
         path = Path(tok_cfg.path)
         require(path.is_file(), f"tokenizer.path {str(path)!r} does not exist")
@@ -114,36 +131,10 @@ def _tokenizer_from_spec(tok_cfg):
     return Tokenizer.from_file(str(path))
 
 
-def train_tokenizer(texts, vocab_size, min_frequency=2, lowercase=True):
-    """A BERT-style WordPiece tokenizer trained on an iterable of strings (streamed). The trainer breaks count ties in
-    hash order, so two trainings may differ in rare pieces: prepare() trains once and saves tokenizer.json."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=SPECIAL_TOKENS, show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    tok.decoder = decoders.WordPiece(prefix="##")
-    return tok
-
-
-def load_tokenizer(tok_cfg, data_dir=None):
-    """The tokenizer.json a prepared data_dir was made with, else tokenizer.path, or tokenizer.name from the hub."""
-    if data_dir is not None and (Path(data_dir) / "tokenizer.json").is_file():
-        return Tokenizer.from_file(str(Path(data_dir) / "tokenizer.json"))
-    require(not tok_cfg.train, "tokenizer.train is true but no trained tokenizer.json exists yet in "
-            f"{str(data_dir)!r}: run python data.py CONFIG first")
-    return _tokenizer_from_spec(tok_cfg)
-
-
 def special_token_ids(tokenizer):
     """dict(pad, cls, sep, mask, unk) -> ids; an error names the missing BERT special tokens."""
-    names = dict(pad="[PAD]", cls="[CLS]", sep="[SEP]", mask="[MASK]", unk="[UNK]")
-    ids = {k: tokenizer.token_to_id(v) for k, v in names.items()}
-    missing = [names[k] for k, v in ids.items() if v is None]
+    ids = {k: tokenizer.token_to_id(f"[{k.upper()}]") for k in ("pad", "cls", "sep", "mask", "unk")}
+    missing = [f"[{k.upper()}]" for k, v in ids.items() if v is None]
     require(not missing, f"the tokenizer lacks the special tokens {missing}; a BERT-style tokenizer is needed")
     return ids
 
@@ -330,10 +321,15 @@ def stdlib_pairs(root):
                 yield {"query": query, "positive": doc, "negative": negatives[0]}
 
 
+RECORD_PROBE = 1000     # this many leading records without a wanted column make a file an error
+
+
 def read_rows(sf, columns, stats, skip=0, hint="set dataset.text_column"):
     """(row index, [value of each of `columns`]) of one file from row `skip` on; a .txt file (documents separated by
     blank lines) and a .py file (its docstrings) give one text per row. A value may be None or not a string (the caller
-    decides); a missing column is an error listing the file's columns (`hint` names the setting to fix)."""
+    decides). A record without a wanted column is counted and skipped (real corpora have a few); a file without the
+    column (a wrong column setting: none of the first RECORD_PROBE records has them all) is an error listing the file's
+    columns (`hint` names the setting to fix)."""
     if sf.kind == "py":
         docs = _py_docstrings(sf.local)
         if docs is None:
@@ -348,7 +344,19 @@ def read_rows(sf, columns, stats, skip=0, hint="set dataset.text_column"):
     elif sf.kind == "parquet":
         yield from _parquet_rows(sf, columns, stats, skip, hint)
     else:
-        yield from _record_rows(sf, columns, stats, skip, hint)
+        seen, lacking, names = False, 0, {}
+        for row, rec in _records(sf, stats, skip):
+            if all(c in rec for c in columns):
+                seen = True
+                yield row, [rec[c] for c in columns]
+                continue
+            lacking += 1
+            names.update(dict.fromkeys(rec))
+            stats.skip(sf, row)
+            if not seen and lacking >= RECORD_PROBE:
+                break
+        if lacking and not seen:
+            _no_column(sf, columns, names, hint, f" in any of its first {lacking} records")
 
 
 def _no_column(sf, columns, names, hint, where=""):
@@ -396,27 +404,6 @@ def _records(sf, stats, skip, strict=False, header=None):
                     stats.skip(sf, row)
 
 
-RECORD_PROBE = 1000     # this many leading records without a wanted column make a file an error
-
-
-def _record_rows(sf, columns, stats, skip, hint):
-    # a record without a wanted column is skipped and counted (real corpora have a few); a file in which none of
-    # the first RECORD_PROBE records has them all (a wrong column setting) is an error listing the columns
-    seen, lacking, names = False, 0, {}
-    for row, rec in _records(sf, stats, skip):
-        if all(c in rec for c in columns):
-            seen = True
-            yield row, [rec[c] for c in columns]
-            continue
-        lacking += 1
-        names.update(dict.fromkeys(rec))
-        stats.skip(sf, row)
-        if not seen and lacking >= RECORD_PROBE:
-            break
-    if lacking and not seen:
-        _no_column(sf, columns, names, hint, f" in any of its first {lacking} records")
-
-
 def _parquet_file(sf):
     import pyarrow.parquet as pq
     path = sf.fetch()  # its errors are its own
@@ -450,9 +437,7 @@ def check_sources(files, columns, hint="set dataset.text_column"):
     """Read each local file's first row, so a wrong column setting or unreadable file fails before any work."""
     for sf in files:
         if sf.local is not None and sf.kind not in ("txt", "py"):
-            rows = read_rows(sf, columns, ReadStats(), hint=hint)
-            next(rows, None)
-            rows.close()
+            next(read_rows(sf, columns, ReadStats(), hint=hint), None)   # the generator closes its file when dropped
 
 
 def read_table(path, header=None):
@@ -634,8 +619,8 @@ class ShardWriter:
 
 
 def _check_shard(path, n_tokens, dtype):
+    """The tokens of a shard (memory-mapped) whose header and size match what manifest.json says of it."""
     require(path.is_file(), f"token shard {path} is missing; delete {path.parent.parent} and prepare again")
-    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(HEADER.size)
     require(len(head) == HEADER.size and head[:8] == SHARD_MAGIC, f"{path} is not a neobert token shard (bad "
@@ -644,9 +629,10 @@ def _check_shard(path, n_tokens, dtype):
     require((version, itemsize, count) == (SHARD_VERSION, dtype.itemsize, n_tokens), f"{path}: header says version "
             f"{version}, {itemsize}-byte tokens, {count} tokens; manifest.json expects version {SHARD_VERSION}, "
             f"{dtype.itemsize}-byte, {n_tokens}")
-    expected = HEADER.size + n_tokens * dtype.itemsize
+    size, expected = path.stat().st_size, HEADER.size + n_tokens * dtype.itemsize
     require(size == expected, f"{path} is truncated or has trailing bytes: {size} bytes, expected {expected}; "
             f"delete {path.parent.parent} and prepare again")
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER.size, shape=(n_tokens,))
 
 
 def read_manifest(data_dir):
@@ -663,36 +649,30 @@ def read_manifest(data_dir):
 
 
 class TokenStore:
-    """One split of a prepared dir: memory-mapped shards and the document index (all it holds in RAM)."""
+    """One split of a prepared dir: memory-mapped shards and the document index (all it holds in RAM). The split is
+    validated once, here: manifest.json's format version, each shard's header and size, the index against the shards."""
 
     def __init__(self, data_dir, split="train"):
-        self.dir = Path(data_dir)
+        self.dir, self.split = Path(data_dir), split
         self.manifest = man = read_manifest(data_dir)
         require(split in man["splits"], f"{data_dir} has no split {split!r}; it has {sorted(man['splits'])}")
-        info = man["splits"][split]
-        self.split, self.dtype = split, np.dtype(man["dtype"])
-        self.shards, starts = [], [0]
-        for sh in info["shards"]:
-            path = self.dir / split / sh["file"]
-            _check_shard(path, sh["tokens"], self.dtype)
-            self.shards.append(np.memmap(path, dtype=self.dtype, mode="r", offset=HEADER.size, shape=(sh["tokens"],)))
-            starts.append(starts[-1] + sh["tokens"])
-        self.shard_starts = np.asarray(starts, dtype=np.int64)
+        info, self.dtype = man["splits"][split], np.dtype(man["dtype"])
+        self.shards = [_check_shard(self.dir / split / sh["file"], sh["tokens"], self.dtype) for sh in info["shards"]]
+        self.shard_starts = np.cumsum([0] + [sh["tokens"] for sh in info["shards"]], dtype=np.int64)
+        self.n_docs, self.n_tokens = info["documents"], int(self.shard_starts[-1])
         index = self.dir / split / "index.npy"
         try:
-            self.offsets = np.load(index, allow_pickle=False)
+            self.offsets = offsets = np.load(index, allow_pickle=False)
         except FileNotFoundError:
             raise UserError(f"document index {index} is missing; delete {data_dir} and prepare again") from None
         except Exception as e:
             raise UserError(f"document index {index} is unreadable or truncated ({e}); delete {data_dir} "
                             f"and prepare again") from None
-        n = info["documents"]
-        require(not (self.offsets.dtype != np.int64 or self.offsets.shape != (n + 1,) or self.offsets[0] != 0
-                     or self.offsets[-1] != starts[-1] or np.any(np.diff(self.offsets) < 0)),
-                f"document index {index} does not match its shards ({n} documents, {starts[-1]} tokens expected); "
-                f"delete {data_dir} and prepare again")
-        self.lengths = np.diff(self.offsets)
-        self.n_docs, self.n_tokens = n, starts[-1]
+        require(offsets.dtype == np.int64 and offsets.shape == (self.n_docs + 1,) and offsets[0] == 0
+                and offsets[-1] == self.n_tokens and not np.any(np.diff(offsets) < 0), f"document index {index} does "
+                f"not match its shards ({self.n_docs} documents, {self.n_tokens} tokens expected); delete {data_dir} "
+                f"and prepare again")
+        self.lengths = np.diff(offsets)
 
     def doc(self, d):
         """Tokens of document d (a read-only memmap view)."""
@@ -774,15 +754,12 @@ def write_shards(out, rows, fields, tokenizer, num_workers, *, shard_tokens=SHAR
             lengths = lengths.reshape(len(fields), len(is_val))
             keep = (lengths > 0).all(axis=0)
             dropped += int((~keep).sum())
-            starts = np.concatenate([[0], np.cumsum(lengths.sum(axis=1))])
+            ids_per_field = np.split(ids, np.cumsum(lengths.sum(axis=1))[:-1])
             for split, sel in (("train", ~is_val & keep), ("val", is_val & keep)):
                 counts[split] += int(sel.sum())
-                for k, f in enumerate(fields):
-                    field_ids = ids[starts[k]:starts[k + 1]]
-                    if sel.all():
-                        writers[split, f].write_docs(lengths[k], field_ids)
-                    elif sel.any():
-                        writers[split, f].write_docs(lengths[k][sel], field_ids[np.repeat(sel, lengths[k])])
+                if sel.any():
+                    for f, field_lengths, field_ids in zip(fields, lengths, ids_per_field):
+                        writers[split, f].write_docs(field_lengths[sel], field_ids[np.repeat(sel, field_lengths)])
             n_tok += int(lengths.sum())
             bar.update(len(is_val))
             bar.set_postfix_str(f"{n_tok / max(time.time() - t0, 1e-9):,.0f} tokens/s", refresh=False)
@@ -792,20 +769,19 @@ def write_shards(out, rows, fields, tokenizer, num_workers, *, shard_tokens=SHAR
     return {dirs[key]: w.finish() for key, w in writers.items()}, counts, dropped
 
 
-def _prepare_tokenizer(ds, tok_cfg, out, files, stats):
+def _prepare_tokenizer(ds, tok_cfg, spec, out, files):
     """tokenizer.json (+ tokenizer_spec.json) in `out`; reused when its spec matches."""
-    spec = _tokenizer_spec(tok_cfg, ds)
     spec_path, tok_path = out / "tokenizer_spec.json", out / "tokenizer.json"
     if tok_path.is_file() and spec_path.is_file() and json.loads(spec_path.read_text()) == spec:
         return Tokenizer.from_file(str(tok_path))
     if tok_cfg.train:
         print(f"training a WordPiece tokenizer (vocab_size {tok_cfg.vocab_size}) on {dataset_label(ds)}", flush=True)
         t0 = time.time()
-        texts = (text for _, _, _, text in iter_split(ds, "train", files, stats=stats))
+        texts = (text for _, _, _, text in iter_split(ds, "train", files))
         tok = train_tokenizer(texts, tok_cfg.vocab_size, tok_cfg.min_frequency, tok_cfg.lowercase)
         print(f"trained {tok.get_vocab_size()} tokens in {time.time() - t0:.1f}s", flush=True)
     else:
-        tok = _tokenizer_from_spec(tok_cfg)
+        tok = load_tokenizer(tok_cfg)
     special_token_ids(tok)
     save_tokenizer(tok, out)
     write_json(spec_path, spec)
@@ -824,17 +800,16 @@ def prepare(ds, tok_cfg, *, shard_tokens=SHARD_TOKENS, progress=True):
     """Build dataset.path (returned): tokenizer.json, train/ and val/ shards, manifest.json (written last: it marks a
     complete directory). A finished one returns at once (if made from the same source and tokenizer); an interrupted
     one is rebuilt. Streaming prepares only the tokenizer. Call it on one rank only (then barrier)."""
-    out = dataset_dir(ds)
+    out, source, tok_spec = dataset_dir(ds), _source_spec(ds), _tokenizer_spec(tok_cfg, ds)
 
     def changes(man):
-        return (spec_diff(man["source"], _source_spec(ds), "dataset")
-                + spec_diff(man["tokenizer"]["spec"], _tokenizer_spec(tok_cfg, ds), "tokenizer"))
+        return spec_diff(man["source"], source, "dataset") + spec_diff(man["tokenizer"]["spec"], tok_spec, "tokenizer")
     if is_prepared(out, changes, "another source or tokenizer", "dataset.path"):
         return out
     files = source_files(ds)                # bad paths and globs fail here, before any work
     check_sources(files, [ds.text_column])  # and a text_column missing from a local file
     out.mkdir(parents=True, exist_ok=True)
-    tok = _prepare_tokenizer(ds, tok_cfg, out, files, ReadStats())
+    tok = _prepare_tokenizer(ds, tok_cfg, tok_spec, out, files)
     if ds.streaming:
         return out
     stats, t0 = ReadStats(), time.time()
@@ -848,8 +823,8 @@ def prepare(ds, tok_cfg, *, shard_tokens=SHARD_TOKENS, progress=True):
     stats.empty_documents += n_empty
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     write_json(out / "manifest.json", {
-        "format_version": FORMAT_VERSION, "source": _source_spec(ds),
-        "tokenizer": {"spec": _tokenizer_spec(tok_cfg, ds), "vocab_size": vocab_size,
+        "format_version": FORMAT_VERSION, "source": source,
+        "tokenizer": {"spec": tok_spec, "vocab_size": vocab_size,
                       "sha256": hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest(),
                       "special_ids": special_token_ids(tok), "all_special_ids": all_special_ids(tok)},
         "dtype": token_dtype(vocab_size).name, "splits": splits, "skipped": asdict(stats),

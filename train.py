@@ -435,9 +435,6 @@ class Logger:
         t = cfg.trainer
         self.file = self.wandb = self.last_eval = None
         self.master = master
-        if master:
-            truncate_metrics(run_dir / "metrics.jsonl", step)
-            self.file = open(run_dir / "metrics.jsonl", "a")
         if master and cfg.wandb.mode != "disabled":  # a wandb run under RUN/wandb; wandb is imported only here
             try:
                 import wandb
@@ -448,6 +445,9 @@ class Logger:
                 os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
             self.wandb = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, mode=cfg.wandb.mode,
                                     dir=str(run_dir), config=config_to_dict(cfg))
+        if master:  # opened last: nothing above can leave it open
+            truncate_metrics(run_dir / "metrics.jsonl", step)
+            self.file = open(run_dir / "metrics.jsonl", "a")
         from tqdm import tqdm
         self.bar = tqdm(total=t.max_steps, initial=step, disable=not master or t.disable_tqdm, dynamic_ncols=True)
 
@@ -562,7 +562,8 @@ def run(cfg: Config, make_objective, rank: int, world_size: int, device) -> dict
     if master:
         checkpoint.prepare_run_dir(run_dir)
     ckpt = checkpoint.find_resume(t.resume_from_checkpoint, run_dir)  # before any work: no waiting for the data
-    if ckpt is not None and (done := check_resume(ckpt, make_objective.name, cfg.optimizer.name)["step"]) >= t.max_steps:
+    done = check_resume(ckpt, make_objective.name, cfg.optimizer.name)["step"] if ckpt is not None else 0
+    if ckpt is not None and done >= t.max_steps:
         print0(f"the run in {run_dir} is already at step {done} >= trainer.max_steps {t.max_steps}: nothing to "
                "train; pass another trainer.output_dir to start over, or a larger trainer.max_steps to continue")
         return {}

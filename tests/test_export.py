@@ -183,6 +183,24 @@ def test_model_card(folder):
     assert "glue_results.json" in card and "0.123" in card  # a results file of the run
 
 
+def test_model_card_names_the_tokenizer_that_was_used(run, tmp_path, tokenizer):
+    """A run that trained its own WordPiece (tokenizer.train) has the default `name: bert-base-uncased` in its
+    config.yaml: the card says what was used (its kind, size and origin) and shows only the keys that chose it."""
+    trained = {"name": "bert-base-uncased", "path": None, "train": True, "vocab_size": 300, "min_frequency": 1}
+    write_checkpoint(tmp_path / "trained", 1, run[1], tokenizer, extra={"tokenizer": trained})
+    export.export(tmp_path / "trained", tmp_path / "hf_trained")
+    card = (tmp_path / "hf_trained" / "README.md").read_text()
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    assert f"- tokenizer: WordPiece, {size:,} tokens, trained on the dataset" in card
+    assert "bert-base-uncased" not in card and "train: true" in card and "min_frequency: 1" in card
+    named = {"name": "org/some-tokenizer", "path": None, "train": False, "vocab_size": 30522}
+    write_checkpoint(tmp_path / "named", 1, run[1], tokenizer, extra={"tokenizer": named})
+    export.export(tmp_path / "named", tmp_path / "hf_named")
+    card = (tmp_path / "hf_named" / "README.md").read_text()
+    assert f"- tokenizer: WordPiece, {size:,} tokens, `org/some-tokenizer`" in card
+    assert "tokenizer:\n  name: org/some-tokenizer\n" in card and "vocab_size: 30522" not in card
+
+
 def test_model_card_step(folder, run, tmp_path):
     assert "(training step 20)" in (folder / "README.md").read_text()
     best = tmp_path / "best"  # a checkpoint folder copied out of its run: its name is not a step
@@ -285,8 +303,12 @@ def test_sequence_classification(folder, run):
                    ref1(batch["input_ids"], batch["attention_mask"], labels=target).loss.item()) < 1e-5
 
 
-def test_tokenizer_ids(folder, tokenizer):
-    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+@pytest.mark.parametrize("trust", [True, False])
+def test_tokenizer_ids(folder, tokenizer, trust, capfd):
+    """The tokenizer is a standard one: it loads without the model's code too (trust_remote_code=False: no question
+    asked; transformers 5's AutoTokenizer reads config.json first, whose AutoConfig is remote code)."""
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
+    assert "Do you wish to run the custom code" not in capfd.readouterr().out
     got = tok(TEXTS + ["Unseen Wörds, ÜBER-long tokens!!", "two\nlines\tand  spaces"])["input_ids"]
     want = [e.ids for e in tokenizer.encode_batch(TEXTS + ["Unseen Wörds, ÜBER-long tokens!!",
                                                            "two\nlines\tand  spaces"])]
@@ -902,13 +924,3 @@ def test_no_run_named_and_no_runs_is_a_clear_error(tmp_path, monkeypatch, capsys
     code, err = run_main(["--out", "hf"], capsys)
     assert code == 2 and "no complete model checkpoint under" in err and str(tmp_path / "runs") in err
     assert not (tmp_path / "hf").exists()
-
-
-def test_gitignore_covers_what_the_docs_create():
-    """Every folder the README and docs/ tell a user to create (--out NAME, a venv) is ignored by git, so following
-    the docs never leaves untracked files behind."""
-    import re
-    ignored = {line.strip().rstrip("/") for line in (ROOT / ".gitignore").read_text().splitlines()}
-    texts = [(ROOT / "README.md").read_text()] + [p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))]
-    created = {m for t in texts for m in re.findall(r"--out ([a-z][\w.-]*)", t)} | {".venv", "runs", "data_cache"}
-    assert created >= {"hf_dir", ".venv"} and created <= ignored, sorted(created - ignored)

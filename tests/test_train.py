@@ -1218,3 +1218,17 @@ def test_the_guides_keys(capsys, tmp_path):
     for value in ("torch", "liger"):  # the guide's Liger switch: nothing to set here, said in one line
         expect_error(capsys, [str(SMOKE), "--model.kernel_backend", value], "model.kernel_backend is the NeoBERT "
                      "guide's fused-kernel (Liger) switch", "model.attn_backend", "remove the key")
+
+
+def test_every_evaluation_is_a_console_line(data_dir, tmp_path, capsys):
+    """Every evaluation prints `step N: eval_loss X, eval_accuracy Y` with the numbers metrics.jsonl holds (also with
+    the progress bar off), and the final line repeats the last evaluation."""
+    log = run(data_dir, tmp_path / "run", **{"trainer.max_steps": 4, "trainer.eval_steps": 2,
+                                               "trainer.eval_max_batches": 1, "trainer.disable_tqdm": True})
+    out = capsys.readouterr().out
+    evals = [r for r in log if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    lines = [line for line in out.splitlines() if re.match(r"step \d+: eval_", line)]
+    want = [f"step {r['step']}: eval_loss {r['eval_loss']:.4g}, eval_accuracy {r['eval_accuracy']:.4g}" for r in evals]
+    assert lines == want, out
+    assert out.rstrip().splitlines()[-1].endswith(f"last evaluation: {want[-1]}"), out

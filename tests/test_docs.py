@@ -46,3 +46,20 @@ def test_gitignore_covers_what_the_docs_and_configs_create():
     texts += [p.read_text() for p in sorted((ROOT / "configs").glob("*.yaml"))]
     created = {m for t in texts for m in re.findall(r"--out ([a-z][\w.-]*)", t)} | {".venv", "runs", "data_cache"}
     assert created >= {"hf_dir", ".venv", "hf_contrastive"} and created <= ignored, sorted(created - ignored)
+
+
+def test_a_warning_of_ours_fails_the_test_run(tmp_path):
+    """pytest.ini turns every warning raised by one of our modules into an error (third-party ones it filters are
+    named with their reason there); a module added at the root must join that list."""
+    ini = (ROOT / "pytest.ini").read_text()
+    ours = re.search(r"error:::\((.*)\)\$", ini).group(1).split("|")
+    assert sorted(ours) == sorted(p.stem for p in ROOT.glob("*.py"))
+    # the filter at work: the same warning fails a test when raised from `train`, not from another module
+    for module, verdict in (("train", "1 failed"), ("somelib", "1 passed")):
+        (tmp_path / "test_w.py").write_text(
+            "import warnings\n\ndef test_w():\n"
+            f"    exec(\"import warnings; warnings.warn('x')\", {{'__name__': {module!r}}})\n")
+        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c",
+                            str(ROOT / "pytest.ini"), str(tmp_path / "test_w.py")], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=120)
+        assert verdict in p.stdout, (module, p.stdout[-2000:])

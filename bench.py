@@ -1,9 +1,16 @@
 """usage: python bench.py CONFIG [--bench.steps N] [--bench.variants packing,sparse,...] [--section.key value ...]
     e.g. python bench.py configs/smoke.yaml
-    python bench.py --suite gpu [--tiny] [--steps N] [--budget-s S] [--data-dir DIR] [--no-tests] [--only TEXT]
-      the GPU suite; --tiny: a tiny model and short rows (CPU, a minute), the same code path; --steps: timed steps per
-      variant (default 10); --budget-s: start no variant after this many seconds (default 420: the suite must fit 8
-      minutes); --data-dir: its synthetic data (default data_cache/bench-suite); --no-tests: skip pytest -k gpu;
+    python bench.py --suite mission [--tiny] [--out DIR]
+      every README command at small scale, checked end to end (mission.py); --tiny: a tiny model on CPU
+    python bench.py --suite profile [--tiny] [--steps N] [--out DIR]
+      torch.profiler over N steps of configs/pretrain.yaml's model: device time by category, GEMM and attention
+      TFLOP/s, the 20 largest kernels, micro-benchmarks; OUT/profile.md and profile.json
+    python bench.py --suite gpu [--tiny] [--parts mission,profile,throughput] [--steps N] [--budget-s S]
+                    [--data-dir DIR] [--out DIR] [--tests] [--only TEXT]
+      the three in one call (about 8 minutes), printed and written to OUT/gpu-suite.md as they finish: the mission,
+      the profile, then the throughput table of configs/pretrain.yaml one change at a time; --steps: timed steps per
+      variant (default 10); --budget-s: start no variant after this many seconds (default 420); --data-dir: the
+      synthetic data (default data_cache/bench-suite); --out: default runs/gpu-suite; --tests: pytest -k gpu first;
       --only: time only the variants whose label contains TEXT (e.g. --only "seq 4096")
     python bench.py --suite recipe [--budget-s 60] [--lrs 1e-3,3e-3,1e-2] [--config configs/smoke.yaml] [--out DIR]
                     [--section.key value ...]
@@ -20,7 +27,8 @@ cached), then runs them again under the clock. tokens/s counts real tokens (not 
 batches compare fairly. Single process; the numbers are per device. Every number is one loop (measure) over an
 objective's steps (train.MLM, contrastive.Contrastive, or MLM with full logits) as the trainer takes them.
 
-Read top to bottom: the timing loop -> bench CONFIG (MLM, contrastive) -> the GPU suite -> the recipe suite, main.
+Read top to bottom: the timing loop -> bench CONFIG (MLM, contrastive) -> the GPU suite (its data, variants, the
+profile, the throughput table) -> the recipe suite, main.
 """
 
 import argparse
@@ -31,6 +39,7 @@ import io
 import json
 import math
 import multiprocessing
+import re
 import os
 import resource
 import shutil
@@ -50,6 +59,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import config
 import contrastive
 import data
+import mission
 import neobert
 import prepare
 import runtime
@@ -70,14 +80,13 @@ def trainer_step(objective, steps: int, fused: bool = True):
     model = neobert.NeoBERTLMHead(cfg.model)
     model.model.gradient_checkpointing = t.gradient_checkpointing
     module = objective.train_module(model).to(device)  # contrastive: only the encoder goes to the device
-    optimizer = train.build_optimizer(module, cfg.optimizer, device if fused else "cpu")  # "cpu": not fused
+    optimizer = train.build_optimizer(module, cfg.optimizer, device, fused=fused)
     step_module = torch.compile(module) if t.torch_compile else module
     amp = runtime.autocast(device, runtime.resolve_precision(t.mixed_precision, device, warn=None))
 
     def step(micro_batches):
         loss_sum, count, _ = objective.forward_backward(step_module, micro_batches, amp)
-        train.optimizer_step(module, optimizer, cfg.optimizer.lr, t.gradient_clipping,
-                             loss_sum.item() / max(count, 1.0), "in bench.py")
+        train.optimizer_step(module, optimizer, cfg.optimizer.lr, t.gradient_clipping, loss_sum / max(count, 1.0))
     return step, step_batches
 
 
@@ -354,13 +363,14 @@ def suite_variants(base: train.MLM, long_base: train.MLM, tiny: bool, backend: s
     def mlm(c, **sections):
         return train.MLM(change(c, **sections), 0, 1, device)
 
-    t, S, long_S = cfg.trainer, cfg.dataset.max_seq_length, long_cfg.dataset.max_seq_length
+    t, long_S = cfg.trainer, long_cfg.dataset.max_seq_length
+    pretrain = train.load_config(Path(__file__).resolve().parent / "configs" / "pretrain.yaml")
+    accum = 2 if tiny else pretrain.trainer.gradient_accumulation_steps  # the other rows time micro-steps: 1
     sdpa = "attn_backend sdpa (block-diagonal mask)"
     if backend == "sdpa":  # auto fell back: say what is missing rather than time sdpa against itself
         sdpa = "attn_backend torch_varlen: not available here" if device.type == "cuda" else \
             "attn_backend sdpa (the only backend on CPU)"
     # the issue's goals first (MFU, the HF ratios, checkpointing's memory), so a spent budget skips the least needed
-    static = neobert.predictions_per_row(dataclasses.replace(cfg.model, static_predictions=0.3), S)
     return [
         (f"baseline (attn_backend auto = {backend})", base, True),
         (sdpa, mlm(cfg, model=dict(attn_backend="sdpa")), True),
@@ -368,7 +378,6 @@ def suite_variants(base: train.MLM, long_base: train.MLM, tiny: bool, backend: s
         ("HF BertForMaskedLM (same size and rows)", FullLogitsMLM(cfg, device, hf="bert"), True),
         (f"seq {long_S}, {long_cfg.trainer.per_device_train_batch_size} rows", long_base, True),
         (f"seq {long_S}, gradient checkpointing", mlm(long_cfg, trainer=dict(gradient_checkpointing=True)), True),
-        (f"static predictions ({static} per row)", mlm(cfg, model=dict(static_predictions=0.3)), True),
         (f"chunked decoder + CE ({64 if tiny else 4096} positions)",
          mlm(cfg, model=dict(decoder_chunk_size=64 if tiny else 4096)), True),
         (f"compile {'off' if t.torch_compile else 'on'}", mlm(cfg, trainer=dict(torch_compile=not t.torch_compile)),
@@ -376,6 +385,8 @@ def suite_variants(base: train.MLM, long_base: train.MLM, tiny: bool, backend: s
         ("AdamW not fused", base, False),
         (f"micro-batch {2 * t.per_device_train_batch_size} rows",
          mlm(cfg, trainer=dict(per_device_train_batch_size=2 * t.per_device_train_batch_size)), True),
+        (f"{accum} micro-steps per optimizer step (as configs/pretrain.yaml)",
+         mlm(cfg, trainer=dict(gradient_accumulation_steps=accum)), True),
     ]
 
 
@@ -395,19 +406,77 @@ def recompiles_after_warmup(cfg: train.Config, steps: int, warmup: int, device) 
     return counters["stats"]["unique_graphs"] - graphs
 
 
-def gpu_suite(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python bench.py")  # python bench.py -h: what the options do
-    parser.add_argument("--suite", choices=["gpu"], required=True)
+def suite_args(argv: list[str]):
+    parser = argparse.ArgumentParser(prog="python bench.py")  # python bench.py --suite gpu -h: what the options do
+    parser.add_argument("--suite", choices=["gpu", "profile", "mission"], required=True)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--data-dir", default="data_cache/bench-suite")
-    parser.add_argument("--no-tests", action="store_true")
+    parser.add_argument("--out", default="runs/gpu-suite")
+    parser.add_argument("--tests", action="store_true")
+    parser.add_argument("--no-tests", action="store_true")  # the default now (the tests run with --tests)
     parser.add_argument("--only", default="")
+    parser.add_argument("--parts", default="mission,profile,throughput")
     args = parser.parse_args(argv)
     require(args.steps >= 1, f"--steps must be at least 1, got {args.steps}")
-    t_start, tiny, steps, here = time.perf_counter(), args.tiny, args.steps, Path(__file__).resolve().parent
-    device, name, base = setup(suite_config(str(here / "configs" / "pretrain.yaml"), Path(args.data_dir), tiny))
+    args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    require(set(args.parts) <= {"mission", "profile", "throughput"}, f"--parts takes a comma list of mission, "
+            f"profile and throughput; got {','.join(args.parts)}")
+    return args
+
+
+@contextlib.contextmanager
+def tee(path: Path):
+    """Everything printed inside also goes to `path` as it is printed: a timeout loses nothing already said."""
+    class Tee(io.TextIOBase):
+        def write(self, text):
+            screen.write(text)
+            f.write(text)
+            f.flush()
+            return len(text)
+
+    screen = sys.stdout
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        sys.stdout = Tee()
+        try:
+            yield
+        finally:
+            sys.stdout = screen
+
+
+def suite(argv: list[str]) -> None:
+    """--suite mission | profile | gpu. gpu: the mission, then the profile, then the throughput table, in one call
+    (about 8 minutes with the default --budget-s), everything also written to OUT/gpu-suite.md as it is printed."""
+    args, here, t_start = suite_args(argv), Path(__file__).resolve().parent, time.perf_counter()
+    out = Path(args.out)
+    if args.suite == "mission":
+        return mission.mission(out, args.tiny, torch.cuda.is_available())
+    device, name, base = setup(suite_config(str(here / "configs" / "pretrain.yaml"), Path(args.data_dir), args.tiny))
+    if args.suite == "profile":
+        return profile(base, args.steps, out, args.tiny)
+    with tee(out / "gpu-suite.md"):
+        print(f"`python bench.py {' '.join(argv)}`, {time.strftime('%Y-%m-%d')}", flush=True)
+        if args.tests:  # `pytest -k gpu` in a subprocess (on CPU every GPU test skips itself)
+            cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "gpu",
+                   "tests/test_model.py" if args.tiny else "tests"]
+            p = subprocess.run(cmd, cwd=here, capture_output=True, text=True)
+            lines = [line for line in p.stdout.splitlines() if line.strip()]
+            print(f"\nGPU tests: `{' '.join(cmd[2:])}`: {lines[-1] if lines else p.stderr.strip()[-300:]}", flush=True)
+        if "mission" in args.parts:
+            print("\n## The mission (python bench.py --suite mission)\n", flush=True)
+            mission.mission(out / "mission", args.tiny, device.type == "cuda")
+        if "profile" in args.parts:
+            print("\n## The profile (python bench.py --suite profile)\n", flush=True)
+            profile(base, args.steps, out, args.tiny)
+        if "throughput" in args.parts:
+            print("\n## Throughput, one change at a time\n", flush=True)
+            throughput(args, device, name, base, t_start)
+
+
+def throughput(args, device, name, base, t_start) -> None:
+    here, tiny, steps = Path(__file__).resolve().parent, args.tiny, args.steps
     _, _, long_base = setup(suite_config(str(here / "configs" / "pretrain_4096.yaml"), Path(args.data_dir), tiny))
     cfg, long_cfg = base.cfg, long_base.cfg
     probe = torch.zeros(1, 1, 1, cfg.model.head_dim, device=device, dtype=torch.bfloat16)
@@ -418,20 +487,12 @@ def gpu_suite(argv: list[str]) -> None:
     except ImportError:
         hf_version = "not installed"
     varlen = neobert.varlen_kernel("torch_varlen") is not None
-    print(f"GPU suite{' (tiny)' if tiny else ''}: {name}; torch {torch.__version__}, transformers {hf_version}; "
+    print(f"{name}; torch {torch.__version__}, transformers {hf_version}; "
           f"torch.nn.attention.varlen {'available' if varlen else 'NOT available'}, flash-attn "
           f"{'installed' if neobert.varlen_kernel('flash_attn') is not None else 'not installed'}; "
           f"attn_backend auto runs {backend}", flush=True)
-    if not args.no_tests:  # step 1: `pytest -k gpu` in a subprocess (on CPU every GPU test skips itself)
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "gpu",
-               *(["tests/test_model.py"] if tiny else ["tests"])]
-        p = subprocess.run(cmd, cwd=here, capture_output=True, text=True)
-        lines = [line for line in p.stdout.splitlines() if line.strip()]
-        if p.returncode not in (0, 5):  # 5: nothing collected
-            print("\n".join(lines[-40:]), flush=True)
-        print(f"\n1. GPU tests: `{' '.join(cmd[2:])}`: {lines[-1] if lines else p.stderr.strip()[-300:]}", flush=True)
     t, precision = cfg.trainer, runtime.resolve_precision(cfg.trainer.mixed_precision, device, warn=None)
-    print(f"\n2-4. {neobert.num_params(neobert.NeoBERTLMHead(cfg.model)) / 1e6:.1f}M parameters "
+    print(f"\n{neobert.num_params(neobert.NeoBERTLMHead(cfg.model)) / 1e6:.1f}M parameters "
           f"({cfg.model.num_hidden_layers} x {cfg.model.hidden_size}); baseline {t.per_device_train_batch_size} rows x "
           f"{cfg.dataset.max_seq_length} tokens, packed, {'bf16 autocast' if precision == 'bf16' else 'fp32'}, compile "
           f"{'on' if t.torch_compile else 'off'}, fused AdamW; {steps} timed steps per variant after the same steps "
@@ -453,6 +514,137 @@ def gpu_suite(argv: list[str]) -> None:
           f"(compile included)"
           + (". CPU peak memory is the process's resident high-water mark (it never goes down)."
              if device.type == "cpu" else ".") + f" Suite wall time {time.perf_counter() - t_start:.0f} s.")
+
+
+# -----------------------------------------------------------------------------
+# the profile suite: where a step's device time goes, and what the device can reach on the model's own shapes
+
+KERNEL_CATEGORIES = [  # (category, pattern of a CUDA kernel's name, or on CPU an aten op's); the first match wins
+    ("attention", r"flash|fmha|attention|varlen|scaled_dot_product|sdpa"),
+    ("GEMMs", r"gemm|xmma|cutlass|cublas|matmul|\bmm\b|addmm|bmm|aten::linear|aten::mm"),
+    ("optimizer", r"adam|multi_tensor|foreach_(add|mul|lerp|addcdiv|addcmul|sqrt|div)|muon"),
+    ("grad norm and clipping", r"foreach_norm|vector_norm|clip"),
+    ("cross-entropy", r"log_softmax|nll_loss|cross_entropy"),
+    ("fused elementwise, norms, RoPE, SwiGLU", r"triton|elementwise|vectorized|reduce|silu|rsqrt|mul|add|pow|mean"),
+    ("copies", r"copy|memcpy|memset|fill|cat|index|gather|scatter"),
+    ("other", r"."),
+]
+
+
+def category(name: str) -> str:
+    return next(c for c, pattern in KERNEL_CATEGORIES if re.search(pattern, name, re.IGNORECASE))
+
+
+def timed(fn, repeat: int, device) -> float:
+    """Median seconds of fn() over `repeat` calls, after 2 untimed ones (each call synchronized on CUDA)."""
+    times = []
+    for i in range(repeat + 2):
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[2:]))
+
+
+def micro_benchmarks(objective, batch: dict, tiny: bool) -> list:
+    """[(what, shape, rate, unit)]: the model's matmuls alone, each attention kernel available (forward +
+    backward on this batch's documents), and a large device copy: what the device reaches on these shapes."""
+    c, device, repeat = objective.cfg.model, objective.device, 3 if tiny else 20
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    M, H, F, V = batch["input_ids"].numel(), c.hidden_size, c.ffn_hidden_size, c.vocab_size
+    K = batch["predictions_per_row"] * batch["input_ids"].shape[0]
+    rows = []
+    for what, m, n, k in [("qkv", M, 3 * H, H), ("wo", M, H, H), ("ffn w12", M, 2 * F, H), ("ffn w3", M, H, F),
+                          ("decoder", K, V, H)]:
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        rate = 2 * m * n * k / timed(lambda: a @ b, repeat, device) / 1e12
+        rows.append((f"matmul {what}", f"{m} x {k} @ {k} x {n}", rate, "TFLOP/s"))
+    seg = np.diff(batch["cu_seqlens"].numpy()).astype(np.float64)
+    attn_flops = 3 * 4 * float((seg * seg).sum()) * H  # QK^T and AV, forward + backward (2x)
+    B, S, nh = batch["input_ids"].shape[0], batch["input_ids"].shape[1], c.num_attention_heads
+    cu = batch["cu_seqlens"].to(device)
+    for backend in ("torch_varlen", "flash_attn", "sdpa"):
+        if backend != "sdpa" and (device.type != "cuda" or neobert.varlen_kernel(backend) is None):
+            continue
+        q, k, v = (torch.randn(B, S, nh, c.head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        cfg = dataclasses.replace(c, attn_backend=backend)
+
+        def fwd_bwd():
+            neobert.attention(q, k, v, cfg, cu_seqlens=cu, max_seqlen=S).sum().backward()
+        rows.append((f"attention {backend}, forward + backward", f"{len(seg)} documents in {B} x {S}",
+                     attn_flops / timed(fwd_bwd, repeat, device) / 1e12, "TFLOP/s"))
+    x = torch.empty(1 << (20 if tiny else 28), device=device, dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    rate = 4 * x.numel() / timed(lambda: y.copy_(x), repeat, device) / 1e9  # bytes read and written per second
+    rows.append(("device copy (read + write)", f"{x.numel() * 2 / 2**20:,.0f} MiB", rate, "GB/s"))
+    return rows
+
+
+def profile(objective, steps: int, out: Path, tiny: bool) -> dict:
+    """torch.profiler over `steps` steps of the trainer (after the same steps untimed: compile, autotuning): device
+    time by category per step, idle time between kernels, the TFLOP/s of the GEMMs and of attention, the 20 largest
+    kernels, the micro-benchmarks. Writes out/profile.md and out/profile.json (and prints the table) -> the summary."""
+    from torch.profiler import ProfilerActivity
+    device, cuda = objective.device, objective.device.type == "cuda"
+    step, step_batches = trainer_step(objective, steps)
+    for micro_batches in step_batches:  # warm-up: every shape compiled
+        step(micro_batches)
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        t0 = time.perf_counter()
+        for micro_batches in step_batches:
+            step(micro_batches)
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    if cuda:  # the kernels themselves, with their intervals: idle = the step's wall time they do not cover
+        kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA]
+        spans = [(name, (end - start) / 1e6) for name, start, end in kernels]
+        busy, reach = 0.0, float("-inf")
+        for _, start, end in sorted(kernels, key=lambda k: k[1]):
+            busy += max(0.0, end - max(start, reach)) / 1e6
+            reach = max(reach, end)
+    else:  # CPU: each aten op's own time (its children's excluded)
+        spans = [(e.key, e.self_cpu_time_total / 1e6) for e in prof.key_averages()]
+        busy = min(wall, sum(t for _, t in spans))
+    by_name, by_category = {}, {c: 0.0 for c, _ in KERNEL_CATEGORIES}
+    for name, seconds in spans:
+        by_name[name] = by_name.get(name, 0.0) + seconds
+        by_category[category(name)] += seconds
+    flops = sum(objective.flops(mb) for mb in step_batches)
+    gemm_flops = sum(b["input_ids"].numel() * neobert.flops_per_token(objective.cfg.model, 0, train.predicted(b) /
+                                                                      b["input_ids"].numel())
+                     for mb in step_batches for b in mb)
+    summary = dict(
+        device=torch.cuda.get_device_name(device) if cuda else "cpu", steps=steps, wall_ms_per_step=1e3 * wall / steps,
+        idle_ms_per_step=1e3 * max(0.0, wall - busy) / steps,
+        ms_per_step={c: 1e3 * t / steps for c, t in by_category.items()},
+        gemm_tflops=gemm_flops / max(by_category["GEMMs"], 1e-12) / 1e12,
+        attention_tflops=(flops - gemm_flops) / max(by_category["attention"], 1e-12) / 1e12,
+        largest=[(n, 1e3 * t / steps) for n, t in sorted(by_name.items(), key=lambda kv: -kv[1])[:20]],
+        micro=micro_benchmarks(objective, step_batches[0][0], tiny))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "profile.md").write_text(markdown := profile_markdown(summary))
+    print(markdown, flush=True)
+    torch._dynamo.reset()
+    return summary
+
+
+def profile_markdown(s: dict) -> str:
+    wall = s["wall_ms_per_step"]
+    lines = [f"Profile: {s['device']}, {s['steps']} steps, {wall:,.1f} ms per step "
+             f"({'device' if s['device'] != 'cpu' else 'CPU'} time of each category below; idle = the step's wall "
+             f"time no kernel covers)", "", "| category | ms/step | share of the step |", "|---|---:|---:|"]
+    lines += [f"| {c} | {t:,.2f} | {100 * t / wall:.1f}% |" for c, t in s["ms_per_step"].items() if t > 0]
+    lines += [f"| idle between kernels | {s['idle_ms_per_step']:,.2f} | {100 * s['idle_ms_per_step'] / wall:.1f}% |",
+              "", f"GEMMs reach {s['gemm_tflops']:,.3g} TFLOP/s and attention {s['attention_tflops']:,.3g} TFLOP/s "
+              "(the trainer's FLOPs over their time).", "", "| the 20 largest kernels | ms/step |", "|---|---:|"]
+    lines += [f"| {n[:100]} | {t:,.3f} |" for n, t in s["largest"]]
+    lines += ["", "| micro-benchmark | shape | reached |", "|---|---|---:|"]
+    lines += [f"| {what} | {shape} | {rate:,.2f} {unit} |" for what, shape, rate, unit in s["micro"]]
+    return "\n".join(lines) + "\n"
 
 
 # -----------------------------------------------------------------------------
@@ -525,8 +717,8 @@ def recipe_suite(argv: list[str]) -> None:
 
 def _bench_cli(argv):
     if argv[0].startswith("--suite"):
-        suite = argv[0].partition("=")[2] or (argv[1] if len(argv) > 1 else "")
-        return recipe_suite(argv) if suite == "recipe" else gpu_suite(argv)
+        name = argv[0].partition("=")[2] or (argv[1] if len(argv) > 1 else "")
+        return recipe_suite(argv) if name == "recipe" else suite(argv)
     cfg = train.load_config(argv[0], argv[1:], schema=BenchRun)
     bench_cfg = cfg.bench
     if cfg.trainer.objective == "contrastive":

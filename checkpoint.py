@@ -23,7 +23,7 @@ import yaml
 
 import hub
 import neobert
-from config import UserError, build_section, config_to_dict, convert, require
+from config import REMOVED_KEYS, UserError, build_section, config_to_dict, convert, require
 from runtime import write_atomic, write_dir
 
 MODEL_SOURCES = ("a run directory, a model_checkpoints/<step> directory, an exported Hugging Face folder (config.json "
@@ -255,7 +255,7 @@ def read_config(path: Path, model_overrides: dict) -> tuple:
             raise UserError(f"{path / 'config.yaml'} is not valid YAML: {' '.join(str(e).split())}") from None
         require(isinstance(full, dict) and isinstance(full.get("model"), dict),
                 f"{path / 'config.yaml'} has no model: section; is it a neobert checkpoint?")
-        model = {k: v for k, v in full["model"].items() if k != "kernel_backend"}  # dropped key of older runs
+        model = {k: v for k, v in full["model"].items() if f"model.{k}" not in REMOVED_KEYS}  # of older runs
         model_config = build_section("model", neobert.NeoBERTConfig, {**model, **model_overrides})
         pooling = convert((full.get("contrastive") or {}).get("pooling", "mean"), Literal["mean", "cls"],
                           f"{path / 'config.yaml'}: contrastive.pooling")

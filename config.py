@@ -121,8 +121,14 @@ def convert(value, tp, where: str):
 
 
 # keys of the NeoBERT training guide that have another name here: an error naming it, not "unknown key"
-GUIDE_KEYS = {"tokenizer.max_length": "dataset.max_seq_length", "dataset.pre_tokenize_output": "dataset.path",
-              "model.kernel_backend": None}  # None: the guide's fused-kernel (Liger) switch, nothing to set here
+GUIDE_KEYS = {"tokenizer.max_length": "dataset.max_seq_length", "dataset.pre_tokenize_output": "dataset.path"}
+# keys that are gone, with why; a checkpoint's config.yaml that still holds one loads (checkpoint.read_config)
+REMOVED_KEYS = {
+    "model.kernel_backend": "is the NeoBERT guide's fused-kernel (Liger) switch; this project runs PyTorch's kernels "
+                            "(model.attn_backend picks the attention kernel)",
+    "model.static_predictions": "is no longer needed: the decoder always runs on a fixed number of positions per row, "
+                                "which data.Collator sets from datacollator.mlm_probability",
+}
 
 
 def build_section(name: str, cls, raw):
@@ -133,11 +139,9 @@ def build_section(name: str, cls, raw):
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls) if f.init]
     for key in raw:
-        if f"{name}.{key}" in GUIDE_KEYS:
-            here = GUIDE_KEYS[f"{name}.{key}"]
-            require(here is None, f"{name}.{key} is {here} here (the NeoBERT guide's name); set {here} instead")
-            raise UserError(f"{name}.{key} is the NeoBERT guide's fused-kernel (Liger) switch; this project runs "
-                            "PyTorch's kernels (model.attn_backend picks the attention kernel): remove the key")
+        here, why = GUIDE_KEYS.get(f"{name}.{key}"), REMOVED_KEYS.get(f"{name}.{key}")
+        require(here is None, f"{name}.{key} is {here} here (the NeoBERT guide's name); set {here} instead")
+        require(why is None, f"{name}.{key} {why}: remove the key")
         if key not in valid:
             close = difflib.get_close_matches(str(key), valid, n=1)
             hint = f" (did you mean {name}.{close[0]}?)" if close else ""

@@ -14,6 +14,7 @@ loader -> the streaming loader -> build_loader, the prepare command.
 """
 
 import hashlib
+import math
 import queue
 import sys
 import threading
@@ -60,9 +61,11 @@ def seeded_rng(*key):
 # masking
 
 class Masker:
-    """Select each non-special token with probability mlm_probability; selected -> [MASK] (mask_all), or 80% [MASK] /
-    10% a random non-special id / 10% unchanged. labels = original id where selected, else -100. The same random
-    draws are made in both modes, so a row's selection does not depend on mask_all."""
+    """Select round(mlm_probability x the row's non-special tokens) of them, uniformly (an exact count per row, as in
+    cramming: a row never has more than predictions_per_row to predict, so the decoder's shape is fixed); selected ->
+    [MASK] (mask_all), or 80% [MASK] / 10% a random non-special id / 10% unchanged. labels = original id where
+    selected, else -100. The same random draws are made in both modes, so a row's selection does not depend on
+    mask_all."""
 
     def __init__(self, cfg, mask_id: int, never_ids, vocab_size: int):
         self.p, self.mask_all, self.mask_id = cfg.mlm_probability, cfg.mask_all, mask_id
@@ -70,8 +73,10 @@ class Masker:
         self.random_ids = np.setdiff1d(np.arange(vocab_size, dtype=np.int64), self.never)
 
     def __call__(self, ids, rng):
-        n = len(ids)
-        selected = (rng.random(n) < self.p) & ~np.isin(ids, self.never)
+        n, eligible = len(ids), ~np.isin(ids, self.never)
+        keys = np.where(eligible, rng.random(n), 2.0)  # the eligible tokens with the k smallest keys are selected
+        selected = np.zeros(n, dtype=bool)
+        selected[np.argsort(keys, kind="stable")[:int(self.p * eligible.sum() + 0.5)]] = True
         how = rng.random(n)
         random_ids = self.random_ids[rng.integers(0, len(self.random_ids), n)]
         if self.mask_all:
@@ -111,12 +116,19 @@ def pin_batch(batch):
     return {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def predictions_per_row(p: float, seq_len: int) -> int:
+    """The decoder positions per row: ceil(p x S) rounded up to a multiple of 8 (at most S), never fewer than Masker
+    selects in a row of S tokens."""
+    return min(seq_len, 8 * math.ceil(p * seq_len / 8))
+
+
 class Collator:
     """Rows -> an MLM batch. A row is (ids, segment lengths (packed) or None, rng key): its masks depend only on the
     key, so not on the rank, the micro-step or the padding.
     Packed -> input_ids, labels, position_ids [B, S], cu_seqlens int32 [N+1] over the flattened B*S tokens (every row
-    start is a segment start), max_seqlen (python int). Padded -> input_ids, labels, attention_mask [B, L], L = the
-    longest row rounded up to pad_to_multiple_of (at most S)."""
+    start is a segment start), max_seqlen = S (a bound on every segment, the same in every batch). Padded ->
+    input_ids, labels, attention_mask [B, L], L = the longest row rounded up to pad_to_multiple_of (at most S). Both
+    also hold predictions_per_row (see neobert.NeoBERTLMHead)."""
 
     def __init__(self, cfg, special: dict, never_ids, vocab_size: int, seq_len: int, pin_memory=None):
         self.cfg = cfg or DataCollatorConfig()
@@ -131,13 +143,14 @@ class Collator:
             segs = [n for _, row_segs, _ in rows for n in row_segs]
             positions = np.concatenate([np.arange(n) for n in segs]).reshape(len(rows), -1)
             batch = {"input_ids": torch.from_numpy(np.stack(inputs)), "labels": torch.from_numpy(np.stack(labels)),
-                     "position_ids": torch.from_numpy(positions), "max_seqlen": int(max(segs)),
+                     "position_ids": torch.from_numpy(positions), "max_seqlen": self.seq_len,
                      "cu_seqlens": torch.from_numpy(np.cumsum([0, *segs]).astype(np.int32))}
         else:
             multiple = self.cfg.pad_to_multiple_of
             padded = batch_sequences(inputs, self.pad_id, multiple=multiple)
             padded["labels"] = batch_sequences(labels, -100, multiple=multiple)["input_ids"]
             batch = {k: padded[k][:, :self.seq_len].contiguous() for k in ("input_ids", "labels", "attention_mask")}
+        batch["predictions_per_row"] = predictions_per_row(self.cfg.mlm_probability, batch["input_ids"].shape[1])
         return pin_batch(batch) if self.pin else batch
 
 

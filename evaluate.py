@@ -465,7 +465,7 @@ class Context:
     encoded: dict = field(default_factory=dict)
 
 
-def train_batch(model, enc: Encoded, idx, accum: int, unpadded: bool, ctx: Context) -> float:
+def train_batch(model, enc: Encoded, idx, accum: int, unpadded: bool, ctx: Context) -> torch.Tensor:
     """Forward and backward of one batch in `accum` micro-batches, the loss weighted by examples so the gradient is
     the batch mean's."""
     loss = torch.zeros((), device=ctx.device)
@@ -475,7 +475,7 @@ def train_batch(model, enc: Encoded, idx, accum: int, unpadded: bool, ctx: Conte
             micro_loss = model(**batch).loss * (len(micro) / len(idx))
         micro_loss.backward()
         loss += micro_loss.detach().float()
-    return loss.item()
+    return loss
 
 
 @torch.no_grad()
@@ -563,9 +563,10 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Conte
             torch.manual_seed(train.dropout_seed(run.seed, step))
             loss = train_batch(train_model, train_enc, batches[i], t.gradient_accumulation_steps, ctx.unpadded, ctx)
             lr = train.get_lr(step, run.lr, sched, total)
-            grad_norm = train.optimizer_step(model, optimizer, lr, t.gradient_clipping, loss,
-                                             f"at step {step + 1} of {run.task} {run.name}; lower the lr or set "
-                                             "trainer.gradient_clipping")
+            grad_norm, _ = train.optimizer_step(model, optimizer, lr, t.gradient_clipping, loss)  # skips a bad step
+            loss, grad_norm = loss.item(), grad_norm.item()
+            train.check_finite(loss, grad_norm, f"at step {step + 1} of {run.task} {run.name}; lower the lr or set "
+                               "trainer.gradient_clipping")
             examples += len(batches[i])
             bar.update(1)
             done, last = step + 1, step + 1 == total
@@ -634,7 +635,7 @@ def bench_glue(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Con
                 sync()
                 t0 = time.perf_counter()
             loss = train_batch(model, train_enc, idx, 1, mode == "unpadded", ctx)
-            train.optimizer_step(model, optimizer, run.lr, cfg.trainer.gradient_clipping, loss, "in glue --bench")
+            train.optimizer_step(model, optimizer, run.lr, cfg.trainer.gradient_clipping, loss)
         sync()
         elapsed = time.perf_counter() - t0
         results[mode] = dict(examples_per_s=n / elapsed, tokens_per_s=tokens / elapsed,

@@ -14,7 +14,6 @@ Conventions used everywhere below:
 
 import contextlib
 import importlib.util
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple, Optional
 
@@ -77,8 +76,6 @@ class NeoBERTConfig:
     attn_backend: str = "auto"  # auto | flash_attn | torch_varlen | sdpa
     init_range: float = 0.02  # uniform(-r, r) for every linear and embedding weight, as released
     # how the MLM loss runs (no effect on the weights or the math, like attn_backend):
-    static_predictions: float = 0.0  # 0: the decoder on exactly the predicted positions (a data-dependent shape);
-    # f > 0: on ceil(f * S / 8) * 8 positions per row (the row's predicted ones, then ignored padding): static shapes
     decoder_chunk_size: int = 0  # 0: one decoder matmul; N: decoder + cross-entropy fused, N positions at a time
 
     def __post_init__(self):
@@ -107,8 +104,6 @@ class NeoBERTConfig:
              "model.attn_backend=torch_varlen needs torch.nn.attention.varlen (PyTorch >= 2.9); use auto"),
             (0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}"),
             (self.norm_eps > 0 and self.init_range > 0, "model.norm_eps and model.init_range must be positive"),
-            (0.0 <= self.static_predictions <= 1.0,
-             f"model.static_predictions must be in [0, 1] (0 = off), got {self.static_predictions}"),
             (self.decoder_chunk_size >= 0,
              f"model.decoder_chunk_size must be >= 0 (0 = off), got {self.decoder_chunk_size}"),
             (0 <= self.pad_token_id < self.vocab_size,
@@ -349,11 +344,6 @@ class MaskedLMOutput(NamedTuple):
     num_masked: Optional[torch.Tensor] = None  # int64 count of positions with labels != -100
 
 
-def predictions_per_row(config: NeoBERTConfig, seq_len: int) -> int:
-    """The fixed number of decoder positions per row under static_predictions: ceil(f * S) rounded up to 8, <= S."""
-    return min(seq_len, 8 * math.ceil(config.static_predictions * seq_len / 8))
-
-
 def gather_predictions(hidden, labels, per_row: int = 0):
     """(hidden states (N, H), labels (N,)) of the positions to predict. per_row=0: exactly those labelled != -100 (N
     depends on the data: a graph break under torch.compile). per_row=K: the first K of them in each row, then -100
@@ -422,13 +412,15 @@ class NeoBERTLMHead(nn.Module):
         init_weights(self.decoder, config.init_range)
 
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, cu_seqlens=None,
-                max_seqlen=None) -> MaskedLMOutput:
+                max_seqlen=None, predictions_per_row: int = 0) -> MaskedLMOutput:
+        """Without labels: logits (B, S, V). With labels: the loss over the positions != -100, the decoder run on them
+        only (sparse prediction, as in cramming). predictions_per_row K > 0: on the first K predicted positions of each
+        row, then ignored ones to fill K (a fixed shape: one compiled graph, no host sync; data.Collator masks at most
+        K per row); 0: on exactly the predicted positions (a shape that depends on the data)."""
         h = self.model(input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen)
         if labels is None:
             return MaskedLMOutput(logits=self.decoder(h))
-        # sparse prediction (cramming): run the decoder only where there is something to predict
-        per_row = predictions_per_row(self.config, h.shape[1]) if self.config.static_predictions else 0
-        h, labels = gather_predictions(h, labels, per_row)
+        h, labels = gather_predictions(h, labels, predictions_per_row)
         loss_sum = decoder_loss(self.decoder, h, labels, self.config.decoder_chunk_size)
         num_masked = (labels != -100).sum()
         return MaskedLMOutput(None, loss_sum / num_masked.clamp(min=1), loss_sum, num_masked)

@@ -102,6 +102,12 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def host_to_device(value: float, device) -> torch.Tensor:
+    """A host number as a float32 scalar on the device, copied from pinned memory: the host does not wait for it."""
+    t = torch.tensor(float(value))
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t
+
+
 def write_dir(final: Path, write) -> None:
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ import prepare
 import runtime
 from config import UserError, config_to_dict, config_to_yaml, require, warn
 from contrastive import ContrastiveConfig
-from runtime import autocast, to_device
+from runtime import autocast, host_to_device, to_device
 
 # -----------------------------------------------------------------------------
 # config: the sections this file owns, and Config, the whole run (model, data and task sections from their files)
@@ -170,14 +171,14 @@ def get_lr(step: int, lr: float, sched: SchedulerConfig, max_steps: int) -> floa
     return lr * (sched.final_lr_ratio + (1.0 - sched.final_lr_ratio) * decay)
 
 
-def build_optimizer(module, o: OptimizerConfig, device, lr: Optional[float] = None, weight_decay=None):
-    """AdamW (fused on CUDA) over the module's parameters; matmul weights decay, the rest don't. optimizer.name muon:
-    the encoder blocks' matrices go to torch.optim.Muon instead (see MuonAdamW)."""
+def build_optimizer(module, o: OptimizerConfig, device, lr: Optional[float] = None, weight_decay=None, fused=True):
+    """AdamW (fused: one kernel, and it can skip a step on the device) over the module's parameters; matmul weights
+    decay, the rest don't. optimizer.name muon: the encoder blocks' matrices go to torch.optim.Muon (see MuonAdamW)."""
     wd, lr = o.weight_decay if weight_decay is None else weight_decay, o.lr if lr is None else lr
     groups = neobert.param_groups(module, wd)
     hidden = {id(p) for p in neobert.hidden_matrices(module)} if o.name == "muon" else set()
     adamw = torch.optim.AdamW([{**g, "params": [p for p in g["params"] if id(p) not in hidden]} for g in groups],
-                              lr=lr, betas=o.betas, eps=o.eps, fused=torch.device(device).type == "cuda")
+                              lr=lr, betas=o.betas, eps=o.eps, fused=fused)
     if o.name == "adamw":
         return adamw
     muon = torch.optim.Muon([p for g in groups for p in g["params"] if id(p) in hidden], lr=lr, weight_decay=wd,
@@ -200,8 +201,15 @@ class MuonAdamW:
     def param_groups(self) -> list:
         return self.muon.param_groups + self.adamw.param_groups
 
-    def step(self):
+    def step(self, skip=None):
+        """skip: a device bool; true leaves every weight as it was (AdamW's fused kernel skips itself; torch's Muon
+        has no such switch, so its matrices are put back, while its momentum moves: unused, the run stops)."""
+        muon = [p for g in self.muon.param_groups for p in g["params"]]
+        before = [p.detach().clone() for p in muon] if skip is not None else []
         self.muon.step()
+        for p, b in zip(muon, before):
+            p.detach().copy_(torch.where(skip, b, p.detach()))
+        self.adamw.found_inf = None if skip is None else skip.float()
         self.adamw.step()
 
     def zero_grad(self, set_to_none: bool = True):
@@ -222,17 +230,30 @@ def dropout_seed(seed: int, step: int, rank: int = 0) -> int:
     return (seed * 1_000_003 + step) * 1_009 + rank
 
 
-def optimizer_step(model, optimizer, lr: float, clipping: Optional[float], loss: float, context: str) -> float:
-    """Clip the global grad norm (clipping None: only measure it), set the lr, step, clear the gradients; -> the norm.
-    A non-finite loss or norm stops before the update: a UserError ending with `context` (where, what to do)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clipping or float("inf")).item()
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise UserError(f"non-finite loss ({loss}) or grad norm ({grad_norm}) {context}")
+def optimizer_step(model, optimizer, lr: float, clipping: Optional[float], loss, skip=None):
+    """Clip the global grad norm (clipping None: only measure it), set the lr, step, clear the gradients, all on the
+    device (nothing is read on the host) -> (grad norm, finite: the loss and the norm are finite). A step that is not
+    finite, or any step while `skip` (a device bool) holds, leaves the weights as they were; the caller reads
+    `finite` at its next read (check_finite) and stops there."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clipping or float("inf"))
+    finite = torch.isfinite(grad_norm) & torch.isfinite(loss)
+    skipped = ~finite if skip is None else ~finite | skip
     for group in optimizer.param_groups:
         group["lr"] = lr
-    optimizer.step()
+    if isinstance(optimizer, MuonAdamW):
+        optimizer.step(skipped)
+    else:  # AdamW: the fused kernel skips the whole update (moments and step count too) where found_inf is 1
+        optimizer.found_inf = skipped.float() if optimizer.defaults.get("fused") else None
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return grad_norm, finite
+
+
+def check_finite(loss: float, grad_norm: float, context: str) -> None:
+    """A non-finite loss or grad norm (read from the device) is a UserError ending with `context`."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise UserError(f"non-finite loss ({loss}) or grad norm ({grad_norm}) {context}")
+
 
 # -----------------------------------------------------------------------------
 # the MLM objective (trainer.objective: mlm). An objective is what the loop needs to know of a task:
@@ -288,20 +309,23 @@ class MLM:
         """The loss is normalised by the predicted tokens of the whole step on every process, so the gradient does
         not depend on how the global batch is split into micro-batches and processes."""
         device, world_size = self.device, self.world_size
-        num_masked = torch.tensor(float(sum(int((b["labels"] != -100).sum()) for b in micro_batches)), device=device)
-        if world_size > 1:
-            dist.all_reduce(num_masked)
-        scale = world_size / num_masked.clamp(min=1.0)  # x world_size: DDP averages gradients over ranks
+        count = float(sum(predicted(b) for b in micro_batches))  # counted on the host
+        if world_size > 1:  # the global count, on the device (no read): x world_size, as DDP averages over ranks
+            count = host_to_device(count, device)
+            dist.all_reduce(count)
+        scale = world_size / (count.clamp(min=1.0) if world_size > 1 else max(count, 1.0))
         loss_sum = torch.zeros((), device=device)
         for i, batch in enumerate(micro_batches):
             batch = to_device(batch, device)
+            if self.cfg.trainer.torch_compile and "cu_seqlens" in batch:  # one graph for any number of documents
+                torch._dynamo.mark_dynamic(batch["cu_seqlens"], 0)
             sync = i == len(micro_batches) - 1 or world_size == 1
             with nullcontext() if sync else module.no_sync():  # the forward too: DDP prepares its hooks there
                 with amp:
                     out = module(**batch)
                 (out.loss_sum * scale).backward()
             loss_sum += out.loss_sum.detach()
-        return loss_sum, num_masked.item(), torch.zeros(0, device=device)
+        return loss_sum, count, torch.zeros(0, device=device)
 
     def tokens(self, micro_batches: list[dict]) -> tuple[int, int]:
         positions = sum(b["input_ids"].numel() for b in micro_batches)
@@ -321,6 +345,7 @@ class MLM:
                 for batch in val.next_step():
                     batch = to_device(batch, self.device)
                     labels = batch.pop("labels").reshape(-1)
+                    del batch["predictions_per_row"]
                     keep = labels != -100
                     with amp:
                         hidden = model.model(**batch)  # (B, S, H)
@@ -366,6 +391,11 @@ def eval_batch_size(cfg: Config, val_store, world_size: int, master: bool = True
     return t.per_device_eval_batch_size
 
 
+def predicted(batch: dict) -> int:
+    """The positions to predict in a batch from the loader: its labels are still on the host (numpy: no tensor op)."""
+    return int((batch["labels"].numpy() != -100).sum())
+
+
 def step_flops(model_cfg, micro_batches: list[dict], sparse: bool = True) -> float:
     """Training FLOPs of these micro-batches. Attention counts the keys each query really attends to (its document's
     length in packed rows, the padded width otherwise); the decoder runs on the predicted tokens (sparse) or all."""
@@ -373,12 +403,12 @@ def step_flops(model_cfg, micro_batches: list[dict], sparse: bool = True) -> flo
     for b in micro_batches:
         n = b["input_ids"].numel()
         if "cu_seqlens" in b:
-            seg = b["cu_seqlens"].diff().double()
+            seg = np.diff(b["cu_seqlens"].numpy()).astype(np.float64)
             keys = float((seg * seg).sum() / seg.sum())
         else:
             keys = b["input_ids"].shape[-1]
-        predicted = int((b["labels"] != -100).sum()) / n if sparse else 1.0
-        total += n * neobert.flops_per_token(model_cfg, keys, predicted)
+        share = predicted(b) / n if sparse else 1.0
+        total += n * neobert.flops_per_token(model_cfg, keys, share)
     return total
 
 
@@ -608,12 +638,16 @@ def run(cfg: Config, make_objective, rank: int, world_size: int, device) -> dict
 
 def loop(cfg, objective, model, module, optimizer, loader, logger, state, save, stop, amp, resumed) -> dict:
     """From state["step"] to trainer.max_steps: the lr, this rank's micro-batches, forward and backward, one optimizer
-    step; then a metrics line, an evaluation and a checkpoint when due. A signal saves at the next step and stops."""
+    step. A step reads nothing from the device unless it logs, evaluates or saves (or stops): the loss, the grad norm
+    and the finite check stay there until then, and a non-finite step never reaches the weights. A signal saves at
+    the next read (every step in one process; under torchrun the next logging step, where the ranks agree) and stops."""
     t, world_size, device = cfg.trainer, objective.world_size, objective.device
     peak = neobert.peak_flops(device)  # None on CPU or an unknown GPU: no MFU rather than a wrong one
     step, record, last_saved = state["step"], {}, state["step"] if resumed else None
     t_start = time.perf_counter() - state["elapsed"]  # elapsed carries over a resume
     t_log, tokens_log, flops_log = time.perf_counter(), state["tokens"], 0.0  # since the last metrics line
+    # the step, counted on the device; the first non-finite step's loss, grad norm and step (-1: none yet)
+    trouble = torch.tensor([float(step), 0.0, 0.0, -1.0], device=device)
     if objective.eval_at_start and objective.eval_batch_size is not None and not resumed and step == 0:
         logger.log(dict(step=0, **{f"eval_{k}": v for k, v in objective.evaluate(model, amp).items()}))
     while step < t.max_steps:
@@ -621,34 +655,40 @@ def loop(cfg, objective, model, module, optimizer, loader, logger, state, save, 
         torch.manual_seed(dropout_seed(t.seed, step, objective.rank))
         micro_batches = loader.next_step()
         loss_sum, count, sums = objective.forward_backward(module, micro_batches, amp)
-        stats = torch.cat([torch.stack([loss_sum.float(), torch.tensor(float(stop.requested), device=device)]),
-                           sums.float()])
-        if world_size > 1:
+        stats = torch.cat([loss_sum.float().view(1), sums.float()])
+        if world_size > 1:  # the global loss (so every rank takes the same finite decision) and the stop requests
+            stats = torch.cat([stats, host_to_device(stop.requested, device).view(1)])
             dist.all_reduce(stats)  # after DDP's all-reduce, the grad norm is already the same on every rank
-        loss, stopping = stats[0].item() / max(count, 1.0), bool(stats[1] > 0)
-        where = f"{t.output_dir}/checkpoints/{last_saved}" if last_saved is not None else "none was written"
-        grad_norm = optimizer_step(model, optimizer, lr, t.gradient_clipping, loss, context=(
-            f"at step {step + 1}; stopped without saving (last good checkpoint: {where}). Lower optimizer.lr, "
-            "raise scheduler.warmup_steps or set trainer.gradient_clipping"))
+        loss = stats[0] / (count.clamp(min=1.0) if torch.is_tensor(count) else max(count, 1.0))
+        grad_norm, finite = optimizer_step(model, optimizer, lr, t.gradient_clipping, loss, skip=trouble[3] >= 0)
+        trouble[0] += 1
+        trouble[1:] = torch.where(~finite & (trouble[3] < 0), torch.stack([loss, grad_norm, trouble[0]]), trouble[1:])
         step += 1
         state.update(step=step, tokens=state["tokens"] + objective.tokens(micro_batches)[0] * world_size,
                      elapsed=time.perf_counter() - t_start)
         flops_log += world_size * objective.flops(micro_batches) if peak else 0.0
-
-        last_step = step == t.max_steps or stopping
-        do_eval = objective.eval_batch_size is not None and (step % t.eval_steps == 0 or last_step)
-        if step % t.logging_steps == 0 or last_step or do_eval:
+        logger.bar.update(1)
+        save_due = step == t.max_steps or (t.save_steps > 0 and step % t.save_steps == 0)
+        eval_due = objective.eval_batch_size is not None and (step % t.eval_steps == 0 or step == t.max_steps)
+        if not (save_due or eval_due or step % t.logging_steps == 0 or (stop.requested and world_size == 1)):
+            continue
+        bad_loss, bad_norm, bad_step = trouble[1:].tolist()  # a read: everything before it has run
+        if bad_step >= 0:
+            where = f"{t.output_dir}/checkpoints/{last_saved}" if last_saved is not None else "none was written"
+            check_finite(bad_loss, bad_norm, f"at step {int(bad_step)}; stopped without saving (last good checkpoint: "
+                         f"{where}). Lower optimizer.lr, raise scheduler.warmup_steps or set trainer.gradient_clipping")
+        stopping = stop.requested if world_size == 1 else stats[-1].item() > 0
+        if save_due or eval_due or stopping or step % t.logging_steps == 0:
             seconds = max(time.perf_counter() - t_log, 1e-9)
-            record = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=state["tokens"],
+            record = dict(step=step, loss=loss.item(), lr=lr, grad_norm=grad_norm.item(), tokens=state["tokens"],
                           tokens_per_s=(state["tokens"] - tokens_log) / seconds,
-                          mfu=flops_log / seconds / (peak * world_size) if peak else None,
-                          elapsed=state["elapsed"], **objective.metrics(stats[2:].tolist(), count))
-            if do_eval:
+                          mfu=flops_log / seconds / (peak * world_size) if peak else None, elapsed=state["elapsed"],
+                          **objective.metrics(stats[1:1 + sums.numel()].tolist(), float(count)))
+            if eval_due or (stopping and objective.eval_batch_size is not None):
                 record.update({f"eval_{k}": v for k, v in objective.evaluate(model, amp).items()})
             logger.log(record)
             t_log, tokens_log, flops_log = time.perf_counter(), state["tokens"], 0.0
-        logger.bar.update(1)
-        if last_step or (t.save_steps > 0 and step % t.save_steps == 0):
+        if save_due or stopping:
             save(step)
             last_saved = step
         if stopping:

@@ -191,7 +191,8 @@ def test_txt_to_shards_to_batches_reproduces_token_ids(tmp_path, tok_path, tok):
     b = ld.next_step()[0]
     starts = (b["position_ids"].flatten() == 0).nonzero().flatten()
     assert starts.tolist() == b["cu_seqlens"][:-1].tolist() and b["cu_seqlens"][-1] == b["input_ids"].numel()
-    assert b["cu_seqlens"].dtype == torch.int32 and b["max_seqlen"] == int(b["cu_seqlens"].diff().max())
+    # max_seqlen is the row length: a bound on every segment and the same in every batch (one compiled graph)
+    assert b["cu_seqlens"].dtype == torch.int32 and b["max_seqlen"] == 32 >= int(b["cu_seqlens"].diff().max())
 
 
 def test_jsonl_and_parquet_sources(tmp_path, tok_path, tok):
@@ -572,7 +573,9 @@ def test_padded_mode_chunks_long_documents(tmp_path, tok_path, tok):
     rows = []
     for _ in range(ld.steps_per_epoch):
         b = ld.next_step()[0]
-        assert set(b) == {"input_ids", "labels", "attention_mask"} and b["input_ids"].shape[1] % 8 == 0
+        assert set(b) == {"input_ids", "labels", "attention_mask", "predictions_per_row"}
+        assert b["input_ids"].shape[1] % 8 == 0
+        assert int((b["labels"] != -100).sum(1).max()) <= b["predictions_per_row"] <= b["input_ids"].shape[1]
         assert b["input_ids"].shape[1] <= 32
         ids = original(b)
         for r in range(len(ids)):

@@ -261,8 +261,8 @@ def with_options(model, **options):
 
 
 def test_static_predictions_equal_the_boolean_gather():
-    """A fixed number of decoder positions per row (padded with ignored ones): the same loss and gradients as the
-    boolean gather of exactly the predicted positions, padded and packed."""
+    """A fixed number of decoder positions per row (predictions_per_row, padded with ignored ones): the same loss and
+    gradients as the boolean gather of exactly the predicted positions, padded and packed."""
     model = randomize(nb.NeoBERTLMHead(small_config())).train()
     g = torch.Generator().manual_seed(6)
     ids = torch.randint(1, 97, (3, 16), generator=g)
@@ -271,11 +271,10 @@ def test_static_predictions_equal_the_boolean_gather():
     mask[2, 11:] = 0
     labels[2, 11:] = -100
     _, cu = packed_batch([torch.randint(1, 97, (n,), generator=g) for n in (7, 9, 5, 11, 16)], rows=3, seq_len=16)
-    static = with_options(model, static_predictions=0.5)
-    assert nb.predictions_per_row(static.config, 16) == 8 >= int((labels != -100).sum(1).max())
+    assert 8 >= int((labels != -100).sum(1).max())
     for kwargs in (dict(attention_mask=mask), dict(cu_seqlens=cu, max_seqlen=16)):
         want, want_grads = loss_and_grads(model, ids, labels, **kwargs)
-        got, grads = loss_and_grads(static, ids, labels, **kwargs)
+        got, grads = loss_and_grads(model, ids, labels, predictions_per_row=8, **kwargs)
         assert got.num_masked.item() == want.num_masked.item() == int((labels != -100).sum())
         assert abs(got.loss.item() - want.loss.item()) <= 1e-6
         for name, grad in want_grads.items():
@@ -353,11 +352,11 @@ def test_chunked_decoder_in_the_model_and_under_bf16_autocast():
 
 
 def test_static_predictions_and_chunked_decoder_compile_without_graph_breaks():
-    cfg = small_config(num_hidden_layers=1, static_predictions=0.5, decoder_chunk_size=16)
+    cfg = small_config(num_hidden_layers=1, decoder_chunk_size=16)
     model = nb.NeoBERTLMHead(cfg).train()
     ids, cu = packed_batch([torch.randint(1, 97, (n,)) for n in (5, 6, 4, 9, 8)], rows=3, seq_len=16)
     labels = torch.where(torch.rand(ids.shape) < 0.2, ids, -100)
-    explained = torch._dynamo.explain(model)(ids, labels=labels, cu_seqlens=cu, max_seqlen=16)
+    explained = torch._dynamo.explain(model)(ids, labels=labels, cu_seqlens=cu, max_seqlen=16, predictions_per_row=8)
     assert explained.graph_break_count == 0, explained.break_reasons
 
 

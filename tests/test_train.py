@@ -295,7 +295,7 @@ def test_muon_split_and_first_step_against_float64():
     before = {n: p.detach().clone().double() for n, p in model.named_parameters()}
     grads = {n: p.grad.clone().double() for n, p in model.named_parameters()}
     lr = 0.01
-    train.optimizer_step(model, opt, lr, None, 1.0, "test")
+    train.optimizer_step(model, opt, lr, None, torch.tensor(1.0))
     after = dict(model.named_parameters())
     for n in ("model.transformer_encoder.0.qkv.weight", "model.transformer_encoder.1.ffn.w3.weight"):
         w0, g = before[n], grads[n]
@@ -1232,3 +1232,80 @@ def test_every_evaluation_is_a_console_line(data_dir, tmp_path, capsys):
     want = [f"step {r['step']}: eval_loss {r['eval_loss']:.4g}, eval_accuracy {r['eval_accuracy']:.4g}" for r in evals]
     assert lines == want, out
     assert out.rstrip().splitlines()[-1].endswith(f"last evaluation: {want[-1]}"), out
+
+
+# -----------------------------------------------------------------------------
+# one compiled graph, and a step that never waits on the host (issue: GPU-ready)
+
+def test_compiled_training_is_one_graph_that_never_recompiles(data_dir, tmp_path, monkeypatch):
+    """30 compiled steps of the smoke config (packed rows, a tiny model) with fullgraph=True (a graph break would
+    raise): every graph is made in the first step, none later (documents per row, and so cu_seqlens' length, change
+    from batch to batch), and the losses are the eager path's."""
+    from torch._dynamo.utils import counters
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compile_(module, **{**kw, "fullgraph": True}))
+    graphs, next_step = [], data.Loader.next_step
+
+    def counting(self):
+        graphs.append(counters["stats"]["unique_graphs"])  # graphs made before this step
+        return next_step(self)
+
+    monkeypatch.setattr(data.Loader, "next_step", counting)
+    torch._dynamo.reset()
+    counters.clear()
+    kw = {"trainer.max_steps": 30, "trainer.logging_steps": 1, "optimizer.lr": 3e-3}
+    compiled = run(data_dir, tmp_path / "compiled", **kw, **{"trainer.torch_compile": True})
+    made = counters["stats"]["unique_graphs"]
+    assert len(graphs) == 30 and graphs[0] == 0 and graphs[1] == graphs[-1] == made >= 1, graphs
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    eager = run(data_dir, tmp_path / "eager", **kw)
+    torch.testing.assert_close(torch.tensor([m["loss"] for m in compiled]), torch.tensor([m["loss"] for m in eager]),
+                               rtol=2e-3, atol=0)
+
+
+def test_a_step_that_does_not_log_reads_nothing_from_the_device(data_dir, tmp_path, monkeypatch):
+    """Between two metrics lines the loop reads nothing back: no Tensor.item, tolist, bool, float or int on any
+    tensor (on a GPU each would wait for all queued work); the counts it needs come from the host."""
+    read_at, step = [], [0]
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _real=real, **k):
+            read_at.append(step[0])
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    next_step = data.Loader.next_step
+
+    def counting(self):
+        step[0] += 1  # the step this batch is for (1-based)
+        return next_step(self)
+
+    monkeypatch.setattr(data.Loader, "next_step", counting)
+    run(data_dir, tmp_path / "run", **{"trainer.max_steps": 12, "trainer.logging_steps": 4, "trainer.save_steps": 0})
+    assert step[0] == 12 and read_at, read_at  # the logging steps do read (and the test sees reads)
+    assert set(read_at) <= {0, 4, 8, 12}, sorted(set(read_at))  # 0: setup, before the first step
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_a_non_finite_step_leaves_the_weights_on_the_device(name):
+    """optimizer_step with a NaN gradient, or with `skip` set, changes no weight (AdamW's fused kernel skips, Muon's
+    matrices are put back) and says so in `finite`, without reading the device; a finite step changes them."""
+    if name == "muon" and not hasattr(torch.optim, "Muon"):
+        pytest.skip("torch.optim.Muon needs torch >= 2.9")
+    torch.manual_seed(0)
+    model = neobert.NeoBERTLMHead(neobert.NeoBERTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                        num_attention_heads=2, intermediate_size=64))
+    opt = train.build_optimizer(model, train.OptimizerConfig(name=name, lr=1e-2), "cpu")
+    ids = torch.randint(5, 64, (2, 8))
+
+    def step(loss_scale, skip=None):
+        out = model(ids, labels=ids)
+        (out.loss * loss_scale).backward()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        _, finite = train.optimizer_step(model, opt, 1e-2, 1.0, out.loss * loss_scale, skip=skip)
+        same = all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        return bool(finite), same
+
+    assert step(float("nan")) == (False, True)
+    assert step(1.0, skip=torch.tensor(True)) == (True, True)
+    assert step(1.0) == (True, False)

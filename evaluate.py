@@ -877,6 +877,8 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
         if t.output_dir == "auto":
             t.output_dir = str(checkpoint.home(g.init_from) if g.init_from else Path("runs/glue_random_init"))
         source = start_model(cfg, runs, ctx)
+        auto = cfg.optimizer.name == "auto"  # the optimizer the start model was trained with (train.optimizer_name)
+        cfg.optimizer.name = train.optimizer_name(cfg.optimizer, source)
         tasks, splits, id2labels = load_tasks(names, g, rank, world)
         if bench:
             return bench_glue(cfg, runs[0], tasks[runs[0].task], source, splits[runs[0].task], ctx)
@@ -889,7 +891,8 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
         if rank == 0:
             print(f"glue: {len(runs)} run{'s' if len(runs) > 1 else ''} of {', '.join(names)} over {world} "
                   f"process{'es' if world > 1 else ''} ({device}, {'bf16 autocast' if precision == 'bf16' else 'fp32'},"
-                  f" {'unpadded' if ctx.unpadded else 'length-grouped padded'} batches) -> "
+                  f" {'unpadded' if ctx.unpadded else 'length-grouped padded'} batches, optimizer "
+                  f"{cfg.optimizer.name}{' (optimizer.name auto: as the start model was trained)' if auto else ''}) -> "
                   f"{Path(t.output_dir) / 'glue'}", flush=True)
         run_phase(cfg, [r for r in runs if r not in moved], source, tasks, splits, id2labels, ctx)
         if moved:

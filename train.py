@@ -83,10 +83,11 @@ class TrainerConfig:
 
 @dataclass
 class OptimizerConfig:
-    # adamw (fused on CUDA): norms, biases and embeddings get no weight decay. muon: torch.optim.Muon on the encoder
-    # blocks' matrices (qkv, wo, w12, w3) with the update scaled to AdamW's RMS, so `lr` and `weight_decay` serve
-    # both; AdamW (betas, eps) on the rest (embeddings, decoder, norms, a classifier head)
-    name: Literal["adamw", "muon"] = "adamw"
+    # adamw (fused): norms, biases and embeddings get no weight decay. muon: torch.optim.Muon on the encoder blocks'
+    # matrices (qkv, wo, w12, w3) with the update scaled to AdamW's RMS, so `lr` and `weight_decay` serve both; AdamW
+    # (betas, eps) on the rest (embeddings, decoder, norms, a classifier head). auto: the optimizer the start model
+    # (trainer.init_from, glue.init_from) was trained with, adamw for a fresh one (optimizer_name)
+    name: Literal["auto", "adamw", "muon"] = "auto"
     lr: float = 6e-4
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -179,7 +180,7 @@ def build_optimizer(module, o: OptimizerConfig, device, lr: Optional[float] = No
     hidden = {id(p) for p in neobert.hidden_matrices(module)} if o.name == "muon" else set()
     adamw = torch.optim.AdamW([{**g, "params": [p for p in g["params"] if id(p) not in hidden]} for g in groups],
                               lr=lr, betas=o.betas, eps=o.eps, fused=fused)
-    if o.name == "adamw":
+    if o.name != "muon":
         return adamw
     muon = torch.optim.Muon([p for g in groups for p in g["params"] if id(p) in hidden], lr=lr, weight_decay=wd,
                             momentum=o.muon_momentum, adjust_lr_fn="match_rms_adamw")
@@ -223,6 +224,19 @@ class MuonAdamW:
         require(set(state) == {"muon", "adamw"}, "the saved optimizer state is not a muon one")
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
+
+
+def optimizer_name(o: OptimizerConfig, start) -> str:
+    """optimizer.name with auto resolved: the optimizer the start model was trained with, as its config.yaml records
+    it (a Muon-pretrained model fine-tunes better with Muon: docs/speedrun.md), else adamw (a fresh model, or an
+    exported or released folder, which records none)."""
+    if o.name != "auto":
+        return o.name
+    try:
+        full = checkpoint.read_config(checkpoint.resolve(start), {})[0] if start else {}
+    except UserError:  # a start that does not resolve: loading it says why, with the objective's own advice
+        return "adamw"
+    return {"muon": "muon"}.get((full.get("optimizer") or {}).get("name"), "adamw")
 
 
 def dropout_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -588,7 +602,9 @@ def run(cfg: Config, make_objective, rank: int, world_size: int, device) -> dict
     """Setup (run directory, what it resumes, data, model, logger), then the loop; -> the last metrics record."""
     t, master, ddp = cfg.trainer, rank == 0, world_size > 1
     print0 = print if master else (lambda *a, **k: None)
-    run_dir = Path(t.output_dir)
+    run_dir, auto = Path(t.output_dir), cfg.optimizer.name == "auto"
+    cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, name=optimizer_name(cfg.optimizer,
+                                                                                                    t.init_from)))
     if master:
         checkpoint.prepare_run_dir(run_dir)
     ckpt = checkpoint.find_resume(t.resume_from_checkpoint, run_dir)  # before any work: no waiting for the data
@@ -606,7 +622,8 @@ def run(cfg: Config, make_objective, rank: int, world_size: int, device) -> dict
     model, module, optimizer, loader, state = build_model(cfg, objective, ckpt, rank, world_size, device, print0)
     precision = runtime.resolve_precision(t.mixed_precision, device, warn=warn if master else None)
     print0(f"precision: {'bf16 autocast' if precision == 'bf16' else 'fp32'} "
-           f"(trainer.mixed_precision={t.mixed_precision})")
+           f"(trainer.mixed_precision={t.mixed_precision}); optimizer: {cfg.optimizer.name}"
+           + (f" (optimizer.name auto: {'the start model' if t.init_from else 'a fresh model'}'s)" if auto else ""))
     logger = Logger(cfg, run_dir, master, state["step"])
 
     def save(step):

@@ -25,7 +25,6 @@ import checkpoint  # noqa: E402
 import prepare  # noqa: E402
 import runtime  # noqa: E402
 import config  # noqa: E402
-import data  # noqa: E402
 import evaluate  # noqa: E402
 import neobert  # noqa: E402
 from test_export import write_checkpoint as write_model_checkpoint  # noqa: E402
@@ -415,15 +414,26 @@ def test_pair_task_learns_and_writes_its_run(custom_run):
 
 
 @needs_muon
-def test_muon_fine_tunes_the_pair_task(tmp_path, pretrained, custom_run):
+def test_muon_fine_tunes_the_pair_task(tmp_path, pretrained, custom_run, tokenizer, capsys):
     """optimizer.name muon in GLUE: Muon on the encoder blocks' matrices, AdamW on the embeddings and the new head;
     the custom pair task learns as it does with AdamW (chance is 0.5), and the run's fingerprint names the optimizer,
-    so the same sweep with AdamW does not reuse it."""
+    so the same sweep with AdamW does not reuse it. glue.yaml's optimizer.name auto picks Muon because the start
+    model's config.yaml says it was pretrained with Muon (and AdamW for the AdamW-pretrained one), and says so."""
+    torch.manual_seed(0)  # the same weights as `pretrained`, recorded as Muon-pretrained
+    muon_run = tmp_path / "muon-pretrained"
+    write_model_checkpoint(muon_run, 5, neobert.NeoBERTLMHead(tiny_config(tokenizer)), tokenizer,
+                           extra={"dataset": {"name": "toy"}, "optimizer": {"name": "muon", "lr": 1e-2}})
+    import train
+    assert train.optimizer_name(train.OptimizerConfig(), str(pretrained)) == "adamw"
+    assert train.optimizer_name(train.OptimizerConfig(), None) == "adamw"
+    assert train.optimizer_name(train.OptimizerConfig(name="adamw"), str(muon_run)) == "adamw"  # set: obeyed
     argv = ["--glue.task_name", "custom", "--glue.data_dir", str(custom_run[0].parent / "data"), "--glue.text_columns",
-            "premise,hypothesis", *glue_args(tmp_path / "out", pretrained, "--trainer.num_train_epochs", 3,
+            "premise,hypothesis", *glue_args(tmp_path / "out", muon_run, "--trainer.num_train_epochs", 3,
                                              "--optimizer.lr", 2e-3, "--trainer.per_device_train_batch_size", 16,
                                              "--trainer.eval_steps", 10)]
-    assert run_glue(*argv, "--optimizer.name", "muon") == 0
+    capsys.readouterr()
+    assert run_glue(*argv) == 0  # no --optimizer.name: glue.yaml's auto
+    assert "optimizer muon (optimizer.name auto: as the start model was trained)" in capsys.readouterr().out
     (run,) = (tmp_path / "out" / "glue" / "custom").iterdir()
     res = json.loads((run / "results.json").read_text())
     assert res["best"]["accuracy"] >= 0.8, res["evaluations"]

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -561,6 +562,18 @@ def test_init_from_checkpoint_run_dir_and_hf_folder(data_dir, tmp_path, capsys):
     log = run(data_dir, tmp_path / "cont", **{"trainer.max_steps": 1, "trainer.init_from": src})
     scratch = run(data_dir, tmp_path / "scratch", **{"trainer.max_steps": 1})
     assert log[0]["step"] == 1 and log[0]["lr"] == scratch[0]["lr"] and log[0]["loss"] < scratch[0]["loss"]
+    if hasattr(torch.optim, "Muon"):  # optimizer.name auto: the optimizer the start model's config.yaml records
+        muon_src = tmp_path / "muon_src"
+        shutil.copytree(src / "model_checkpoints", muon_src / "model_checkpoints")
+        saved = muon_src / "model_checkpoints" / "2" / "config.yaml"
+        full = yaml.safe_load(saved.read_text())
+        saved.write_text(yaml.safe_dump({**full, "optimizer": {**full["optimizer"], "name": "muon"}}))
+        capsys.readouterr()
+        for source, said in ((muon_src, "optimizer: muon (optimizer.name auto: the start model's)"),
+                             ("null", "optimizer: adamw (optimizer.name auto: a fresh model's)")):
+            run(data_dir, tmp_path / f"auto-{said[11:15]}", **{"trainer.max_steps": 0, "optimizer.name": "auto",
+                                                              "trainer.init_from": source})
+            assert said in capsys.readouterr().out
     # an exported / released folder (config.json + model.safetensors), as NeoBERTLMHead.from_pretrained reads it
     hf = tmp_path / "hf"
     hf.mkdir()

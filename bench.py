@@ -16,6 +16,11 @@
                     [--section.key value ...]
       quality per compute: AdamW and Muon, each with cosine and wsd, each at the best of the lrs, every run trained
       for the same time budget (steps = budget x the optimizer's measured steps/s); held-out loss and accuracy
+    python bench.py --suite speedrun [CONFIG] [--against REF] [--against-overrides "--section.key value ..."]
+                    [--seeds 2] [--budget-s 150] [--target-loss L] [--probe-steps 600] [--eval-every 25] [--out DIR]
+      did my edit help? the working tree (A) against a commit and/or other settings (B), each trained from scratch
+      to a target held-out loss, seeds interleaved, then probed downstream; ratios, bands, one verdict (speedrun.py,
+      docs/speedrun.md); --suite speedrun -h for more
 
 Training throughput of a config: tokens/s, MFU (where the device's peak is known) and peak memory, then the same
 config with one thing changed at a time (packing, sparse prediction, compile, gradient checkpointing), each printed
@@ -42,7 +47,6 @@ import multiprocessing
 import re
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -63,6 +67,7 @@ import mission
 import neobert
 import prepare
 import runtime
+import speedrun
 import train
 from config import require
 
@@ -650,20 +655,15 @@ def profile_markdown(s: dict) -> str:
 # -----------------------------------------------------------------------------
 # the recipe suite: AdamW and Muon x cosine and wsd, each at its best of three lrs, for the same training time
 
-def recipe_run(cfg: train.Config, out: Path, **sections) -> list[dict]:
-    """Trains cfg (with sections changed) from scratch in `out`, quietly; -> its metrics.jsonl records, or [] if it
-    stopped on a non-finite loss."""
-    shutil.rmtree(out, ignore_errors=True)
-    cfg = change(cfg, **sections)
-    cfg = change(cfg, trainer=dict(output_dir=str(out), resume_from_checkpoint=False, disable_tqdm=True,
-                                   save_steps=0, save_total_limit=1), wandb=dict(mode="disabled"))
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            train.train(cfg)
-    except config.UserError as e:
-        print(f"  {out.name}: {e}".split("; stopped")[0], flush=True)
+def recipe_run(config_path: str, overrides: list, out: Path, **keys) -> list[dict]:
+    """Trains config_path with the overrides and these dotted keys from scratch in `out`, through the speedrun's
+    engine (speedrun.train_run); -> its metrics.jsonl records, or [] if it stopped on a non-finite loss."""
+    run = speedrun.train_run(Path(__file__).resolve().parent, config_path,
+                             [*overrides, *(f"--{k}={v}" for k, v in keys.items())], out, budget_s=math.inf)
+    if not run.records or run.records[-1]["step"] != keys["trainer.max_steps"]:
+        print(f"  {out.name}: stopped on a non-finite loss", flush=True)
         return []
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return run.records
 
 
 def recipe_suite(argv: list[str]) -> None:
@@ -679,23 +679,23 @@ def recipe_suite(argv: list[str]) -> None:
     except ValueError:
         raise config.UserError(f"--lrs takes comma-separated numbers, e.g. 1e-3,3e-3,1e-2; got {args.lrs!r}") from None
     require(args.budget_s > 0 and all(lr > 0 for lr in lrs), "--budget-s and every --lrs value must be > 0")
-    cfg, out = train.load_config(args.config, overrides), Path(args.out)
-    prepare.prepare(cfg.dataset, cfg.tokenizer, progress=False)
+    cfg, out = train.load_config(args.config, overrides), Path(args.out).resolve()
+    data_dir = prepare.prepare(cfg.dataset, cfg.tokenizer, progress=False).resolve()
+    overrides = [*overrides, f"--dataset.path={data_dir}", "--trainer.save_steps=0"]
     size = neobert.num_params(neobert.NeoBERTLMHead(cfg.model)) / 1e6
     print(f"`python bench.py {' '.join(argv)}`: {args.config}, {size:.1f}M parameters, {args.budget_s:.0f} s of "
           f"training per run; lrs {lrs}", flush=True)
     rows, ref = [], None
     for opt in ("adamw", "muon"):  # the steps that fit the budget: timed on 30 steps after 10 (warm-up, first shapes)
-        log = recipe_run(cfg, out / f"{opt}-timing", optimizer=dict(name=opt), trainer=dict(max_steps=40, eval_steps=0,
-                                                                                            logging_steps=10))
+        log = recipe_run(args.config, overrides, out / f"{opt}-timing", **{
+            "optimizer.name": opt, "trainer.max_steps": 40, "trainer.eval_steps": 0, "trainer.logging_steps": 10})
         require(bool(log), f"{opt}: the timing run stopped on a non-finite loss; lower the --lrs")
         seconds = log[-1]["elapsed"] - log[0]["elapsed"]
         steps, tok_s = max(10, int(args.budget_s * 30 / seconds)), (log[-1]["tokens"] - log[0]["tokens"]) / seconds
         for sched in ("cosine", "wsd"):
-            runs = {lr: recipe_run(cfg, out / f"{opt}-{sched}-{lr:g}", optimizer=dict(name=opt, lr=lr),
-                                   scheduler=dict(name=sched), trainer=dict(max_steps=steps,
-                                                                            eval_steps=max(1, steps // 10)))
-                    for lr in lrs}
+            runs = {lr: recipe_run(args.config, overrides, out / f"{opt}-{sched}-{lr:g}", **{
+                "optimizer.name": opt, "optimizer.lr": lr, "scheduler.name": sched, "trainer.max_steps": steps,
+                "trainer.eval_steps": max(1, steps // 10)}) for lr in lrs}
             final = {lr: records[-1]["eval_loss"] for lr, records in runs.items() if records}
             require(bool(final), f"{opt} + {sched}: every lr stopped on a non-finite loss; lower the --lrs")
             best = min(final, key=final.get)
@@ -718,6 +718,8 @@ def recipe_suite(argv: list[str]) -> None:
 def _bench_cli(argv):
     if argv[0].startswith("--suite"):
         name = argv[0].partition("=")[2] or (argv[1] if len(argv) > 1 else "")
+        if name == "speedrun":
+            return speedrun.speedrun(argv)
         return recipe_suite(argv) if name == "recipe" else suite(argv)
     cfg = train.load_config(argv[0], argv[1:], schema=BenchRun)
     bench_cfg = cfg.bench

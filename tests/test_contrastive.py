@@ -28,7 +28,6 @@ import checkpoint  # noqa: E402
 import prepare  # noqa: E402
 import config  # noqa: E402
 import contrastive  # noqa: E402
-import data  # noqa: E402
 import neobert  # noqa: E402
 import train  # noqa: E402
 

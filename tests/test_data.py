@@ -18,7 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import checkpoint  # noqa: E402
 import prepare  # noqa: E402
-import config  # noqa: E402
 import data  # noqa: E402
 from config import UserError  # noqa: E402
 from data import DataCollatorConfig  # noqa: E402

@@ -24,7 +24,6 @@ sys.path.insert(0, str(ROOT))
 import checkpoint  # noqa: E402
 import prepare  # noqa: E402
 import config  # noqa: E402
-import data  # noqa: E402
 import evaluate  # noqa: E402
 import mteb_eval  # noqa: E402
 import neobert  # noqa: E402

@@ -1,0 +1,114 @@
+"""python bench.py --suite speedrun: the same code against itself, a known gain (Muon) and a known loss (every encoder
+block the identity) each get the verdict they should, on a tiny model and budget; the probe task and bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import speedrun  # noqa: E402
+
+TINY = ["--model.hidden_size", "32", "--model.num_hidden_layers", "2", "--model.num_attention_heads", "2",
+        "--model.intermediate_size", "64", "--model.max_position_embeddings", "64", "--dataset.max_seq_length", "64",
+        "--dataset.max_documents", "3000", "--trainer.per_device_train_batch_size", "8", "--trainer.max_steps", "3000",
+        "--trainer.mixed_precision", "no"]
+
+
+def git(repo, *args):
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A git repository holding this tree's files (commit `main`), with a branch `identity` whose encoder blocks
+    return their input: a deliberately harmful edit."""
+    repo = tmp_path_factory.mktemp("repo")
+    files = git(ROOT, "ls-files", "--cached", "--others", "--exclude-standard").split("\n")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit",
+                                                                "-qm", "main"], ["checkout", "-qb", "identity"]):
+        git(repo, *args)
+    path = repo / "neobert.py"
+    text = path.read_text()
+    block = text.index("class EncoderBlock")
+    forward = text.index("    def forward(self, x, cos, sin", block)
+    body = text.index(":\n", forward) + 2
+    path.write_text(text[:body] + "        return x  # the harmful edit: every block is the identity\n" + text[body:])
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "identity")
+    git(repo, "checkout", "-q", "main")
+    return repo
+
+
+def run_speedrun(repo, out, *args):
+    data = repo.parent / "speedrun-data"  # the tiny corpus, prepared once for every call
+    p = subprocess.run([sys.executable, "bench.py", "--suite", "speedrun", *args, "--out", str(out), *TINY,
+                        "--dataset.path", str(data)], cwd=repo, capture_output=True, text=True, timeout=600)
+    return p
+
+
+def test_same_code_is_no_difference_and_the_identity_edit_is_slower(repo, tmp_path):
+    common = ["--seeds", "1", "--budget-s", "20", "--target-loss", "6.2", "--probe-steps", "20", "--eval-every", "10"]
+    same = run_speedrun(repo, tmp_path / "same", "--against", "HEAD", *common)
+    assert same.returncode == 0, same.stderr[-2000:]
+    assert "B = HEAD (" in same.stdout and "verdict: no difference to the MLM target within noise" in same.stdout, \
+        same.stdout
+    report = (tmp_path / "same" / "speedrun.md").read_text()
+    rows = [line.split(" | ") for line in report.splitlines() if line.startswith(("| A |", "| B |"))]
+    # the same code and seed: the same steps, FLOPs, final loss and probe (only the seconds may differ)
+    assert len(rows) == 2 and rows[0][2] != "not reached", rows
+    assert [rows[0][i] for i in (2, 3, 5, 6)] == [rows[1][i] for i in (2, 3, 5, 6)], rows
+    assert not git(repo, "worktree", "list").strip().count("\n"), "the temporary worktree was removed"
+    # the identity blocks learn only token frequencies, whose loss stays above 5.7 (6.2 they reach)
+    harmful = run_speedrun(repo, tmp_path / "identity", "--against", "identity", "--seeds", "1", "--budget-s", "40",
+                           "--target-loss", "5.7", "--probe-steps", "20", "--eval-every", "10")
+    assert harmful.returncode == 0, harmful.stderr[-2000:]
+    assert "verdict: B reaches the MLM target slower than A" in harmful.stdout, harmful.stdout
+    assert "| B | 0 | not reached |" in harmful.stdout and git(repo, "status", "--porcelain") == ""
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+def test_muon_is_reported_faster_to_the_mlm_target(repo, tmp_path):
+    p = run_speedrun(repo, tmp_path / "muon", "--against-overrides", "--optimizer.name muon --optimizer.lr 1e-2",
+                     "--seeds", "2", "--budget-s", "40", "--target-loss", "5.7", "--probe-steps", "20",
+                     "--eval-every", "10")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "verdict: B reaches the MLM target faster than A" in p.stdout, p.stdout
+    numbers = json.loads((tmp_path / "muon" / "speedrun.json").read_text())
+    assert all(numbers[f"B-{s}"]["steps"] < numbers[f"A-{s}"]["steps"] for s in (0, 1)), numbers
+
+
+def test_bad_input_is_one_line_and_a_missed_target_is_reported(repo, tmp_path):
+    p = run_speedrun(repo, tmp_path / "x", "--against", "no-such-ref", "--seeds", "1")
+    assert p.returncode == 2 and p.stderr.startswith("error: --against no-such-ref: not a commit") and \
+        "Traceback" not in p.stderr, p.stderr
+    loose = tmp_path / "not-a-checkout"
+    shutil.copytree(repo, loose, ignore=shutil.ignore_patterns(".git", "data_cache", "runs"))
+    p = run_speedrun(loose, tmp_path / "y", "--against", "HEAD", "--seeds", "1")
+    assert p.returncode == 2 and "needs a git checkout" in p.stderr and "--against-overrides" in p.stderr, p.stderr
+    p = run_speedrun(repo, tmp_path / "z", "--against-overrides", "--optimizer.lr 1e-3", "--seeds", "1",
+                     "--budget-s", "3", "--target-loss", "1.0", "--probe-steps", "5", "--eval-every", "10")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "neither side reached the target: held-out loss at the end of the budget A " in p.stdout, p.stdout
+    p = run_speedrun(repo, tmp_path / "w", "--seeds", "0")
+    assert p.returncode == 2 and p.stderr.startswith("error: --seeds, --budget-s"), p.stderr
+
+
+def test_the_probe_task_splits_by_module(tmp_path):
+    """20 packages, every label in both splits, and no module's docstrings on both sides; the same files twice."""
+    task = speedrun.probe_task(tmp_path / "a")
+    rows = {s: [json.loads(line) for line in (task / f"{s}.jsonl").read_text().splitlines()]
+            for s in ("train", "validation")}
+    assert len({r["label"] for r in rows["train"]}) == 20 == len({r["label"] for r in rows["validation"]})
+    assert len(rows["validation"]) > 300 and len(rows["train"]) > 3 * len(rows["validation"])
+    assert not {r["module"] for r in rows["train"]} & {r["module"] for r in rows["validation"]}
+    again = speedrun.probe_task(tmp_path / "b")
+    assert (again / "train.jsonl").read_text() == (task / "train.jsonl").read_text()

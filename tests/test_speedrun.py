@@ -3,8 +3,11 @@ block the identity) each get the verdict they should, on a tiny model and budget
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +103,36 @@ def test_bad_input_is_one_line_and_a_missed_target_is_reported(repo, tmp_path):
     assert "neither side reached the target: held-out loss at the end of the budget A " in p.stdout, p.stdout
     p = run_speedrun(repo, tmp_path / "w", "--seeds", "0")
     assert p.returncode == 2 and p.stderr.startswith("error: --seeds, --budget-s"), p.stderr
+
+
+def test_ctrl_c_leaves_no_worktree_behind(repo, tmp_path):
+    """Interrupted while side B's worktree exists (Ctrl-C, then SIGTERM as a scheduler sends it): the worktree and
+    its temporary folder are removed, and the training subprocess goes too."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        proc = subprocess.Popen([sys.executable, "bench.py", "--suite", "speedrun", "--against", "HEAD", "--seeds", "1",
+                                 "--out", str(tmp_path / sig.name), *TINY, "--dataset.path",
+                                 str(repo.parent / "speedrun-data")], cwd=repo, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while git(repo, "worktree", "list").count("\n") < 2 or not (tmp_path / sig.name / "A-seed0").is_dir():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0 and "Traceback" not in err, err
+        assert git(repo, "worktree", "list").count("\n") == 1, git(repo, "worktree", "list")
+        leftover = [p for p in Path(tempfile.gettempdir()).glob("speedrun-*") if (p / "tree").exists()]
+        assert not leftover, leftover
+        mark = f"--trainer.output_dir={tmp_path / sig.name}".encode()
+        alive = [c for c in Path("/proc").glob("[0-9]*/cmdline") if mark in read_bytes(c).replace(b"\0", b" ")]
+        assert not alive, "the training subprocess outlived the speedrun"
+
+
+def read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # the process ended meanwhile
+        return b""
 
 
 def test_the_probe_task_splits_by_module(tmp_path):

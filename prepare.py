@@ -287,7 +287,7 @@ def _parse_py(path):
 
 
 @lru_cache(maxsize=None)
-def _py_docstrings(path):
+def py_docstrings(path):
     """The docstrings of a .py file (module, classes, functions), or None when it does not parse."""
     tree = _parse_py(path)
     if tree is None:
@@ -331,7 +331,7 @@ def read_rows(sf, columns, stats, skip=0, hint="set dataset.text_column"):
     column (a wrong column setting: none of the first RECORD_PROBE records has them all) is an error listing the file's
     columns (`hint` names the setting to fix)."""
     if sf.kind == "py":
-        docs = _py_docstrings(sf.local)
+        docs = py_docstrings(sf.local)
         if docs is None:
             stats.skipped_files += 1
             return

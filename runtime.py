@@ -4,6 +4,7 @@ environment or one), the device and precision, and files written whole (a tempor
 Reading order: run_main -> setup_distributed, to_device -> precision -> write_dir / write_atomic
 """
 
+import importlib
 import os
 import shutil
 import sys
@@ -92,6 +93,10 @@ def setup_distributed(backend: Optional[str] = None, timeout=None) -> tuple[int,
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        # torch._dynamo imported after the group exists (DDP imports it) keeps the group alive past
+        # destroy_process_group; its gloo threads then free the last collectives' tensors while the interpreter
+        # shuts down, and the process aborts ("terminate called without an active exception", 1 exit in ~40)
+        importlib.import_module("torch._dynamo")
         dist.init_process_group(backend, **({"timeout": timeout} if timeout is not None else {}))
         _JOB["store"] = dist.distributed_c10d._get_default_store()  # run_main's error count (no public handle)
     return rank, world_size, device

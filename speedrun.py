@@ -33,7 +33,7 @@ import yaml
 
 import neobert
 from config import UserError, parse_overrides, require
-from prepare import _py_docstrings, py_files
+from prepare import py_docstrings, py_files
 
 ROOT = Path(__file__).resolve().parent
 # the probe's fine-tuning noise (accuracy sd over 3 fine-tuning seeds of one pretrained smoke model: 0.042;
@@ -54,7 +54,7 @@ def probe_task(out: Path, packages: int = 20) -> Path:
         rel = Path(path).relative_to(root)
         if len(rel.parts) < 2:  # a top-level module, not a package
             continue
-        for doc in _py_docstrings(path) or ():
+        for doc in py_docstrings(path) or ():
             by_package.setdefault(rel.parts[0], []).append((str(rel), " ".join(doc.split())[:1000]))
     split_able = [p for p in by_package if len({m for m, _ in by_package[p]}) >= 2]  # a module on each side
     largest = sorted(split_able, key=lambda p: (-len(by_package[p]), p))[:packages]

@@ -262,11 +262,16 @@ class HookedForward(torch.nn.Module):
 
 def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     """torchrun --nproc_per_node 2: each process holds half the global batch; loss and gradients (after DDP's
-    all-reduce) equal one process holding it all, without and with gradient caching."""
+    all-reduce) equal one process holding it all, without and with gradient caching. Once DDP is freed,
+    destroy_process_group ends gloo's threads: left running, they free tensors while Python shuts down, which
+    aborted 1 exit in ~40 (runtime.setup_distributed imports torch._dynamo before the group for this)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     batch = random_batch(8, 1)
+    for rank in (0, 1):
+        threads = json.loads((tmp_path / f"threads_{rank}.json").read_text())
+        assert threads["started"] > threads["before"] == threads["after"], threads
     for chunk in (0, 3):
         got = torch.load(tmp_path / f"ddp_{chunk}.pt", weights_only=True)
         loss, want = grads_of(tiny_embedder(), batch, 0)
@@ -296,8 +301,10 @@ def test_torchrun_training_run_equals_one_process(tmp_path, pretrained, pairs):
 def _ddp_worker(out_dir):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    import runtime
+    before = len(os.listdir("/proc/self/task"))  # the process's threads, C++ ones included
+    rank, world, _ = runtime.setup_distributed()
+    started = len(os.listdir("/proc/self/task"))
     model = DDP(tiny_embedder())
     local = local_slice(random_batch(8, 1), rank, world)
     for chunk in (0, 3):
@@ -308,9 +315,11 @@ def _ddp_worker(out_dir):
         if rank == 0:
             grads = {k.removeprefix("module."): p.grad for k, p in model.named_parameters() if p.grad is not None}
             torch.save({"loss": loss_sum.item() / n, "grads": grads}, Path(out_dir) / f"ddp_{chunk}.pt")
-    del model  # free DDP's reducer while the group lives: left for exit, it aborted rank 1 in 4 runs of 12
+    del model  # DDP holds the group: freed first, the group goes with destroy_process_group (as in train.train)
     dist.barrier()
     dist.destroy_process_group()
+    counts = {"before": before, "started": started, "after": len(os.listdir("/proc/self/task"))}
+    (Path(out_dir) / f"threads_{rank}.json").write_text(json.dumps(counts))
 
 
 # -----------------------------------------------------------------------------

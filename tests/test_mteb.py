@@ -47,7 +47,7 @@ def stdlib_docs():
     root = Path(sysconfig.get_paths()["stdlib"])
     docs, seen = [], set()
     for label, module in enumerate(MODULES):
-        for doc in prepare._py_docstrings(root / module)[:12]:
+        for doc in prepare.py_docstrings(root / module)[:12]:
             first, _, rest = doc.partition("\n")
             first, rest = first.strip(), " ".join(rest.split())[:300]
             # no repeated texts: their similarities tie exactly, and rank metrics would then hinge on rounding

@@ -70,9 +70,10 @@ def test_same_code_is_no_difference_and_the_identity_edit_is_slower(repo, tmp_pa
     assert len(rows) == 2 and rows[0][2] != "not reached", rows
     assert [rows[0][i] for i in (2, 3, 5, 6)] == [rows[1][i] for i in (2, 3, 5, 6)], rows
     assert not git(repo, "worktree", "list").strip().count("\n"), "the temporary worktree was removed"
-    # the identity blocks learn only token frequencies, whose loss stays above 5.7 (6.2 they reach)
+    # the identity blocks learn token frequencies (and the unmasked tenth of the predicted tokens): their loss follows
+    # A's to ~5.95 (step 100), then stays above 5.75 (5.78 after 3000 steps); A's seed 0 reaches 5.6 by step ~300
     harmful = run_speedrun(repo, tmp_path / "identity", "--against", "identity", "--seeds", "1", "--budget-s", "40",
-                           "--target-loss", "5.7", "--probe-steps", "20", "--eval-every", "10")
+                           "--target-loss", "5.6", "--probe-steps", "20", "--eval-every", "10")
     assert harmful.returncode == 0, harmful.stderr[-2000:]
     assert "verdict: B reaches the MLM target slower than A" in harmful.stdout, harmful.stdout
     assert "| B | 0 | not reached |" in harmful.stdout and git(repo, "status", "--porcelain") == ""
@@ -80,9 +81,12 @@ def test_same_code_is_no_difference_and_the_identity_edit_is_slower(repo, tmp_pa
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 def test_muon_is_reported_faster_to_the_mlm_target(repo, tmp_path):
+    """The target sits on the steep part of the tiny model's curve (8.3 -> 6.2 in ~60 AdamW steps), where Muon's
+    lead is wide (6.6: ~30 steps against ~50 over several data preparations); the plateau below 6.2 is ruled by
+    seed noise (5.7 took AdamW 170 steps with one seed and 1010 with the other)."""
     p = run_speedrun(repo, tmp_path / "muon", "--against-overrides", "--optimizer.name muon --optimizer.lr 1e-2",
-                     "--seeds", "2", "--budget-s", "40", "--target-loss", "5.7", "--probe-steps", "20",
-                     "--eval-every", "10")
+                     "--seeds", "2", "--budget-s", "40", "--target-loss", "6.6", "--probe-steps", "20",
+                     "--eval-every", "5")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "verdict: B reaches the MLM target faster than A" in p.stdout, p.stdout
     numbers = json.loads((tmp_path / "muon" / "speedrun.json").read_text())

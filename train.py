@@ -688,23 +688,22 @@ def loop(cfg, objective, model, module, optimizer, loader, logger, state, save, 
         save_due = step == t.max_steps or (t.save_steps > 0 and step % t.save_steps == 0)
         eval_due = objective.eval_batch_size is not None and (step % t.eval_steps == 0 or step == t.max_steps)
         if not (save_due or eval_due or step % t.logging_steps == 0 or (stop.requested and world_size == 1)):
-            continue
+            continue  # past here a metrics line is due (a log, an evaluation, a save or a stop)
         bad_loss, bad_norm, bad_step = trouble[1:].tolist()  # a read: everything before it has run
         if bad_step >= 0:
             where = f"{t.output_dir}/checkpoints/{last_saved}" if last_saved is not None else "none was written"
             check_finite(bad_loss, bad_norm, f"at step {int(bad_step)}; stopped without saving (last good checkpoint: "
                          f"{where}). Lower optimizer.lr, raise scheduler.warmup_steps or set trainer.gradient_clipping")
         stopping = stop.requested if world_size == 1 else stats[-1].item() > 0
-        if save_due or eval_due or stopping or step % t.logging_steps == 0:
-            seconds = max(time.perf_counter() - t_log, 1e-9)
-            record = dict(step=step, loss=loss.item(), lr=lr, grad_norm=grad_norm.item(), tokens=state["tokens"],
-                          tokens_per_s=(state["tokens"] - tokens_log) / seconds,
-                          mfu=flops_log / seconds / (peak * world_size) if peak else None, elapsed=state["elapsed"],
-                          **objective.metrics(stats[1:1 + sums.numel()].tolist(), float(count)))
-            if eval_due or (stopping and objective.eval_batch_size is not None):
-                record.update({f"eval_{k}": v for k, v in objective.evaluate(model, amp).items()})
-            logger.log(record)
-            t_log, tokens_log, flops_log = time.perf_counter(), state["tokens"], 0.0
+        seconds = max(time.perf_counter() - t_log, 1e-9)
+        record = dict(step=step, loss=loss.item(), lr=lr, grad_norm=grad_norm.item(), tokens=state["tokens"],
+                      tokens_per_s=(state["tokens"] - tokens_log) / seconds,
+                      mfu=flops_log / seconds / (peak * world_size) if peak else None, elapsed=state["elapsed"],
+                      **objective.metrics(stats[1:1 + sums.numel()].tolist(), float(count)))
+        if eval_due or (stopping and objective.eval_batch_size is not None):
+            record.update({f"eval_{k}": v for k, v in objective.evaluate(model, amp).items()})
+        logger.log(record)
+        t_log, tokens_log, flops_log = time.perf_counter(), state["tokens"], 0.0
         if save_due or stopping:
             save(step)
             last_saved = step

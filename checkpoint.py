@@ -1,15 +1,8 @@
-"""Where trained models live, and the one way to find and load one. A model is named by a source: a run directory (its
-newest complete step), a model_checkpoints/<step> or checkpoints/<step> directory, an exported or released Hugging
-Face folder, or a hub id. train.py (init_from, resume, contrastive's start), evaluate.py (glue, mteb) and export.py
-all go through resolve() and load() here, and only this file knows the run directory's layout:
-
-    <run>/model_checkpoints/<step>/  model.safetensors (plain keys), config.yaml (resolved), tokenizer.json
-    <run>/model_checkpoints/latest   the newest complete step
-    <run>/checkpoints/<step>/        optimizer.pt, train_state.json: what exact resume needs besides the weights
-    an exported or released folder   config.json, model.safetensors (or shards + index), tokenizer.json, 1_Pooling/
-
-Every directory is written under a temporary name and renamed when complete (runtime.write_dir), so one that exists
-is whole. Reading order: the run directory (save, resume) -> resolve -> load.
+"""Where trained models live, and the one way to find and load one. resolve() turns a source (a run directory: its
+newest complete step; a model_checkpoints/<step> or checkpoints/<step> directory; an exported or released Hugging Face
+folder; a hub id) into the folder holding the model, and load() builds it. Only this file knows the run directory's
+layout (docs/pretraining.md): model_checkpoints/<step>/ (model.safetensors, config.yaml, tokenizer.json),
+model_checkpoints/latest, and checkpoints/<step>/ (optimizer.pt, train_state.json), each written whole.
 """
 
 import json
@@ -20,6 +13,8 @@ from typing import Literal, Optional
 
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 import hub
 import neobert
@@ -63,8 +58,6 @@ def prepare_run_dir(run_dir: Path) -> None:
 def save_model_dir(path: Path, model, full_config, tokenizer, after_write=None) -> None:
     """A model folder as load() reads it (model.safetensors with plain keys, config.yaml, tokenizer.json), whole or
     not at all. full_config: a config or a plain dict; after_write(d): runs before the rename (tests)."""
-    from safetensors.torch import save_file
-
     def write(d: Path):
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
@@ -195,13 +188,12 @@ def is_hub_id(source: str) -> bool:
             and not source.endswith("/") and not p.parent.is_dir())
 
 
-def resolve(source, revision: Optional[str] = None) -> Path:
+def resolve(source) -> Path:
     """The folder holding the model that `source` names (see the top of this file); a bad source is a UserError."""
     source = str(source)
     if is_hub_id(source):
-        p = Path(hub.snapshot(source, HUB_FILES, revision=revision, what=f"download the model {source}",
-                              offline=f"set HF_HUB_OFFLINE=1 to use the HF cache, or pass a local folder: "
-                                      f"{MODEL_SOURCES}"))
+        p = Path(hub.snapshot(source, HUB_FILES, what=f"download the model {source}", offline="set HF_HUB_OFFLINE=1 "
+                              f"to use the HF cache, or pass a local folder: {MODEL_SOURCES}"))
         require(not missing_files(p), f"hub repo {source} has no {' and no '.join(missing_files(p))}: is it a "
                 "NeoBERT model?")
         return p
@@ -243,11 +235,10 @@ class PretrainedInfo:
     pooling: str = "mean"  # mean | cls: contrastive.pooling, or an exported folder's 1_Pooling/config.json
     num_labels: Optional[int] = None  # a saved classifier head's label count
     id2label: Optional[dict] = None  # {int: str} of a saved classifier
-    classifier: Optional[dict] = None  # config.yaml's classifier: section or config.json's head keys
 
 
 def read_config(path: Path, model_overrides: dict) -> tuple:
-    """(full config dict, NeoBERTConfig, pooling, saved classifier section) of a checkpoint or an HF folder."""
+    """(full config dict, NeoBERTConfig, pooling, saved classifier section or {}) of a checkpoint or an HF folder."""
     if (path / "config.yaml").is_file():  # a training checkpoint
         try:
             full = yaml.safe_load((path / "config.yaml").read_text())
@@ -259,7 +250,7 @@ def read_config(path: Path, model_overrides: dict) -> tuple:
         model_config = build_section("model", neobert.NeoBERTConfig, {**model, **model_overrides})
         pooling = convert((full.get("contrastive") or {}).get("pooling", "mean"), Literal["mean", "cls"],
                           f"{path / 'config.yaml'}: contrastive.pooling")
-        return full, model_config, pooling, full.get("classifier")
+        return full, model_config, pooling, full.get("classifier") or {}
     try:
         full = json.loads((path / "config.json").read_text())
         model_config = config_from_hf(full, **model_overrides)
@@ -268,12 +259,11 @@ def read_config(path: Path, model_overrides: dict) -> tuple:
     st_pooling = path / "1_Pooling" / "config.json"  # sentence-transformers' pooling of an exported model
     st = json.loads(st_pooling.read_text()) if st_pooling.is_file() else {}
     saved = {k: full[k] for k in ("id2label", "classifier_dropout") if full.get(k) is not None}
-    return full, model_config, "cls" if st.get("pooling_mode_cls_token") else "mean", saved or None
+    return full, model_config, "cls" if st.get("pooling_mode_cls_token") else "mean", saved
 
 
 def read_safetensors(folder: Path) -> dict:
     """model.safetensors, or the shards model.safetensors.index.json names, as one state dict."""
-    from safetensors.torch import load_file
     try:
         if (folder / "model.safetensors").is_file():
             return load_file(str(folder / "model.safetensors"))
@@ -305,20 +295,24 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: dict, where) -> 
 
 def load(source, head: str = "mlm", num_labels: Optional[int] = None, classifier_dropout: Optional[float] = None,
          classifier_init_range: float = 0.02, new_head_if_mismatch: bool = False, **model_overrides):
-    """(model, PretrainedInfo) of any source. head: mlm (NeoBERTLMHead), encoder (NeoBERT) or classifier
+    """(model, PretrainedInfo) of any source. head: mlm (NeoBERTLMHead), encoder (NeoBERT), classifier
     (NeoBERTForSequenceClassification: a saved head with the same label count is kept; from an MLM checkpoint, or
-    with new_head_if_mismatch, a new head initialised with classifier_init_range). model_overrides replace model
-    config keys (e.g. attn_backend="sdpa"). The model is on the CPU in fp32, in train mode."""
-    require(head in ("mlm", "encoder", "classifier"), f"head must be mlm, encoder or classifier, got {head!r}")
+    with new_head_if_mismatch, a new head initialised with classifier_init_range) or auto (classifier when the
+    weights hold one, else mlm). model_overrides replace model config keys (e.g. attn_backend="sdpa"). The model is
+    on the CPU in fp32, in train mode."""
+    require(head in ("mlm", "encoder", "classifier", "auto"), f"head must be mlm, encoder, classifier or auto, got "
+            f"{head!r}")
     path = resolve(source)
     full, model_config, pooling, saved_head = read_config(path, model_overrides)
     sd = read_safetensors(path)
     if not any(k.startswith("model.") for k in sd):  # a bare encoder file
         sd = {"model." + k: v for k, v in sd.items()}
     saved_labels = sd["classifier.weight"].shape[0] if "classifier.weight" in sd else None
-    id2label = (saved_head or {}).get("id2label") if saved_labels else None
+    if head == "auto":
+        head = "mlm" if saved_labels is None else "classifier"
+    id2label = saved_head.get("id2label") if saved_labels else None
     info = PretrainedInfo(path=path, model_config=model_config, tokenizer=read_tokenizer(path), full_config=full,
-                          pooling=pooling, num_labels=saved_labels, classifier=saved_head,
+                          pooling=pooling, num_labels=saved_labels,
                           id2label={int(k): str(v) for k, v in id2label.items()} if id2label else None)
     encoder_sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
     if head == "mlm":
@@ -334,8 +328,7 @@ def load(source, head: str = "mlm", num_labels: Optional[int] = None, classifier
         require(saved_labels is None or keep or new_head_if_mismatch, f"{path} holds a classifier with {saved_labels}"
                 f" labels but num_labels={num_labels} was asked for; leave num_labels out to keep it, or ask for a "
                 "new head")
-        dropout = classifier_dropout if classifier_dropout is not None else \
-            (saved_head or {}).get("classifier_dropout", 0.1)
+        dropout = classifier_dropout if classifier_dropout is not None else saved_head.get("classifier_dropout", 0.1)
         model = neobert.NeoBERTForSequenceClassification(
             model_config, num_labels=saved_labels if keep else (num_labels or 2), classifier_dropout=float(dropout),
             classifier_init_range=classifier_init_range)
@@ -352,7 +345,6 @@ def read_tokenizer(path: Path):
     """The folder's tokenizer.json, or None when it has none."""
     if not (path / "tokenizer.json").is_file():
         return None
-    from tokenizers import Tokenizer
     try:
         return Tokenizer.from_file(str(path / "tokenizer.json"))
     except Exception as e:  # not a tokenizers file, or a damaged one

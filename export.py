@@ -3,15 +3,9 @@
   released Hugging Face folder, or a hub id; none: the newest complete checkpoint among the runs under ./runs
   --force: replace a non-empty HF_DIR
 
-Export a model as a Hugging Face folder that transformers, sentence-transformers and MTEB load as is.
-The folder holds config.json (model_type neobert, auto_map), model.safetensors (the released chandar-lab/NeoBERT
-tensor names: model.*, decoder.*; a fine-tuned classifier: model.*, dense.*, classifier.*), neobert.py and
-modeling_neobert.py (the thin adapter to transformers) copied byte for byte, the tokenizer files, the
-sentence-transformers files (the run's pooling) and a README.md model card.
-The folder is written under a temporary name next to HF_DIR and renamed when complete.
-This file never imports transformers: only modeling_neobert.py does, when transformers loads the folder.
-
-Reading order: finding and reading a checkpoint -> the folder's files -> the model card -> writing the folder, main.
+Export a model as a Hugging Face folder that transformers, sentence-transformers and MTEB load as is: config.json,
+model.safetensors (the released tensor names), neobert.py and its transformers adapter modeling_neobert.py copied
+byte for byte, the tokenizer, the sentence-transformers files and a model card. docs/export.md describes the folder.
 """
 
 import argparse
@@ -26,7 +20,6 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import processors
 
@@ -34,7 +27,6 @@ import checkpoint
 import config
 import prepare
 import runtime
-from checkpoint import PretrainedInfo
 from config import UserError, require
 
 MODELING_FILE_NAME = "modeling_neobert.py"
@@ -64,51 +56,37 @@ class ClassifierSection:
                     f"classifier.id2label must name labels 0..{n - 1}, got ids {sorted(self.id2label)}")
 
 
-def head_of(folder: Path) -> str:
-    """classifier when the folder's weights hold a classification head, else mlm."""
-    try:
-        for f in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(f), "pt") as weights:
-                if "classifier.weight" in weights.keys():
-                    return "classifier"
-    except (SafetensorError, OSError):  # checkpoint.load names the file it cannot read
-        pass
-    return "mlm"
-
-
 def read_checkpoint(folder: Path):
     """(state dict, PretrainedInfo, ClassifierSection or None) of a model folder (checkpoint.load checks every
     tensor). The kernel the run used (e.g. flash_attn) says how it ran, not what it computes: auto here."""
-    head = head_of(folder)
-    model, info = checkpoint.load(folder, head=head, attn_backend="auto")
+    model, info = checkpoint.load(folder, head="auto", attn_backend="auto")
     require(info.tokenizer is not None, f"{folder} has no tokenizer.json: the exported folder needs the tokenizer "
             "the model was trained with; copy it there")
-    trained = (folder / "config.yaml").is_file()  # a training checkpoint: its classifier: section, if any
+    full, trained = info.full_config, (folder / "config.yaml").is_file()
     where = folder / ("config.yaml" if trained else "config.json")
-    section = info.full_config.get("classifier") if trained else None
-    if not trained and head == "classifier":  # an exported classifier: config.json's label keys
+    section = full.get("classifier") if trained else None  # a training checkpoint: its classifier: section, if any
+    if not trained and info.num_labels:  # an exported classifier: config.json's label keys
         section = {"num_labels": info.num_labels, "id2label": info.id2label,
-                   **{k: info.full_config[k] for k in ("classifier_dropout", "classifier_init_range")
-                      if k in info.full_config}}
-    classifier = None
-    if section is not None:
-        try:
-            classifier = config.build_section("classifier", ClassifierSection, section)
-        except UserError as e:
-            raise UserError(f"{where}: {e}") from None
-        require(head == "classifier", f"{folder / 'model.safetensors'} has no tensor 'dense.weight' (nor any "
-                                      f"classifier head), but {where} has a classifier: section")
-        require(info.num_labels == classifier.num_labels, f"{folder} holds a classifier with {info.num_labels} "
-                f"labels, but {where} says classifier.num_labels {classifier.num_labels}")
-    require(classifier is not None or head == "mlm",
-            f"{folder} holds a classifier head, but {where} has no classifier: section (num_labels, id2label)")
+                   **{k: full[k] for k in ("classifier_dropout", "classifier_init_range") if k in full}}
+    if section is None:
+        require(not info.num_labels, f"{folder} holds a classifier head, but {where} has no classifier: section "
+                "(num_labels, id2label)")
+        return model.state_dict(), info, None
+    try:
+        classifier = config.build_section("classifier", ClassifierSection, section)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    require(info.num_labels, f"{folder / 'model.safetensors'} has no tensor 'dense.weight' (nor any classifier head), "
+            f"but {where} has a classifier: section")
+    require(info.num_labels == classifier.num_labels, f"{folder} holds a classifier with {info.num_labels} labels, "
+            f"but {where} says classifier.num_labels {classifier.num_labels}")
     return model.state_dict(), info, classifier
 
 
 # -----------------------------------------------------------------------------
 # the files of the folder
 
-def folder_files(info: PretrainedInfo, dtype, classifier: Optional[ClassifierSection]) -> dict:
+def folder_files(info: checkpoint.PretrainedInfo, dtype, classifier: Optional[ClassifierSection]) -> dict:
     """{file name: JSON-able object}: config.json (neobert.NeoBERTConfig's fields, which modeling_neobert.py's config
     reads by the same names), the tokenizer files and the sentence-transformers files (the run's pooling:
     neobert.pool's mean over real tokens, or the [CLS] vector)."""
@@ -127,8 +105,7 @@ def folder_files(info: PretrainedInfo, dtype, classifier: Optional[ClassifierSec
         **c.to_dict(),
         "classifier_dropout": head.classifier_dropout, "classifier_init_range": head.classifier_init_range,
         "tie_word_embeddings": False, "torch_dtype": str(dtype).replace("torch.", ""),
-        # pipeline("fill-mask") of transformers 4.50 loads a tokenizer for a custom model_type only when config.json
-        # names its class (4.57 and 5.x read tokenizer_config.json)
+        # transformers 4.50's fill-mask pipeline finds a custom model's tokenizer only by config.json's class name
         "tokenizer_class": "PreTrainedTokenizerFast", **(labels if classifier else {})}
     try:  # prepare.py's rules: the BERT special tokens, and no more tokens than the model has embeddings
         ids = prepare.special_token_ids(tokenizer)
@@ -155,8 +132,7 @@ def folder_files(info: PretrainedInfo, dtype, classifier: Optional[ClassifierSec
             "tokenizer_config.json": tokenizer_config, "special_tokens_map.json": dict(SPECIAL_TOKENS),
             "modules.json": modules, "1_Pooling/config.json": pooling,
             "sentence_bert_config.json": {"max_seq_length": c.max_position_embeddings, "do_lower_case": False},
-            # the model type and the similarity (cosine, what pooled embeddings are compared with) said explicitly,
-            # for sentence-transformers and for MTEB, which reads this file to pick its loader
+            # the model type and the similarity said explicitly: MTEB reads this file to pick its loader
             "config_sentence_transformers.json": {"model_type": "SentenceTransformer", "prompts": {},
                                                   "default_prompt_name": None, "similarity_fn_name": "cosine"}}
 
@@ -167,6 +143,7 @@ def folder_files(info: PretrainedInfo, dtype, classifier: Optional[ClassifierSec
 NOT_RESULTS = {"config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "modules.json",
                "sentence_bert_config.json", "config_sentence_transformers.json", "manifest.json", "tokenizer_spec.json",
                "train_state.json"}
+SKIP_DIRS = ("checkpoints", "model_checkpoints", "wandb")  # folders of the run dir that hold no results
 
 
 def evaluation_results(run_dir: Path, limit: int = 50) -> list:
@@ -175,16 +152,12 @@ def evaluation_results(run_dir: Path, limit: int = 50) -> list:
     found = []
     for dirpath, dirnames, filenames in os.walk(run_dir):
         here = Path(dirpath)
-        if here == run_dir:
-            dirnames[:] = [d for d in dirnames if d not in ("checkpoints", "model_checkpoints", "wandb")]
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here != run_dir or d not in SKIP_DIRS)
                              and not any((here / d / f).exists() for f in ("model.safetensors", "tokenizer.json")))
-        for name in sorted(filenames):
-            path = here / name
-            if not name.endswith(".json") or name in NOT_RESULTS or path.stat().st_size > 200_000:
-                continue
+        for path in sorted(here / n for n in filenames if n.endswith(".json") and n not in NOT_RESULTS):
             try:
-                found.append((path.relative_to(run_dir).as_posix(), json.loads(path.read_text())))
+                if path.stat().st_size <= 200_000:
+                    found.append((path.relative_to(run_dir).as_posix(), json.loads(path.read_text())))
             except (json.JSONDecodeError, UnicodeDecodeError, OSError):
                 continue
             if len(found) == limit:
@@ -253,7 +226,7 @@ clf = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code
 label = clf.config.id2label[clf(**batch).logits.argmax(-1).item()]"""
 
 
-def model_card(info: PretrainedInfo, folder: Path, n_params: int, classifier) -> str:
+def model_card(info: checkpoint.PretrainedInfo, folder: Path, n_params: int, classifier) -> str:
     c = info.model_config
     run_dir = checkpoint.owning_run(folder)  # a run's step: its metrics and evaluations
     metrics, entries = run_dir and run_dir / "metrics.jsonl", []
@@ -363,12 +336,9 @@ def export(src: Path, out: Path, force: bool = False) -> Path:
     return folder
 
 
-USAGE_LINE = "python export.py --out HF_DIR [MODEL] [--force]"
-
-
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one `error: ...` line, as every error (runtime.run_main), not argparse's usage block
-        raise UserError(f"{message}; usage: {USAGE_LINE}")
+        raise UserError(f"{message}; usage: python export.py --out HF_DIR [MODEL] [--force]")
 
 
 def main(argv=None) -> int:

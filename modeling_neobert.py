@@ -1,10 +1,8 @@
 """NeoBERT for Hugging Face transformers (4.5x and 5.x): export.py copies this file, byte for byte, into the folder.
 
-The model is neobert.py, the file beside this one, byte for byte the training code. This file only adapts it to
-transformers: a PretrainedConfig holding neobert.NeoBERTConfig's fields, and PreTrainedModel classes whose modules are
-neobert.py's own, under the released chandar-lab/NeoBERT tensor names (model.*, decoder.*; GLUE head: dense.*,
-classifier.*). Load with AutoModel, AutoModelForMaskedLM or AutoModelForSequenceClassification, trust_remote_code=True.
-Only this file imports transformers; nothing else in the project does.
+The model is neobert.py beside it, the training code itself. This file only adapts it: a PretrainedConfig holding
+neobert.NeoBERTConfig's fields, and PreTrainedModel classes holding neobert.py's modules under the released tensor
+names. Only this file imports transformers (docs/export.md).
 """
 
 import importlib
@@ -19,9 +17,8 @@ from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, Seque
 try:  # in an exported folder: neobert.py beside this file (transformers copies relative imports along)
     from .neobert import (NeoBERT as Encoder, NeoBERTConfig as ModelConfig, NeoBERTForSequenceClassification as
                           Classifier, NeoBERTLMHead as LMHead, init_classifier_layer, init_weights)
-except ImportError:  # in the repo (tests, editors, linters), where neobert.py is a top-level module. transformers
-    # skips try blocks when it lists the packages a remote file needs (4.5x: up to `except ...:` only, so importlib
-    # rather than an import statement here): a `neobert` package is never asked for
+except ImportError:  # in the repo, where neobert.py is a top-level module. importlib, not an import statement:
+    # transformers 4.5x skips try blocks only up to `except ...:` when it lists the packages a remote file needs
     _neobert = importlib.import_module("neobert")
     Encoder, ModelConfig, LMHead = _neobert.NeoBERT, _neobert.NeoBERTConfig, _neobert.NeoBERTLMHead
     Classifier = _neobert.NeoBERTForSequenceClassification
@@ -186,9 +183,8 @@ class NeoBERTForSequenceClassification(NeoBERTPreTrainedModel):
             problem = self.config.problem_type or ("regression" if self.num_labels == 1 else
                                                    "single_label_classification" if integer else
                                                    "multi_label_classification")
-            if problem == "regression":
-                loss = F.mse_loss(logits.squeeze(-1).float(), labels.squeeze(-1).float()) if self.num_labels == 1 \
-                    else F.mse_loss(logits.float(), labels.float())
+            if problem == "regression":  # (B, 1) logits against (B,) or (B, 1) labels when num_labels == 1
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.squeeze(-1).float())
             elif problem == "single_label_classification":
                 loss = F.cross_entropy(logits.view(-1, self.num_labels).float(), labels.view(-1).long())
             else:

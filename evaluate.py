@@ -4,11 +4,8 @@
   python evaluate.py glue --help, python evaluate.py mteb --help: each one's options
   A model may be a run directory, a model_checkpoints/<step> directory, an exported HF folder or a hub id.
 
-Evaluate NeoBERT models: fine-tune and score on GLUE here, or embed and score on MTEB (mteb_eval.py).
-
-GLUE follows the NeoBERT paper's protocol (Appendix C; docs/glue.md): the best evaluation of a run is its score. A
-sweep is a grid of runs; every run writes <output_dir>/glue/<task>/<run>/results.json when it is done, so the same
-command continues a stopped sweep.
+Evaluate NeoBERT models: fine-tune and score on GLUE here with the paper's protocol (docs/glue.md), or embed and score
+on MTEB (mteb_eval.py). Each finished GLUE run writes its results.json, so the same command continues a stopped sweep.
 """
 
 import dataclasses
@@ -160,7 +157,7 @@ TRANSFER_TASKS = ("rte", "mrpc", "stsb", "qnli")
 
 
 # -----------------------------------------------------------------------------
-# data: every split becomes texts (a list of 1- or 2-tuples) and labels (int64 ids, or float32 for regression)
+# data: every split becomes texts (a list of 1- or 2-tuples) and labels (int64 ids, or floats for regression)
 
 @dataclass
 class Split:
@@ -211,15 +208,17 @@ def load_glue_task(task: GlueTask, g: GlueConfig) -> dict:
     <task>/<split>-*.parquet, or the GLUE download's <Task>/train.tsv, dev.tsv (MNLI: dev_matched, dev_mismatched)."""
     splits = ("train", *task.val_splits)
     hint = f"{task.name} has {task.num_labels} label{'s' if task.num_labels > 1 else ''}"
+    config.require(g.num_labels in (None, task.num_labels), f"glue.num_labels={g.num_labels} contradicts {task.name}"
+                   f" ({hint}); leave glue.num_labels null for GLUE tasks")
     tsv = {s: f"{task.title}/{'train' if s == 'train' else 'dev' + s.removeprefix('validation')}.tsv" for s in splits}
     columns, label, header = task.columns, "label", None
     if g.data_dir is None:
         offline = (f"download GLUE and set glue.data_dir to a folder holding {task.name}/<split>-*.parquet or the GLUE "
                    f"TSV files {', '.join(tsv.values())}, and set HF_HUB_OFFLINE=1 (no hub calls)")
-        parquet = {s: f"{task.name}/{s}-00000-of-00001.parquet" for s in splits}
+        names = {s: f"{task.name}/{s}-00000-of-00001.parquet" for s in splits}
         files = {s: [Path(hub.download("nyu-mll/glue", name, repo_type="dataset", cache_dir=g.cache_dir,
                                        what=f"download {name} of the hub dataset nyu-mll/glue", offline=offline))]
-                 for s, name in parquet.items()}
+                 for s, name in names.items()}
     else:
         root = Path(g.data_dir)
         files = {s: sorted((root / task.name).glob(f"{s}-*.parquet")) for s in splits}
@@ -291,7 +290,6 @@ def _no_label(value) -> bool:
 
 
 def _number(value) -> Optional[float]:
-    """A label as a float (1, 2.5, "2.5", True), or None when it is not a number."""
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -358,9 +356,8 @@ def make_batch(enc: Encoded, idx, pad_id: int, unpadded: bool) -> dict:
 
 
 def epoch_batches(enc: Encoded, batch_size: int, seed: int, epoch: int) -> list:
-    """This epoch's batches of example indices, a pure function of (seed, epoch): shuffled, sorted by length within
-    windows of 64 batches (little padding where batches are padded), then the batches shuffled. The padded and the
-    unpadded path get the same batches, so a run trains the same model on a CPU and on a GPU."""
+    """This epoch's batches of example indices, a pure function of (seed, epoch): sorted by length within windows of
+    64 batches (little padding), then shuffled. Padded and unpadded runs get the same batches, so the same model."""
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(enc.labels))
     window = batch_size * 64
@@ -380,7 +377,7 @@ def accuracy(pred, label) -> float:
 def f1_score(pred, label, num_labels: int = 2) -> float:
     """Binary F1 of class 1 (MRPC, QQP); the unweighted mean over classes (macro) when there are more than two."""
     pred, label = np.asarray(pred), np.asarray(label)
-    classes = [1] if num_labels <= 2 else range(num_labels)  # 2 TP / (2 TP + FP + FN); 0 without any c
+    classes = [1] if num_labels <= 2 else range(num_labels)
     return float(np.mean([2.0 * np.sum((pred == c) & (label == c)) / max(np.sum(pred == c) + np.sum(label == c), 1)
                           for c in classes]))
 
@@ -406,8 +403,7 @@ def pearson(x, y) -> float:
 def average_ranks(x) -> np.ndarray:
     """Ranks 1..n with ties given their average rank (what Spearman's correlation needs)."""
     _, inv, counts = np.unique(np.asarray(x), return_inverse=True, return_counts=True)
-    last = np.cumsum(counts)  # the rank of the last of each group of equal values
-    return (last - (counts - 1) / 2.0)[inv.reshape(-1)]
+    return (np.cumsum(counts) - (counts - 1) / 2.0)[inv.reshape(-1)]  # a group's last rank minus half its extra
 
 
 def spearman(x, y) -> float:
@@ -451,23 +447,20 @@ def read_results(path: Path) -> Optional[dict]:
 
 @dataclass
 class Context:
-    """What every run of one `evaluate.py glue` shares: this process, its device and precision, the batching, the
-    starting model's tokenizer, and the encoded data of the task at hand (kept for the runs of a sweep)."""
+    """What the runs of one `evaluate.py glue` share, and the encoded data of the task at hand (for a sweep's runs)."""
     rank: int
     world: int
     device: torch.device
     precision: str  # "bf16" or "no"
     amp: object  # its autocast context
     unpadded: bool  # cu_seqlens batches, else length-grouped padded ones
-    eval_batch_size: int
     tokenizer: object = None
     pad_id: int = 0
     encoded: dict = field(default_factory=dict)
 
 
 def train_batch(model, enc: Encoded, idx, accum: int, unpadded: bool, ctx: Context) -> torch.Tensor:
-    """Forward and backward of one batch in `accum` micro-batches, the loss weighted by examples so the gradient is
-    the batch mean's."""
+    """Forward and backward of one batch in `accum` micro-batches, each loss weighted so the gradient is the batch's."""
     loss = torch.zeros((), device=ctx.device)
     for micro in np.array_split(idx, min(accum, len(idx))):
         batch = runtime.to_device(make_batch(enc, micro, ctx.pad_id, unpadded), ctx.device)
@@ -509,8 +502,8 @@ def split_metrics(task: GlueTask, preds: dict, val: dict) -> dict:
 
 
 def constant_score(task: GlueTask, val: dict) -> float:
-    """The best score of one prediction for every example (the majority class; 0 for a correlation): a run at or
-    below it learned nothing."""
+    """The best score of one answer for all (the majority class; 0 for a correlation): a run at or below it learned
+    nothing."""
     return max(glue_task_score(task, split_metrics(task, {s: np.full(len(enc.labels), c, np.float64)
                                                           for s, enc in val.items()}, val))
                for c in range(task.num_labels))
@@ -539,9 +532,8 @@ def start_run(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Cont
 
 
 def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Context, id2label: Optional[dict]) -> dict:
-    """Fine-tunes one run from `source` and writes its dir (metrics.jsonl, best/, results.json last: then the run
-    counts as finished). Randomness (head init, data order, dropout) comes from run.seed only, so any process gives
-    the same run."""
+    """Fine-tunes one run and writes its dir (metrics.jsonl, best/, then results.json: finished). Randomness (head init,
+    data order, dropout) comes from run.seed only, so any process gives the same run."""
     from tqdm import tqdm
     g, t, out = cfg.glue, cfg.trainer, run_dir(cfg, run)
     out.mkdir(parents=True, exist_ok=True)
@@ -575,8 +567,9 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Conte
                 print(json.dumps(dict(step=done, epoch=done / steps_per_epoch, loss=loss, lr=lr, grad_norm=grad_norm,
                                       examples_per_s=examples / elapsed, elapsed=elapsed)), file=log)
             if done % eval_every == 0 or last:
-                metrics = split_metrics(task, {s: predict(model, enc, ctx.eval_batch_size, ctx.pad_id, ctx.unpadded,
-                                                          ctx.device, ctx.amp) for s, enc in val.items()}, val)
+                metrics = split_metrics(task, {s: predict(model, enc, t.per_device_eval_batch_size, ctx.pad_id,
+                                                          ctx.unpadded, ctx.device, ctx.amp) for s, enc in val.items()},
+                                        val)
                 record = dict(step=done, epoch=done / steps_per_epoch, score=glue_task_score(task, metrics), **metrics)
                 evaluations.append(record)
                 best = max(evaluations, key=lambda r: r["score"])  # the first of equal scores
@@ -587,8 +580,7 @@ def finetune(cfg, run: GlueRun, task: GlueTask, source, splits: dict, ctx: Conte
                 bar.set_postfix(score=f"{100 * record['score']:.2f}", best=f"{100 * best['score']:.2f}", refresh=False)
                 if t.early_stopping and len(evaluations) - 1 - evaluations.index(best) >= t.early_stopping:
                     break  # early: done < total
-    # best/, which export.py turns into a transformers folder with the labels: config.yaml keeps the pretraining
-    # sections of the start checkpoint (the model card reports them) and adds glue: (this run) and classifier:
+    # best/ (export.py's input): the start checkpoint's config.yaml sections (the model card's), glue: and classifier:
     model.load_state_dict(best_state)
     plain = config.config_to_dict(cfg)
     full = dict(info.full_config) if (info.path / "config.yaml").is_file() else {}
@@ -681,10 +673,9 @@ def plan_runs(cfg, tasks: list, cli: set) -> list[GlueRun]:
         grid = [getattr(g.sweep, k) or [s[k]] for k in ("batch_size", "lr", "weight_decay", "seed")]
         for bs, lr, wd, seed in itertools.product(*grid):
             run = GlueRun(name, bs, lr, wd, seed, s["num_train_epochs"], s["max_seq_length"])
-            if run.batch_size < 1 or run.lr <= 0 or run.weight_decay < 0 or run.max_seq_length < 8:
-                raise UserError(f"{name}: batch_size {bs}, lr {lr}, weight_decay {wd}, max_seq_length "
-                                f"{run.max_seq_length}: need batch_size >= 1, lr > 0, weight_decay >= 0, "
-                                "max_seq_length >= 8")
+            config.require(bs >= 1 and lr > 0 and wd >= 0 and run.max_seq_length >= 8, f"{name}: batch_size {bs}, "
+                           f"lr {lr}, weight_decay {wd}, max_seq_length {run.max_seq_length}: need batch_size >= 1, "
+                           "lr > 0, weight_decay >= 0, max_seq_length >= 8")
             runs.append(run)
     return runs
 
@@ -693,15 +684,14 @@ def _finished(cfg, run: GlueRun, source) -> bool:
     res = read_results(run_dir(cfg, run))
     if res is None:
         return False
-    want = run_fingerprint(cfg, run, source)
-    diff = [k for k in want if res.get("fingerprint", {}).get(k) != want[k]]
+    want, had = run_fingerprint(cfg, run, source), res.get("fingerprint", {})
+    diff = [k for k in want if had.get(k) != want[k]]
     if diff == ["source"] and run.task in TRANSFER_TASKS and cfg.glue.transfer_from_task:
         config.warn(f"{run_dir(cfg, run)}: the best MNLI model is now {source}; running it again from there")
         return False
     if diff:
-        raise UserError(f"{run_dir(cfg, run)} holds a finished run made with another {diff[0]} "
-                        f"({res.get('fingerprint', {}).get(diff[0])!r}, now {want[diff[0]]!r}); choose another "
-                        "trainer.output_dir, or delete that run to redo it")
+        raise UserError(f"{run_dir(cfg, run)} holds a finished run made with another {diff[0]} ({had.get(diff[0])!r}, "
+                        f"now {want[diff[0]]!r}); choose another trainer.output_dir, or delete that run to redo it")
     return True
 
 
@@ -782,9 +772,8 @@ def results_markdown(summary: dict) -> str:
 # entry point: processes, the model to start from, every task's data, then the runs phase by phase
 
 def start_model(cfg, runs: list, ctx: Context):
-    """The model every run starts from, its tokenizer into ctx: a missing checkpoint or special token, or a
-    max_seq_length beyond its positions, stops here before any work. No init_from: a random model.* saved once, so
-    every run starts from the same weights through the same loading code."""
+    """The model every run starts from, checked before any work, its tokenizer into ctx. No init_from: a random model.*
+    saved once, so every run starts from the same weights through the same loading code."""
     source = cfg.glue.init_from
     if source is None:
         source = Path(cfg.trainer.output_dir) / "glue" / "random_init"
@@ -814,8 +803,8 @@ def start_model(cfg, runs: list, ctx: Context):
 
 
 def load_tasks(names: list, g: GlueConfig, rank: int, world: int) -> tuple[dict, dict, dict]:
-    """({name: GlueTask}, {name: {split: Split}}, {name: id2label}) for every task, read and checked before any
-    fine-tuning. Under torchrun rank 0 reads (and downloads) first; the others then read its cache."""
+    """({name: GlueTask}, {name: {split: Split}}, {name: id2label}), read and checked before any fine-tuning. Under
+    torchrun rank 0 reads (and downloads) first; the others then read its cache."""
     tasks, splits, id2labels = {}, {}, {}
     if rank > 0:
         dist.barrier()
@@ -825,9 +814,6 @@ def load_tasks(names: list, g: GlueConfig, rank: int, world: int) -> tuple[dict,
             tasks[name] = custom_task(g, num_labels)
         else:
             task = tasks[name] = GLUE_TASKS[name]
-            if g.num_labels is not None and g.num_labels != task.num_labels:
-                raise UserError(f"glue.num_labels={g.num_labels} contradicts {name}, which has {task.num_labels} "
-                                f"label{'s' if task.num_labels > 1 else ''}; leave glue.num_labels null for GLUE tasks")
             splits[name] = load_glue_task(task, g)
             id2labels[name] = dict(enumerate(task.labels)) if task.labels else None
         if rank == 0:
@@ -839,8 +825,7 @@ def load_tasks(names: list, g: GlueConfig, rank: int, world: int) -> tuple[dict,
 
 
 def run_phase(cfg, phase: list, start, tasks: dict, splits: dict, id2labels: dict, ctx: Context) -> None:
-    """The runs of a phase that are not finished yet (rank 0 decides), round-robin over the processes: each process
-    fine-tunes its own runs on its own device."""
+    """The runs of a phase that are not finished (rank 0 decides), dealt round-robin to the processes."""
     todo = [None]
     if ctx.rank == 0:
         todo = [[i for i, run in enumerate(phase) if not _finished(cfg, run, start)]]
@@ -866,51 +851,45 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
     g, t = cfg.glue, cfg.trainer
     names = parse_tasks(g.task_name)
     runs = plan_runs(cfg, names, cli)
-    # under torchrun each process fine-tunes its own runs on its own GPU; a gloo group (with a long timeout: runs take
-    # hours) only carries barriers and the list of runs to do
+    # under torchrun each process fine-tunes its own runs; a gloo group (runs take hours) carries barriers and to-dos
     rank, world, device = runtime.setup_distributed("gloo", timeout=datetime.timedelta(days=7))
-    try:
-        precision = runtime.resolve_precision(t.mixed_precision, device, warn=config.warn if rank == 0 else None)
-        ctx = Context(rank, world, device, precision, runtime.autocast(device, precision),
-                      unpadded=g.batching == "unpadded" or (g.batching == "auto" and device.type == "cuda"),
-                      eval_batch_size=t.per_device_eval_batch_size)
-        if t.output_dir == "auto":
-            t.output_dir = str(checkpoint.home(g.init_from) if g.init_from else Path("runs/glue_random_init"))
-        source = start_model(cfg, runs, ctx)
-        auto = cfg.optimizer.name == "auto"  # the optimizer the start model was trained with (train.optimizer_name)
-        cfg.optimizer.name = train.optimizer_name(cfg.optimizer, source)
-        tasks, splits, id2labels = load_tasks(names, g, rank, world)
-        if bench:
-            return bench_glue(cfg, runs[0], tasks[runs[0].task], source, splits[runs[0].task], ctx)
-        # phase 1: everything that does not start from MNLI; phase 2: the transfer tasks, from MNLI's best model
-        moved = [r for r in runs if g.transfer_from_task and r.task in TRANSFER_TASKS]
-        if moved and "mnli" not in names and _best_mnli(cfg) is None:
-            raise UserError(f"glue.transfer_from_task starts {', '.join(sorted({r.task for r in moved}))} from "
-                            f"the best MNLI model, and {Path(t.output_dir) / 'glue' / 'mnli'} holds no finished "
-                            "MNLI run: add mnli to glue.task_name (all includes it) or run it first")
+    precision = runtime.resolve_precision(t.mixed_precision, device, warn=config.warn if rank == 0 else None)
+    ctx = Context(rank, world, device, precision, runtime.autocast(device, precision),
+                  unpadded=g.batching == "unpadded" or (g.batching == "auto" and device.type == "cuda"))
+    if t.output_dir == "auto":
+        t.output_dir = str(checkpoint.home(g.init_from) if g.init_from else Path("runs/glue_random_init"))
+    source = start_model(cfg, runs, ctx)
+    auto = cfg.optimizer.name == "auto"  # the optimizer the start model was trained with (train.optimizer_name)
+    cfg.optimizer.name = train.optimizer_name(cfg.optimizer, source)
+    tasks, splits, id2labels = load_tasks(names, g, rank, world)
+    if bench:
+        return bench_glue(cfg, runs[0], tasks[runs[0].task], source, splits[runs[0].task], ctx)
+    # phase 1: everything that does not start from MNLI; phase 2: the transfer tasks, from MNLI's best model
+    moved = [r for r in runs if g.transfer_from_task and r.task in TRANSFER_TASKS]
+    if moved and "mnli" not in names and _best_mnli(cfg) is None:
+        raise UserError(f"glue.transfer_from_task starts {', '.join(sorted({r.task for r in moved}))} from "
+                        f"the best MNLI model, and {Path(t.output_dir) / 'glue' / 'mnli'} holds no finished "
+                        "MNLI run: add mnli to glue.task_name (all includes it) or run it first")
+    if rank == 0:
+        print(f"glue: {len(runs)} run{'s' if len(runs) > 1 else ''} of {', '.join(names)} over {world} "
+              f"process{'es' if world > 1 else ''} ({device}, {'bf16 autocast' if precision == 'bf16' else 'fp32'},"
+              f" {'unpadded' if ctx.unpadded else 'length-grouped padded'} batches, optimizer "
+              f"{cfg.optimizer.name}{' (optimizer.name auto: as the start model was trained)' if auto else ''}) -> "
+              f"{Path(t.output_dir) / 'glue'}", flush=True)
+    run_phase(cfg, [r for r in runs if r not in moved], source, tasks, splits, id2labels, ctx)
+    if moved:
+        start = _best_mnli(cfg)
         if rank == 0:
-            print(f"glue: {len(runs)} run{'s' if len(runs) > 1 else ''} of {', '.join(names)} over {world} "
-                  f"process{'es' if world > 1 else ''} ({device}, {'bf16 autocast' if precision == 'bf16' else 'fp32'},"
-                  f" {'unpadded' if ctx.unpadded else 'length-grouped padded'} batches, optimizer "
-                  f"{cfg.optimizer.name}{' (optimizer.name auto: as the start model was trained)' if auto else ''}) -> "
-                  f"{Path(t.output_dir) / 'glue'}", flush=True)
-        run_phase(cfg, [r for r in runs if r not in moved], source, tasks, splits, id2labels, ctx)
-        if moved:
-            start = _best_mnli(cfg)
-            if rank == 0:
-                print(f"transfer: {', '.join(sorted({r.task for r in moved}))} start from {start}")
-            run_phase(cfg, moved, start, tasks, splits, id2labels, ctx)
-        if rank > 0:
-            return None
-        summary, out = summarize_glue(cfg, runs, tasks), Path(t.output_dir) / "glue"  # every run wrote in it
-        runtime.write_atomic(out / "results.json", json.dumps(summary, indent=1))
-        runtime.write_atomic(out / "results.md", results_markdown(summary))
-        print(results_markdown(summary), end="")
-        print(f"written: {out / 'results.md'}, {out / 'results.json'}")
-        return summary
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+            print(f"transfer: {', '.join(sorted({r.task for r in moved}))} start from {start}")
+        run_phase(cfg, moved, start, tasks, splits, id2labels, ctx)
+    if rank > 0:
+        return None
+    summary, out = summarize_glue(cfg, runs, tasks), Path(t.output_dir) / "glue"  # every run wrote in it
+    runtime.write_atomic(out / "results.json", json.dumps(summary, indent=1))
+    runtime.write_atomic(out / "results.md", markdown := results_markdown(summary))
+    print(markdown, end="")
+    print(f"written: {out / 'results.md'}, {out / 'results.json'}")
+    return summary
 
 
 GLUE_USAGE = """usage: python evaluate.py glue [CONFIG] [--bench] [--section.key value ...]  (CONFIG: configs/glue.yaml)
@@ -925,7 +904,11 @@ def glue_main(argv) -> int:
     argv = [a for a in argv if a != "--bench"]
     if argv[:1] not in (["-h"], ["--help"]) and (not argv or argv[0].startswith("--") or "=" in argv[0]):
         argv.insert(0, str(Path(__file__).resolve().parent / "configs" / "glue.yaml"))  # no CONFIG: the default one
-    return runtime.run_main(argv, GLUE_USAGE, lambda args: glue(*load_glue_config(args), bench=bench))
+    try:
+        return runtime.run_main(argv, GLUE_USAGE, lambda args: glue(*load_glue_config(args), bench=bench))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 USAGE = __doc__[:__doc__.index("\n\nEvaluate NeoBERT")]  # the command lines that open this docstring

@@ -15,10 +15,11 @@ def endpoint() -> str:
 
 
 @contextmanager
-def requests(what: str, offline: str):
+def requests(what: str, offline: str, wrap: bool = False):
     """Around any huggingface_hub call (datasets' and mteb's too): when one of its requests fails and the hub does not
     answer one 5 s request either, stop at once with `cannot reach the Hugging Face Hub to <what> ...; offline:
-    <offline>`. huggingface_hub logs each failed request before it retries; the check runs there."""
+    <offline>`. huggingface_hub logs each failed request before it retries; the check runs there. With `wrap`, any
+    other failure is one line too: `cannot <what> from the Hugging Face Hub (...); offline: <offline>`."""
     from huggingface_hub.utils import get_session
     unreachable = []
 
@@ -35,9 +36,11 @@ def requests(what: str, offline: str):
     log.addFilter(check)
     try:
         yield
-    except Exception:
+    except Exception as e:
         if unreachable:  # whatever the callers in between made of it
             raise UserError(unreachable[0]) from None
+        if wrap and not isinstance(e, UserError):  # e.g. offline, unknown repo, gated
+            raise UserError(f"cannot {what} from the Hugging Face Hub ({one_line(e)}); offline: {offline}") from None
         raise
     finally:
         log.removeFilter(check)
@@ -53,19 +56,14 @@ def download(repo: str, filename: str, *, what: str, offline: str, repo_type=Non
         return hf.hf_hub_download(repo, filename, local_files_only=True, **where)
     except Exception:  # not cached (or offline mode without it): ask the hub
         pass
-    with requests(what, offline):
+    with requests(what, offline, wrap=True):
         try:
             hf.get_hf_file_metadata(hf.hf_hub_url(repo, filename, repo_type=repo_type, revision=revision), timeout=5)
         except Exception as e:  # the hub answered no (not found, gated), or did not answer at all
             said = f"cannot {what} from the Hugging Face Hub" if getattr(e, "response", None) is not None else \
                 f"cannot reach the Hugging Face Hub to {what}"
             raise UserError(f"{said} ({endpoint()}: {one_line(e)}); offline: {offline}") from None
-        try:
-            return hf.hf_hub_download(repo, filename, **where)
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"cannot {what} from the Hugging Face Hub ({one_line(e)}); offline: {offline}") from None
+        return hf.hf_hub_download(repo, filename, **where)
 
 
 def list_files(repo: str, *, what: str, offline: str, repo_type=None, revision=None) -> list:
@@ -78,10 +76,5 @@ def list_files(repo: str, *, what: str, offline: str, repo_type=None, revision=N
 def snapshot(repo: str, patterns: list, *, what: str, offline: str, revision=None) -> str:
     """The local folder of a hub repo's files that match `patterns` (cached ones are not fetched again)."""
     import huggingface_hub as hf
-    with requests(what, offline):
-        try:
-            return hf.snapshot_download(repo, revision=revision, allow_patterns=patterns)
-        except UserError:
-            raise
-        except Exception as e:  # offline, unknown repo, gated
-            raise UserError(f"cannot {what} from the Hugging Face Hub ({one_line(e)}); offline: {offline}") from None
+    with requests(what, offline, wrap=True):
+        return hf.snapshot_download(repo, revision=revision, allow_patterns=patterns)

@@ -1,8 +1,7 @@
-"""Preparing a corpus, once, before training. In reading order: config; the tokenizer (a file, the hub, or WordPiece
-trained on the corpus); the sources (local .txt .jsonl .csv .tsv .parquet files, a hub dataset's parquet files, the
-stdlib's docstrings) and one row reader for all of them (contrastive.py's pair sources and GLUE read through it too);
-tokenizing in worker processes; the token shards that data.py's loaders read (TokenStore); prepare() (idempotent,
-crash-safe: manifest.json is written last).
+"""Preparing a corpus, once, before training: the tokenizer (a file, the hub, or WordPiece trained on the corpus);
+the sources (local files, a hub dataset's parquet files, the stdlib's docstrings) and one row reader for them all
+(contrastive.py's pairs and GLUE read through it too); tokenizing in worker processes; the token shards data.py's
+loaders read (TokenStore). docs/pretraining.md describes the prepared layout.
 
     python data.py CONFIG [--section.key value ...]     # prepare dataset.path (tokenizer.json, shards, manifest)
 """
@@ -35,7 +34,7 @@ from config import UserError, require, warn
 from runtime import write_atomic
 
 # -----------------------------------------------------------------------------
-# config sections (train.py composes them); each checks its values when built, written `ok` first so NaN fails too
+# config sections (train.py composes them); each checks its values when built
 
 @dataclass
 class TokenizerConfig:
@@ -85,9 +84,7 @@ def dataset_dir(ds):
 
 
 def worker_count(n):
-    if n > 0:
-        return n
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return n if n > 0 else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # -----------------------------------------------------------------------------
@@ -152,9 +149,8 @@ def all_special_ids(tokenizer):
 
 
 # -----------------------------------------------------------------------------
-# sources: files read one by one, each yielding its rows in a fixed order; a row's position is (file index, row
-# index within the file), counted before dropping empties. One reader serves the corpus (one column: the text),
-# contrastive.py's pair sources (query, positive and negative columns) and GLUE (read_table: whole files, strictly).
+# sources: files read one by one, rows in a fixed order; a row's position is (file index, row index in the file),
+# counted before dropping empties. One reader serves the corpus, contrastive.py's pairs and GLUE (read_table).
 
 @dataclass
 class ReadStats:
@@ -163,13 +159,12 @@ class ReadStats:
     bad_records: int = 0        # .jsonl lines that are not a JSON object; records without a column; non-string text
     skipped_files: int = 0      # .py files that do not parse
     empty_documents: int = 0
-    first_bad: str = ""         # where the first bad record is: `<file> line N` (row N of a parquet file)
+    first_bad: str = ""         # where the first bad record is: `<file> line N`
 
     def skip(self, sf, row: int):
-        """Count a bad record of sf at row index `row` (the file's own line numbering where it has lines)."""
+        """Count a bad record at row `row` of a .jsonl file or of a .csv/.tsv one (row 0 follows the header)."""
         self.bad_records += 1
-        line = {"jsonl": f"line {row + 1}", "csv": f"line {row + 2}", "tsv": f"line {row + 2}"}
-        self.first_bad = self.first_bad or f"{sf.name} {line.get(sf.kind, f'row {row + 1}')}"
+        self.first_bad = self.first_bad or f"{sf.name} line {row + (1 if sf.kind == 'jsonl' else 2)}"
 
 
 @dataclass
@@ -325,11 +320,10 @@ RECORD_PROBE = 1000     # this many leading records without a wanted column make
 
 
 def read_rows(sf, columns, stats, skip=0, hint="set dataset.text_column"):
-    """(row index, [value of each of `columns`]) of one file from row `skip` on; a .txt file (documents separated by
-    blank lines) and a .py file (its docstrings) give one text per row. A value may be None or not a string (the caller
-    decides). A record without a wanted column is counted and skipped (real corpora have a few); a file without the
-    column (a wrong column setting: none of the first RECORD_PROBE records has them all) is an error listing the file's
-    columns (`hint` names the setting to fix)."""
+    """(row index, [value of each of `columns`]) of one file from row `skip` on (a value may be None or not a string);
+    a .txt file (documents separated by blank lines) and a .py file (its docstrings) give one text per row. A record
+    without a wanted column is counted and skipped (real corpora have a few); a file whose first RECORD_PROBE records
+    all lack one (a wrong column setting) is an error listing its columns (`hint`: the setting to fix)."""
     if sf.kind == "py":
         docs = py_docstrings(sf.local)
         if docs is None:
@@ -366,10 +360,9 @@ def _no_column(sf, columns, names, hint, where=""):
 
 def _records(sf, stats, skip, strict=False, header=None):
     """(row index, record) of a .jsonl/.csv/.tsv file or of the stdlib pairs from row `skip` on. A .jsonl line that is
-    not a JSON object is counted and skipped (a corpus must not stop on one); with `strict` (GLUE) it is an error, as
-    is a CSV row of another width. A .tsv is split on tabs, unquoted: QQP and MNLI hold unbalanced quotes. `header`
-    names the columns of a headerless file (CoLA). Fields past the header's are ignored (some STS-B rows have one);
-    a row with fewer (a few in QQP's train.tsv) is counted and skipped."""
+    not a JSON object is counted and skipped; with `strict` (GLUE) it is an error, as is a CSV row of another width. A
+    .tsv is split on tabs, unquoted (QQP and MNLI hold unbalanced quotes); `header` names a headerless file's columns
+    (CoLA). Extra fields are ignored (some STS-B rows); a row with fewer (a few in QQP's train.tsv) is skipped."""
     if sf.kind == "stdlib-pairs":
         yield from islice(enumerate(stdlib_pairs(sf.local)), skip, None)
     elif sf.kind in ("csv", "tsv"):
@@ -478,9 +471,7 @@ def held_out(position, fraction):
 
 def _is_validation(ds, fi, ri, ordinal):
     """Held-out rule of prepare() and streaming: the first eval_samples documents, else held_out("file:row")."""
-    if ds.eval_samples > 0:
-        return ordinal < ds.eval_samples
-    return held_out(f"{fi}:{ri}", ds.validation_split)
+    return ordinal < ds.eval_samples if ds.eval_samples > 0 else held_out(f"{fi}:{ri}", ds.validation_split)
 
 
 def iter_split(ds, split, files=None, start=(0, 0, 0), stats=None):
@@ -503,9 +494,8 @@ _WORKER_TOKENIZER = None
 
 def _worker_init(tok_json):
     global _WORKER_TOKENIZER
-    # Signals are the parent's business: a worker leaves its process group, so Ctrl-C or a preemption SIGTERM sent
-    # to the group does not kill it mid-task (that hung the parent's pending results), and it drops any Python
-    # handler inherited through fork (train.py's stop-at-step-boundary handler made Pool.terminate() hang).
+    # signals are the parent's business: out of its process group, Ctrl-C or a SIGTERM to the group cannot kill a
+    # worker mid-task (that hung pending results); no inherited handler (train.py's made Pool.terminate() hang)
     try:
         os.setpgid(0, 0)
     except OSError:
@@ -535,16 +525,16 @@ class Encoder:
 
     def map(self, chunks):
         """Yield (item, lengths, ids) for (item, texts) chunks, in order, at most 2 chunks per worker in flight."""
-        pending, in_flight = deque(), 2 * self.num_workers if self.pool else 1
+        if self.pool is None:
+            yield from ((item, *_encode_chunk(texts, self.tokenizer)) for item, texts in chunks)
+            return
+        pending = deque()
         for item, texts in chunks:
-            pending.append((item, self.pool.apply_async(_encode_chunk, (texts,)) if self.pool else texts))
-            if len(pending) >= in_flight:
-                yield self._result(*pending.popleft())
-        while pending:
-            yield self._result(*pending.popleft())
-
-    def _result(self, item, job):
-        return (item, *(job.get() if self.pool else _encode_chunk(job, self.tokenizer)))
+            pending.append((item, self.pool.apply_async(_encode_chunk, (texts,))))
+            if len(pending) >= 2 * self.num_workers:
+                item, job = pending.popleft()
+                yield item, *job.get()
+        yield from ((item, *job.get()) for item, job in pending)
 
     def close(self):
         if self.pool is not None:
@@ -575,10 +565,11 @@ def token_dtype(vocab_size):
 
 
 class ShardWriter:
-    """Append documents to <dir>/shard_XXXXX.bin(.tmp); a shard is renamed when complete."""
+    """Append documents to a fresh <dir>/shard_XXXXX.bin(.tmp); a shard is renamed when complete."""
 
     def __init__(self, out_dir, dtype, shard_tokens=SHARD_TOKENS):
         self.dir, self.dtype, self.shard_tokens = Path(out_dir), dtype, shard_tokens
+        shutil.rmtree(self.dir, ignore_errors=True)         # leftovers of an interrupted run
         self.dir.mkdir(parents=True, exist_ok=True)
         self.shards, self.offsets = [], array("q", [0])     # offsets: the doc index, 8 bytes per document
         self.f, self.count = None, 0
@@ -620,18 +611,18 @@ class ShardWriter:
 
 def _check_shard(path, n_tokens, dtype):
     """The tokens of a shard (memory-mapped) whose header and size match what manifest.json says of it."""
-    require(path.is_file(), f"token shard {path} is missing; delete {path.parent.parent} and prepare again")
+    again = f"delete {path.parent.parent} and prepare again"
+    require(path.is_file(), f"token shard {path} is missing; {again}")
     with open(path, "rb") as f:
         head = f.read(HEADER.size)
     require(len(head) == HEADER.size and head[:8] == SHARD_MAGIC, f"{path} is not a neobert token shard (bad "
-            f"header); delete {path.parent.parent} and prepare again")
+            f"header); {again}")
     _, version, itemsize, count = HEADER.unpack(head)
     require((version, itemsize, count) == (SHARD_VERSION, dtype.itemsize, n_tokens), f"{path}: header says version "
             f"{version}, {itemsize}-byte tokens, {count} tokens; manifest.json expects version {SHARD_VERSION}, "
             f"{dtype.itemsize}-byte, {n_tokens}")
     size, expected = path.stat().st_size, HEADER.size + n_tokens * dtype.itemsize
-    require(size == expected, f"{path} is truncated or has trailing bytes: {size} bytes, expected {expected}; "
-            f"delete {path.parent.parent} and prepare again")
+    require(size == expected, f"{path} is truncated or has trailing bytes: {size} bytes, expected {expected}; {again}")
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER.size, shape=(n_tokens,))
 
 
@@ -663,11 +654,9 @@ class TokenStore:
         index = self.dir / split / "index.npy"
         try:
             self.offsets = offsets = np.load(index, allow_pickle=False)
-        except FileNotFoundError:
-            raise UserError(f"document index {index} is missing; delete {data_dir} and prepare again") from None
-        except Exception as e:
-            raise UserError(f"document index {index} is unreadable or truncated ({e}); delete {data_dir} "
-                            f"and prepare again") from None
+        except Exception as e:  # missing, unreadable or truncated
+            raise UserError(f"document index {index} is missing or unreadable ({e}); delete {data_dir} and prepare "
+                            f"again") from None
         require(offsets.dtype == np.int64 and offsets.shape == (self.n_docs + 1,) and offsets[0] == 0
                 and offsets[-1] == self.n_tokens and not np.any(np.diff(offsets) < 0), f"document index {index} does "
                 f"not match its shards ({self.n_docs} documents, {self.n_tokens} tokens expected); delete {data_dir} "
@@ -693,8 +682,8 @@ def _source_spec(ds):
 
 def _tokenizer_spec(tok_cfg, ds):
     if tok_cfg.path:
-        return {"path": str(tok_cfg.path), "sha256": hashlib.sha256(Path(tok_cfg.path).read_bytes()).hexdigest()
-                if Path(tok_cfg.path).is_file() else None}
+        path = Path(tok_cfg.path)
+        return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None}
     if tok_cfg.train:
         return {"train": True, "vocab_size": tok_cfg.vocab_size, "min_frequency": tok_cfg.min_frequency,
                 "lowercase": tok_cfg.lowercase, "corpus": _source_spec(ds)}
@@ -739,8 +728,6 @@ def write_shards(out, rows, fields, tokenizer, num_workers, *, shard_tokens=SHAR
     with a text of no tokens is dropped. -> (shard info per directory, rows per split, rows dropped)."""
     dtype = token_dtype(tokenizer.get_vocab_size(with_added_tokens=True))
     dirs = {(s, f): f"{s}.{f}" if f else s for s in ("train", "val") for f in fields}
-    for d in dirs.values():              # leftovers of an interrupted run
-        shutil.rmtree(out / d, ignore_errors=True)
     writers = {key: ShardWriter(out / d, dtype, shard_tokens) for key, d in dirs.items()}
     # a chunk's texts go field by field (all queries, all positives, ...) so one encode call serves them all
     chunks = ((np.asarray([v for v, _ in c], dtype=bool), [texts[k] for k in range(len(fields)) for _, texts in c])

@@ -1,9 +1,8 @@
 """Contrastive fine-tuning (trainer.objective: contrastive): pair data, the InfoNCE objective and its evaluation.
 
-Reading order: config (ContrastiveConfig, its pair sources) -> pair data (local files, hub parquet or stdlib pairs ->
-prepared pairs, via prepare.py's reader and writer) -> pair_loader (one source per global batch, exactly resumable)
--> the objective (InfoNCE over the global batch, gradient caching, gathered across processes) -> retrieval
-evaluation on held-out pairs.
+Reading order: config -> pair data (prepared through prepare.py's reader and writer; layout in docs/contrastive.md)
+-> pair_loader (one source per global batch, exactly resumable) -> the objective (InfoNCE over the global batch,
+gradient caching) -> retrieval evaluation on held-out pairs.
 """
 
 import dataclasses
@@ -14,6 +13,7 @@ import sysconfig
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import islice
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -31,11 +31,6 @@ from prepare import (FORMAT_VERSION, ReadStats, SourceFile, TokenStore, check_so
                      spec_diff, special_token_ids, token_dtype, worker_count, write_json, write_shards)
 from runtime import to_device
 
-# -----------------------------------------------------------------------------
-# contrastive.path: manifest.json (written last: format version, the sources' spec, tokenizer sha256, rows per
-# source), tokenizer.json, and source_00/ ... : one prepared dir per source in the pretraining layout (its own
-# manifest.json, written last), one split per field (train.query/ train.positive/ train.negative0/ ... val.query/
-# ...); row i of a source is document i of every one of its fields.
 
 @dataclass
 class PairSourceConfig:
@@ -129,16 +124,13 @@ def _prepare_pair_source(src, i, cc, spec, files, tokenizer, out, progress):
 
     def rows():
         nonlocal skipped
-        n = 0
-        for fi, sf in enumerate(files):
-            for ri, values in read_rows(sf, src.columns, stats, hint=COLUMN_HINT.format(i)):
-                if src.max_rows and n >= src.max_rows:
-                    return
-                n += 1
-                if not all(isinstance(v, str) and v.strip() for v in values):
-                    skipped += 1        # a missing or empty query, positive or negative
-                    continue
-                yield held_out(f"pair:{fi}:{ri}", cc.validation_split), [prefix + values[0], *values[1:]]
+        read = ((fi, ri, values) for fi, sf in enumerate(files)
+                for ri, values in read_rows(sf, src.columns, stats, hint=COLUMN_HINT.format(i)))
+        for fi, ri, values in islice(read, src.max_rows or None):
+            if not all(isinstance(v, str) and v.strip() for v in values):
+                skipped += 1        # a missing or empty query, positive or negative
+                continue
+            yield held_out(f"pair:{fi}:{ri}", cc.validation_split), [prefix + values[0], *values[1:]]
 
     splits, counts, dropped = write_shards(out, rows(), fields, tokenizer, worker_count(cc.num_workers),
                                            desc=f"tokenize {where}", unit=" pairs", progress=progress)
@@ -154,12 +146,9 @@ def _prepare_pair_source(src, i, cc, spec, files, tokenizer, out, progress):
 
 
 def prepare_pairs(cc, tokenizer, *, progress=True):
-    """contrastive.path: every source tokenized once (see the layout above). A finished directory made from the
-    same sources and tokenizer returns at once; one made from others is refused, naming what differs; an interrupted
-    one is completed (finished sources are kept). Call it on one rank only (then barrier)."""
-    if not cc.sources:
-        raise UserError("contrastive.sources is empty: list at least one source (name: or data_files:, with "
-                        "query_column, positive_column, negative_columns)")
+    """contrastive.path: every source tokenized once. A finished directory made from the same sources and tokenizer
+    returns at once; one made from others is refused, naming what differs; an interrupted one is completed (finished
+    sources are kept). Call it on one rank only (then barrier)."""
     out = pairs_dir(cc)
     sha = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
     spec = {"sources": [dict(dataclasses.asdict(s), validation_split=cc.validation_split) for s in cc.sources],
@@ -351,15 +340,13 @@ def contrastive_metrics(sums, num_queries: float) -> dict:
 
 def contrastive_forward_backward(model, batch: dict, device, amp, temperature: float, chunk_size: int = 0,
                                  world_size: int = 1, rank: int = 0):
-    """Forward and backward of one step's InfoNCE over the global batch (model: an Embedder, maybe compiled or in
-    DDP; batch: this process's pair_loader rows) -> (this process's loss sum, the global number of queries, logging
-    sums). The loss is the global batch's mean, scaled by world_size against DDP's averaging, so the gradients equal
-    one process holding the whole batch.
+    """InfoNCE forward and backward of one step (model: an Embedder, maybe compiled or in DDP; batch: this process's
+    pair_loader rows) -> (this process's loss sum, the global number of queries, logging sums). The gradients equal
+    one process holding the whole global batch.
 
-    chunk_size 0: one forward of the process's rows, graph kept. chunk_size > 0: gradient caching (Gao et al. 2021,
-    https://arxiv.org/abs/2101.06983): 1. embed chunk_size rows at a time with no graph; 2. the loss and its gradient
-    with respect to the embeddings; 3. each chunk again with its graph, backpropagating its slice of that gradient.
-    Same gradients as the whole batch at once; activations are held for chunk_size rows only."""
+    chunk_size > 0: gradient caching (https://arxiv.org/abs/2101.06983): 1. embed chunk_size rows at a time with no
+    graph; 2. the loss and its gradient with respect to the embeddings; 3. each chunk again with its graph,
+    backpropagating its slice of that gradient. Activations are held for chunk_size rows only."""
     batch = to_device(batch, device)
     qi, qm, di, dm = batch["query_ids"], batch["query_mask"], batch["doc_ids"], batch["doc_mask"]
     B, cuda = qi.size(0), device.type == "cuda"
@@ -410,28 +397,25 @@ def evaluate_retrieval(encoder, held_out, cc, special: dict, batch_size: int, de
     [SEP], through neobert.embed); the embeddings are gathered, so every process returns the same metrics."""
     n = len(held_out[0])
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-    per = -(-n // world)
-    lo, hi = min(rank * per, n), min((rank + 1) * per, n)
-    q, p = (neobert.embed(encoder, [[special["cls"], *s[:max_len - 2], special["sep"]] for s in seqs[lo:hi]],
+    per = -(-n // world)  # rows per process; the last ones may hold fewer, or none
+    q, p = (neobert.embed(encoder, [[special["cls"], *s[:max_len - 2], special["sep"]]
+                                    for s in seqs[rank * per:(rank + 1) * per]],
                           special["pad"], cc.pooling, batch_size, amp=amp).to(device)
             for seqs, max_len in ((held_out[0], cc.max_query_length), (held_out[1], cc.max_document_length)))
-    if world > 1:  # pad every slice to `per` rows, gather, drop the padding
-        both = torch.cat([q, p], dim=1)
-        both = torch.cat([both, both.new_zeros(per - both.size(0), both.size(1))])
-        parts = [torch.empty_like(both) for _ in range(world)]
-        dist.all_gather(parts, both)
-        both = torch.cat([part[:max(0, min(per, n - r * per))] for r, part in enumerate(parts)])
+    if world > 1:  # every slice padded to `per` rows: gathered, the n rows come first, then the padding
+        both = gather_with_grad(F.pad(torch.cat([q, p], dim=1), (0, 0, 0, per - q.size(0))))[:n]
         q, p = both.split(q.size(1), dim=1)
     return retrieval_metrics(q, p)
 
 
 def contrastive_model_config(cfg, ckpt: Optional[Path]):
-    """-> (cfg with the model section of the checkpoint the run resumes (ckpt) or starts from (trainer.init_from), so
-    the config.yaml it saves describes the weights; that checkpoint's tokenizer)."""
+    """-> (cfg with the model section of the checkpoint the run resumes (ckpt) or starts from (trainer.init_from),
+    that checkpoint's tokenizer), so the config.yaml the run saves describes its weights."""
     t, cc = cfg.trainer, cfg.contrastive
     if not cc.sources:
         raise UserError("trainer.objective is contrastive but contrastive.sources is empty; list the pair sources "
-                        "(see configs/contrastive.yaml)")
+                        "(name: or data_files:, with query_column, positive_column, negative_columns; see "
+                        "configs/contrastive.yaml)")
     tokenizer = None
     source = ckpt if ckpt is not None else t.init_from  # checkpoints/<step>: checkpoint.resolve finds its weights
     if source:
@@ -446,8 +430,7 @@ def contrastive_model_config(cfg, ckpt: Optional[Path]):
         # attn_backend is how to compute, not what the weights are: the run's own
         model_cfg = dataclasses.replace(info.model_config, attn_backend=cfg.model.attn_backend)
         cfg, tokenizer = dataclasses.replace(cfg, model=model_cfg), info.tokenizer
-    if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.tokenizer) if tokenizer is None else tokenizer
     longest = max(cc.max_query_length, cc.max_document_length)
     if longest > cfg.model.max_position_embeddings:
         raise UserError(f"contrastive.max_query_length/max_document_length {longest} exceeds the model's "

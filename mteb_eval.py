@@ -8,8 +8,7 @@ usage: python evaluate.py mteb [CONFIG=configs/mteb.yaml] --mteb.model RUN_DIR|C
   torchrun --nproc_per_node N evaluate.py mteb ...: the tasks are spread over the processes
   results: mteb's files and results.md / results.json in mteb.output_dir (default: <run dir>/mteb, or runs/<name>/mteb)
 
-Reading order: config -> encoder -> instructions -> mteb adapter (model meta) -> tasks (registry, BEIR) -> report ->
-run. mteb is imported only inside the functions that need it (it is optional, and importing it takes seconds).
+mteb is optional and slow to import: only the functions that need it import it. Reference: docs/mteb.md.
 """
 
 import datetime

@@ -1,39 +1,17 @@
 """usage: python bench.py CONFIG [--bench.steps N] [--bench.variants packing,sparse,...] [--section.key value ...]
-    e.g. python bench.py configs/smoke.yaml
     python bench.py --suite mission [--tiny] [--out DIR]
-      every README command at small scale, checked end to end (mission.py); --tiny: a tiny model on CPU
     python bench.py --suite profile [--tiny] [--steps N] [--out DIR]
-      torch.profiler over N steps of configs/pretrain.yaml's model: device time by category, GEMM and attention
-      TFLOP/s, the 20 largest kernels, micro-benchmarks; OUT/profile.md and profile.json
     python bench.py --suite gpu [--tiny] [--parts mission,profile,throughput] [--steps N] [--budget-s S]
                     [--data-dir DIR] [--out DIR] [--tests] [--only TEXT]
-      the three in one call (about 8 minutes), printed and written to OUT/gpu-suite.md as they finish: the mission,
-      the profile, then the throughput table of configs/pretrain.yaml one change at a time; --steps: timed steps per
-      variant (default 10); --budget-s: start no variant after this many seconds (default 420); --data-dir: the
-      synthetic data (default data_cache/bench-suite); --out: default runs/gpu-suite; --tests: pytest -k gpu first;
-      --only: time only the variants whose label contains TEXT (e.g. --only "seq 4096")
     python bench.py --suite recipe [--budget-s 60] [--lrs 1e-3,3e-3,1e-2] [--config configs/smoke.yaml] [--out DIR]
                     [--section.key value ...]
-      quality per compute: AdamW and Muon, each with cosine and wsd, each at the best of the lrs, every run trained
-      for the same time budget (steps = budget x the optimizer's measured steps/s); held-out loss and accuracy
-    python bench.py --suite speedrun [CONFIG] [--against REF] [--against-overrides "--section.key value ..."]
-                    [--seeds 2] [--budget-s 150] [--target-loss L] [--probe-steps 600] [--eval-every 25] [--out DIR]
-      did my edit help? the working tree (A) against a commit and/or other settings (B), each trained from scratch
-      to a target held-out loss, seeds interleaved, then probed downstream; ratios, bands, one verdict (speedrun.py,
-      docs/speedrun.md); --suite speedrun -h for more
+    python bench.py --suite speedrun [CONFIG] [--against REF] [...]      (--suite speedrun -h: its options)
 
-Training throughput of a config: tokens/s, MFU (where the device's peak is known) and peak memory, then the same
-config with one thing changed at a time (packing, sparse prediction, compile, gradient checkpointing), each printed
-as a ratio to the baseline; and the data loader's own throughput next to what training consumes. A contrastive
-config (trainer.objective: contrastive) gives pairs/s and peak memory with and without gradient caching.
-
-Honest timing: every variant first runs all of its timed steps once untimed (so every batch shape is compiled and
-cached), then runs them again under the clock. tokens/s counts real tokens (not padding) so packed and padded
-batches compare fairly. Single process; the numbers are per device. Every number is one loop (measure) over an
-objective's steps (train.MLM, contrastive.Contrastive, or MLM with full logits) as the trainer takes them.
-
-Read top to bottom: the timing loop -> bench CONFIG (MLM, contrastive) -> the GPU suite (its data, variants, the
-profile, the throughput table) -> the recipe suite, main.
+CONFIG: the config's training throughput (real tokens/s, MFU, peak memory), then one setting changed at a time, and
+the data loader alone; a contrastive config: pairs/s and memory with and without gradient caching. mission: every
+README command at small scale (mission.py); profile: where a step's device time goes (OUT/profile.md); gpu: the
+mission, the profile and the throughput table in one call (OUT/gpu-suite.md); recipe: AdamW and Muon x cosine and
+wsd at equal training time; speedrun: did my edit help (speedrun.py). Options and results: docs/performance.md.
 """
 
 import argparse
@@ -45,7 +23,6 @@ import json
 import math
 import multiprocessing
 import re
-import os
 import resource
 import subprocess
 import sys
@@ -60,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-import config
 import contrastive
 import data
 import mission
@@ -69,14 +45,15 @@ import prepare
 import runtime
 import speedrun
 import train
-from config import require
+from config import UserError, require
 
 # -----------------------------------------------------------------------------
 # the timing loop, and the objective that turns sparse prediction off (or puts transformers' models in its place)
 
 def trainer_step(objective, steps: int, fused: bool = True):
-    """(step, the micro-batches of `steps` steps drawn up front): the trainer's optimizer step (forward_backward,
-    train.optimizer_step) on a fresh model (speed and memory do not depend on the weights) set up as the trainer's."""
+    """(run(batches=all of them): the trainer's optimizer steps (forward_backward, train.optimizer_step) over these
+    micro-batches, the micro-batches of `steps` steps drawn up front), on a fresh model set up as the trainer's
+    (speed and memory do not depend on the weights)."""
     cfg, device, t = objective.cfg, objective.device, objective.cfg.trainer
     loader = objective.loader("train", t.per_device_train_batch_size, t.gradient_accumulation_steps, prefetch=0)
     step_batches = [loader.next_step() for _ in range(steps)]
@@ -89,32 +66,34 @@ def trainer_step(objective, steps: int, fused: bool = True):
     step_module = torch.compile(module) if t.torch_compile else module
     amp = runtime.autocast(device, runtime.resolve_precision(t.mixed_precision, device, warn=None))
 
-    def step(micro_batches):
-        loss_sum, count, _ = objective.forward_backward(step_module, micro_batches, amp)
-        train.optimizer_step(module, optimizer, cfg.optimizer.lr, t.gradient_clipping, loss_sum / max(count, 1.0))
-    return step, step_batches
+    def run(batches=step_batches):
+        for micro_batches in batches:
+            loss_sum, count, _ = objective.forward_backward(step_module, micro_batches, amp)
+            train.optimizer_step(module, optimizer, cfg.optimizer.lr, t.gradient_clipping, loss_sum / max(count, 1.0))
+    return run, step_batches
+
+
+def timed(fn, device) -> float:
+    """Seconds of fn(), the device synchronized before the clock stops."""
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def measure(objective, steps: int, fused: bool = True) -> dict:
-    """Times `steps` optimizer steps (trainer_step) after running the same steps once untimed. -> real tokens/s,
-    ms/step, MFU, peak memory, activations (CUDA), warm-up seconds and the share of positions that are real tokens."""
+    """Times `steps` optimizer steps (trainer_step) after running the same steps once untimed (so every batch shape
+    is compiled). -> real tokens/s (not padding: packed and padded rows compare fairly), ms/step, MFU, peak memory,
+    activations (CUDA), warm-up seconds and the share of positions that are real tokens."""
     device = objective.device
-    step, step_batches = trainer_step(objective, steps, fused)
-
-    def run_steps() -> float:
-        t0 = time.perf_counter()
-        for micro_batches in step_batches:
-            step(micro_batches)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    warm_s = run_steps()  # warm-up: every shape the timed steps will see
+    run, step_batches = trainer_step(objective, steps, fused)
+    warm_s = timed(run, device)  # warm-up: every shape the timed steps will see
     before = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20  # weights and optimizer state: what stays between steps
-    dt = run_steps()
+    dt = timed(run, device)
     positions, tokens = (sum(counts) for counts in zip(*(objective.tokens(mb) for mb in step_batches)))  # real: no pad
     peak = neobert.peak_flops(device)
     flops = sum(objective.flops(mb) for mb in step_batches)  # what the device computes
@@ -341,16 +320,14 @@ def suite_config(path: str, root: Path, tiny: bool) -> train.Config:
         vocab = {token: i for i, token in enumerate(prepare.SPECIAL_TOKENS + words)}
         tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        rng, total = np.random.default_rng(0), 0
-        with open(corpus_dir / "corpus.jsonl.tmp", "w") as f:
-            while total < (40_000 if tiny else 1_500_000):
-                n = int(np.clip(rng.lognormal(np.log(300), 1.0), 16, 4000))
-                ids = np.minimum(rng.zipf(1.2, n), len(words)) - 1
-                f.write(json.dumps({"text": " ".join(words[i] for i in ids)}) + "\n")
-                total += n
-        tok.save(str(corpus_dir / "tokenizer.json.tmp"))
-        os.replace(corpus_dir / "corpus.jsonl.tmp", corpus)  # the tokenizer last: both present means both complete
-        os.replace(corpus_dir / "tokenizer.json.tmp", tok_path)
+        rng, docs, total = np.random.default_rng(0), [], 0
+        while total < (40_000 if tiny else 1_500_000):
+            n = int(np.clip(rng.lognormal(np.log(300), 1.0), 16, 4000))
+            ids = np.minimum(rng.zipf(1.2, n), len(words)) - 1
+            docs.append(json.dumps({"text": " ".join(words[i] for i in ids)}) + "\n")
+            total += n
+        runtime.write_atomic(corpus, "".join(docs))
+        prepare.save_tokenizer(tok, corpus_dir)  # the tokenizer last: both present means both complete
     cfg = change(cfg, dataset=dict(name="synthetic", data_files=[str(corpus)], text_column="text",
                                    path=str(root / f"shards-{V}"), streaming=False, pre_tokenize=True, eval_samples=0,
                                    validation_split=0.01, max_documents=0),
@@ -402,12 +379,10 @@ def recompiles_after_warmup(cfg: train.Config, steps: int, warmup: int, device) 
     objective = train.MLM(change(cfg, trainer=dict(torch_compile=True, gradient_accumulation_steps=1)), 0, 1, device)
     train.load_data(objective, cfg, master=True, ddp=False)
     torch._dynamo.reset()
-    step, step_batches = trainer_step(objective, steps)
-    for micro_batches in step_batches[:warmup]:
-        step(micro_batches)
+    run, step_batches = trainer_step(objective, steps)
+    run(step_batches[:warmup])
     graphs = counters["stats"]["unique_graphs"]
-    for micro_batches in step_batches[warmup:]:
-        step(micro_batches)
+    run(step_batches[warmup:])
     return counters["stats"]["unique_graphs"] - graphs
 
 
@@ -431,24 +406,17 @@ def suite_args(argv: list[str]):
     return args
 
 
-@contextlib.contextmanager
-def tee(path: Path):
-    """Everything printed inside also goes to `path` as it is printed: a timeout loses nothing already said."""
-    class Tee(io.TextIOBase):
-        def write(self, text):
-            screen.write(text)
-            f.write(text)
-            f.flush()
-            return len(text)
+class Tee(io.TextIOBase):
+    """Writes to the screen and to a file, flushed as it goes: a timeout loses nothing already printed."""
 
-    screen = sys.stdout
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        sys.stdout = Tee()
-        try:
-            yield
-        finally:
-            sys.stdout = screen
+    def __init__(self, screen, file):
+        self.screen, self.file = screen, file
+
+    def write(self, text):
+        self.screen.write(text)
+        self.file.write(text)
+        self.file.flush()
+        return len(text)
 
 
 def suite(argv: list[str]) -> None:
@@ -461,7 +429,8 @@ def suite(argv: list[str]) -> None:
     device, name, base = setup(suite_config(str(here / "configs" / "pretrain.yaml"), Path(args.data_dir), args.tiny))
     if args.suite == "profile":
         return profile(base, args.steps, out, args.tiny)
-    with tee(out / "gpu-suite.md"):
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "gpu-suite.md", "a") as f, contextlib.redirect_stdout(Tee(sys.stdout, f)):
         print(f"`python bench.py {' '.join(argv)}`, {time.strftime('%Y-%m-%d')}", flush=True)
         if args.tests:  # `pytest -k gpu` in a subprocess (on CPU every GPU test skips itself)
             cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "gpu",
@@ -540,22 +509,13 @@ def category(name: str) -> str:
     return next(c for c, pattern in KERNEL_CATEGORIES if re.search(pattern, name, re.IGNORECASE))
 
 
-def timed(fn, repeat: int, device) -> float:
-    """Median seconds of fn() over `repeat` calls, after 2 untimed ones (each call synchronized on CUDA)."""
-    times = []
-    for i in range(repeat + 2):
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times[2:]))
-
-
 def micro_benchmarks(objective, batch: dict, tiny: bool) -> list:
     """[(what, shape, rate, unit)]: the model's matmuls alone, each attention kernel available (forward +
     backward on this batch's documents), and a large device copy: what the device reaches on these shapes."""
     c, device, repeat = objective.cfg.model, objective.device, 3 if tiny else 20
+
+    def median_s(fn):  # after 2 untimed calls
+        return float(np.median([timed(fn, device) for _ in range(repeat + 2)][2:]))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     M, H, F, V = batch["input_ids"].numel(), c.hidden_size, c.ffn_hidden_size, c.vocab_size
     K = batch["predictions_per_row"] * batch["input_ids"].shape[0]
@@ -563,7 +523,7 @@ def micro_benchmarks(objective, batch: dict, tiny: bool) -> list:
     for what, m, n, k in [("qkv", M, 3 * H, H), ("wo", M, H, H), ("ffn w12", M, 2 * F, H), ("ffn w3", M, H, F),
                           ("decoder", K, V, H)]:
         a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
-        rate = 2 * m * n * k / timed(lambda: a @ b, repeat, device) / 1e12
+        rate = 2 * m * n * k / median_s(lambda: a @ b) / 1e12
         rows.append((f"matmul {what}", f"{m} x {k} @ {k} x {n}", rate, "TFLOP/s"))
     seg = np.diff(batch["cu_seqlens"].numpy()).astype(np.float64)
     attn_flops = 3 * 4 * float((seg * seg).sum()) * H  # QK^T and AV, forward + backward (2x)
@@ -578,10 +538,10 @@ def micro_benchmarks(objective, batch: dict, tiny: bool) -> list:
         def fwd_bwd():
             neobert.attention(q, k, v, cfg, cu_seqlens=cu, max_seqlen=S).sum().backward()
         rows.append((f"attention {backend}, forward + backward", f"{len(seg)} documents in {B} x {S}",
-                     attn_flops / timed(fwd_bwd, repeat, device) / 1e12, "TFLOP/s"))
+                     attn_flops / median_s(fwd_bwd) / 1e12, "TFLOP/s"))
     x = torch.empty(1 << (20 if tiny else 28), device=device, dtype=torch.bfloat16)
     y = torch.empty_like(x)
-    rate = 4 * x.numel() / timed(lambda: y.copy_(x), repeat, device) / 1e9  # bytes read and written per second
+    rate = 4 * x.numel() / median_s(lambda: y.copy_(x)) / 1e9  # bytes read and written per second
     rows.append(("device copy (read + write)", f"{x.numel() * 2 / 2**20:,.0f} MiB", rate, "GB/s"))
     return rows
 
@@ -592,16 +552,10 @@ def profile(objective, steps: int, out: Path, tiny: bool) -> dict:
     kernels, the micro-benchmarks. Writes out/profile.md and out/profile.json (and prints the table) -> the summary."""
     from torch.profiler import ProfilerActivity
     device, cuda = objective.device, objective.device.type == "cuda"
-    step, step_batches = trainer_step(objective, steps)
-    for micro_batches in step_batches:  # warm-up: every shape compiled
-        step(micro_batches)
+    run, step_batches = trainer_step(objective, steps)
+    run()  # warm-up: every shape compiled
     with torch.profiler.profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
-        t0 = time.perf_counter()
-        for micro_batches in step_batches:
-            step(micro_batches)
-        if cuda:
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
+        wall = timed(run, device)
     if cuda:  # the kernels themselves, with their intervals: idle = the step's wall time they do not cover
         kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -677,7 +631,7 @@ def recipe_suite(argv: list[str]) -> None:
     try:
         lrs = [float(x) for x in args.lrs.split(",")]
     except ValueError:
-        raise config.UserError(f"--lrs takes comma-separated numbers, e.g. 1e-3,3e-3,1e-2; got {args.lrs!r}") from None
+        raise UserError(f"--lrs takes comma-separated numbers, e.g. 1e-3,3e-3,1e-2; got {args.lrs!r}") from None
     require(args.budget_s > 0 and all(lr > 0 for lr in lrs), "--budget-s and every --lrs value must be > 0")
     cfg, out = train.load_config(args.config, overrides), Path(args.out).resolve()
     data_dir = prepare.prepare(cfg.dataset, cfg.tokenizer, progress=False).resolve()

@@ -1,15 +1,8 @@
 """The mission at small scale, on this machine, as a user runs it: every command of the README in a subprocess,
-checked end to end; it stops loudly at the first mismatch. `python bench.py --suite mission [--tiny] [--out DIR]`:
-about 3 minutes on a GPU (the smoke model, compile and bf16 where the device has them); --tiny: a tiny model on CPU,
-the same code path (the tests run it).
-
-  1. pretraining (configs/smoke.yaml, packed rows) killed with kill -9 right after a checkpoint, resumed, and the
-     same run uninterrupted: equal losses (bitwise in fp32 on CPU)
-  2. contrastive fine-tuning from it with gradient caching (configs/contrastive_smoke.yaml)
-  3. GLUE on a custom task (evaluate.py glue --glue.task_name custom): it learns
-  4. MTEB on a local BEIR folder (evaluate.py mteb --mteb.beir_dir), when mteb is installed
-  5. export.py, then transformers and sentence-transformers load the folder: their embeddings equal ours
-Each part prints its row as soon as it finishes and appends it to DIR/mission.md.
+checked end to end (pretraining killed with kill -9 and resumed, contrastive fine-tuning, GLUE, MTEB, export); it
+stops loudly at the first mismatch, each part's row printed and appended to DIR/mission.md as it finishes.
+`python bench.py --suite mission [--tiny] [--out DIR]`: about 3 minutes on a GPU; --tiny: a tiny model on CPU, the
+same code path (the tests run it). What each part checks: its function below, and docs/performance.md.
 """
 
 import importlib.util
@@ -101,10 +94,9 @@ def mteb(out: Path, precision: str) -> str:
     pairs = [p for _, p in zip(range(60), stdlib_pairs(sysconfig.get_paths()["stdlib"]))]
     beir = out / "beir" / "stdlib_pairs"
     (beir / "qrels").mkdir(parents=True, exist_ok=True)
-    (beir / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "text": p["positive"]}) + "\n"
-                                               for i, p in enumerate(pairs)))
-    (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": p["query"]}) + "\n"
-                                                for i, p in enumerate(pairs)))
+    for name, prefix, key in (("corpus", "d", "positive"), ("queries", "q", "query")):
+        (beir / f"{name}.jsonl").write_text("".join(json.dumps({"_id": f"{prefix}{i}", "text": p[key]}) + "\n"
+                                                    for i, p in enumerate(pairs)))
     (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" +
                                              "".join(f"q{i}\td{i}\t1\n" for i in range(len(pairs))))
     cli("evaluate.py", "mteb", "--mteb.model", out / "contrastive", "--mteb.beir_dir", beir, "--mteb.output_dir",

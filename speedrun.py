@@ -3,20 +3,12 @@ interleaved A, B, A, B, until the held-out MLM loss first reaches a target (or t
 model is fine-tuned briefly on a fixed downstream probe. The report gives the ratios of steps, FLOPs and seconds to
 the target with a band over the seeds, the probe scores side by side, and one verdict line.
 
-    python bench.py --suite speedrun [CONFIG] [--against REF] [--against-overrides "--section.key value ..."]
-                    [--seeds K] [--budget-s S] [--target-loss L] [--probe-steps N] [--out DIR] [--section.key value]
-
-The rules (docs/speedrun.md): what may change is the code (side B: a git commit, branch or tag, built in a temporary
-`git worktree`) and the settings (--against-overrides); what is fixed is the data (prepared once, by side A), the
-held-out set and its evaluation schedule, the tokenizer, the target and the probe. One engine runs every training:
-train_run, a subprocess of a tree's train.py watched through its metrics.jsonl (the recipe suite uses it too).
-
-Reading order: the probe task -> train_run (one training, stopped at the target or the budget) -> probe -> a side ->
-the report and the verdict -> speedrun().
+Side B's code is a git commit, branch or tag built in a temporary `git worktree`; the data (prepared once, by side A),
+the held-out set, the target and the probe are fixed. One engine runs every training: train_run, a subprocess of a
+tree's train.py watched through its metrics.jsonl (the recipe suite uses it too). Options, rules: docs/speedrun.md.
 """
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -32,8 +24,10 @@ from typing import Optional
 import yaml
 
 import neobert
-from config import UserError, parse_overrides, require
-from prepare import py_docstrings, py_files
+import prepare
+import train
+from config import UserError, convert, parse_overrides, require
+from runtime import write_atomic
 
 ROOT = Path(__file__).resolve().parent
 # the probe's fine-tuning noise (accuracy sd over 3 fine-tuning seeds of one pretrained smoke model: 0.042;
@@ -50,11 +44,11 @@ def probe_task(out: Path, packages: int = 20) -> Path:
     if (out / "validation.jsonl").is_file():
         return out
     root, by_package = Path(sysconfig.get_paths()["stdlib"]), {}
-    for path in py_files(root):
+    for path in prepare.py_files(root):
         rel = Path(path).relative_to(root)
         if len(rel.parts) < 2:  # a top-level module, not a package
             continue
-        for doc in py_docstrings(path) or ():
+        for doc in prepare.py_docstrings(path) or ():
             by_package.setdefault(rel.parts[0], []).append((str(rel), " ".join(doc.split())[:1000]))
     split_able = [p for p in by_package if len({m for m, _ in by_package[p]}) >= 2]  # a module on each side
     largest = sorted(split_able, key=lambda p: (-len(by_package[p]), p))[:packages]
@@ -72,8 +66,7 @@ def probe_task(out: Path, packages: int = 20) -> Path:
                 json.dumps({"text": text, "label": package, "module": module}))
     out.mkdir(parents=True, exist_ok=True)
     for split, lines in rows.items():
-        (out / f"{split}.jsonl.tmp").write_text("\n".join(lines) + "\n")
-        os.replace(out / f"{split}.jsonl.tmp", out / f"{split}.jsonl")
+        write_atomic(out / f"{split}.jsonl", "\n".join(lines) + "\n")
     return out
 
 
@@ -87,12 +80,11 @@ class Run:
     seconds: Optional[float] = None  # training time to the target (the run's `elapsed`, evaluations included)
     flops: Optional[float] = None  # training FLOPs to the target
     final_loss: float = float("nan")  # held-out loss at the end: at the target, or the budget's last evaluation
-    out: Path = Path()
     model: Path = Path()  # the checkpoint the probe starts from: the one at the target (else the last one)
 
 
-def train_run(tree: Path, cfg_path: str, overrides: list, out: Path, budget_s: float, target: Optional[float] = None,
-              quiet: bool = True) -> Run:
+def train_run(tree: Path, cfg_path: str, overrides: list, out: Path, budget_s: float,
+              target: Optional[float] = None) -> Run:
     """Trains from scratch in `out`; stops at the first evaluation at or below `target`, or once the run's training
     time passes budget_s (SIGTERM: the trainer saves a checkpoint at the next step and exits 0). A run that stops on
     its own (max_steps, a non-finite loss) just ends. -> its records and when it reached the target."""
@@ -100,7 +92,7 @@ def train_run(tree: Path, cfg_path: str, overrides: list, out: Path, budget_s: f
     cmd = [sys.executable, str(tree / "train.py"), cfg_path, *map(str, overrides), f"--trainer.output_dir={out}",
            "--trainer.resume_from_checkpoint=false", "--trainer.disable_tqdm=true", "--wandb.mode=disabled"]
     errors = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty run never blocks on a full pipe
-    proc = subprocess.Popen(cmd, cwd=tree, stdout=subprocess.DEVNULL if quiet else None, stderr=errors, text=True)
+    proc = subprocess.Popen(cmd, cwd=tree, stdout=subprocess.DEVNULL, stderr=errors, text=True)
     metrics, stopped, t0 = out / "metrics.jsonl", False, time.perf_counter()
     try:
         while proc.poll() is None:
@@ -119,7 +111,7 @@ def train_run(tree: Path, cfg_path: str, overrides: list, out: Path, budget_s: f
         err = errors.read()
         errors.close()
     require(proc.returncode == 0 or "non-finite" in err, f"`{' '.join(cmd)}` failed: {err.strip()[-800:]}")
-    run = Run(records=read_records(metrics), out=out, model=out)
+    run = Run(records=read_records(metrics), model=out)
     evals = [r for r in run.records if "eval_loss" in r]
     first = next((r for r in evals if target is not None and r["eval_loss"] <= target), None)
     run.final_loss = first["eval_loss"] if first else evals[-1]["eval_loss"] if evals else float("nan")
@@ -223,12 +215,9 @@ def band(values) -> str:
 
 
 def verdict(results: dict, seeds: list, eval_every: int) -> list:
-    """Lines: the B / A ratios to the target with their band over seeds, the probe side by side, the verdict.
-    The MLM target: faster (slower) when every seed's FLOPs ratio is below 1 - tol (above 1 + tol), tol = the larger
-    of 10% and two evaluation intervals over A's steps (the grid the target is read on); a side that never reached
-    it counts as infinitely slow. Neither side reaching it in any seed: the held-out losses at the end of the budget
-    are compared instead. The probe: better (worse) when B's mean beats A's by more than 2 x noise x sqrt(2 / K),
-    noise = the larger of PROBE_SD and the scores' own spread over seeds."""
+    """Lines: the B / A ratios to the target with their band over seeds, the probe side by side, the verdict (the
+    rules: docs/speedrun.md, "The verdict"). Neither side reaching the target in any seed: the held-out losses at the
+    end of the budget are compared instead."""
     A, B = ([results[side, s] for s in seeds] for side in "AB")
     lines, mean = [], lambda xs: sum(xs) / len(xs)
     if any(r.steps for r, _ in A + B):
@@ -292,7 +281,7 @@ def parse(argv: list) -> Args:
     """`--suite speedrun [CONFIG] [--option value ...]`; --section.key value pairs go to both sides."""
     args, rest = Args(), list(argv[2:] if argv[:1] == ["--suite"] else argv[1:])
     if {"-h", "--help"} & set(rest):
-        print(__doc__.split("\n\nReading order")[0])
+        print(f"usage: {USAGE}\n\n{__doc__}")
         raise SystemExit(0)
     if rest and not rest[0].startswith("--"):
         args.config = rest.pop(0)
@@ -301,12 +290,8 @@ def parse(argv: list) -> Args:
         flag = rest.pop(0)
         if flag in options:
             require(rest, f"{flag} needs a value; usage: {USAGE}")
-            value, name = rest.pop(0), options[flag]
-            kind = {"seeds": int, "probe_steps": int, "eval_every": int, "budget_s": float, "target_loss": float}
-            try:
-                setattr(args, name, kind.get(name, str)(value))
-            except ValueError:
-                raise UserError(f"{flag} takes a number, got {value!r}; usage: {USAGE}") from None
+            name = options[flag]
+            setattr(args, name, convert(rest.pop(0), Args.__dataclass_fields__[name].type, flag))
         else:
             require("." in flag, f"unknown option {flag}; usage: {USAGE}")
             args.overrides += [flag, *([rest.pop(0)] if rest and "=" not in flag else [])]
@@ -318,14 +303,11 @@ def parse(argv: list) -> Args:
 def speedrun(argv: list) -> dict:
     """Runs the comparison (or side A alone, with neither --against nor --against-overrides) and prints the report,
     also written to OUT/speedrun.md (and the numbers to speedrun.json). -> {(side, seed): (Run, probe accuracy)}."""
-    import prepare
-    import train
     args = parse(argv)
     target = args.target_loss if args.target_loss is not None else TARGETS.get(Path(args.config).name)
     require(target is not None, f"no recorded target loss for {args.config}: pass --target-loss L (docs/speedrun.md)")
     out = Path(args.out).resolve()
-    cfg = train.load_config(ROOT / args.config if not Path(args.config).is_absolute() else args.config,
-                            args.overrides)
+    cfg = train.load_config(ROOT / args.config, args.overrides)  # an absolute CONFIG stays itself
     data_dir = prepare.prepare(cfg.dataset, cfg.tokenizer, progress=False).resolve()  # prepared once, by side A
     task = probe_task(out / "probe_task")
     fixed = [*args.overrides, f"--dataset.path={data_dir}", f"--trainer.eval_steps={args.eval_every}",

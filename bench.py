@@ -9,7 +9,7 @@
 
 CONFIG: the config's training throughput (real tokens/s, MFU, peak memory), then one setting changed at a time, and
 the data loader alone; a contrastive config: pairs/s and memory with and without gradient caching. mission: every
-README command at small scale (mission.py); profile: where a step's device time goes (OUT/profile.md); gpu: the
+README command at small scale (tests/mission.py); profile: where a step's device time goes (OUT/profile.md); gpu: the
 mission, the profile and the throughput table in one call (OUT/gpu-suite.md); recipe: AdamW and Muon x cosine and
 wsd at equal training time; speedrun: did my edit help (speedrun.py). Options and results: docs/performance.md.
 """
@@ -39,7 +39,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import contrastive
 import data
-import mission
 import neobert
 import prepare
 import runtime
@@ -419,13 +418,21 @@ class Tee(io.TextIOBase):
         return len(text)
 
 
+def run_mission(out: Path, tiny: bool, cuda: bool) -> int:
+    """tests/mission.py: every README command run as a user runs it and checked, an end-to-end test kept with the
+    tests; the GPU suite runs it first."""
+    sys.path.append(str(Path(__file__).resolve().parent / "tests"))
+    import mission
+    return mission.mission(out, tiny, cuda)
+
+
 def suite(argv: list[str]) -> None:
     """--suite mission | profile | gpu. gpu: the mission, then the profile, then the throughput table, in one call
     (about 8 minutes with the default --budget-s), everything also written to OUT/gpu-suite.md as it is printed."""
     args, here, t_start = suite_args(argv), Path(__file__).resolve().parent, time.perf_counter()
     out = Path(args.out)
     if args.suite == "mission":
-        return mission.mission(out, args.tiny, torch.cuda.is_available())
+        return run_mission(out, args.tiny, torch.cuda.is_available())
     device, name, base = setup(suite_config(str(here / "configs" / "pretrain.yaml"), Path(args.data_dir), args.tiny))
     if args.suite == "profile":
         return profile(base, args.steps, out, args.tiny)
@@ -440,7 +447,7 @@ def suite(argv: list[str]) -> None:
             print(f"\nGPU tests: `{' '.join(cmd[2:])}`: {lines[-1] if lines else p.stderr.strip()[-300:]}", flush=True)
         if "mission" in args.parts:
             print("\n## The mission (python bench.py --suite mission)\n", flush=True)
-            mission.mission(out / "mission", args.tiny, device.type == "cuda")
+            run_mission(out / "mission", args.tiny, device.type == "cuda")
         if "profile" in args.parts:
             print("\n## The profile (python bench.py --suite profile)\n", flush=True)
             profile(base, args.steps, out, args.tiny)

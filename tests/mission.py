@@ -17,7 +17,7 @@ from pathlib import Path
 
 from prepare import stdlib_pairs
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 
 
 class Mismatch(Exception):

@@ -9,6 +9,7 @@ tree's train.py watched through its metrics.jsonl (the recipe suite uses it too)
 """
 
 import json
+import random
 import shutil
 import signal
 import subprocess
@@ -30,19 +31,19 @@ from config import UserError, convert, parse_overrides, require
 from runtime import write_atomic
 
 ROOT = Path(__file__).resolve().parent
-# the probe's fine-tuning noise (accuracy sd over 3 fine-tuning seeds of one pretrained smoke model: 0.042;
-# docs/speedrun.md): the floor of the noise a probe difference is judged against
+# the probe's fine-tuning noise (accuracy sd over fine-tuning seeds 0-2 of one smoke model: 0.017 to 0.030 on this
+# probe, 0.042 on the earlier package probe; docs/speedrun.md): the floor of the noise a difference is judged against
 PROBE_SD = 0.04
 
 # -----------------------------------------------------------------------------
-# the probe task: a stdlib docstring -> the top-level package of the module it documents (the 20 largest packages),
-# split by module (a module's docstrings are all train or all test), written once as jsonl for evaluate.py glue
+# the probe task: replaced-word detection on stdlib docstrings. Half the docstrings have half their words replaced by
+# words drawn from the training docstrings (so word frequencies say little: only context tells the classes apart).
+# Split by module: the docstrings of the 20 largest packages, each package's smallest modules held out.
 
 
-def probe_task(out: Path, packages: int = 20) -> Path:
-    """out/train.jsonl and out/validation.jsonl ({text, label, module}); deterministic for a given Python."""
-    if (out / "validation.jsonl").is_file():
-        return out
+def module_split(packages: int = 20) -> dict:
+    """{"train" | "validation": [(module, docstring)]} of the `packages` largest stdlib packages with two modules or
+    more; held out: each package's smallest modules, up to a fifth of its docstrings (one at least)."""
     root, by_package = Path(sysconfig.get_paths()["stdlib"]), {}
     for path in prepare.py_files(root):
         rel = Path(path).relative_to(root)
@@ -53,7 +54,7 @@ def probe_task(out: Path, packages: int = 20) -> Path:
     split_able = [p for p in by_package if len({m for m, _ in by_package[p]}) >= 2]  # a module on each side
     largest = sorted(split_able, key=lambda p: (-len(by_package[p]), p))[:packages]
     rows = {"train": [], "validation": []}
-    for package in sorted(largest):  # held out: its smallest modules, up to a fifth of its docstrings (one at least)
+    for package in sorted(largest):
         docs = by_package[package]
         sizes = {m: sum(1 for n, _ in docs if n == m) for m, _ in docs}
         held, count = set(), 0
@@ -62,10 +63,31 @@ def probe_task(out: Path, packages: int = 20) -> Path:
                 held.add(module)
                 count += sizes[module]
         for module, text in docs:
-            rows["validation" if module in held else "train"].append(
-                json.dumps({"text": text, "label": package, "module": module}))
+            rows["validation" if module in held else "train"].append((module, text))
+    return rows
+
+
+def probe_task(out: Path, words: int = 40) -> Path:
+    """out/train.jsonl and out/validation.jsonl ({text, label: original | changed, module}): each docstring's first
+    `words` words (8 at least); deterministic for a given Python (a docstring's fate is a hash of its text)."""
+    if (out / "validation.jsonl").is_file():
+        return out
+    rows = module_split()
+    pool = [w for _, text in rows["train"] for w in text.split()[:words]]
     out.mkdir(parents=True, exist_ok=True)
-    for split, lines in rows.items():
+    for split, docs in rows.items():
+        lines = []
+        for module, text in docs:
+            ws = text.split()[:words]
+            if len(ws) < 8:
+                continue
+            rng = random.Random(zlib.crc32((split + module + text).encode()))
+            changed = rng.random() < 0.5
+            if changed:
+                for i in rng.sample(range(len(ws)), max(2, round(0.5 * len(ws)))):
+                    ws[i] = rng.choice(pool)
+            lines.append(json.dumps({"text": " ".join(ws), "label": "changed" if changed else "original",
+                                     "module": module}))
         write_atomic(out / f"{split}.jsonl", "\n".join(lines) + "\n")
     return out
 
@@ -192,7 +214,8 @@ def worktree(ref: str, tmp: Path) -> tuple:
 
 def sides_of(args, tmp: Path) -> list:
     a = Side("A", ROOT, "the working tree")
-    changed = git("diff", "--name-only", "HEAD").split() if (ROOT / ".git").exists() else []
+    changed = (git("diff", "--name-only", "HEAD") + "\n" + git("ls-files", "--others", "--exclude-standard")).split() \
+        if (ROOT / ".git").exists() else []  # edited and new files
     if changed:
         a.label += f" (with its uncommitted changes to {', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''})"
     if not (args.against or args.against_overrides):
@@ -257,7 +280,9 @@ def verdict(results: dict, seeds: list, eval_every: int) -> list:
 # -----------------------------------------------------------------------------
 # the command
 
-TARGETS = {"smoke.yaml": 5.6}  # the held-out loss each config's speedrun aims at (measured: docs/speedrun.md)
+# the held-out loss each config's speedrun aims at (measured: docs/speedrun.md). speedrun.yaml: where the probe
+# rewards pretraining (AdamW ~700 steps); smoke.yaml: its 600-step schedule reaches 5.6, where the probe cannot tell
+TARGETS = {"speedrun.yaml": 5.1, "smoke.yaml": 5.6}
 USAGE = ("python bench.py --suite speedrun [CONFIG] [--against REF] [--against-overrides \"--section.key value ...\"] "
          "[--seeds K] [--budget-s S] [--target-loss L] [--probe-steps N] [--eval-every N] [--out DIR] "
          "[--section.key value ...]")
@@ -265,11 +290,11 @@ USAGE = ("python bench.py --suite speedrun [CONFIG] [--against REF] [--against-o
 
 @dataclass
 class Args:
-    config: str = "configs/smoke.yaml"
+    config: str = "configs/speedrun.yaml"
     against: Optional[str] = None
     against_overrides: str = ""
     seeds: int = 2
-    budget_s: float = 150.0
+    budget_s: float = 240.0
     target_loss: Optional[float] = None
     probe_steps: int = 600
     eval_every: int = 25

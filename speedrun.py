@@ -31,9 +31,9 @@ from config import UserError, convert, parse_overrides, require
 from runtime import write_atomic
 
 ROOT = Path(__file__).resolve().parent
-# the probe's fine-tuning noise (accuracy sd over fine-tuning seeds 0-2 of one smoke model: 0.017 to 0.030 on this
-# probe, 0.042 on the earlier package probe; docs/speedrun.md): the floor of the noise a difference is judged against
-PROBE_SD = 0.04
+# the probe's fine-tuning noise, the floor of the noise a difference is judged against: the largest accuracy sd over
+# fine-tuning seeds 0-2 of one smoke model measured on this probe (0.017, 0.020, 0.030; docs/speedrun.md)
+PROBE_SD = 0.03
 
 # -----------------------------------------------------------------------------
 # the probe task: replaced-word detection on stdlib docstrings. Half the docstrings have half their words replaced by

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import io
 import json
 import math
@@ -50,9 +51,9 @@ from config import UserError, require
 # the timing loop, and the objective that turns sparse prediction off (or puts transformers' models in its place)
 
 def trainer_step(objective, steps: int, fused: bool = True):
-    """(run(batches=all of them): the trainer's optimizer steps (forward_backward, train.optimizer_step) over these
-    micro-batches, the micro-batches of `steps` steps drawn up front), on a fresh model set up as the trainer's
-    (speed and memory do not depend on the weights)."""
+    """(run, step_batches): the micro-batches of `steps` steps drawn up front, and run(batches=step_batches), which
+    takes the trainer's optimizer step (forward_backward, train.optimizer_step) over each step's micro-batches, on a
+    fresh model set up as the trainer's (speed and memory do not depend on the weights)."""
     cfg, device, t = objective.cfg, objective.device, objective.cfg.trainer
     loader = objective.loader("train", t.per_device_train_batch_size, t.gradient_accumulation_steps, prefetch=0)
     step_batches = [loader.next_step() for _ in range(steps)]
@@ -420,9 +421,10 @@ class Tee(io.TextIOBase):
 
 def run_mission(out: Path, tiny: bool, cuda: bool) -> int:
     """tests/mission.py: every README command run as a user runs it and checked, an end-to-end test kept with the
-    tests; the GPU suite runs it first."""
-    sys.path.append(str(Path(__file__).resolve().parent / "tests"))
-    import mission
+    tests; the GPU suite runs it first. Loaded from its path: no sys.path entry, no other `mission` module found."""
+    spec = importlib.util.spec_from_file_location("mission", Path(__file__).resolve().parent / "tests" / "mission.py")
+    mission = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mission)
     return mission.mission(out, tiny, cuda)
 
 

@@ -886,7 +886,8 @@ def glue(cfg, cli: set, bench: bool = False) -> Optional[dict]:
         return None
     summary, out = summarize_glue(cfg, runs, tasks), Path(t.output_dir) / "glue"  # every run wrote in it
     runtime.write_atomic(out / "results.json", json.dumps(summary, indent=1))
-    runtime.write_atomic(out / "results.md", markdown := results_markdown(summary))
+    markdown = results_markdown(summary)
+    runtime.write_atomic(out / "results.md", markdown)
     print(markdown, end="")
     print(f"written: {out / 'results.md'}, {out / 'results.json'}")
     return summary

@@ -565,7 +565,8 @@ def token_dtype(vocab_size):
 
 
 class ShardWriter:
-    """Append documents to a fresh <dir>/shard_XXXXX.bin(.tmp); a shard is renamed when complete."""
+    """Append documents to <dir>/shard_XXXXX.bin(.tmp), a shard renamed when complete; the directory is emptied first
+    (what an interrupted run left there)."""
 
     def __init__(self, out_dir, dtype, shard_tokens=SHARD_TOKENS):
         self.dir, self.dtype, self.shard_tokens = Path(out_dir), dtype, shard_tokens

@@ -18,7 +18,7 @@ import sysconfig
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -316,7 +316,7 @@ def parse(argv: list) -> Args:
         if flag in options:
             require(rest, f"{flag} needs a value; usage: {USAGE}")
             name = options[flag]
-            setattr(args, name, convert(rest.pop(0), Args.__dataclass_fields__[name].type, flag))
+            setattr(args, name, convert(rest.pop(0), {f.name: f.type for f in fields(Args)}[name], flag))
         else:
             require("." in flag, f"unknown option {flag}; usage: {USAGE}")
             args.overrides += [flag, *([rest.pop(0)] if rest and "=" not in flag else [])]

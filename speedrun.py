@@ -36,9 +36,9 @@ ROOT = Path(__file__).resolve().parent
 PROBE_SD = 0.03
 
 # -----------------------------------------------------------------------------
-# the probe task: replaced-word detection on stdlib docstrings. Half the docstrings have half their words replaced by
-# words drawn from the training docstrings (so word frequencies say little: only context tells the classes apart).
-# Split by module: the docstrings of the 20 largest packages, each package's smallest modules held out.
+# the probe task: replaced-word detection on stdlib docstrings. Every window of a docstring appears twice, as it is and
+# with half its words replaced by words drawn from the training docstrings: word frequencies and length say nothing,
+# only context tells the classes apart. Split by module: the 20 largest packages, each one's smallest modules held out.
 
 
 def module_split(packages: int = 20) -> dict:
@@ -67,28 +67,32 @@ def module_split(packages: int = 20) -> dict:
     return rows
 
 
-def probe_task(out: Path, words: int = 40) -> Path:
-    """out/train.jsonl and out/validation.jsonl ({text, label: original | changed, module}): each docstring's first
-    `words` words (8 at least); deterministic for a given Python (a docstring's fate is a hash of its text)."""
-    if (out / "validation.jsonl").is_file():
+def probe_task(out: Path, words: int = 40, windows: int = 3) -> Path:
+    """out/train.jsonl and out/validation.jsonl ({text, label: original | changed, module}): the first `windows`
+    windows of `words` words of each docstring (8 words at least), each as a pair of rows, `original` then `changed`
+    (half of its words replaced); deterministic for a given Python (the draws are seeded by the window's text)."""
+    spec = json.dumps({"task": "replaced-word pairs", "words": words, "windows": windows, "python": sys.version})
+    made = out / "task.json"  # written last: the task is complete, made by this recipe on this Python
+    if made.is_file() and made.read_text() == spec:
         return out
     rows = module_split()
-    pool = [w for _, text in rows["train"] for w in text.split()[:words]]
+    pool = [w for _, text in rows["train"] for w in text.split()[:words * windows]]
     out.mkdir(parents=True, exist_ok=True)
     for split, docs in rows.items():
         lines = []
         for module, text in docs:
-            ws = text.split()[:words]
-            if len(ws) < 8:
-                continue
-            rng = random.Random(zlib.crc32((split + module + text).encode()))
-            changed = rng.random() < 0.5
-            if changed:
-                for i in rng.sample(range(len(ws)), max(2, round(0.5 * len(ws)))):
-                    ws[i] = rng.choice(pool)
-            lines.append(json.dumps({"text": " ".join(ws), "label": "changed" if changed else "original",
-                                     "module": module}))
+            all_words = text.split()
+            for k in range(windows):
+                ws = all_words[k * words:(k + 1) * words]
+                if len(ws) < 8:
+                    break
+                rng, changed = random.Random(zlib.crc32(f"{split} {module} {k} {text}".encode())), list(ws)
+                for i in rng.sample(range(len(ws)), round(0.5 * len(ws))):
+                    changed[i] = rng.choice(pool)
+                lines += [json.dumps({"text": " ".join(t), "label": label, "module": module})
+                          for t, label in ((ws, "original"), (changed, "changed"))]
         write_atomic(out / f"{split}.jsonl", "\n".join(lines) + "\n")
+    write_atomic(made, spec)
     return out
 
 

@@ -32,8 +32,9 @@ from runtime import write_atomic
 
 ROOT = Path(__file__).resolve().parent
 # the probe's fine-tuning noise, the floor of the noise a difference is judged against: the largest accuracy sd over
-# fine-tuning seeds 0-2 of one smoke model measured on this probe (0.017, 0.020, 0.030; docs/speedrun.md)
-PROBE_SD = 0.03
+# fine-tuning seeds 0-2 measured on this probe, 0.017 (a random model; 0.007 and 0.004 for two pretrained ones),
+# rounded up (docs/speedrun.md)
+PROBE_SD = 0.02
 
 # -----------------------------------------------------------------------------
 # the probe task: replaced-word detection on stdlib docstrings. Every window of a docstring appears twice, as it is and

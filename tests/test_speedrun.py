@@ -1,5 +1,6 @@
 """python bench.py --suite speedrun: the same code against itself, a known gain (Muon) and a known loss (every encoder
-block the identity) each get the verdict they should, on a tiny model and budget; the probe task and bad input."""
+block the identity) each get the verdict they should, on a tiny model and budget; a pretrained model beats a random
+one on the probe; the probe task and bad input."""
 
 import collections
 import json
@@ -55,14 +56,15 @@ def repo(tmp_path_factory):
     return repo
 
 
-def run_speedrun(repo, out, *args):
-    data = repo.parent / "speedrun-data"  # the tiny corpus, prepared once for every call
-    p = subprocess.run([sys.executable, "bench.py", "--suite", "speedrun", *args, "--out", str(out), *TINY,
-                        "--dataset.path", str(data)], cwd=repo, capture_output=True, text=True, timeout=600)
+def run_speedrun(repo, out, *args, model=TINY, data="speedrun-data"):
+    """bench.py --suite speedrun in `repo`, on data prepared once per corpus (by the first call) beside it."""
+    p = subprocess.run([sys.executable, "bench.py", "--suite", "speedrun", *args, "--out", str(out), *model,
+                        "--dataset.path", str(repo.parent / data)], cwd=repo, capture_output=True, text=True,
+                       timeout=600)
     return p
 
 
-def test_same_code_is_no_difference_and_the_identity_edit_is_slower(repo, tmp_path):
+def test_same_code_is_no_difference(repo, tmp_path):
     common = ["--seeds", "1", "--budget-s", "20", "--target-loss", "6.2", "--probe-steps", "20", "--eval-every", "10"]
     same = run_speedrun(repo, tmp_path / "same", "--against", "HEAD", *common)
     assert same.returncode == 0, same.stderr[-2000:]
@@ -74,13 +76,36 @@ def test_same_code_is_no_difference_and_the_identity_edit_is_slower(repo, tmp_pa
     assert len(rows) == 2 and rows[0][2] != "not reached", rows
     assert [rows[0][i] for i in (2, 3, 5, 6)] == [rows[1][i] for i in (2, 3, 5, 6)], rows
     assert not git(repo, "worktree", "list").strip().count("\n"), "the temporary worktree was removed"
-    # the identity blocks learn token frequencies (and the unmasked tenth of the predicted tokens): their loss follows
-    # A's to ~5.95 (step 100), then stays above 5.75 (5.78 after 3000 steps); A's seed 0 reaches 5.6 by step ~300
-    harmful = run_speedrun(repo, tmp_path / "identity", "--against", "identity", "--seeds", "1", "--budget-s", "40",
-                           "--target-loss", "5.6", "--probe-steps", "20", "--eval-every", "10")
-    assert harmful.returncode == 0, harmful.stderr[-2000:]
-    assert "verdict: B reaches the MLM target slower than A" in harmful.stdout, harmful.stdout
-    assert "| B | 0 | not reached |" in harmful.stdout and git(repo, "status", "--porcelain") == ""
+
+
+# a small model that learns context fast: with Muon on the speedrun corpus (128-token rows) it reaches 5.2 in ~300
+# steps (~15 s on 2 cores), where the probe rewards it well (0.66 against a random model's 0.54, measured)
+SMALL = ["--model.hidden_size", "64", "--model.num_hidden_layers", "2", "--model.num_attention_heads", "2",
+         "--model.intermediate_size", "256", "--optimizer.name", "muon", "--optimizer.lr", "1e-2",
+         "--trainer.max_steps", "500", "--trainer.mixed_precision", "no"]
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+def test_the_identity_edit_is_slower_and_worse_on_the_probe_which_a_random_model_scores_at_chance(repo, tmp_path):
+    """The known loss: every encoder block the identity (a branch) learns token frequencies but no context, never
+    reaches the target in its 500 steps (a count, not seconds: the same on any machine), and probes no better than a
+    random model. What the probe means: a randomly initialised model of the same shape, fine-tuned by the same recipe,
+    stays near chance, and the pretrained model beats it by over three times the probe's noise (over three corpus
+    preparations: A 0.666-0.678, identity 0.542-0.546, random 0.534-0.546)."""
+    p = run_speedrun(repo, tmp_path / "identity", "--against", "identity", "--seeds", "1", "--budget-s", "60",
+                     "--target-loss", "5.2", "--probe-steps", "300", "--eval-every", "25", model=SMALL,
+                     data="speedrun-corpus")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "verdict: B reaches the MLM target slower than A; B is worse on the probe" in p.stdout, p.stdout
+    assert "| B | 0 | not reached |" in p.stdout and git(repo, "status", "--porcelain") == ""
+    random_init = subprocess.run([sys.executable, "train.py", "configs/speedrun.yaml", *SMALL, "--trainer.max_steps",
+                                  "0", "--dataset.path", str(repo.parent / "speedrun-corpus"),
+                                  "--trainer.output_dir", str(tmp_path / "random")], cwd=repo, capture_output=True,
+                                 text=True, timeout=300)
+    assert random_init.returncode == 0, random_init.stderr[-2000:]
+    chance = speedrun.probe(tmp_path / "random", tmp_path / "identity" / "probe_task", tmp_path / "random-probe", 300)
+    pretrained = json.loads((tmp_path / "identity" / "speedrun.json").read_text())["A-0"]["probe"]
+    assert chance < 0.57 and pretrained - chance > 3 * speedrun.PROBE_SD, (pretrained, chance)  # 0.54 measured
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
@@ -144,29 +169,34 @@ def read_bytes(path: Path) -> bytes:
 
 
 def test_the_probe_task_is_replaced_word_detection_split_by_module(tmp_path):
-    """Every row is a docstring's first 40 words, as they are (original) or with half of them replaced (changed); the
-    classes are balanced, no module's docstrings are on both sides, and the files are the same when made again."""
+    """Rows come in pairs: a 40-word window of a docstring as it is (original), then the same window with half of its
+    positions drawn anew (changed); no module's docstrings are on both sides, and the files are the same when made
+    again. A folder made by another recipe is rebuilt, not reused."""
     task = speedrun.probe_task(tmp_path / "a")
     rows = {s: [json.loads(line) for line in (task / f"{s}.jsonl").read_text().splitlines()]
             for s in ("train", "validation")}
-    assert len(rows["validation"]) > 300 and len(rows["train"]) > 3 * len(rows["validation"])
+    assert len(rows["validation"]) > 1000 and len(rows["train"]) > 3 * len(rows["validation"])
     assert not {r["module"] for r in rows["train"]} & {r["module"] for r in rows["validation"]}
     docs = speedrun.module_split()
     assert len({m.split("/")[0] for m, _ in docs["train"]}) == 20 == len({m.split("/")[0] for m, _ in docs["validation"]})
     for split, split_rows in rows.items():
-        assert 0.45 < sum(r["label"] == "changed" for r in split_rows) / len(split_rows) < 0.55
-        originals = {}
+        windows = {}  # module -> every 40-word window of its docstrings (the first three of each)
         for module, text in docs[split]:
-            originals.setdefault(module, []).append(text.split()[:40])
-        for r in split_rows:
-            words = r["text"].split()
-            same = [sum(a == b for a, b in zip(words, o)) for o in originals[r["module"]] if len(o) == len(words)]
-            if r["label"] == "original":
-                assert len(words) in same, r
-            else:  # half the words drawn anew: the other half kept (a draw may hit the same word), not all
-                assert same and len(words) - round(len(words) / 2) <= max(same) < len(words), r
+            words = text.split()
+            windows.setdefault(module, []).extend(words[k:k + 40] for k in (0, 40, 80) if len(words[k:k + 40]) >= 8)
+        assert len(split_rows) == 2 * sum(map(len, windows.values()))  # every window, twice
+        for original, changed in zip(split_rows[::2], split_rows[1::2]):
+            assert (original["label"], changed["label"]) == ("original", "changed")
+            assert original["module"] == changed["module"]
+            a, b = original["text"].split(), changed["text"].split()
+            assert a in windows[original["module"]] and len(a) == len(b)
+            # half the positions drawn anew (a draw may hit the word that was there): some differ, never more
+            assert 0 < sum(x != y for x, y in zip(a, b)) <= round(len(a) / 2), (a, b)
     again = speedrun.probe_task(tmp_path / "b")
     assert (again / "train.jsonl").read_text() == (task / "train.jsonl").read_text()
+    (again / "task.json").write_text('{"task": "an older recipe"}')
+    (again / "train.jsonl").write_text("stale\n")
+    assert (speedrun.probe_task(tmp_path / "b") / "train.jsonl").read_text() == (task / "train.jsonl").read_text()
 
 
 def test_the_probe_rewards_context_not_word_frequencies(tmp_path):
@@ -187,7 +217,7 @@ def test_the_probe_rewards_context_not_word_frequencies(tmp_path):
 
     seen_pairs = accuracy(lambda ws: np.mean([p in bigrams for p in zip(ws, ws[1:])]))
     frequency = accuracy(lambda ws: np.mean([math.log(1 + unigrams[w]) for w in ws]))
-    assert seen_pairs > 0.7 and frequency < 0.62, (seen_pairs, frequency)  # Python 3.11: 0.775, 0.591
+    assert seen_pairs > 0.72 and frequency < 0.6, (seen_pairs, frequency)  # Python 3.11: 0.789, 0.545
 
 
 def test_side_a_names_its_edited_and_new_files(tmp_path, monkeypatch):

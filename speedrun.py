@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parent
 PROBE_SD = 0.02
 
 # -----------------------------------------------------------------------------
-# the probe task: replaced-word detection on stdlib docstrings. Every window of a docstring appears twice, as it is and
-# with half its words replaced by words drawn from the training docstrings: word frequencies and length say nothing,
-# only context tells the classes apart. Split by module: the 20 largest packages, each one's smallest modules held out.
+# the probe task: replaced-word detection on stdlib docstrings. Each of a docstring's first three 40-word windows
+# appears twice, as it is and with half its words replaced by words drawn from the training docstrings: word
+# frequencies and length say nothing, only context tells the classes apart. Split by module: the 20 largest packages, each one's smallest modules held out.
 
 
 def module_split(packages: int = 20) -> dict:

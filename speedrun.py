@@ -39,7 +39,8 @@ PROBE_SD = 0.02
 # -----------------------------------------------------------------------------
 # the probe task: replaced-word detection on stdlib docstrings. Each of a docstring's first three 40-word windows
 # appears twice, as it is and with half its words replaced by words drawn from the training docstrings: word
-# frequencies and length say nothing, only context tells the classes apart. Split by module: the 20 largest packages, each one's smallest modules held out.
+# frequencies and length say nothing, only context tells the classes apart. Split by module: the 20 largest
+# packages, each one's smallest modules held out.
 
 
 def module_split(packages: int = 20) -> dict:
